@@ -1,0 +1,43 @@
+"""One error hierarchy for everything fedbe raises on purpose.
+
+Every message says what was wrong and what to do about it. Library errors (torch, msgpack,
+transformers, bitsandbytes, paho) are translated into these at the module that calls the library.
+"""
+
+from __future__ import annotations
+
+
+class FedbeError(Exception):
+    """Root of every error fedbe raises deliberately."""
+
+
+class ConfigError(FedbeError, ValueError):
+    """A file, field or command-line value is invalid."""
+
+
+class ModelSourceError(FedbeError):
+    """A model source can not be resolved or loaded."""
+
+
+class ExpansionError(FedbeError, ValueError):
+    """A block expansion request is invalid for this model."""
+
+
+class UnsupportedArchitectureError(ExpansionError):
+    """The model's architecture has no expansion adapter."""
+
+
+class QuantizationError(FedbeError):
+    """The requested base precision can not run on this device."""
+
+
+class BlockStateError(FedbeError, ValueError):
+    """Block state does not match the expected block layout."""
+
+
+class CodecError(FedbeError, ValueError):
+    """A frame on the wire is malformed, corrupted, oversized or does not match the expected layout."""
+
+
+class DataError(FedbeError, ValueError):
+    """Training or evaluation data is unusable."""
