@@ -110,16 +110,27 @@ CompressedState = dict[int, dict[str, CompressedTensor]]
 """A :data:`BlockState` with every tensor compressed."""
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True if ``t`` holds no NaN or Inf (one reduction pass; NaN propagates through aminmax)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    low, high = torch.aminmax(t)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+_DIVERGED = "tensor holds NaN or Inf values; the update diverged and can not be sent"
+
+
 def compress(t: torch.Tensor, level: Level) -> CompressedTensor:
     """Compress one tensor; raises :class:`BlockStateError` if it holds NaN/Inf or overflows fp16."""
     x = t.detach().to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise BlockStateError("tensor holds NaN or Inf values; the update diverged and can not be sent")
     shape = tuple(x.shape)
     if level is Level.INT8:
         return _quantize_int8(x, shape)
+    if not all_finite(x):
+        raise BlockStateError(_DIVERGED)
     data = x.to(STORAGE_DTYPE[level], copy=True).contiguous()
-    if not bool(torch.isfinite(data).all()):
+    if level is not Level.FP32 and not all_finite(data):
         raise BlockStateError(f"values exceed the {level.value} range; send this update as bf16 or fp32")
     return CompressedTensor(level=level, shape=shape, data=data)
 
@@ -127,12 +138,15 @@ def compress(t: torch.Tensor, level: Level) -> CompressedTensor:
 def _quantize_int8(x: torch.Tensor, shape: tuple[int, ...]) -> CompressedTensor:
     rows, cols = rows_and_columns(shape)
     matrix = x.reshape(rows, cols)
-    if cols == 0:
+    if cols == 0:  # rows without columns are zero rows
         scales = torch.zeros(rows, dtype=torch.float32)
     else:
-        scales = matrix.abs().amax(dim=1) / INT8_MAX
+        low, high = torch.aminmax(matrix, dim=1)  # a NaN or Inf in a row reaches its absmax
+        scales = torch.maximum(high, low.neg()) / INT8_MAX
+        if not all_finite(scales):
+            raise BlockStateError(_DIVERGED)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(matrix / safe[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    q = (matrix / safe[:, None]).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return CompressedTensor(level=Level.INT8, shape=shape, data=q.reshape(shape), scales=scales.contiguous())
 
 
@@ -147,8 +161,8 @@ def decompress(c: CompressedTensor) -> torch.Tensor:
     return c.data.to(torch.float32, copy=True)
 
 
-def layout_of(state: Mapping[int, Mapping[str, torch.Tensor]]) -> BlockLayout:
-    """The shapes of every tensor in ``state``."""
+def layout_of(state: Mapping[int, Mapping[str, torch.Tensor | CompressedTensor]]) -> BlockLayout:
+    """The shapes of every tensor in ``state`` (plain or compressed)."""
     return {bid: {name: tuple(t.shape) for name, t in params.items()} for bid, params in state.items()}
 
 
@@ -177,9 +191,8 @@ def layout_problems(
             problems.append(f"block {bid} parameter {name!r} is not part of the block")
         for name in sorted(set(got) & set(want)):
             if tuple(got[name]) != tuple(want[name]):
-                problems.append(
-                    f"block {bid} parameter {name!r} has shape {tuple(got[name])}, expected {tuple(want[name])}"
-                )
+                shapes = f"{tuple(got[name])}, expected {tuple(want[name])}"
+                problems.append(f"block {bid} parameter {name!r} has shape {shapes}")
     return problems
 
 

