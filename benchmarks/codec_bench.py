@@ -11,7 +11,7 @@ Builds one real ``LlamaDecoderLayer`` of SmolLM2-135M's shape (hidden 576, inter
 
 Every row is measured in the same run: ``encode`` is compress_state + encode, ``decode`` is
 decode (with the layout check) + decompress_state; speeds are MB of fp32 payload per second,
-the median of ``--repeats`` runs. Error is ``||decoded - original|| / ||original||``.
+the median of ``--repeats`` runs, interleaved across rows. Error is ``||decoded - original|| / ||original||``.
 
 Run: ``.venv/bin/python benchmarks/codec_bench.py [--repeats N]``.
 """
@@ -19,10 +19,12 @@ Run: ``.venv/bin/python benchmarks/codec_bench.py [--repeats N]``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LlamaConfig
@@ -55,13 +57,10 @@ def smollm2_block(seed: int) -> dict[str, torch.Tensor]:
     return params
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _relative_error(decoded: BlockState, original: BlockState) -> float:
@@ -70,19 +69,25 @@ def _relative_error(decoded: BlockState, original: BlockState) -> float:
     return (diff / norm) ** 0.5
 
 
-def measure(
-    payload: BlockState, level: Level, compression: BodyCompression, repeats: int
-) -> dict[str, float]:
-    """Bytes on the wire, encode/decode seconds and relative error for one configuration."""
-    layout = layout_of(payload)
+@dataclass
+class Cell:
+    """One row of the table: a payload sent at one level with one body compression."""
 
-    def encode_once() -> bytes:
-        blocks, _ = compress_state(payload, level)
+    payload_name: str
+    payload: BlockState
+    level: Level
+    compression: BodyCompression
+    frame: bytes = b""
+    encode_times: list[float] = field(default_factory=list)
+    decode_times: list[float] = field(default_factory=list)
+
+    def encode_once(self) -> bytes:
+        blocks, _ = compress_state(self.payload, self.level)
         msg = UpdateMessage(
             round=1,
             client_id="bench-client",
             task_id="bench-task",
-            level=level,
+            level=self.level,
             blocks=blocks,
             num_samples=256,
             num_steps=8,
@@ -90,26 +95,30 @@ def measure(
             wall_seconds=60.0,
             peak_memory_bytes=1 << 30,
         )
-        return encode(msg, compression=compression)
+        return encode(msg, compression=self.compression)
 
-    frame = encode_once()
+    def decode_once(self) -> BlockState:
+        msg = decode(self.frame, expected_type=UpdateMessage, expected_layout=layout_of(self.payload))
+        return decompress_state(msg.blocks)
 
-    def decode_once() -> BlockState:
-        return decompress_state(decode(frame, expected_type=UpdateMessage, expected_layout=layout).blocks)
 
-    return {
-        "bytes": len(frame),
-        "encode_s": _median_seconds(encode_once, repeats),
-        "decode_s": _median_seconds(decode_once, repeats),
-        "error": _relative_error(decode_once(), payload),
-    }
+def run(cells: list[Cell], repeats: int) -> None:
+    """Time every cell, interleaved: repeat r of every cell runs before repeat r + 1 of any,
+    so a load change on the machine affects all rows alike rather than a few."""
+    for cell in cells:
+        cell.frame = cell.encode_once()  # also the warm-up
+        cell.decode_once()
+    for _ in range(repeats):
+        for cell in cells:
+            cell.encode_times.append(_seconds(cell.encode_once))
+            cell.decode_times.append(_seconds(cell.decode_once))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per cell; the median is shown")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per cell; the median is shown")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and delta")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -120,32 +129,39 @@ def main(argv: list[str] | None = None) -> None:
     delta = {name: 1e-3 * torch.randn(t.shape, generator=g) for name, t in weights.items()}
     numel = sum(t.numel() for t in weights.values())
     fp32_mb = numel * 4 / 1e6
+    cells = [
+        Cell(name, {BLOCK_ID: params}, level, compression)
+        for name, params in (("delta", delta), ("weights", weights))
+        for level in Level
+        for compression in BodyCompression
+    ]
+    load_before = os.getloadavg()[0]
+    run(cells, args.repeats)
+    load_after = os.getloadavg()[0]
+
     print(
-        f"# codec benchmark: one SmolLM2-135M-shaped decoder block, "
-        f"{numel:,} parameters ({fp32_mb:.1f} MB fp32)"
+        f"# codec benchmark: one SmolLM2-135M-shaped decoder block, {numel:,} parameters ({fp32_mb:.1f} MB)"
     )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
-        f"median of {args.repeats} repeats"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"{platform.machine()}; load average {load_before:.1f} before, {load_after:.1f} after; "
+        f"median of {args.repeats} interleaved repeats"
     )
     print("delta = 1e-3 * randn (a round's update); weights = randn * 0.02, norms 1.0 (a block as sent)")
     print("encode = compress_state + encode; decode = decode with layout check + decompress_state;")
     print("MB/s = MB of fp32 payload per second; error = ||decoded - original|| / ||original||\n")
     print("| payload | level | body | bytes on wire | vs fp32 | encode MB/s | decode MB/s | rel. error |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for payload_name, params in (("delta", delta), ("weights", weights)):
-        payload: BlockState = {BLOCK_ID: params}
-        baseline = 0
-        for level in Level:
-            for compression in BodyCompression:
-                r = measure(payload, level, compression, args.repeats)
-                baseline = baseline or int(r["bytes"])  # fp32 / none comes first
-                print(
-                    f"| {payload_name} | {level.value} | {compression.name.lower()} | {int(r['bytes']):,} "
-                    f"| {r['bytes'] / baseline:.3f} | {fp32_mb / r['encode_s']:.0f} "
-                    f"| {fp32_mb / r['decode_s']:.0f} | {r['error']:.2e} |",
-                    flush=True,
-                )
+    baseline = {c.payload_name: len(c.frame) for c in reversed(cells)}  # the fp32/none row of each
+    for c in cells:
+        encode_rate = fp32_mb / statistics.median(c.encode_times)
+        decode_rate = fp32_mb / statistics.median(c.decode_times)
+        error = _relative_error(c.decode_once(), c.payload)
+        print(
+            f"| {c.payload_name} | {c.level.value} | {c.compression.name.lower()} | {len(c.frame):,} "
+            f"| {len(c.frame) / baseline[c.payload_name]:.3f} | {encode_rate:.0f} | {decode_rate:.0f} "
+            f"| {error:.2e} |"
+        )
 
 
 if __name__ == "__main__":
