@@ -94,7 +94,9 @@ def train_blocks(
             batch = batch_list[step % len(batch_list)]
             loss = causal_lm_loss(model, batch)
             if not torch.isfinite(loss):
-                raise FedbeError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
+                raise FedbeError(
+                    f"training loss became {loss.item()} at step {step}; lower the learning rate"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.max_grad_norm > 0:

@@ -23,13 +23,26 @@ from fedbe.errors import BlockStateError
 from fedbe.expansion import BlockRegistry, new_block_module
 
 __all__ = [
-    "BlockLayout", "BlockState", "apply_delta", "block_delta", "block_layout", "flat_key", "get_block_state",
-    "load_block_state", "save_block_state", "set_block_state", "set_trainable", "split_key",
-    "trainable_parameters", "weighted_average",
+    "BlockLayout",
+    "BlockState",
+    "apply_delta",
+    "block_delta",
+    "block_layout",
+    "flat_key",
+    "get_block_state",
+    "load_block_state",
+    "save_block_state",
+    "set_block_state",
+    "set_trainable",
+    "split_key",
+    "trainable_parameters",
+    "weighted_average",
 ]
 
 
-def block_layout(model: PreTrainedModel, registry: BlockRegistry, block_ids: Iterable[int] | None = None) -> BlockLayout:
+def block_layout(
+    model: PreTrainedModel, registry: BlockRegistry, block_ids: Iterable[int] | None = None
+) -> BlockLayout:
     """Expected shapes of the given new blocks (default: all)."""
     return layout_of(get_block_state(model, registry, block_ids))
 
@@ -42,28 +55,29 @@ def get_block_state(
     state: BlockState = {}
     for block_id in ids:
         module = new_block_module(model, registry, block_id)
-        state[block_id] = {name: t.detach().to("cpu", torch.float32).clone() for name, t in _params(module).items()}
+        state[block_id] = {
+            name: t.detach().to("cpu", torch.float32).clone() for name, t in _params(module).items()
+        }
     return state
 
 
 def set_block_state(model: PreTrainedModel, registry: BlockRegistry, state: BlockState) -> None:
     """Copy ``state`` into the model's new blocks. Every named parameter must match exactly."""
+    # Validate everything first, so a rejected state leaves the model untouched.
+    targets = {block_id: _params(new_block_module(model, registry, block_id)) for block_id in state}
     for block_id, tensors in state.items():
-        module = new_block_module(model, registry, block_id)
-        params = _params(module)
-        _check_names(block_id, set(tensors), set(params))
-        with torch.no_grad():
-            for name, target in params.items():
-                value = tensors[name]
-                if tuple(value.shape) != tuple(target.shape):
-                    raise BlockStateError(
-                        f"block {block_id} parameter {name}: got shape {tuple(value.shape)}, "
-                        f"the model has {tuple(target.shape)}"
-                    )
-                target.copy_(value.to(target.device, target.dtype))
+        _check_names(block_id, set(tensors), set(targets[block_id]))
+        for name, target in targets[block_id].items():
+            _check_shape(block_id, name, tensors[name], target)
+    with torch.no_grad():
+        for block_id, tensors in state.items():
+            for name, target in targets[block_id].items():
+                target.copy_(tensors[name].to(target.device, target.dtype))
 
 
-def set_trainable(model: PreTrainedModel, registry: BlockRegistry, block_ids: Sequence[int]) -> list[nn.Parameter]:
+def set_trainable(
+    model: PreTrainedModel, registry: BlockRegistry, block_ids: Sequence[int]
+) -> list[nn.Parameter]:
     """Make exactly the given new blocks trainable: everything else is frozen.
 
     Returns the trainable parameters (give these, and only these, to the optimizer). Because the
@@ -77,7 +91,9 @@ def set_trainable(model: PreTrainedModel, registry: BlockRegistry, block_ids: Se
         module = new_block_module(model, registry, block_id)
         for p in module.parameters():
             if not p.is_floating_point() or p.dtype != torch.float32:
-                raise BlockStateError(f"new block {block_id} holds a {p.dtype} parameter; new blocks must be float32")
+                raise BlockStateError(
+                    f"new block {block_id} holds a {p.dtype} parameter; new blocks must be float32"
+                )
             p.requires_grad_(True)
             params.append(p)
     return params
@@ -95,6 +111,8 @@ def block_delta(new: BlockState, reference: BlockState) -> BlockState:
             raise BlockStateError(f"block {block_id} has no reference state to compute a delta against")
         ref = reference[block_id]
         _check_names(block_id, set(tensors), set(ref))
+        for name, tensor in tensors.items():
+            _check_shape(block_id, name, tensor, ref[name])
         delta[block_id] = {name: tensors[name].float() - ref[name].float() for name in tensors}
     return delta
 
@@ -106,6 +124,8 @@ def apply_delta(reference: BlockState, delta: BlockState, scale: float = 1.0) ->
         if block_id not in reference:
             raise BlockStateError(f"delta for block {block_id}, which the reference does not have")
         _check_names(block_id, set(tensors), set(reference[block_id]))
+        for name, tensor in tensors.items():
+            _check_shape(block_id, name, tensor, reference[block_id][name])
         out[block_id] = {name: reference[block_id][name] + scale * tensors[name] for name in tensors}
     return out
 
@@ -119,17 +139,22 @@ def weighted_average(deltas: Sequence[BlockState], weights: Sequence[float]) -> 
     if len(deltas) != len(weights):
         raise BlockStateError(f"{len(deltas)} deltas but {len(weights)} weights")
     for w in weights:
-        if not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
+        if isinstance(w, bool) or not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
             raise BlockStateError(f"aggregation weight {w!r} must be a finite number >= 0")
     result: BlockState = {}
     for block_id in sorted({b for d in deltas for b in d}):
-        members = [(d[block_id], float(w)) for d, w in zip(deltas, weights, strict=True) if block_id in d and w > 0]
+        members = [
+            (d[block_id], float(w)) for d, w in zip(deltas, weights, strict=True) if block_id in d and w > 0
+        ]
         total = sum(w for _, w in members)
         if total == 0:
             continue
-        names = set(members[0][0])
+        first = members[0][0]
+        names = set(first)
         for tensors, _ in members[1:]:
             _check_names(block_id, set(tensors), names)
+            for name in names:
+                _check_shape(block_id, name, tensors[name], first[name])
         result[block_id] = {
             name: sum((tensors[name].float() * (w / total) for tensors, w in members), torch.zeros(()))
             for name in sorted(names)
@@ -170,10 +195,16 @@ def _params(module: nn.Module) -> Mapping[str, torch.Tensor]:
     return dict(module.named_parameters())
 
 
+def _check_shape(block_id: int, name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    if tuple(got.shape) != tuple(expected.shape):
+        raise BlockStateError(
+            f"block {block_id} parameter {name}: shape {tuple(got.shape)} does not match {tuple(expected.shape)}"
+        )
+
+
 def _check_names(block_id: int, got: set[str], expected: set[str]) -> None:
     if got != expected:
         missing, extra = sorted(expected - got), sorted(got - expected)
         raise BlockStateError(
             f"block {block_id} parameters do not match: missing {missing[:5]}, unexpected {extra[:5]}"
         )
-

@@ -31,7 +31,8 @@ fedbe never downloads from a model hub."""
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -84,9 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     expand.add_argument("--model", required=True, help="model source (see below)")
-    expand.add_argument("--blocks", type=_positive_int, help="number of new blocks (may be left out with an index list)")
     expand.add_argument(
-        "--placement", default="interleave",
+        "--blocks", type=_positive_int, help="number of new blocks (may be left out with an index list)"
+    )
+    expand.add_argument(
+        "--placement",
+        default="interleave",
         help="interleave (one after each of N equal groups of layers, default), top (all after the last layer), "
         "or comma-separated 0-based base-layer indices, e.g. 4,9,14",
     )
@@ -108,13 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2-135m", help="model source (default: smollm2-135m)")
     demo.add_argument("--blocks", type=_positive_int, default=6, help="new blocks (default 6)")
     demo.add_argument("--placement", default="interleave", help="interleave, top or base-layer indices")
-    demo.add_argument("--precision", default="nf4", choices=["nf4", "int8", "bf16", "fp16", "fp32"],
-                      help="precision of the frozen base (default nf4)")
+    demo.add_argument(
+        "--precision",
+        default="nf4",
+        choices=["nf4", "int8", "bf16", "fp16", "fp32"],
+        help="precision of the frozen base (default nf4)",
+    )
     demo.add_argument("--steps", type=_positive_int, default=10, help="training steps (default 10)")
     demo.add_argument("--batch-size", type=_positive_int, default=8, help="examples per step (default 8)")
-    demo.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens per example (default 128)")
+    demo.add_argument(
+        "--max-tokens", type=_positive_int, default=128, help="tokens per example (default 128)"
+    )
     demo.add_argument("--lr", type=_positive_float, default=3e-4, help="AdamW learning rate (default 3e-4)")
-    demo.add_argument("--eval-examples", type=_positive_int, default=40, help="test articles scored (default 40)")
+    demo.add_argument(
+        "--eval-examples", type=_positive_int, default=40, help="test articles scored (default 40)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser
@@ -140,7 +152,9 @@ def cmd_expand(args: argparse.Namespace) -> int:
     with torch.no_grad():
         diff = (model(probe).logits - before).abs().max().item()
     if diff != 0:
-        raise FedbeError(f"expansion changed the model's output (max |logit difference| {diff}); please report this")
+        raise FedbeError(
+            f"expansion changed the model's output (max |logit difference| {diff}); please report this"
+        )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if source.kind != "tiny":
@@ -152,7 +166,9 @@ def cmd_expand(args: argparse.Namespace) -> int:
         "max_abs_logit_difference": diff,
     }
     print(json.dumps(summary, indent=2))
-    log.info("wrote %s: %d layers, new blocks at %s", out, registry.num_layers, list(registry.new_layer_indices))
+    log.info(
+        "wrote %s: %d layers, new blocks at %s", out, registry.num_layers, list(registry.new_layer_indices)
+    )
     return 0
 
 
@@ -168,14 +184,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[1/5] loading {source.describe()}", flush=True)
     model = sources.load_model(source)
     tokenizer = sources.load_tokenizer(source)
-    plan = expansion.plan_expansion(model.config.num_hidden_layers, args.blocks, expansion.parse_placement(args.placement))
+    plan = expansion.plan_expansion(
+        model.config.num_hidden_layers, args.blocks, expansion.parse_placement(args.placement)
+    )
     registry = expansion.expand_model(model, plan)
     base = quantization.freeze_base(model, registry, args.precision)
     note = f" (fallback: {base.fallback_reason})" if base.fallback_reason else ""
     print(
         f"[2/5] expanded to {registry.num_layers} layers, new blocks at {list(registry.new_layer_indices)}; "
         f"frozen base in {base.precision.value}{note}; model now holds "
-        f"{quantization.module_bytes(model) / 2**20:.0f} MiB", flush=True,
+        f"{quantization.module_bytes(model) / 2**20:.0f} MiB",
+        flush=True,
     )
     train, test = datasets.split_train_test(datasets.load_bbc_news())
     rng = random.Random(args.seed)
@@ -185,19 +204,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     test = test[: args.eval_examples]
     train_slice = train[: args.batch_size * args.steps]
     batches = datasets.make_batches(tokenizer, train_slice, args.batch_size, args.max_tokens)
-    print(f"[3/5] scoring {len(test)} test articles before training (labels: {', '.join(labels)})", flush=True)
+    print(
+        f"[3/5] scoring {len(test)} test articles before training (labels: {', '.join(labels)})", flush=True
+    )
     acc_before = evaluation.classification_accuracy(model, tokenizer, test, labels, args.max_tokens)
     print(f"      accuracy before: {acc_before:.3f}", flush=True)
-    print(f"[4/5] training the {len(registry.blocks)} new blocks for {args.steps} steps of {args.batch_size} "
-          f"articles ({len(train_slice)} articles, each seen once)", flush=True)
+    print(
+        f"[4/5] training the {len(registry.blocks)} new blocks for {args.steps} steps of {args.batch_size} "
+        f"articles ({len(train_slice)} articles, each seen once)",
+        flush=True,
+    )
     step_start = time.perf_counter()
 
     def on_step(step: int, loss: float) -> None:
-        print(f"      step {step + 1:>3}/{args.steps}  loss {loss:7.4f}  ({time.perf_counter() - step_start:5.1f} s)",
-              flush=True)
+        print(
+            f"      step {step + 1:>3}/{args.steps}  loss {loss:7.4f}  ({time.perf_counter() - step_start:5.1f} s)",
+            flush=True,
+        )
 
-    result = train_blocks(model, registry, registry.block_ids, batches, TrainConfig(steps=args.steps, lr=args.lr),
-                          on_step=on_step)
+    result = train_blocks(
+        model,
+        registry,
+        registry.block_ids,
+        batches,
+        TrainConfig(steps=args.steps, lr=args.lr),
+        on_step=on_step,
+    )
     print(f"[5/5] scoring {len(test)} test articles after training", flush=True)
     acc_after = evaluation.classification_accuracy(model, tokenizer, test, labels, args.max_tokens)
     half = max(1, len(result.losses) // 2)

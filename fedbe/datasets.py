@@ -79,7 +79,9 @@ def is_test_example(text: str, test_fraction: float = TEST_FRACTION) -> bool:
     return int.from_bytes(digest[:8], "big") < test_fraction * 2**64
 
 
-def split_train_test(examples: Sequence[Example], test_fraction: float = TEST_FRACTION) -> tuple[list[Example], list[Example]]:
+def split_train_test(
+    examples: Sequence[Example], test_fraction: float = TEST_FRACTION
+) -> tuple[list[Example], list[Example]]:
     train = [e for e in examples if not is_test_example(e.text, test_fraction)]
     test = [e for e in examples if is_test_example(e.text, test_fraction)]
     return train, test
@@ -95,7 +97,9 @@ def encode_example(tokenizer: Any, example: Example, max_tokens: int) -> tuple[l
     suffix = tokenizer(PROMPT_TEMPLATE.format(text=""), add_special_tokens=False)["input_ids"]
     budget = max_tokens - len(target) - len(suffix)
     if budget < 1:
-        raise DataError(f"max_tokens={max_tokens} leaves no room for the article; use at least {len(target) + len(suffix) + 8}")
+        raise DataError(
+            f"max_tokens={max_tokens} leaves no room for the article; use at least {len(target) + len(suffix) + 8}"
+        )
     body = tokenizer(example.text, add_special_tokens=False)["input_ids"][:budget]
     ids = body + suffix + target
     labels = [IGNORE_INDEX] * (len(body) + len(suffix)) + target

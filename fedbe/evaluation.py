@@ -23,7 +23,9 @@ def _pad_id(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
-def _target_logprobs(model: PreTrainedModel, rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+def _target_logprobs(
+    model: PreTrainedModel, rows: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> torch.Tensor:
     """Per row and position, log-probabilities of the next token: ``[rows, width, vocab]``."""
     batch = collate(rows, pad_id)
     device = next(model.parameters()).device
@@ -35,7 +37,11 @@ def _target_logprobs(model: PreTrainedModel, rows: Sequence[tuple[list[int], lis
 
 @torch.no_grad()
 def label_log_likelihoods(
-    model: PreTrainedModel, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], max_tokens: int,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    max_tokens: int,
     batch_size: int = 8,
 ) -> torch.Tensor:
     """``[len(examples), len(labels)]`` summed log-probabilities of each label's target tokens."""
@@ -50,7 +56,9 @@ def label_log_likelihoods(
         # The prompt of each example, encoded exactly as in training (the article cut to fit the
         # longest label); the label's first token is predicted at the last prompt position.
         rows = [encode_example(tokenizer, Example(e.text, labels[0]), max_tokens) for e in chunk]
-        prompts = [(ids[: len(ids) - len(label_ids[0])], []) for ids, _ in rows]
+        prompts: list[tuple[list[int], list[int]]] = [
+            (ids[: len(ids) - len(label_ids[0])], []) for ids, _ in rows
+        ]
         logprobs = _target_logprobs(model, prompts, pad_id)
         last = torch.tensor([len(ids) - 1 for ids, _ in prompts])
         scores[start : start + len(chunk)] = logprobs[torch.arange(len(chunk)), last][:, first]
@@ -65,7 +73,11 @@ def label_log_likelihoods(
 
 
 def classification_accuracy(
-    model: PreTrainedModel, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], max_tokens: int
+    model: PreTrainedModel,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    max_tokens: int,
 ) -> float:
     if not examples:
         return float("nan")

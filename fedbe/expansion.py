@@ -109,7 +109,9 @@ class BlockRegistry:
 
     def block(self, block_id: int) -> NewBlock:
         if not isinstance(block_id, int) or not 0 <= block_id < len(self.blocks):
-            raise ExpansionError(f"unknown block id {block_id!r}; this model has new blocks 0..{len(self.blocks) - 1}")
+            raise ExpansionError(
+                f"unknown block id {block_id!r}; this model has new blocks 0..{len(self.blocks) - 1}"
+            )
         return self.blocks[block_id]
 
     def check_ids(self, block_ids: Sequence[int]) -> tuple[int, ...]:
@@ -138,7 +140,9 @@ class BlockRegistry:
             raise ExpansionError(f"malformed {CONFIG_KEY} record {data!r}: indices must be unique and sorted")
         if any(not 0 <= i < base + len(indices) for i in indices) or any(not 0 <= s < base for s in sources):
             raise ExpansionError(f"malformed {CONFIG_KEY} record {data!r}: index out of range")
-        return cls(base, tuple(NewBlock(k, i, s) for k, (i, s) in enumerate(zip(indices, sources, strict=True))))
+        return cls(
+            base, tuple(NewBlock(k, i, s) for k, (i, s) in enumerate(zip(indices, sources, strict=True)))
+        )
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,9 @@ class ExpansionPlan:
 PLACEMENTS = ("interleave", "top")
 
 
-def plan_expansion(base_num_layers: int, n_blocks: int | None, placement: str | Sequence[int]) -> ExpansionPlan:
+def plan_expansion(
+    base_num_layers: int, n_blocks: int | None, placement: str | Sequence[int]
+) -> ExpansionPlan:
     """Decide where N new blocks go.
 
     * ``interleave``: the base layers are split into N groups whose sizes differ by at most one;
@@ -186,14 +192,20 @@ def plan_expansion(base_num_layers: int, n_blocks: int | None, placement: str | 
             )
         if not indices:
             raise ExpansionError("--placement lists no positions; give at least one base-layer index")
-        bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < base_num_layers]
+        bad = [
+            i
+            for i in indices
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < base_num_layers
+        ]
         if bad:
             raise ExpansionError(
                 f"placement indices {bad} are out of range: the base model has layers 0..{base_num_layers - 1}"
             )
         if len(set(indices)) != len(indices):
             dupes = sorted({i for i in indices if indices.count(i) > 1})
-            raise ExpansionError(f"placement repeats layer(s) {dupes}; each base layer can get at most one new block")
+            raise ExpansionError(
+                f"placement repeats layer(s) {dupes}; each base layer can get at most one new block"
+            )
         return ExpansionPlan(base_num_layers, tuple(sorted(indices)))
     if n_blocks is None or isinstance(n_blocks, bool) or not isinstance(n_blocks, int):
         raise ExpansionError(f"number of new blocks must be an integer, got {n_blocks!r}")
@@ -260,7 +272,10 @@ def expand_model(model: PreTrainedModel, plan: ExpansionPlan) -> BlockRegistry:
     _update_config(model, registry)
     log.info(
         "expanded %s from %d to %d layers; new blocks at %s",
-        model.config.model_type, registry.base_num_layers, registry.num_layers, list(registry.new_layer_indices),
+        model.config.model_type,
+        registry.base_num_layers,
+        registry.num_layers,
+        list(registry.new_layer_indices),
     )
     return registry
 
@@ -296,7 +311,9 @@ class _Bypass(nn.Module):
 
 
 @contextmanager
-def bypassed(model: PreTrainedModel, registry: BlockRegistry, block_ids: Sequence[int] | None = None) -> Iterator[None]:
+def bypassed(
+    model: PreTrainedModel, registry: BlockRegistry, block_ids: Sequence[int] | None = None
+) -> Iterator[None]:
     """Run ``model`` with some new blocks (default: all) skipped; with all skipped it is the base model.
 
     The blocks are swapped out of the layer list for the duration and put back afterwards, so no
@@ -329,7 +346,7 @@ def _zero_output_projections(block: nn.Module, arch: Architecture) -> None:
 def _set_layer_index(block: nn.Module, index: int) -> None:
     for module in block.modules():
         if hasattr(module, "layer_idx"):
-            module.layer_idx = index
+            setattr(module, "layer_idx", index)  # noqa: B010
 
 
 def _replace_module_list(model: PreTrainedModel, arch: Architecture, layers: nn.ModuleList) -> None:

@@ -17,6 +17,7 @@ after which gradients through it are wrong. Every ``Linear4bit`` made here has t
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -116,7 +117,10 @@ def probe_precision(precision: Precision, device: str = "cpu") -> str | None:
 
 
 def _quantized_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, precision: Precision, device: torch.device,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    precision: Precision,
+    device: torch.device,
     compute_dtype: torch.dtype,
 ) -> nn.Module:
     bnb = _bnb()
@@ -124,25 +128,41 @@ def _quantized_linear(
     module: nn.Module
     if precision is Precision.NF4:
         module = bnb.nn.Linear4bit(
-            in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype, quant_type="nf4",
+            in_features,
+            out_features,
+            bias=bias is not None,
+            compute_dtype=compute_dtype,
+            quant_type="nf4",
             device="meta",
         )
-        module.weight = bnb.nn.Params4bit(weight.detach().clone(), requires_grad=False, quant_type="nf4", module=module)
+        module.weight = bnb.nn.Params4bit(
+            weight.detach().clone(), requires_grad=False, quant_type="nf4", module=module
+        )
         if not hasattr(module, "support_avx512bf16_for_cpu"):
             raise QuantizationError(
                 "this bitsandbytes version changed Linear4bit's CPU repack switch; fedbe must re-check the "
                 "eval-mode repacking trap (FACTS.md) before using it"
             )
-        module.support_avx512bf16_for_cpu = False  # the repack path has no autograd: never take it
+        setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - repack has no autograd: never take it
     elif precision is Precision.INT8:
         module = bnb.nn.Linear8bitLt(
-            in_features, out_features, bias=bias is not None, has_fp16_weights=False, threshold=6.0, device="meta"
+            in_features,
+            out_features,
+            bias=bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,
+            device="meta",
         )
-        module.weight = bnb.nn.Int8Params(weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+        module.weight = bnb.nn.Int8Params(
+            weight.detach().clone(), requires_grad=False, has_fp16_weights=False
+        )
     else:
         raise QuantizationError(f"{precision.value} is not a quantized precision")
     if bias is not None:
-        module.bias = nn.Parameter(bias.detach().clone().float(), requires_grad=False)
+        # Linear4bit casts its bias to the compute dtype in place on the first forward; store it in
+        # that dtype from the start so the frozen base never changes after freeze_base.
+        bias_dtype = compute_dtype if precision is Precision.NF4 else torch.float32
+        module.bias = nn.Parameter(bias.detach().clone().to(bias_dtype), requires_grad=False)
     return module.to(device)  # bitsandbytes quantizes on .to(device), on CPU too
 
 
@@ -164,13 +184,17 @@ def freeze_base(
     reason = probe_precision(requested, str(dev)) if requested.quantized else None
     if reason is not None:
         actual = Precision.BF16 if half_dtype(dev) == torch.bfloat16 else Precision.FP16
-        log.warning("base precision %s unavailable, using %s instead: %s", requested.value, actual.value, reason)
-    storage = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(
-        actual, half_dtype(dev)
-    )
+        log.warning(
+            "base precision %s unavailable, using %s instead: %s", requested.value, actual.value, reason
+        )
+    storage = {
+        Precision.FP32: torch.float32,
+        Precision.BF16: torch.bfloat16,
+        Precision.FP16: torch.float16,
+    }.get(actual, half_dtype(dev))
     compute = compute_dtype or default_compute_dtype(dev)
     model.requires_grad_(False)
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]
     if actual is not Precision.FP32:
         for layer in base_layer_modules(model, registry):
             if actual.quantized:
@@ -182,7 +206,9 @@ def freeze_base(
     return FrozenBase(requested, actual, str(dev), storage, compute if actual.quantized else None, reason)
 
 
-def _quantize_linears(layer: nn.Module, precision: Precision, device: torch.device, compute: torch.dtype) -> None:
+def _quantize_linears(
+    layer: nn.Module, precision: Precision, device: torch.device, compute: torch.dtype
+) -> None:
     for name, child in list(layer.named_children()):
         if isinstance(child, nn.Linear):
             setattr(layer, name, _quantized_linear(child.weight, child.bias, precision, device, compute))
@@ -236,8 +262,18 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
     if isinstance(module, bnb.nn.Linear8bitLt):
-        return module.weight.data.float() * module.weight.SCB.float().unsqueeze(1) / 127.0
+        return module.weight.data.float() * _int8_scales(module).float().unsqueeze(1) / 127.0
     raise QuantizationError(f"{type(module).__name__} is not a bitsandbytes layer")
+
+
+def _int8_scales(module: nn.Module) -> torch.Tensor:
+    """Row scales of a Linear8bitLt: on the weight until the first forward, then on ``module.state``."""
+    scb = getattr(module.weight, "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    if scb is None:
+        raise QuantizationError("int8 layer has no row scales (SCB); was it quantized with .to(device)?")
+    return scb
 
 
 def is_quantized_module(module: nn.Module) -> bool:
@@ -252,7 +288,8 @@ def module_bytes(module: nn.Module) -> int:
         state = getattr(getattr(sub, "weight", None), "quant_state", None)
         if state is not None and getattr(state, "absmax", None) is not None:
             total += state.absmax.numel() * state.absmax.element_size()
-        scb = getattr(getattr(sub, "weight", None), "SCB", None)
-        if isinstance(scb, torch.Tensor):
+        bnb = sys.modules.get("bitsandbytes")
+        if bnb is not None and isinstance(sub, bnb.nn.Linear8bitLt):
+            scb = _int8_scales(sub)
             total += scb.numel() * scb.element_size()
     return total

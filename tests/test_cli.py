@@ -17,14 +17,23 @@ from fedbe.expansion import registry_of
 
 @pytest.mark.parametrize("module", ["fedbe.cli", "edge_client.cli", "coordinator.cli"])
 def test_help_explains_itself(module: str) -> None:
-    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0
     assert "fedbe" in out.stdout and len(out.stdout) > 200
 
 
-def test_expand_writes_a_plain_transformers_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_expand_writes_a_plain_transformers_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "expanded"
-    assert cli.main(["expand", "--model", "tiny:qwen2", "--blocks", "2", "--placement", "top", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            ["expand", "--model", "tiny:qwen2", "--blocks", "2", "--placement", "top", "--out", str(out)]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["layers"] == 6 and summary["new_layer_indices"] == [4, 5]
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -55,7 +64,9 @@ def test_expand_rejects_bad_requests_with_a_message(
     assert not out.exists()
 
 
-def test_expand_refuses_to_overwrite_a_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_expand_refuses_to_overwrite_a_non_empty_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     assert cli.main(["expand", "--model", "tiny:llama", "--blocks", "1", "--out", str(tmp_path)]) == 1
     assert "not empty" in capsys.readouterr().err
@@ -72,10 +83,21 @@ def test_bad_numbers_are_rejected_by_the_parser(capsys: pytest.CaptureFixture[st
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_smollm2(tmp_path: Path) -> None:
     result = tmp_path / "demo.json"
-    code = cli.main([
-        "demo", "--steps", "3", "--batch-size", "2", "--max-tokens", "64", "--eval-examples", "4",
-        "--json", str(result),
-    ])
+    code = cli.main(
+        [
+            "demo",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-tokens",
+            "64",
+            "--eval-examples",
+            "4",
+            "--json",
+            str(result),
+        ]
+    )
     assert code == 0
     summary = json.loads(result.read_text())
     assert summary["precision"] == "nf4"

@@ -52,8 +52,8 @@ def test_encode_example_masks_everything_but_the_target_and_truncates_the_articl
     ids, labels = datasets.encode_example(tok, Example("abcdefghij" * 10, "tech"), max_tokens=30)
     assert len(ids) == 30
     target = [ord(c) for c in " tech"]
-    assert ids[-len(target):] == target
-    assert labels[-len(target):] == target
+    assert ids[-len(target) :] == target
+    assert labels[-len(target) :] == target
     assert all(x == IGNORE_INDEX for x in labels[: -len(target)])
     assert "".join(chr(i) for i in ids).endswith("\nTopic: tech")
 

@@ -18,7 +18,9 @@ class _CharTokenizer:
         return {"input_ids": [ord(c) % 512 for c in text]}
 
 
-def _reference(model: torch.nn.Module, tok: _CharTokenizer, examples: list[Example], labels: list[str]) -> torch.Tensor:
+def _reference(
+    model: torch.nn.Module, tok: _CharTokenizer, examples: list[Example], labels: list[str]
+) -> torch.Tensor:
     out = torch.empty(len(examples), len(labels))
     with torch.no_grad():
         for i, e in enumerate(examples):
@@ -31,11 +33,16 @@ def _reference(model: torch.nn.Module, tok: _CharTokenizer, examples: list[Examp
     return out
 
 
-EXAMPLES = [Example("the match ended in a draw", "a"), Example("shares fell sharply", "b"),
-            Example("a new phone was launched today by the firm", "c")]
+EXAMPLES = [
+    Example("the match ended in a draw", "a"),
+    Example("shares fell sharply", "b"),
+    Example("a new phone was launched today by the firm", "c"),
+]
 
 
-@pytest.mark.parametrize("labels", [["a", "b", "c"], ["sport", "biz", "tech"]], ids=["single-token", "multi-token"])
+@pytest.mark.parametrize(
+    "labels", [["a", "b", "c"], ["sport", "biz", "tech"]], ids=["single-token", "multi-token"]
+)
 def test_scores_match_full_sequence_reference(labels: list[str]) -> None:
     model = sources.build_tiny_model("llama", seed=3)
     tok = _CharTokenizer()
@@ -52,6 +59,8 @@ def test_accuracy_counts_argmax_of_the_scores() -> None:
     scores = label_log_likelihoods(model, tok, EXAMPLES, labels, max_tokens=40)
     predicted = scores.argmax(dim=1).tolist()
     # relabel the examples so that exactly the first one is predicted correctly
-    relabelled = [Example(e.text, labels[predicted[i]] if i == 0 else labels[(predicted[i] + 1) % 3])
-                  for i, e in enumerate(EXAMPLES)]
+    relabelled = [
+        Example(e.text, labels[predicted[i]] if i == 0 else labels[(predicted[i] + 1) % 3])
+        for i, e in enumerate(EXAMPLES)
+    ]
     assert classification_accuracy(model, tok, relabelled, labels, 40) == pytest.approx(1 / 3)

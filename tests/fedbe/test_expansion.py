@@ -270,9 +270,7 @@ def test_new_blocks_are_copies_with_zero_output_projections(arch: str, placement
                 assert param.eq(0).all(), f"{arch} new block at {position}: {name} is not zero"
                 zeroed_biases += name.endswith("bias")
             else:
-                assert torch.equal(param, source[name]), (
-                    f"{arch} layer {position}: {name} changed"
-                )
+                assert torch.equal(param, source[name]), f"{arch} layer {position}: {name} changed"
     if arch == "gpt2":  # Conv1D projections have biases: they must have been zeroed too
         assert zeroed_biases == 2 * len(registry.blocks)
     for block_id in registry.block_ids:

@@ -40,8 +40,12 @@ class Expanded:
 def greedy(model: PreTrainedModel, ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-            do_sample=False, pad_token_id=tokenizer.eos_token_id,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
         )
 
 
