@@ -1,6 +1,6 @@
-"""The wire: versioned frames, tensor encoding, message dataclasses, ``encode`` / ``decode``.
+"""Frames: the versioned binary header, body compression, msgpack limits, field checks and tensors.
 
-This is the only module that touches bytes, msgpack, zlib or zstd.
+The package fedbe.protocol is the only place in fedbe that touches bytes, msgpack, zlib or zstd.
 
 Frame layout (integers little-endian; a 16-byte header, then the body)::
 
@@ -37,10 +37,10 @@ import logging
 import math
 import struct
 import zlib
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Generic, TypeVar, overload
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -77,48 +77,12 @@ _MAX_ZSTD_WINDOW_LOG = 23  # 8 MiB: the encoder never needs more, the decoder ne
 _READ_CHUNK = 1 << 20
 
 
-class MessageType(IntEnum):
-    """The type byte of a frame."""
-
-    UPDATE = 1
-
-
 class BodyCompression(IntEnum):
     """The flags byte of a frame: how the msgpack body is compressed."""
 
     NONE = 0
     ZLIB = 1
     ZSTD = 2
-
-
-@dataclass(frozen=True)
-class UpdateMessage:
-    """What a client returns after a round: its compressed block update and how it was made."""
-
-    round: int
-    client_id: str
-    task_id: str
-    level: Level
-    blocks: CompressedState
-    num_samples: int
-    num_steps: int
-    mean_loss: float
-    wall_seconds: float
-    peak_memory_bytes: int
-
-
-Message = UpdateMessage  # becomes a Union as message types are added
-M = TypeVar("M")
-
-
-@dataclass(frozen=True)
-class MessageCodec(Generic[M]):
-    """How one message dataclass maps to and from its msgpack payload."""
-
-    cls: type[M]
-    to_payload: Callable[[M], dict[str, object]]
-    from_payload: Callable[[object], M]
-    blocks_of: Callable[[M], CompressedState] | None = None
 
 
 @dataclass(frozen=True)
@@ -297,10 +261,6 @@ def _decode_tensor(obj: object, level: Level, where: str) -> CompressedTensor:
 # ---------------------------------------------------------------------------------------------
 # Messages
 
-_UPDATE_FIELDS = (
-    "round", "client_id", "task_id", "level", "blocks",
-    "num_samples", "num_steps", "mean_loss", "wall_seconds", "peak_memory_bytes",
-)  # fmt: skip
 _BLOCK_FIELDS = ("id", "tensors")
 
 
@@ -342,55 +302,6 @@ def _decode_blocks(obj: object, level: Level) -> CompressedState:
             for name, t in tensors.items()
         }
     return blocks
-
-
-def _update_to_payload(m: UpdateMessage) -> dict[str, object]:
-    if not isinstance(m.level, Level):
-        raise CodecError(f"level must be a Level, got {m.level!r}")
-    return {
-        "round": _as_count(m.round, "round"),
-        "client_id": _as_text(m.client_id, "client_id"),
-        "task_id": _as_text(m.task_id, "task_id"),
-        "level": m.level.value,
-        "blocks": _encode_blocks(m.blocks, m.level),
-        "num_samples": _as_count(m.num_samples, "num_samples"),
-        "num_steps": _as_count(m.num_steps, "num_steps"),
-        "mean_loss": _as_real(m.mean_loss, "mean_loss"),
-        "wall_seconds": _as_real(m.wall_seconds, "wall_seconds", 0.0),
-        "peak_memory_bytes": _as_count(m.peak_memory_bytes, "peak_memory_bytes"),
-    }
-
-
-def _update_from_payload(payload: object) -> UpdateMessage:
-    f = _Fields(payload, "update", _UPDATE_FIELDS)
-    level = _as_level(f.raw("level"))
-    return UpdateMessage(
-        round=f.count("round"),
-        client_id=f.text("client_id"),
-        task_id=f.text("task_id"),
-        level=level,
-        blocks=_decode_blocks(f.raw("blocks"), level),
-        num_samples=f.count("num_samples"),
-        num_steps=f.count("num_steps"),
-        mean_loss=f.real("mean_loss"),
-        wall_seconds=f.real("wall_seconds", 0.0),
-        peak_memory_bytes=f.count("peak_memory_bytes"),
-    )
-
-
-def _update_blocks(m: UpdateMessage) -> CompressedState:
-    return m.blocks
-
-
-MESSAGE_CODECS: dict[int, MessageCodec[Any]] = {
-    MessageType.UPDATE: MessageCodec(UpdateMessage, _update_to_payload, _update_from_payload, _update_blocks),
-}
-"""Type byte -> codec. ``encode`` and ``decode`` dispatch through this table only."""
-
-
-def _type_name(code: int) -> str:
-    codec = MESSAGE_CODECS.get(code)
-    return f"type {code}" if codec is None else f"{codec.cls.__name__} (type {code})"
 
 
 def validate_blocks(
@@ -570,82 +481,3 @@ def _tensor_bytes(blocks: object) -> int:
         return 0
     params = [p for p in blocks.values() if isinstance(p, dict)]
     return sum(c.nbytes for p in params for c in p.values() if isinstance(c, CompressedTensor))
-
-
-def encode(
-    msg: Message,
-    *,
-    compression: BodyCompression = BodyCompression.NONE,
-    compression_level: int | None = None,
-    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-) -> bytes:
-    """The frame for ``msg``; :class:`CodecError` if ``msg`` is invalid or the frame exceeds ``max_bytes``."""
-    found = [(code, codec) for code, codec in MESSAGE_CODECS.items() if type(msg) is codec.cls]
-    if not found:
-        raise CodecError(f"{_kind(msg)} is not a message type of protocol version {PROTOCOL_VERSION}")
-    code, codec = found[0]
-    if codec.blocks_of is not None:
-        values = _tensor_bytes(codec.blocks_of(msg))
-        if values > max_bytes:  # no frame can fit: refuse before copying any tensor
-            raise CodecError(f"tensor data of {values} bytes exceeds the limit of {max_bytes} bytes")
-    try:
-        body = msgpack.packb(codec.to_payload(msg), use_bin_type=True)
-    except CodecError as exc:
-        raise CodecError(f"can not encode {_type_name(code)}: {exc}") from exc
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise CodecError(f"can not encode {_type_name(code)}: {type(exc).__name__}: {exc}") from exc
-    frame = pack_frame(
-        code, body, compression=compression, compression_level=compression_level, max_bytes=max_bytes
-    )
-    logger.debug("encoded %s: %d bytes (%s)", _type_name(code), len(frame), BodyCompression(compression).name)
-    return frame
-
-
-@overload
-def decode(
-    data: bytes | bytearray | memoryview,
-    *,
-    max_bytes: int = ...,
-    expected_type: type[M],
-    expected_layout: BlockLayout | None = ...,
-    allowed_blocks: Collection[int] | None = ...,
-) -> M: ...
-@overload
-def decode(
-    data: bytes | bytearray | memoryview,
-    *,
-    max_bytes: int = ...,
-    expected_type: None = ...,
-    expected_layout: BlockLayout | None = ...,
-    allowed_blocks: Collection[int] | None = ...,
-) -> Message: ...
-def decode(
-    data: bytes | bytearray | memoryview,
-    *,
-    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    expected_type: type[Any] | None = None,
-    expected_layout: BlockLayout | None = None,
-    allowed_blocks: Collection[int] | None = None,
-) -> Any:
-    """Check and decode one frame; every problem raises :class:`CodecError` saying what was wrong.
-
-    ``expected_type`` rejects other message types; ``expected_layout`` / ``allowed_blocks`` check
-    the blocks of a message that carries blocks (see :func:`validate_blocks`).
-    """
-    frame = unpack_frame(data, max_bytes=max_bytes)
-    codec = MESSAGE_CODECS.get(frame.message_type)
-    if codec is None:
-        known = ", ".join(_type_name(code) for code in MESSAGE_CODECS)
-        raise CodecError(f"unknown message type {frame.message_type} (known: {known}): is the sender newer?")
-    if expected_type is not None and codec.cls is not expected_type:
-        raise CodecError(f"expected a {expected_type.__name__} message, got {_type_name(frame.message_type)}")
-    payload = _unpack_body(frame.body, max_bytes)
-    try:
-        msg = codec.from_payload(payload)
-    except CodecError as exc:
-        raise CodecError(f"invalid {_type_name(frame.message_type)}: {exc}") from exc
-    if expected_layout is not None or allowed_blocks is not None:
-        if codec.blocks_of is None:
-            raise CodecError(f"{_type_name(frame.message_type)} carries no blocks, but blocks were expected")
-        validate_blocks(codec.blocks_of(msg), expected_layout, allowed_blocks=allowed_blocks)
-    return msg
