@@ -21,10 +21,12 @@ from fedbe.protocol.frames import (
 )
 from fedbe.protocol.messages import (
     CLIENT_STATES,
+    COORDINATOR_STATES,
     MESSAGE_CODECS,
     NOTICE_CODES,
     TASK_ERROR_CODES,
     AnnounceMessage,
+    CoordinatorStatusMessage,
     EvalResultMessage,
     Message,
     MessageCodec,
@@ -40,6 +42,8 @@ from fedbe.protocol.messages import (
 from fedbe.protocol.topics import ClientTopic, Topics, check_name
 
 __all__ = [
+    "COORDINATOR_STATES",
+    "CoordinatorStatusMessage",
     "CLIENT_STATES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "HEADER",

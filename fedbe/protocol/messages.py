@@ -50,6 +50,7 @@ class MessageType(IntEnum):
     TASK_ERROR = 5
     NOTICE = 6
     EVAL_RESULT = 7
+    COORDINATOR_STATUS = 8
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,21 @@ class EvalResultMessage:
     accuracy: float
 
 
+COORDINATOR_STATES = ("starting", "running", "finished", "stopped")
+
+
+@dataclass(frozen=True)
+class CoordinatorStatusMessage:
+    """Retained: the federation's model structure and progress. A client expands its base from it."""
+
+    state: str
+    round: int
+    base_fingerprint: str
+    base_num_layers: int
+    new_layer_indices: tuple[int, ...]
+    source_layers: tuple[int, ...]
+
+
 Message = (
     UpdateMessage
     | AnnounceMessage
@@ -181,6 +197,7 @@ Message = (
     | TaskErrorMessage
     | NoticeMessage
     | EvalResultMessage
+    | CoordinatorStatusMessage
 )
 M = TypeVar("M")
 
@@ -458,6 +475,45 @@ def _eval_from_payload(payload: object) -> EvalResultMessage:
     )
 
 
+_COORD_FIELDS = (
+    "state",
+    "round",
+    "base_fingerprint",
+    "base_num_layers",
+    "new_layer_indices",
+    "source_layers",
+)
+
+
+def _index_list(value: object, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or len(value) > 4096:
+        raise CodecError(f"{what} must be a list of at most 4096 layer indices")
+    return tuple(_as_count(v, what, 1 << 20) for v in value)
+
+
+def _coord_to_payload(m: CoordinatorStatusMessage) -> dict[str, object]:
+    return {
+        "state": _choice(m.state, "state", COORDINATOR_STATES),
+        "round": _as_count(m.round, "round"),
+        "base_fingerprint": _as_text(m.base_fingerprint, "base_fingerprint"),
+        "base_num_layers": _as_count(m.base_num_layers, "base_num_layers"),
+        "new_layer_indices": list(_index_list(list(m.new_layer_indices), "new_layer_indices")),
+        "source_layers": list(_index_list(list(m.source_layers), "source_layers")),
+    }
+
+
+def _coord_from_payload(payload: object) -> CoordinatorStatusMessage:
+    f = _Fields(payload, "coordinator status", _COORD_FIELDS)
+    return CoordinatorStatusMessage(
+        state=_choice(f.raw("state"), "state", COORDINATOR_STATES),
+        round=f.count("round"),
+        base_fingerprint=f.text("base_fingerprint"),
+        base_num_layers=f.count("base_num_layers"),
+        new_layer_indices=_index_list(f.raw("new_layer_indices"), "new_layer_indices"),
+        source_layers=_index_list(f.raw("source_layers"), "source_layers"),
+    )
+
+
 def _task_blocks(m: TaskMessage) -> CompressedState:
     return m.weights
 
@@ -470,6 +526,9 @@ MESSAGE_CODECS: dict[int, MessageCodec[Any]] = {
     MessageType.TASK_ERROR: MessageCodec(TaskErrorMessage, _task_error_to_payload, _task_error_from_payload),
     MessageType.NOTICE: MessageCodec(NoticeMessage, _notice_to_payload, _notice_from_payload),
     MessageType.EVAL_RESULT: MessageCodec(EvalResultMessage, _eval_to_payload, _eval_from_payload),
+    MessageType.COORDINATOR_STATUS: MessageCodec(
+        CoordinatorStatusMessage, _coord_to_payload, _coord_from_payload
+    ),
 }
 """Type byte -> codec. ``encode`` and ``decode`` dispatch through this table only."""
 

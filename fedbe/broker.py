@@ -1,0 +1,119 @@
+"""A local mosquitto broker on a free loopback port, for tests and single-machine simulations.
+
+The config is written to a temporary folder that the broker's user can read (mosquitto run as
+root drops to the ``mosquitto`` user). Only loopback addresses are ever bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from fedbe.errors import FedbeError
+
+log = logging.getLogger(__name__)
+
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+class BrokerError(FedbeError):
+    """The local broker could not be started."""
+
+
+def find_mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in MOSQUITTO_PATHS if os.access(p, os.X_OK)), None)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class MosquittoBroker:
+    """``with MosquittoBroker() as broker: broker.url`` — a private mosquitto on 127.0.0.1."""
+
+    def __init__(self, port: int | None = None, extra_config: str = "", persistence: bool = False) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.extra_config = extra_config
+        self.persistence = persistence
+        self._dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> MosquittoBroker:
+        exe = find_mosquitto()
+        if exe is None:
+            raise BrokerError(
+                "mosquitto is not installed: apt-get install mosquitto (scripts/setup.sh does this)"
+            )
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="fedbe-mosquitto-"))
+            os.chmod(self._dir, 0o777)  # readable and writable by the mosquitto user
+        conf = self._dir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            "max_queued_messages 10000",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self._dir}/",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+        ]
+        conf.write_text("\n".join(lines) + "\n" + self.extra_config)
+        os.chmod(conf, 0o644)
+        self._proc = subprocess.Popen(
+            [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise BrokerError(f"mosquitto exited at start (code {self._proc.returncode}): {err.strip()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    log.debug("mosquitto listening on %s", self.url)
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"mosquitto did not start listening on {self.url} within 10 s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> MosquittoBroker:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,169 @@
+"""The MQTT connection both sides use: paho-mqtt 2.x, callback API v2, MQTT v5, behind one class.
+
+* Persistent session (``clean_start=False`` and a session expiry > 0, FACTS.md): a task published
+  while a client was briefly away is delivered when it comes back. Subscriptions are remembered
+  and renewed on every (re)connect; paho reconnects with exponential backoff.
+* Incoming messages are put on a queue and handled by the application's own thread: nothing
+  blocking ever runs on paho's network thread, so keepalive never starves during training.
+* Oversized payloads are refused before publishing (brokers with a size limit drop them and paho
+  silently re-sends, FACTS.md).
+* paho's errors become :class:`TransportError`; no other module imports paho.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedbe.errors import ConfigError, FedbeError
+from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+
+class TransportError(FedbeError):
+    """The broker connection failed or refused something."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    require_tls: bool = False
+    keepalive: int = 30
+    session_expiry_seconds: int = 3600
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def endpoint(self) -> tuple[str, int, bool]:
+        """(host, port, tls) from ``mqtt://host:port`` or ``mqtts://host:port``."""
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise ConfigError(f"broker URL {self.url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+        tls = parsed.scheme == "mqtts" or self.tls_ca is not None
+        if self.require_tls and not tls:
+            raise ConfigError(
+                f"TLS is required but {self.url!r} is a plain connection; use mqtts:// and --tls-ca CA_FILE"
+            )
+        try:
+            port = parsed.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ConfigError(f"broker URL {self.url!r} has an invalid port") from None
+        return parsed.hostname, port, tls
+
+
+class Connection:
+    """One MQTT v5 client. ``inbox`` receives ``(topic, payload)`` for every subscribed message."""
+
+    def __init__(self, config: BrokerConfig, will: tuple[str, bytes, bool] | None = None) -> None:
+        self.config = config
+        self.host, self.port, tls = config.endpoint()
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connected = threading.Event()
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._refused: str | None = None
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=mqtt.MQTTv5
+        )
+        if config.username is not None:
+            self._client.username_pw_set(config.username, config.password)
+        if tls:
+            self._client.tls_set(ca_certs=config.tls_ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will is not None:
+            topic, payload, retain = will
+            self._client.will_set(topic, payload, qos=1, retain=retain)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- paho callbacks (network thread: never block here) -------------------------------------
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            self._refused = str(reason)
+            log.error("broker %s:%d refused the connection: %s", self.host, self.port, reason)
+            return
+        with self._lock:
+            subs = list(self._subscriptions.items())
+        for topic, qos in subs:
+            client.subscribe(topic, qos=qos)
+        self._refused = None
+        self.connected.set()
+        log.debug("connected to %s:%d as %s", self.host, self.port, self.config.client_id)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
+    ) -> None:
+        self.connected.clear()
+        log.info("disconnected from %s:%d (%s); reconnecting", self.host, self.port, reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        self.inbox.put((message.topic, bytes(message.payload)))
+
+    # -- API -----------------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry_seconds
+        try:
+            self._client.connect(
+                self.host, self.port, keepalive=self.config.keepalive, clean_start=False, properties=props
+            )
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"can not reach the broker at {self.host}:{self.port}: {exc}") from exc
+        self._client.loop_start()
+        if not self.connected.wait(timeout):
+            reason = self._refused or "no answer"
+            self.close()
+            raise TransportError(
+                f"the broker at {self.host}:{self.port} did not accept the connection within {timeout:.0f} s: "
+                f"{reason} (check the URL, credentials and TLS settings)"
+            )
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subscriptions[topic] = qos
+        if self.connected.is_set():
+            result, _ = self._client.subscribe(topic, qos=qos)
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                raise TransportError(f"subscribe to {topic} failed: {mqtt.error_string(result)}")
+
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, wait: float | None = None
+    ) -> None:
+        """Publish ``payload``; with ``wait``, block until the broker acknowledged it (QoS 1)."""
+        if len(payload) > self.config.max_message_bytes:
+            raise TransportError(
+                f"message of {len(payload)} bytes for {topic} exceeds the limit of {self.config.max_message_bytes} "
+                "bytes; use a smaller codec level (int8) or fewer blocks per task"
+            )
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if wait is not None:
+            try:
+                info.wait_for_publish(timeout=wait)
+            except (RuntimeError, ValueError) as exc:
+                raise TransportError(f"publish to {topic} was not acknowledged: {exc}") from exc
+            if not info.is_published():
+                raise TransportError(f"publish to {topic} was not acknowledged within {wait} s")
+
+    def close(self) -> None:
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self.connected.clear()
