@@ -45,6 +45,7 @@ class TrainResult:
     samples: int = 0
     wall_seconds: float = 0.0
     stopped_by_deadline: bool = False
+    stopped_early: bool = False  # ``should_stop`` said so (e.g. SIGTERM)
 
     @property
     def steps(self) -> int:
@@ -73,6 +74,7 @@ def train_blocks(
     batches: Iterable[Batch],
     config: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train exactly ``block_ids`` for ``config.steps`` steps (cycling over ``batches``)."""
     params = set_trainable(model, registry, block_ids)
@@ -90,6 +92,10 @@ def train_blocks(
             if config.deadline_seconds is not None and time.perf_counter() - start > config.deadline_seconds:
                 result.stopped_by_deadline = True
                 log.info("deadline reached after %d steps", step)
+                break
+            if should_stop is not None and should_stop():
+                result.stopped_early = True
+                log.info("stopped after %d steps", step)
                 break
             batch = batch_list[step % len(batch_list)]
             loss = causal_lm_loss(model, batch)

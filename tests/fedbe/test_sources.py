@@ -94,9 +94,11 @@ def test_unknown_tiny_architecture_lists_the_known_ones() -> None:
         assert arch in str(info.value)
 
 
-def test_tiny_model_has_no_tokenizer() -> None:
-    with pytest.raises(ModelSourceError, match="no tokenizer"):
-        load_tokenizer("tiny:llama")
+def test_tiny_model_gets_a_byte_tokenizer_within_its_vocabulary() -> None:
+    tok = load_tokenizer("tiny:llama")
+    ids = tok("héllo\nTopic: tech")["input_ids"]
+    assert len(ids) == len("héllo\nTopic: tech".encode()) and max(ids) < 512 and min(ids) > tok.eos_token_id
+    assert tok.decode(ids) == "héllo\nTopic: tech"
 
 
 def test_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
