@@ -1,0 +1,573 @@
+"""The coordinator daemon: rounds over MQTT, with deadlines, durable state and resume.
+
+One round:
+
+1. wait until at least ``min_clients`` eligible clients (online, announced, same base) are known;
+2. select up to ``clients_per_round`` of them (seeded RNG, restored on resume);
+3. allocate new blocks to them (:mod:`coordinator.allocation`, a pure function);
+4. send each client a task with the current weights of exactly its assigned blocks;
+5. collect updates until every assigned client answered (update or error) or went offline, or
+   the deadline passed with at least ``min_clients`` updates; each accepted update is written to
+   the state directory before it counts, so a crash mid-round loses none;
+6. screen the updates (unassigned blocks, shapes, non-finite values, norm outliers) and
+   aggregate each block over its trainers (:mod:`coordinator.aggregation`);
+7. optionally run federated evaluation; write the snapshot atomically; one metrics line.
+
+All I/O is here; the algorithms are pure functions elsewhere. Messages go through
+:mod:`fedbe.protocol`, topics through :class:`fedbe.protocol.Topics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from coordinator.registry import ClientRegistry
+from fedbe import protocol
+from fedbe.blocks import BlockState, block_layout, get_block_state
+from fedbe.compression import Level, compress_state, decompress_state
+from fedbe.errors import CodecError
+from fedbe.expansion import BlockRegistry
+from fedbe.protocol import ClientTopic, Topics
+from fedbe.transport import Connection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round (becomes a metrics line)."""
+
+    round: int
+    selected: list[str] = field(default_factory=list)
+    assignments: dict[str, list[int]] = field(default_factory=dict)
+    updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    blocks: dict[int, dict[str, Any]] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    seconds: float = 0.0
+    closed_by: str = ""
+
+
+class Inbox:
+    """Decodes what arrives and routes it by topic; invalid messages are counted, never fatal."""
+
+    def __init__(self, conn: Connection, topics: Topics) -> None:
+        self.conn, self.topics = conn, topics
+        self.rejections: dict[str, int] = {}
+
+    def next(self, timeout: float) -> tuple[str, ClientTopic, bytes] | None:
+        try:
+            topic, payload = self.conn.inbox.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return None
+        parsed = self.topics.parse_client_topic(topic)
+        if parsed is None:
+            self.count("unexpected_topic")
+            return None
+        return parsed[0], parsed[1], payload
+
+    def count(self, reason: str) -> None:
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+
+def encode_weights(state: BlockState, block_ids: list[int] | tuple[int, ...]) -> dict[int, Any]:
+    compressed, _ = compress_state({b: state[b] for b in block_ids}, Level.FP32)
+    return compressed
+
+
+class MessagePump:
+    """Handles the client-lifecycle messages common to every phase (announce, status)."""
+
+    def __init__(self, inbox: Inbox, clients: ClientRegistry, conn: Connection, topics: Topics) -> None:
+        self.inbox, self.clients, self.conn, self.topics = inbox, clients, conn, topics
+
+    def handle_lifecycle(self, client_id: str, kind: ClientTopic, payload: bytes) -> bool:
+        """True if the message was a lifecycle message (and was handled)."""
+        if kind is ClientTopic.ANNOUNCE:
+            try:
+                msg = protocol.decode(payload, expected_type=protocol.AnnounceMessage)
+            except CodecError as exc:
+                log.warning("invalid announce from %s: %s", client_id, exc)
+                self.inbox.count("invalid_announce")
+                return True
+            if msg.client_id != client_id:
+                self.inbox.count("announce_for_other_client")
+                return True
+            notice = self.clients.on_announce(msg)
+            self.conn.publish(self.topics.client(client_id, ClientTopic.NOTICE), protocol.encode(notice))
+            return True
+        if kind is ClientTopic.STATUS:
+            try:
+                status = protocol.decode(payload, expected_type=protocol.StatusMessage)
+            except CodecError:
+                self.inbox.count("invalid_status")
+                return True
+            self.clients.on_status(client_id, status.state)
+            return True
+        return False
+
+
+def wait_for_clients(
+    pump: MessagePump, minimum: int, stop: threading.Event, timeout: float | None = None
+) -> bool:
+    started, last_log = time.monotonic(), 0.0
+    while not stop.is_set():
+        if len(pump.clients.eligible()) >= minimum:
+            return True
+        now = time.monotonic()
+        if timeout is not None and now - started > timeout:
+            return False
+        if now - last_log > 10:
+            log.info("waiting for clients: %d of %d needed are ready", len(pump.clients.eligible()), minimum)
+            last_log = now
+        item = pump.inbox.next(0.5)
+        if item is not None and not pump.handle_lifecycle(*item):
+            pump.inbox.count(f"{item[1].value}_outside_round")
+    return False
+
+
+def select_clients(eligible: list[str], per_round: int, rng: random.Random) -> list[str]:
+    chosen = list(eligible) if len(eligible) <= per_round else rng.sample(eligible, per_round)
+    return sorted(chosen)
+
+
+def layout_for(model: Any, registry: BlockRegistry) -> dict[int, dict[str, tuple[int, ...]]]:
+    return block_layout(model, registry)
+
+
+def initial_state(model: Any, registry: BlockRegistry) -> BlockState:
+    return get_block_state(model, registry)
+
+
+def decode_update(
+    payload: bytes, layout: Any, assigned: tuple[int, ...], max_bytes: int
+) -> protocol.UpdateMessage:
+    return protocol.decode(
+        payload, max_bytes=max_bytes, expected_type=protocol.UpdateMessage, expected_layout=layout,
+        allowed_blocks=assigned,
+    )  # fmt: skip
+
+
+def deltas_of(update: protocol.UpdateMessage) -> BlockState:
+    return decompress_state(update.blocks)
+
+
+class RoundCollector:
+    """Collects one round's replies until it can close (all answered, or deadline with enough updates)."""
+
+    def __init__(self, round_: int, assignments: dict[str, tuple[int, ...]], layout: Any, max_bytes: int,
+                 persist: Any, already: dict[str, bytes]) -> None:  # fmt: skip
+        self.round = round_
+        self.assignments = assignments
+        self.layout = layout
+        self.max_bytes = max_bytes
+        self.persist = persist  # (client_id, frame) -> None: durable before the update counts
+        self.updates: dict[str, protocol.UpdateMessage] = {}
+        self.frames_bytes: dict[str, int] = {}
+        self.errors: dict[str, protocol.TaskErrorMessage] = {}
+        self.rejected: list[dict[str, str]] = []
+        self.late: list[protocol.UpdateMessage] = []
+        for client_id, frame in already.items():  # accepted before a restart
+            self.offer_update(client_id, frame, persisted=True)
+
+    def pending(self, offline: set[str]) -> set[str]:
+        answered = set(self.updates) | set(self.errors)
+        return {c for c in self.assignments if c not in answered and c not in offline}
+
+    def reject(self, client_id: str, reason: str, detail: str) -> None:
+        self.rejected.append({"client": client_id, "reason": reason, "detail": detail[:300]})
+        log.warning("round %d: rejected update from %s (%s): %s", self.round, client_id, reason, detail)
+
+    def offer_update(self, client_id: str, frame: bytes, persisted: bool = False) -> None:
+        assigned = self.assignments.get(client_id)
+        if assigned is None:
+            try:
+                msg = protocol.decode(frame, max_bytes=self.max_bytes, expected_type=protocol.UpdateMessage)
+            except CodecError as exc:
+                self.reject(client_id, "invalid", str(exc))
+                return
+            if msg.round < self.round:
+                self.late.append(msg)
+                self.reject(client_id, "late", f"update for round {msg.round} arrived in round {self.round}")
+            else:
+                self.reject(client_id, "unassigned_client", f"{client_id} has no task in round {self.round}")
+            return
+        try:
+            msg = decode_update(frame, self.layout, assigned, self.max_bytes)
+        except CodecError as exc:
+            self.reject(client_id, "invalid", str(exc))
+            return
+        if msg.client_id != client_id:
+            self.reject(client_id, "wrong_client", f"update names client {msg.client_id!r}")
+        elif msg.round != self.round:
+            if msg.round < self.round:
+                self.late.append(msg)
+            self.reject(client_id, "wrong_round", f"update for round {msg.round}, this is round {self.round}")
+        elif client_id in self.updates:
+            self.reject(client_id, "duplicate", "a second update for the same round (replay?)")
+        elif set(msg.blocks) != set(assigned):
+            self.reject(
+                client_id, "blocks_mismatch", f"sent blocks {sorted(msg.blocks)}, assigned {list(assigned)}"
+            )
+        else:
+            if not persisted:
+                self.persist(client_id, frame)
+            self.updates[client_id] = msg
+            self.frames_bytes[client_id] = len(frame)
+
+    def offer_error(self, client_id: str, frame: bytes) -> None:
+        try:
+            msg = protocol.decode(frame, expected_type=protocol.TaskErrorMessage)
+        except CodecError as exc:
+            self.reject(client_id, "invalid_error", str(exc))
+            return
+        if msg.round == self.round and client_id in self.assignments:
+            self.errors[client_id] = msg
+            log.warning(
+                "round %d: %s could not do its task (%s): %s", self.round, client_id, msg.code, msg.reason
+            )
+
+
+class Coordinator:
+    """Runs the federation described by a :class:`coordinator.config.RunConfig`."""
+
+    def __init__(self, cfg: Any, conn: Connection, store: Any, stop: threading.Event | None = None) -> None:
+        self.cfg, self.conn, self.store = cfg, conn, store
+        self.stop = stop or threading.Event()
+        self.topics = Topics(cfg.federation)
+        self.inbox = Inbox(conn, self.topics)
+
+    # -- set-up and resume -------------------------------------------------------------------
+    def setup(self) -> None:
+        from coordinator import aggregation  # noqa: PLC0415
+        from fedbe import expansion, sources  # noqa: PLC0415
+        from fedbe.fingerprint import base_fingerprint  # noqa: PLC0415
+
+        cfg = self.cfg
+        log.info("loading the base model %s", cfg.model)
+        model = sources.load_model(cfg.model)
+        self.fingerprint = base_fingerprint(model)
+        from coordinator.config import config_digest  # noqa: PLC0415
+
+        self.config_digest = config_digest(cfg)
+        snapshot = self.store.load_latest()
+        if snapshot is not None and snapshot.config_digest != self.config_digest:
+            log.warning("the config changed since the state directory was written; resuming with the new one")
+        if snapshot is not None:
+            if snapshot.base_fingerprint != self.fingerprint:
+                raise CodecError(
+                    f"the state directory was written for base {snapshot.base_fingerprint}, but {cfg.model} is "
+                    f"{self.fingerprint}; use a fresh state_dir or the original model"
+                )
+            self.registry = BlockRegistry.from_dict(snapshot.expansion)
+        else:
+            if cfg.blocks == "auto":
+                raise CodecError("blocks: auto is not supported yet; give the number of new blocks")
+            plan = expansion.plan_expansion(model.config.num_hidden_layers, cfg.blocks, cfg.placement)
+            self.registry = plan.registry()
+        expansion.expand_model(
+            model,
+            expansion.ExpansionPlan(
+                self.registry.base_num_layers, tuple(b.source_layer for b in self.registry.blocks)
+            ),
+        )
+        self.model = model
+        self.layout = layout_for(model, self.registry)
+        self.clients = ClientRegistry(self.fingerprint)
+        self.rng = random.Random(cfg.seed)
+        self.last_trained: dict[int, int] = {}
+        self.server_state: Any = None
+        if snapshot is not None:
+            self.global_state = snapshot.global_state
+            self.round = snapshot.round
+            self.clients = ClientRegistry.from_json(self.fingerprint, dict(snapshot.clients))
+            self.rng.setstate(_rng_from_json(snapshot.rng_state))
+            self.last_trained = {int(k): int(v) for k, v in snapshot.last_trained.items()}
+            self.server_state = snapshot.server_optimizer_state or None
+            log.info("resuming after round %d from %s", self.round, self.store.root)
+        else:
+            self.global_state = initial_state(model, self.registry)
+            self.round = 0
+        self.server_optimizer = make_server_optimizer(cfg.aggregation)
+        self.server_state = _optimizer_state_from_snapshot(self.server_state, aggregation)
+        self.pump = MessagePump(self.inbox, self.clients, self.conn, self.topics)
+        self.publish_status("running")
+
+    def publish_status(self, state: str) -> None:
+        msg = protocol.CoordinatorStatusMessage(
+            state=state, round=self.round, base_fingerprint=self.fingerprint,
+            base_num_layers=self.registry.base_num_layers, new_layer_indices=self.registry.new_layer_indices,
+            source_layers=tuple(b.source_layer for b in self.registry.blocks),
+        )  # fmt: skip
+        self.conn.publish(self.topics.coordinator_status(), protocol.encode(msg), retain=True, wait=30)
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> int:
+        for kind in (ClientTopic.ANNOUNCE, ClientTopic.STATUS, ClientTopic.UPDATE, ClientTopic.EVAL,
+                     ClientTopic.ERROR):  # fmt: skip
+            self.conn.subscribe(self.topics.all_clients(kind))
+        self.setup()
+        while self.round < self.cfg.rounds and not self.stop.is_set():
+            if not wait_for_clients(self.pump, self.cfg.min_clients, self.stop):
+                break
+            self.run_round(self.round + 1)
+        if self.round >= self.cfg.rounds:
+            self.publish_status("finished")
+            log.info("federation finished after %d rounds; state in %s", self.round, self.store.root)
+            return 0
+        self.publish_status("stopped")
+        return 130
+
+    def capacities(self, selected: list[str]) -> list[Any]:
+        from coordinator.allocation import ClientCapacity  # noqa: PLC0415
+
+        caps = []
+        n = self.registry.num_layers
+        for cid in selected:
+            rec = self.clients.clients[cid]
+            a = rec.announce
+            assert a is not None
+            forward = rec.speed_factor * a.layer_forward_seconds * n
+            backward = rec.speed_factor * max(
+                a.block_step_seconds - a.layer_forward_seconds * n, 2 * a.layer_forward_seconds
+            )
+            caps.append(ClientCapacity(
+                client_id=cid, max_blocks=rec.max_blocks(), base_forward_seconds=forward,
+                layer_backward_seconds=backward, steps=self.cfg.training.steps,
+                deadline_seconds=self.cfg.round_deadline_seconds, label_histogram=dict(a.label_histogram),
+                protected=self.cfg.training.distill_lambda > 0,
+            ))  # fmt: skip
+        return caps
+
+    def allocate(self, selected: list[str], round_: int) -> Any:
+        from coordinator import allocation  # noqa: PLC0415
+
+        a = self.cfg.allocation
+        slots = allocation.slots_from_registry(
+            self.registry, top_risk=a.top_risk, interleaved_risk=a.interleaved_risk
+        )
+        policy = allocation.AllocationPolicy(
+            strategy=a.strategy, max_unprotected_risk=a.max_unprotected_risk, risk_weight=a.risk_weight
+        )
+        return allocation.allocate(
+            slots, self.capacities(selected), num_layers=self.registry.num_layers, last_trained=self.last_trained,
+            round=round_, seed=self.cfg.seed * 100003 + round_, policy=policy,
+        )  # fmt: skip
+
+    def send_task(self, client_id: str, round_: int, blocks: tuple[int, ...], rlog: RoundLog, *,
+                  evaluate: bool = False) -> None:  # fmt: skip
+        t = self.cfg.training
+        weight_ids = self.registry.block_ids if evaluate else blocks
+        task = protocol.TaskMessage(
+            round=round_, task_id=f"r{round_}-{'eval' if evaluate else 'train'}-{client_id}", client_id=client_id,
+            block_ids=() if evaluate else blocks, weights_level=Level.FP32,
+            weights=encode_weights(self.global_state, list(weight_ids)), reply_level=self.cfg.update_level,
+            steps=0 if evaluate else t.steps, lr=t.lr, batch_size=t.batch_size, max_tokens=t.max_tokens,
+            deadline_seconds=self.cfg.round_deadline_seconds, seed=self.cfg.seed * 100003 + round_,
+            distill_lambda=t.distill_lambda, evaluate=evaluate,
+        )  # fmt: skip
+        frame = protocol.encode(task, max_bytes=self.cfg.broker.max_message_bytes)
+        self.conn.publish(self.topics.client(client_id, ClientTopic.TASK), frame, wait=30)
+        rlog.bytes_down[client_id] = rlog.bytes_down.get(client_id, 0) + len(frame)
+
+    def run_round(self, round_: int) -> None:
+        started = time.monotonic()
+        rlog = RoundLog(round_)
+        eligible = [r.client_id for r in self.clients.eligible()]
+        rlog.selected = select_clients(eligible, self.cfg.clients_per_round, self.rng)
+        alloc = self.allocate(rlog.selected, round_)
+        assignments = {c: b for c, b in alloc.assignments.items() if b}
+        rlog.assignments = {c: list(b) for c, b in alloc.assignments.items()}
+        already = self.store.pending_updates(round_)
+        collector = RoundCollector(
+            round_, assignments, self.layout, self.cfg.broker.max_message_bytes,
+            lambda cid, frame: self.store.save_pending_update(round_, cid, frame), already,
+        )  # fmt: skip
+        log.info("round %d/%d: %d clients, allocation %s%s", round_, self.cfg.rounds, len(assignments),
+                 {c: list(b) for c, b in assignments.items()},
+                 f" ({len(already)} updates recovered)" if already else "")  # fmt: skip
+        for cid, blocks in assignments.items():
+            if cid not in collector.updates:
+                self.send_task(cid, round_, blocks, rlog)
+        rlog.closed_by = self.collect(collector, started)
+        self.close_round(round_, collector, rlog)
+        if self.cfg.eval_every and round_ % self.cfg.eval_every == 0:
+            rlog.evaluation = self.federated_eval(round_, rlog)
+        rlog.seconds = time.monotonic() - started
+        self.round = round_
+        self.save(rlog)
+
+    def collect(self, collector: RoundCollector, started: float) -> str:
+        deadline = started + self.cfg.round_deadline_seconds
+        hard_limit = started + 3 * self.cfg.round_deadline_seconds
+        while not self.stop.is_set():
+            offline = {c for c, r in self.clients.clients.items() if not r.online}
+            if not collector.pending(offline):
+                return "all answered"
+            now = time.monotonic()
+            if now > deadline and len(collector.updates) >= self.cfg.min_clients:
+                return "deadline"
+            if now > hard_limit:
+                log.warning("round %d: closing with %d updates, fewer than min_clients=%d, after 3x the deadline",
+                            collector.round, len(collector.updates), self.cfg.min_clients)  # fmt: skip
+                return "hard limit"
+            item = self.inbox.next(min(0.5, max(deadline - now, 0.05)))
+            if item is None:
+                continue
+            cid, kind, payload = item
+            if self.pump.handle_lifecycle(cid, kind, payload):
+                continue
+            if kind is ClientTopic.UPDATE:
+                collector.offer_update(cid, payload)
+            elif kind is ClientTopic.ERROR:
+                collector.offer_error(cid, payload)
+            else:
+                self.inbox.count(f"{kind.value}_during_training")
+        return "stopped"
+
+    def close_round(self, round_: int, collector: RoundCollector, rlog: RoundLog) -> None:
+        from coordinator import aggregation  # noqa: PLC0415
+
+        deltas = {cid: deltas_of(msg) for cid, msg in collector.updates.items()}
+        norms = {cid: aggregation.update_norm(d) for cid, d in deltas.items()}
+        accepted: list[Any] = []
+        for cid, delta in deltas.items():
+            others = [n for other, n in norms.items() if other != cid]
+            verdict = aggregation.screen_update(
+                delta, collector.assignments[cid], self.layout, others, self.cfg.aggregation.norm_bound_factor
+            )
+            if not verdict.accepted:
+                collector.reject(cid, verdict.code, verdict.reason)
+                continue
+            msg = collector.updates[cid]
+            accepted.append(aggregation.ClientUpdate(cid, delta, msg.num_samples, 0))
+            predicted = self.clients.clients[cid].predicted_step_seconds(
+                self.registry.num_layers, min(self.registry.block(b).layer_index for b in msg.blocks)
+            )
+            self.clients.on_result(
+                cid, round_, msg.num_steps, msg.wall_seconds, predicted, tuple(sorted(msg.blocks))
+            )
+            rlog.updates[cid] = {
+                "blocks": sorted(msg.blocks), "samples": msg.num_samples, "steps": msg.num_steps,
+                "loss": msg.mean_loss, "seconds": msg.wall_seconds, "peak_memory_bytes": msg.peak_memory_bytes,
+                "norm": norms[cid],
+            }  # fmt: skip
+            rlog.bytes_up[cid] = collector.frames_bytes.get(cid, 0)
+        if self.cfg.late_updates == "fold":
+            for msg in collector.late:
+                if msg.client_id in self.clients.clients and msg.client_id not in rlog.updates:
+                    accepted.append(aggregation.ClientUpdate(msg.client_id, deltas_of(msg), msg.num_samples,
+                                                             round_ - msg.round))  # fmt: skip
+        for cid, err in collector.errors.items():
+            self.clients.on_failure(cid, err.code, len(collector.assignments.get(cid, ())))
+            rlog.errors.append({"client": cid, "code": err.code, "reason": err.reason[:300]})
+        rlog.rejected = collector.rejected
+        result = aggregation.aggregate(
+            self.global_state, accepted, self.server_optimizer, self.cfg.staleness_decay, self.server_state
+        )
+        self.global_state = result.new_state
+        self.server_state = result.optimizer_state
+        for block_id, report in result.per_block.items():
+            if report.trainers:
+                self.last_trained[block_id] = round_
+            rlog.blocks[block_id] = {
+                "trainers": list(report.trainers), "weight": report.weight_total, "update_norm": report.update_norm,
+            }  # fmt: skip
+        losses = [u["loss"] for u in rlog.updates.values() if u["steps"]]
+        log.info(
+            "round %d closed (%s): %d updates accepted, %d rejected, %d errors; mean loss %s; %.1f MB up, %.1f MB down",
+            round_, rlog.closed_by, len(rlog.updates), len(rlog.rejected), len(rlog.errors),
+            f"{sum(losses) / len(losses):.4f}" if losses else "n/a",
+            sum(rlog.bytes_up.values()) / 1e6, sum(rlog.bytes_down.values()) / 1e6,
+        )  # fmt: skip
+
+    def federated_eval(self, round_: int, rlog: RoundLog) -> dict[str, Any]:
+        clients = [c for c in rlog.selected if self.clients.clients[c].eligible]
+        for cid in clients:
+            self.send_task(cid, round_, (), rlog, evaluate=True)
+        results: dict[str, protocol.EvalResultMessage] = {}
+        deadline = time.monotonic() + self.cfg.round_deadline_seconds
+        while time.monotonic() < deadline and len(results) < len(clients) and not self.stop.is_set():
+            item = self.inbox.next(0.5)
+            if item is None:
+                continue
+            cid, kind, payload = item
+            if self.pump.handle_lifecycle(cid, kind, payload):
+                continue
+            if kind is ClientTopic.EVAL:
+                try:
+                    msg = protocol.decode(payload, expected_type=protocol.EvalResultMessage)
+                except CodecError:
+                    self.inbox.count("invalid_eval")
+                    continue
+                if msg.round == round_ and cid in clients:
+                    results[cid] = msg
+            else:
+                self.inbox.count(f"{kind.value}_during_eval")
+        total = sum(r.num_examples for r in results.values())
+        summary: dict[str, Any] = {"clients": len(results), "examples": total}
+        if total:
+            summary["loss"] = sum(r.loss * r.num_examples for r in results.values()) / total
+            summary["accuracy"] = sum(r.accuracy * r.num_examples for r in results.values()) / total
+            log.info("round %d federated evaluation: accuracy %.3f, loss %.4f over %d examples on %d clients",
+                     round_, summary["accuracy"], summary["loss"], total, len(results))  # fmt: skip
+        return summary
+
+    def save(self, rlog: RoundLog) -> None:
+        from coordinator.checkpoint import Snapshot  # noqa: PLC0415
+
+        self.store.save(Snapshot(
+            round=self.round, global_state=self.global_state, expansion=self.registry.to_dict(),
+            base_fingerprint=self.fingerprint, clients=self.clients.to_json(),
+            rng_state=_rng_to_json(self.rng.getstate()),
+            server_optimizer_state=_optimizer_state_to_snapshot(self.server_state),
+            last_trained=dict(self.last_trained), config_digest=self.config_digest,
+        ))  # fmt: skip
+        record = asdict(rlog)
+        record["rejections_by_reason"] = dict(self.inbox.rejections)
+        self.store.append_metrics(record)
+        self.store.clear_pending(self.round)
+        self.publish_status("running")
+
+
+def make_server_optimizer(settings: Any) -> Any:
+    from coordinator.aggregation import FedAdam, FedAvgM  # noqa: PLC0415
+
+    if settings.server_optimizer == "fedavgm":
+        return FedAvgM(lr=settings.server_lr, momentum=settings.momentum)
+    if settings.server_optimizer == "fedadam":
+        return FedAdam(lr=settings.server_lr, beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau)
+    return None
+
+
+def _optimizer_state_to_snapshot(state: Any) -> dict[str, Any]:
+    if state is None:
+        return {}
+    return {"kind": type(state).__name__, **{k: v for k, v in vars(state).items()}}
+
+
+def _optimizer_state_from_snapshot(data: Any, aggregation: Any) -> Any:
+    if not data:
+        return None
+    kinds = {"FedAvgMState": aggregation.FedAvgMState, "FedAdamState": aggregation.FedAdamState}
+    fields = {k: v for k, v in data.items() if k != "kind"}
+    return kinds[data["kind"]](**fields)
+
+
+def _rng_to_json(state: Any) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(data: Any) -> Any:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)
