@@ -1,32 +1,125 @@
-"""``fedbe-coordinator``: the coordinator daemon (allocation, aggregation, MQTT rounds).
+"""``fedbe-coordinator``: the coordinator daemon of a fedbe federation.
 
-Not built yet: it is the open coordinator issue. The command exists so the package layout and
-entry points are fixed; it says what is missing.
+Subcommands:
+  run      run the federation described by a run config (YAML); resumes from its state directory
+  export   write the expanded, trained model of a state directory as a Hugging Face checkpoint
+  example  print a commented example run config
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from fedbe.errors import FedbeError
+
+log = logging.getLogger("coordinator")
 
 DESCRIPTION = (
-    "fedbe-coordinator: the coordinator daemon of a fedbe federation. It will allocate new blocks to "
-    "clients each round, aggregate each block over the clients that trained it, and export the "
-    "trained model ('run', 'export'). Not implemented yet (open issue: coordinator); the pure pieces "
-    "it will use (fedbe.blocks.weighted_average, fedbe.protocol) exist and are tested."
+    "The coordinator of a fedbe federation: it expands the base model with new blocks, assigns each "
+    "client a subset of them every round (from the clients' measured memory and compute and their label "
+    "distributions), aggregates each block over the clients that trained it, and writes its state after "
+    "every round so that a restarted coordinator resumes where it stopped."
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedbe-coordinator", description=DESCRIPTION)
-    parser.add_argument("command", nargs="?", choices=["run", "export"], help="not implemented yet")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) a federation",
+        description="Run the federation described by --config. Connects to the broker in the config, "
+        "waits for clients, runs the rounds and writes state and metrics.jsonl to the config's state_dir. "
+        "Run it again with the same config after a crash: it resumes after the last completed round. "
+        "Ctrl-C (SIGINT) or SIGTERM stops it cleanly between messages.",
+    )
+    run.add_argument(
+        "--config", required=True, type=Path, help="run config YAML (see `fedbe-coordinator example`)"
+    )
+    run.add_argument("--password-file", type=Path, help="broker password file (overrides the config)")
+    export = sub.add_parser(
+        "export",
+        help="export the trained model as a Hugging Face checkpoint",
+        description="Write the expanded model with the latest aggregated new blocks from a state directory "
+        "as a folder that plain transformers loads (AutoModelForCausalLM.from_pretrained).",
+    )
+    export.add_argument("--state", required=True, type=Path, help="the run's state directory")
+    export.add_argument("--out", required=True, type=Path, help="output folder")
+    export.add_argument("--model", help="base model source, if it moved since the run (default: the run's)")
+    sub.add_parser("example", help="print a commented example run config")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from coordinator.checkpoint import CheckpointStore  # noqa: PLC0415
+    from coordinator.config import load_run_config  # noqa: PLC0415
+    from coordinator.daemon import Coordinator  # noqa: PLC0415
+    from fedbe.transport import BrokerConfig, Connection  # noqa: PLC0415
+
+    cfg = load_run_config(args.config)
+    b = cfg.broker
+    password = args.password_file.read_text().strip() if args.password_file else b.read_password()
+    store = CheckpointStore(cfg.state_dir)
+    store.lock()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping after the current message", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    conn = Connection(BrokerConfig(
+        url=b.url, client_id=f"fedbe-coordinator-{cfg.federation}", username=b.username, password=password,
+        tls_ca=str(b.tls_ca) if b.tls_ca else None, require_tls=b.require_tls,
+        max_message_bytes=b.max_message_bytes,
+    ))  # fmt: skip
+    conn.start()
+    try:
+        return Coordinator(cfg, conn, store, stop).run()
+    finally:
+        conn.close()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from coordinator.export import export_model  # noqa: PLC0415
+
+    out = export_model(args.state, args.out, args.model)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from coordinator.config import example_config_yaml  # noqa: PLC0415
+
+    print(example_config_yaml())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    print(f"fedbe-coordinator {args.command}: not implemented yet (open issue: coordinator)", file=sys.stderr)
-    return 2
+    from fedbe.cli import setup_logging  # noqa: PLC0415
+
+    setup_logging(args.verbose)
+    try:
+        return {"run": cmd_run, "export": cmd_export, "example": cmd_example}[args.command](args)
+    except FedbeError as exc:
+        print(f"fedbe-coordinator {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

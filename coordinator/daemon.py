@@ -256,6 +256,7 @@ class Coordinator:
         log.info("loading the base model %s", cfg.model)
         model = sources.load_model(cfg.model)
         self.fingerprint = base_fingerprint(model)
+        from coordinator.checkpoint import rng_state_from_json  # noqa: PLC0415
         from coordinator.config import config_digest  # noqa: PLC0415
 
         self.config_digest = config_digest(cfg)
@@ -290,9 +291,9 @@ class Coordinator:
             self.global_state = snapshot.global_state
             self.round = snapshot.round
             self.clients = ClientRegistry.from_json(self.fingerprint, dict(snapshot.clients))
-            self.rng.setstate(_rng_from_json(snapshot.rng_state))
+            self.rng.setstate(rng_state_from_json(snapshot.rng_state))  # type: ignore[arg-type]
             self.last_trained = {int(k): int(v) for k, v in snapshot.last_trained.items()}
-            self.server_state = snapshot.server_optimizer_state or None
+            self.server_state = snapshot.server_optimizer_state
             log.info("resuming after round %d from %s", self.round, self.store.root)
         else:
             self.global_state = initial_state(model, self.registry)
@@ -300,7 +301,7 @@ class Coordinator:
         self.server_optimizer = make_server_optimizer(cfg.aggregation)
         self.server_state = _optimizer_state_from_snapshot(self.server_state, aggregation)
         self.pump = MessagePump(self.inbox, self.clients, self.conn, self.topics)
-        self.publish_status("running")
+        self.publish_status("starting")
 
     def publish_status(self, state: str) -> None:
         msg = protocol.CoordinatorStatusMessage(
@@ -356,7 +357,7 @@ class Coordinator:
             self.registry, top_risk=a.top_risk, interleaved_risk=a.interleaved_risk
         )
         policy = allocation.AllocationPolicy(
-            strategy=a.strategy, max_unprotected_risk=a.max_unprotected_risk, risk_weight=a.risk_weight
+            strategy=a.strategy.value, max_unprotected_risk=a.max_unprotected_risk, risk_weight=a.risk_weight
         )
         return allocation.allocate(
             slots, self.capacities(selected), num_layers=self.registry.num_layers, last_trained=self.last_trained,
@@ -523,18 +524,20 @@ class Coordinator:
         return summary
 
     def save(self, rlog: RoundLog) -> None:
-        from coordinator.checkpoint import Snapshot  # noqa: PLC0415
+        from coordinator.checkpoint import Snapshot, rng_state_to_json  # noqa: PLC0415
 
-        self.store.save(Snapshot(
-            round=self.round, global_state=self.global_state, expansion=self.registry.to_dict(),
-            base_fingerprint=self.fingerprint, clients=self.clients.to_json(),
-            rng_state=_rng_to_json(self.rng.getstate()),
-            server_optimizer_state=_optimizer_state_to_snapshot(self.server_state),
-            last_trained=dict(self.last_trained), config_digest=self.config_digest,
-        ))  # fmt: skip
+        # Metrics first: if the snapshot write is interrupted the round is re-run and logged twice,
+        # never missing from metrics.jsonl.
         record = asdict(rlog)
         record["rejections_by_reason"] = dict(self.inbox.rejections)
         self.store.append_metrics(record)
+        self.store.save(Snapshot(
+            round=self.round, global_state=self.global_state, expansion=self.registry.to_dict(),
+            base_fingerprint=self.fingerprint, model_source=self.cfg.model, clients=self.clients.to_json(),
+            rng_state=rng_state_to_json(self.rng.getstate()),
+            server_optimizer_state=_optimizer_state_to_snapshot(self.server_state),
+            last_trained=dict(self.last_trained), config_digest=self.config_digest,
+        ))  # fmt: skip
         self.store.clear_pending(self.round)
         self.publish_status("running")
 
@@ -549,25 +552,20 @@ def make_server_optimizer(settings: Any) -> Any:
     return None
 
 
-def _optimizer_state_to_snapshot(state: Any) -> dict[str, Any]:
+_OPTIMIZER_KINDS = {1: "FedAvgMState", 2: "FedAdamState"}
+
+
+def _optimizer_state_to_snapshot(state: Any) -> Any:
+    from coordinator.checkpoint import ServerOptimizerState  # noqa: PLC0415
+
     if state is None:
-        return {}
-    return {"kind": type(state).__name__, **{k: v for k, v in vars(state).items()}}
+        return ServerOptimizerState()
+    kind = {v: k for k, v in _OPTIMIZER_KINDS.items()}[type(state).__name__]
+    return ServerOptimizerState(tensors=dict(vars(state)), scalars={"kind": kind})
 
 
 def _optimizer_state_from_snapshot(data: Any, aggregation: Any) -> Any:
-    if not data:
+    if data is None or not getattr(data, "scalars", None):
         return None
-    kinds = {"FedAvgMState": aggregation.FedAvgMState, "FedAdamState": aggregation.FedAdamState}
-    fields = {k: v for k, v in data.items() if k != "kind"}
-    return kinds[data["kind"]](**fields)
-
-
-def _rng_to_json(state: Any) -> list[Any]:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _rng_from_json(data: Any) -> Any:
-    version, internal, gauss = data
-    return (version, tuple(internal), gauss)
+    cls = getattr(aggregation, _OPTIMIZER_KINDS[int(data.scalars["kind"])])
+    return cls(**data.tensors)

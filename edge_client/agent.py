@@ -116,12 +116,14 @@ class TaskRunner:
         train_batches: Callable[[int, int, int], list[Any]],
         evaluate: Callable[[PreTrainedModel, int], tuple[int, float, float]],
         capacity: Capacity,
+        slowdown: float = 1.0,
     ) -> None:
         self.client = client
         self.client_id = client_id
         self.train_batches = train_batches  # (batch_size, max_tokens, seed) -> batches
         self.evaluate = evaluate  # (model, max_tokens) -> (examples, loss, accuracy)
         self.capacity = capacity
+        self.slowdown = slowdown  # emulating a slower device: each step is stretched by this factor
         self.residual: BlockState = {}
 
     def check(self, task: protocol.TaskMessage) -> str | None:
@@ -148,6 +150,17 @@ class TaskRunner:
     def fits(self, task: protocol.TaskMessage) -> bool:
         layers = tuple(self.client.registry.block(b).layer_index for b in task.block_ids)
         return self.capacity.fits(layers)
+
+    def _stretch(self) -> Callable[[int, float], None]:
+        """An on_step hook that sleeps so each step lasts ``slowdown`` times its real duration."""
+        last = [time.perf_counter()]
+
+        def on_step(step: int, loss: float) -> None:
+            now = time.perf_counter()
+            time.sleep((self.slowdown - 1.0) * (now - last[0]))
+            last[0] = time.perf_counter()
+
+        return on_step
 
     def run(self, task: protocol.TaskMessage, should_stop: Callable[[], bool]) -> list[Any]:
         """The messages that answer ``task`` (an update and/or an eval result, or a task error)."""
@@ -224,6 +237,7 @@ class EdgeAgent:
         self.stop = stop or threading.Event()
         self.runner: TaskRunner | None = None
         self.status_key: tuple[Any, ...] | None = None
+        self.announcement: protocol.AnnounceMessage | None = None
         self.tasks_done = 0
 
     def _send(self, kind: ClientTopic, msg: Any, retain: bool = False) -> None:
@@ -285,7 +299,7 @@ class EdgeAgent:
         except CodecError as exc:
             log.warning("ignoring an invalid coordinator status: %s", exc)
             return None
-        if status.state in ("finished", "stopped") and self.runner is not None:
+        if status.state == "finished" and self.runner is not None:
             log.info("the coordinator says the federation is %s", status.state)
             return 0
         key = (
@@ -295,6 +309,10 @@ class EdgeAgent:
             status.source_layers,
         )
         if key == self.status_key:
+            # A (re)started coordinator publishes its status again: announce again so that its
+            # registry, restored from disk with every client offline, sees this one.
+            if self.announcement is not None:
+                self._send(ClientTopic.ANNOUNCE, self.announcement)
             return None
         if self.status_key is not None:
             log.warning(
@@ -308,6 +326,7 @@ class EdgeAgent:
             self.status("offline", detail=str(exc)[:4000])
             return 2
         self.status_key = key
+        self.announcement = announce
         self._send(ClientTopic.ANNOUNCE, announce)
         self.status("online", detail="announced")
         log.info(

@@ -1,0 +1,147 @@
+"""``fedbe-edge run``: build the agent from command-line settings and run it until stopped.
+
+Reads and validates the local data and the device profile first (so a bad file fails before any
+network traffic), connects, and sets up the model when the coordinator's status arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedModel
+
+from edge_client import data as local_data
+from edge_client.agent import Capacity, EdgeAgent, TaskRunner, build_client_model, make_evaluator
+from edge_client.profiler import build_report
+from fedbe import protocol, sources
+from fedbe.errors import ConfigError
+from fedbe.evaluation import classification_accuracy
+from fedbe.fingerprint import base_fingerprint
+from fedbe.profiles import DEFAULT_PROFILE, DeviceProfile, load_profile
+from fedbe.protocol import Topics, check_name
+from fedbe.transport import BrokerConfig, Connection
+
+log = logging.getLogger(__name__)
+
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--broker", required=True, help="broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT")
+    run.add_argument("--client-id", required=True, help="this device's id (letters, digits, _ . -)")
+    run.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="local data: JSONL or CSV of {text,label} or {prompt,response}",
+    )
+    run.add_argument(
+        "--profile", type=Path, help="device profile YAML (profiles/*.yaml); default: measured only"
+    )
+    run.add_argument("--model", default=sources.SMOLLM2, help="local copy of the federation's base model")
+    run.add_argument("--federation", default="default", help="federation name (topic namespace)")
+    run.add_argument(
+        "--emulate",
+        action="store_true",
+        help="simulate the profile's device: apply its emulate section (memory cap, slowdown)",
+    )
+    run.add_argument(
+        "--label-dp-epsilon",
+        type=float,
+        help="add Laplace noise of scale 1/epsilon to the announced label histogram",
+    )
+    run.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.2,
+        help="share of local data held out for federated evaluation (default 0.2)",
+    )
+    run.add_argument("--tls-ca", type=Path, help="CA certificate: connect with TLS and verify the broker")
+    run.add_argument("--require-tls", action="store_true", help="refuse to connect without TLS")
+    run.add_argument("--username", help="broker user name")
+    run.add_argument("--password-file", type=Path, help="file holding the broker password")
+    run.add_argument("--seed", type=int, default=0, help="seed for the local split and the noise")
+    run.add_argument("--max-tasks", type=int, help=argparse.SUPPRESS)  # tests: exit after N tasks
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    client_id = check_name(args.client_id)
+    profile: DeviceProfile = load_profile(args.profile) if args.profile else DEFAULT_PROFILE
+    dataset = local_data.load_local_data(args.data)
+    train, held_out = local_data.split_local(list(dataset.examples), args.eval_fraction, args.seed)
+    histogram: dict[str, float] = {}
+    labels: list[str] = []
+    if dataset.kind == "classification":
+        histogram = local_data.label_histogram(dataset.examples)  # type: ignore[arg-type]
+        labels = sorted(histogram)
+        if args.label_dp_epsilon is not None:
+            histogram = local_data.noisy_histogram(
+                histogram, args.label_dp_epsilon, np.random.default_rng(args.seed)
+            )
+    elif args.label_dp_epsilon is not None:
+        raise ConfigError("--label-dp-epsilon applies to labelled data only")
+    log.info("%s: %d training and %d held-out %s examples from %s", client_id, len(train), len(held_out),
+             dataset.kind, args.data)  # fmt: skip
+    password = args.password_file.read_text().strip() if args.password_file else None
+    topics = Topics(args.federation)
+    will = (topics.client(client_id, protocol.ClientTopic.STATUS),
+            protocol.encode(protocol.StatusMessage(client_id, "offline", 0, "connection lost")), True)  # fmt: skip
+    conn = Connection(BrokerConfig(
+        url=args.broker, client_id=client_id, username=args.username, password=password,
+        tls_ca=str(args.tls_ca) if args.tls_ca else None, require_tls=args.require_tls,
+    ), will=will)  # fmt: skip
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: finishing up", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def setup(status: protocol.CoordinatorStatusMessage) -> tuple[TaskRunner, protocol.AnnounceMessage]:
+        tokenizer = sources.load_tokenizer(args.model)
+        base = sources.load_model(args.model)
+        report = build_report(
+            profile, args.model, n_blocks=len(status.new_layer_indices), emulating=args.emulate,
+            progress=lambda m: log.info("profile: %s", m),
+        )  # fmt: skip
+        client = build_client_model(base, base_fingerprint(base), status, report.precision)
+        slowdown = report.compute_slowdown
+
+        def fits(layers: tuple[int, ...]) -> bool:
+            return report.memory.required_bytes(list(layers)) <= report.memory_budget_bytes
+
+        def batches(batch_size: int, max_tokens: int, seed: int) -> list[Any]:
+            order = list(train)
+            np.random.default_rng(seed).shuffle(order)  # type: ignore[arg-type]
+            return local_data.make_local_batches(tokenizer, order, batch_size, max_tokens)
+
+        def accuracy(model: PreTrainedModel, max_tokens: int) -> float:
+            if not labels or not held_out:
+                return 0.0
+            return classification_accuracy(model, tokenizer, held_out, labels, max_tokens)  # type: ignore[arg-type]
+
+        evaluator = make_evaluator(
+            lambda max_tokens: local_data.make_local_batches(tokenizer, held_out or train[:1], 8, max_tokens),
+            accuracy, len(held_out),
+        )  # fmt: skip
+        runner = TaskRunner(client, client_id, batches, evaluator, Capacity(report.to_announce_fields(), fits),
+                            slowdown=slowdown)  # fmt: skip
+        announce = protocol.AnnounceMessage(
+            client_id=client_id, profile_name=profile.name, num_examples=len(train), label_histogram=histogram,
+            base_fingerprint=client.fingerprint, **report.to_announce_fields(),  # type: ignore[arg-type]
+        )  # fmt: skip
+        return runner, announce
+
+    started = time.monotonic()
+    conn.start()
+    code = EdgeAgent(conn, topics, client_id, setup, stop).run(max_tasks=args.max_tasks)
+    log.info("%s stopped after %.0f s", client_id, time.monotonic() - started)
+    return code
