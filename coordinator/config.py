@@ -1,0 +1,497 @@
+"""The coordinator's run configuration: one YAML file, validated once, turned into frozen dataclasses.
+
+:func:`load_run_config` reads the file, :func:`parse_run_config` validates a mapping. Any problem
+raises :class:`~fedbe.errors.ConfigError` naming the file, the dotted field path and the value, and
+saying what to do; nothing past this module sees a dict. Relative paths (``state_dir``,
+``broker.password_file``, ``broker.tls_ca``, and ``model`` when it names a file or folder that
+exists there) are resolved against the config file's folder. The table with every field's type,
+default and meaning is ``docs/coordinator-config.md``; an annotated example is
+:func:`example_config_yaml` (shipped as ``coordinator/example-run.yaml``).
+
+Fields (``name: type = default``):
+
+* ``federation: str = "default"`` -- federation name, the topic level in ``fedbe/v1/<federation>/...``.
+* ``model: str`` (required) -- base model source: ``smollm2-135m``, a HF folder, a ``.gguf`` file, ``tiny:<arch>``.
+* ``state_dir: path`` (required) -- checkpoints, pending updates and ``metrics.jsonl`` of this run.
+* ``blocks: int >= 1 | "auto" = "auto"`` -- new blocks; ``auto`` sizes from the announced clients.
+* ``placement: "interleave" | "top" | [int, ...] = "interleave"`` -- where new blocks go (base-layer indices).
+* ``rounds: int >= 1 = 20`` -- rounds to run. ``clients_per_round: int >= 1 = 4`` -- clients asked per round.
+* ``min_clients: int in [1, clients_per_round] = 2`` -- fewest updates that make a round count.
+* ``round_deadline_seconds: float > 0 = 600`` -- a round closes this long after its tasks go out.
+* ``late_updates: "drop" | "fold" = "drop"`` -- an update after its round closed: ignore it, or fold it
+  into the next aggregation weighted by ``staleness_decay ** rounds_late``.
+* ``staleness_decay: float in (0, 1] = 0.5``. ``update_level: fp32|fp16|bf16|int8 = int8`` -- how clients
+  send updates. ``seed: int >= 0 = 0`` -- client sampling and allocation. ``eval_every: int >= 0 = 0`` --
+  federated evaluation every N rounds (0 = never).
+* ``training``: ``steps: int >= 1 = 10``, ``lr: float > 0 = 2e-4``, ``batch_size: int >= 1 = 4``,
+  ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 = 0`` (weight of self-distillation
+  towards the base model's predictions; 0 = off).
+* ``allocation`` (see :mod:`coordinator.allocation`): ``strategy: fedbe|random|all = fedbe``;
+  ``top_risk: [0,1] = 1.0`` and ``interleaved_risk: [0,1] = 0.25`` -- forgetting risk of a block at the
+  very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
+  without self-distillation never gets a block riskier than this; ``cost_weight: float >= 0 = 0.1`` and
+  ``risk_weight: float >= 0 = 0.2`` -- weights of time cost and of risk in the ``fedbe`` score.
+* ``aggregation`` (see :mod:`coordinator.aggregation`): ``server_optimizer: none|fedavgm|fedadam =
+  none``, ``server_lr: float > 0`` (default 1.0, or 0.01 with fedadam), ``momentum: [0,1) = 0.9``
+  (FedAvgM), ``beta1: [0,1) = 0.9``, ``beta2: [0,1) = 0.99``, ``tau: float > 0 = 1e-3`` (FedAdam),
+  ``norm_bound_factor: float >= 1 = 10.0`` -- an update whose norm exceeds this times the median
+  norm of the round's other updates is rejected.
+* ``auto_expansion``: ``trainers_per_block: float > 0 = 2.0`` (``blocks: auto`` starts with
+  clients / trainers_per_block blocks), ``max_blocks: int >= 1 | null = null``, ``plateau_rounds: int >=
+  0 = 0`` (add a block after this many rounds without improvement; 0 = never), ``plateau_min_delta:
+  float >= 0 = 0.001`` (smallest accuracy gain that counts as improvement).
+* ``broker``: ``url: str = "mqtt://127.0.0.1:1883"`` (mqtt:// or mqtts://), ``username: str | null``,
+  ``password_file: path | null`` (must exist; first line is the password), ``tls_ca: path | null``,
+  ``require_tls: bool = false``, ``max_message_bytes: int >= 65536 = 268435456``.
+* ``server_eval: null``, or ``dataset: "bbc-news"`` and ``examples: int >= 1 = 40`` -- the coordinator
+  evaluates the global model itself on held-out examples.
+
+:func:`config_digest` hashes everything but ``state_dir`` and ``broker`` (where the run is stored and
+how it reaches the broker do not change what it trains), so a resume can check it is the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NoReturn, TypeVar
+
+import yaml
+
+from fedbe.compression import Level
+from fedbe.errors import ConfigError, ExpansionError
+from fedbe.expansion import parse_placement
+from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES, check_name
+from fedbe.sources import SMOLLM2, TINY_PREFIX
+from fedbe.transport import BrokerConfig
+
+EXAMPLE_FILE = Path(__file__).with_name("example-run.yaml")
+LATE_UPDATES = ("drop", "fold")
+EVAL_DATASETS = ("bbc-news",)
+_REQUIRED = object()
+_T = TypeVar("_T")
+
+
+class Strategy(str, enum.Enum):
+    FEDBE = "fedbe"
+    RANDOM = "random"
+    ALL = "all"
+
+
+class ServerOptimizer(str, enum.Enum):
+    NONE = "none"
+    FEDAVGM = "fedavgm"
+    FEDADAM = "fedadam"
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
+SERVER_OPTIMIZERS = tuple(o.value for o in ServerOptimizer)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    steps: int = 10
+    lr: float = 2e-4
+    batch_size: int = 4
+    max_tokens: int = 128
+    distill_lambda: float = 0.0
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    strategy: Strategy = Strategy.FEDBE
+    top_risk: float = 1.0
+    interleaved_risk: float = 0.25
+    max_unprotected_risk: float = 0.5
+    cost_weight: float = 0.1
+    risk_weight: float = 0.2
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    server_optimizer: ServerOptimizer = ServerOptimizer.NONE
+    server_lr: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    norm_bound_factor: float = 10.0
+
+
+@dataclass(frozen=True)
+class AutoExpansionConfig:
+    trainers_per_block: float = 2.0
+    max_blocks: int | None = None
+    plateau_rounds: int = 0
+    plateau_min_delta: float = 0.001
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    require_tls: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def read_password(self) -> str | None:
+        """The password: the first line of ``password_file`` (None without one)."""
+        if self.password_file is None:
+            return None
+        try:
+            text = self.password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"can not read broker password file {self.password_file}: {exc}") from exc
+        return text.splitlines()[0] if text else ""
+
+
+@dataclass(frozen=True)
+class ServerEvalConfig:
+    dataset: str = "bbc-news"
+    examples: int = 40
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    state_dir: Path
+    federation: str = "default"
+    blocks: int | Literal["auto"] = "auto"
+    placement: str | tuple[int, ...] = "interleave"
+    rounds: int = 20
+    clients_per_round: int = 4
+    min_clients: int = 2
+    round_deadline_seconds: float = 600.0
+    late_updates: Literal["drop", "fold"] = "drop"
+    staleness_decay: float = 0.5
+    update_level: Level = Level.INT8
+    seed: int = 0
+    eval_every: int = 0
+    training: TrainingConfig = TrainingConfig()
+    allocation: AllocationConfig = AllocationConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    auto_expansion: AutoExpansionConfig = AutoExpansionConfig()
+    broker: BrokerSettings = BrokerSettings()
+    server_eval: ServerEvalConfig | None = None
+
+
+class _Fields:
+    """One mapping of the file being read: typed getters that fail with file, dotted path and value."""
+
+    def __init__(self, data: object, where: str, source: str, base_dir: Path) -> None:
+        self.where, self.source, self.base_dir = where, source, base_dir
+        if not isinstance(data, Mapping):
+            what = f"section {where!r}" if where else "the top level"
+            raise ConfigError(
+                f"{source}: {what} must be a mapping of 'field: value' lines, got {data!r}. "
+                "See coordinator/example-run.yaml for the layout."
+            )
+        self.data: Mapping[object, object] = data
+        self.seen: set[str] = set()
+
+    def path(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def fail(self, name: str, value: object, problem: str, fix: str) -> NoReturn:
+        fix = fix if fix.endswith((".", "?")) else f"{fix}."
+        raise ConfigError(f"{self.source}: {self.path(name)} {problem}, got {value!r}. {fix}")
+
+    def raw(self, name: str, default: object) -> object:
+        self.seen.add(name)
+        value = self.data.get(name, default)
+        if value is _REQUIRED:
+            close = difflib.get_close_matches(name, [str(k) for k in self.data], n=1)
+            hint = f"Is {close[0]!r} a misspelling of it? " if close else ""
+            raise ConfigError(
+                f"{self.source}: required field {self.path(name)} is missing. "
+                f"{hint}Add it (see coordinator/example-run.yaml)."
+            )
+        return value
+
+    def integer(self, name: str, default: object, low: int) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, value, "must be a whole number", "Write it without quotes or a decimal point.")
+        if value < low:
+            self.fail(name, value, f"must be >= {low}", f"Choose a value >= {low}.")
+        return value
+
+    def optional_integer(self, name: str, default: int | None, low: int) -> int | None:
+        return None if self.raw(name, default) is None else self.integer(name, default, low)
+
+    def real(self, name: str, default: object, interval: str) -> float:
+        """A number inside ``interval``, written like ``"(0, 1]"`` or ``"[0, inf)"``."""
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            self.fail(name, value, "must be a finite number", "Write a number such as 0.5 or 1e-4.")
+        low, high = (float(part) for part in interval[1:-1].split(","))
+        above = low < value or (interval[0] == "[" and value == low)
+        below = value < high or (interval[-1] == "]" and value == high)
+        if not (above and below):
+            self.fail(name, value, f"must lie in {interval}", f"Choose a value in {interval}.")
+        return float(value)
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        value = self.raw(name, default)
+        if not isinstance(value, str) or value not in options:
+            self.fail(name, value, f"must be one of {', '.join(options)}", "Pick one of those names.")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            self.fail(name, value, "must be true or false", "Write true or false without quotes.")
+        return value
+
+    def string(self, name: str, default: object) -> str:
+        value = self.raw(name, default)
+        if not isinstance(value, str) or not value.strip():
+            self.fail(name, value, "must be a non-empty string", "Quote it if YAML reads it otherwise.")
+        return value.strip()
+
+    def optional_string(self, name: str) -> str | None:
+        return None if self.raw(name, None) is None else self.string(name, None)
+
+    def file_path(self, name: str, default: object, *, must_exist: bool) -> Path | None:
+        if self.raw(name, default) is None:
+            return None
+        path = Path(self.string(name, default)).expanduser()
+        path = path if path.is_absolute() else self.base_dir / path
+        if must_exist and not path.is_file():
+            self.fail(name, str(path), "names no existing file", "Create the file or correct the path.")
+        return path
+
+    def section(self, name: str, build: Callable[[_Fields], _T]) -> _T:
+        """Build a nested section from its own fields (absent or null: all defaults)."""
+        value = self.raw(name, None)
+        fields = _Fields({} if value is None else value, self.path(name), self.source, self.base_dir)
+        result = build(fields)
+        fields.finish()
+        return result
+
+    def finish(self) -> None:
+        """Every field in the mapping must have been read: anything else is unknown (a typo, usually)."""
+        for key in self.data:
+            if key not in self.seen:
+                name = str(key)
+                close = difflib.get_close_matches(name, sorted(self.seen), n=1)
+                hint = f"Did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(
+                    f"{self.source}: unknown field {self.path(name)!r} (value {self.data[key]!r}). "
+                    f"{hint}Valid fields here: {', '.join(sorted(self.seen))}."
+                )
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a run configuration file (YAML)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"can not read the run configuration {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_run_config(data, str(path), base_dir=path.resolve().parent)
+
+
+def parse_run_config(mapping: object, source_name: str, base_dir: Path | None = None) -> RunConfig:
+    """Validate a parsed mapping; ``source_name`` names it in errors, ``base_dir`` anchors relative paths."""
+    top = _Fields(mapping, "", source_name, (base_dir or Path.cwd()).resolve())
+    federation = top.string("federation", "default")
+    try:
+        check_name(federation, "federation name")
+    except ConfigError:
+        fix = "Use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit (it is a topic level)."
+        top.fail("federation", federation, "is not a valid name", fix)
+    placement = _placement(top)
+    blocks = _blocks(top, placement)
+    clients_per_round = top.integer("clients_per_round", 4, 1)
+    level = top.choice("update_level", Level.INT8.value, tuple(lv.value for lv in Level))
+    config = RunConfig(
+        federation=federation,
+        model=_model(top),
+        blocks=blocks,
+        placement=placement,
+        rounds=top.integer("rounds", 20, 1),
+        clients_per_round=clients_per_round,
+        min_clients=_min_clients(top, clients_per_round),
+        round_deadline_seconds=top.real("round_deadline_seconds", 600.0, "(0, inf)"),
+        late_updates="fold" if top.choice("late_updates", "drop", LATE_UPDATES) == "fold" else "drop",
+        staleness_decay=top.real("staleness_decay", 0.5, "(0, 1]"),
+        update_level=Level(level),
+        seed=top.integer("seed", 0, 0),
+        state_dir=_state_dir(top),
+        eval_every=top.integer("eval_every", 0, 0),
+        training=top.section("training", _training),
+        allocation=top.section("allocation", _allocation),
+        aggregation=top.section("aggregation", _aggregation),
+        auto_expansion=top.section("auto_expansion", _auto_expansion),
+        broker=top.section("broker", _broker),
+        server_eval=None
+        if top.raw("server_eval", None) is None
+        else top.section("server_eval", _server_eval),
+    )
+    top.finish()
+    plateau, field = config.auto_expansion.plateau_rounds, "auto_expansion.plateau_rounds"
+    if plateau and not isinstance(config.placement, str):
+        top.fail(field, plateau, "adds blocks, so placement must be interleave or top", "Or set it to 0.")
+    if plateau and config.server_eval is None and config.eval_every == 0:
+        top.fail(
+            field, plateau, "needs an accuracy to watch", "Enable server_eval or eval_every, or set it to 0."
+        )
+    return config
+
+
+def _min_clients(top: _Fields, clients_per_round: int) -> int:
+    value = top.integer("min_clients", min(2, clients_per_round), 1)
+    if value > clients_per_round:
+        top.fail("min_clients", value, f"exceeds clients_per_round ({clients_per_round})", "Lower it.")
+    return value
+
+
+def _model(top: _Fields) -> str:
+    model = top.string("model", _REQUIRED)
+    if model.lower() == SMOLLM2 or model.startswith(TINY_PREFIX) or Path(model).expanduser().is_absolute():
+        return model
+    local = top.base_dir / Path(model).expanduser()
+    return str(local) if local.exists() else model
+
+
+def _state_dir(top: _Fields) -> Path:
+    path = top.file_path("state_dir", _REQUIRED, must_exist=False)
+    assert path is not None  # required: raw() raised if missing
+    if path.exists() and not path.is_dir():
+        top.fail("state_dir", str(path), "is a file, not a folder", "Name a folder (created if missing).")
+    return path
+
+
+def _placement(top: _Fields) -> str | tuple[int, ...]:
+    value = top.raw("placement", "interleave")
+    fix = "Use interleave, top, or a list of distinct base-layer indices such as [4, 9, 14]."
+    if isinstance(value, str):
+        try:
+            parsed = parse_placement(value)
+        except ExpansionError:
+            top.fail("placement", value, "is not a placement", fix)
+        if isinstance(parsed, str):
+            return parsed
+        value = parsed
+    if not isinstance(value, list) or not value:
+        top.fail("placement", value, "must be interleave, top or a non-empty list of layer indices", fix)
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in value):
+        top.fail("placement", value, "must list whole numbers >= 0 (0-based base-layer indices)", fix)
+    if len(set(value)) != len(value):
+        top.fail("placement", value, "repeats a layer (each base layer takes at most one new block)", fix)
+    return tuple(sorted(value))
+
+
+def _blocks(top: _Fields, placement: str | tuple[int, ...]) -> int | Literal["auto"]:
+    default = "auto" if isinstance(placement, str) else len(placement)
+    value = top.raw("blocks", default)
+    if value == "auto":
+        if not isinstance(placement, str):
+            top.fail(
+                "blocks", value, "can not be auto with a placement list", f"Leave it out or write {default}."
+            )
+        return "auto"
+    if isinstance(value, str):
+        top.fail("blocks", value, "must be a whole number >= 1 or auto", "Write e.g. blocks: 6.")
+    blocks = top.integer("blocks", default, 1)
+    if not isinstance(placement, str) and blocks != len(placement):
+        top.fail(
+            "blocks", blocks, f"disagrees with placement {list(placement)}", "Give one position per block."
+        )
+    return blocks
+
+
+def _training(f: _Fields) -> TrainingConfig:
+    return TrainingConfig(
+        steps=f.integer("steps", 10, 1),
+        lr=f.real("lr", 2e-4, "(0, 1]"),
+        batch_size=f.integer("batch_size", 4, 1),
+        max_tokens=f.integer("max_tokens", 128, 8),
+        distill_lambda=f.real("distill_lambda", 0.0, "[0, inf)"),
+    )
+
+
+def _allocation(f: _Fields) -> AllocationConfig:
+    return AllocationConfig(
+        strategy=Strategy(f.choice("strategy", "fedbe", STRATEGIES)),
+        top_risk=f.real("top_risk", 1.0, "[0, 1]"),
+        interleaved_risk=f.real("interleaved_risk", 0.25, "[0, 1]"),
+        max_unprotected_risk=f.real("max_unprotected_risk", 0.5, "[0, 1]"),
+        cost_weight=f.real("cost_weight", 0.1, "[0, inf)"),
+        risk_weight=f.real("risk_weight", 0.2, "[0, inf)"),
+    )
+
+
+def _aggregation(f: _Fields) -> AggregationConfig:
+    optimizer = ServerOptimizer(f.choice("server_optimizer", "none", SERVER_OPTIMIZERS))
+    return AggregationConfig(
+        server_optimizer=optimizer,
+        server_lr=f.real("server_lr", 0.01 if optimizer is ServerOptimizer.FEDADAM else 1.0, "(0, inf)"),
+        momentum=f.real("momentum", 0.9, "[0, 1)"),
+        beta1=f.real("beta1", 0.9, "[0, 1)"),
+        beta2=f.real("beta2", 0.99, "[0, 1)"),
+        tau=f.real("tau", 1e-3, "(0, inf)"),
+        norm_bound_factor=f.real("norm_bound_factor", 10.0, "[1, inf)"),
+    )
+
+
+def _auto_expansion(f: _Fields) -> AutoExpansionConfig:
+    return AutoExpansionConfig(
+        trainers_per_block=f.real("trainers_per_block", 2.0, "(0, inf)"),
+        max_blocks=f.optional_integer("max_blocks", None, 1),
+        plateau_rounds=f.integer("plateau_rounds", 0, 0),
+        plateau_min_delta=f.real("plateau_min_delta", 0.001, "[0, inf)"),
+    )
+
+
+def _broker(f: _Fields) -> BrokerSettings:
+    cfg = BrokerSettings(
+        url=f.string("url", "mqtt://127.0.0.1:1883"),
+        username=f.optional_string("username"),
+        password_file=f.file_path("password_file", None, must_exist=True),
+        tls_ca=f.file_path("tls_ca", None, must_exist=True),
+        require_tls=f.boolean("require_tls", False),
+        max_message_bytes=f.integer("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, 65536),
+    )
+    if cfg.password_file is not None and cfg.username is None:
+        f.fail("username", None, "is needed with a password_file", "Add the broker user name.")
+    if cfg.require_tls and cfg.tls_ca is None and not cfg.url.startswith("mqtts://"):
+        f.fail("require_tls", True, f"needs TLS but url {cfg.url!r} is plain", "Use mqtts:// and set tls_ca.")
+    tls_ca = None if cfg.tls_ca is None else str(cfg.tls_ca)
+    try:
+        BrokerConfig(cfg.url, "coordinator", tls_ca=tls_ca, require_tls=cfg.require_tls).endpoint()
+    except ConfigError as exc:
+        f.fail("url", cfg.url, "is not usable", str(exc))
+    return cfg
+
+
+def _server_eval(f: _Fields) -> ServerEvalConfig:
+    return ServerEvalConfig(
+        dataset=f.choice("dataset", "bbc-news", EVAL_DATASETS), examples=f.integer("examples", 40, 1)
+    )
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """A stable 16-hex-digit hash of what the run trains: every field except ``state_dir`` and ``broker``."""
+    data = dataclasses.asdict(cfg)
+    del data["state_dir"], data["broker"]
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def example_config_yaml() -> str:
+    """The annotated example configuration (``coordinator/example-run.yaml``)."""
+    return EXAMPLE_FILE.read_text(encoding="utf-8")

@@ -1,0 +1,400 @@
+"""The run configuration: every field validated with file, dotted field and value in the message."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from coordinator.config import (
+    EXAMPLE_FILE,
+    AggregationConfig,
+    AllocationConfig,
+    AutoExpansionConfig,
+    BrokerSettings,
+    RunConfig,
+    ServerEvalConfig,
+    ServerOptimizer,
+    Strategy,
+    TrainingConfig,
+    config_digest,
+    example_config_yaml,
+    load_run_config,
+    parse_run_config,
+)
+from fedbe.compression import Level
+from fedbe.errors import ConfigError
+
+DOCS = Path(__file__).parents[2] / "docs" / "coordinator-config.md"
+BASE = {"model": "tiny:llama", "state_dir": "state"}
+
+
+def write(folder: Path, data: object) -> Path:
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def with_field(dotted: str, value: object) -> dict[str, object]:
+    data: dict[str, object] = {k: v for k, v in BASE.items() if k != dotted}
+    if "." in dotted:
+        section, name = dotted.split(".")
+        data[section] = {name: value}
+    elif value is not ...:
+        data[dotted] = value
+    return data
+
+
+BAD_VALUES = [
+    ("federation", "a/b"),
+    ("federation", 7),
+    ("model", 3),
+    ("model", ""),
+    ("state_dir", ["x"]),
+    ("blocks", 0),
+    ("blocks", -2),
+    ("blocks", True),
+    ("blocks", 2.5),
+    ("blocks", "many"),
+    ("placement", [1, 1]),
+    ("placement", []),
+    ("placement", [-1, 2]),
+    ("placement", [1, True]),
+    ("placement", "4,x"),
+    ("placement", "sideways"),
+    ("placement", {"a": 1}),
+    ("rounds", 0),
+    ("rounds", True),
+    ("rounds", "3"),
+    ("rounds", 2.0),
+    ("clients_per_round", 0),
+    ("min_clients", 0),
+    ("min_clients", 5),
+    ("round_deadline_seconds", 0),
+    ("round_deadline_seconds", -1.5),
+    ("round_deadline_seconds", "soon"),
+    ("round_deadline_seconds", float("inf")),
+    ("late_updates", "queue"),
+    ("staleness_decay", 0),
+    ("staleness_decay", 1.5),
+    ("update_level", "int4"),
+    ("seed", -1),
+    ("eval_every", -1),
+    ("training.steps", 0),
+    ("training.lr", 0),
+    ("training.lr", True),
+    ("training.lr", 2.0),
+    ("training.batch_size", 0),
+    ("training.max_tokens", 4),
+    ("training.distill_lambda", -0.1),
+    ("allocation.strategy", "greedy"),
+    ("allocation.top_risk", 1.5),
+    ("allocation.interleaved_risk", -0.1),
+    ("allocation.max_unprotected_risk", 2),
+    ("allocation.cost_weight", -0.5),
+    ("allocation.risk_weight", -1),
+    ("aggregation.server_optimizer", "sgd"),
+    ("aggregation.server_lr", 0),
+    ("aggregation.momentum", 1.0),
+    ("aggregation.beta1", -0.1),
+    ("aggregation.beta2", 1),
+    ("aggregation.tau", 0),
+    ("aggregation.norm_bound_factor", 0.5),
+    ("auto_expansion.trainers_per_block", 0),
+    ("auto_expansion.max_blocks", 0),
+    ("auto_expansion.plateau_rounds", -1),
+    ("auto_expansion.plateau_min_delta", -1),
+    ("broker.url", "http://host:1883"),
+    ("broker.url", "mqtt://host:99999"),
+    ("broker.username", ""),
+    ("broker.require_tls", "yes"),
+    ("broker.max_message_bytes", 10),
+    ("server_eval.dataset", "imdb"),
+    ("server_eval.examples", 0),
+]
+
+
+@pytest.mark.parametrize(("dotted", "value"), BAD_VALUES, ids=[f"{d}={v!r}" for d, v in BAD_VALUES])
+def test_bad_value_names_file_field_and_value(tmp_path: Path, dotted: str, value: object) -> None:
+    path = write(tmp_path, with_field(dotted, value))
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert dotted in message
+    assert repr(value) in message
+    assert message.rstrip().endswith(".")  # a sentence on what to do follows the problem
+
+
+@pytest.mark.parametrize(
+    "dotted",
+    [
+        "roundz",
+        "training.epochs",
+        "allocation.x",
+        "aggregation.lr",
+        "auto_expansion.y",
+        "broker.port",
+        "server_eval.z",
+    ],
+)
+def test_unknown_field_at_any_level(tmp_path: Path, dotted: str) -> None:
+    path = write(tmp_path, with_field(dotted, 3))
+    with pytest.raises(ConfigError, match=re.escape(f"unknown field '{dotted}' (value 3)")) as caught:
+        load_run_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_unknown_field_suggests_the_close_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="Did you mean 'steps'"):
+        load_run_config(write(tmp_path, with_field("training.stepz", 3)))
+
+
+@pytest.mark.parametrize("missing", ["model", "state_dir"])
+def test_required_fields(tmp_path: Path, missing: str) -> None:
+    path = write(tmp_path, with_field(missing, ...))
+    with pytest.raises(ConfigError, match=f"required field {missing} is missing") as caught:
+        load_run_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_field_points_at_a_misspelling(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="Is 'modle' a misspelling"):
+        load_run_config(write(tmp_path, {"modle": "tiny:llama", "state_dir": "s"}))
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "snippet"),
+    [
+        ({**BASE, "training": 5}, "training", "section 'training' must be a mapping"),
+        ({**BASE, "server_eval": [1]}, "server_eval", "section 'server_eval' must be a mapping"),
+        ({**BASE, "blocks": 3, "placement": [1, 2]}, "blocks", "disagrees with placement [1, 2]"),
+        ({**BASE, "blocks": "auto", "placement": [1, 2]}, "blocks", "can not be auto with a placement list"),
+        (
+            {**BASE, "placement": [1], "auto_expansion": {"plateau_rounds": 2}, "eval_every": 1},
+            "plateau",
+            "top",
+        ),
+        (
+            {**BASE, "auto_expansion": {"plateau_rounds": 2}},
+            "auto_expansion.plateau_rounds",
+            "accuracy to watch",
+        ),
+        ({**BASE, "broker": {"require_tls": True}}, "broker.require_tls", "needs TLS"),
+        (
+            {**BASE, "broker": {"password_file": "missing.txt", "username": "u"}},
+            "password_file",
+            "missing.txt",
+        ),
+        ({**BASE, "broker": {"tls_ca": "nope.pem"}}, "broker.tls_ca", "names no existing file"),
+        ([1, 2], "top level", "must be a mapping"),
+    ],
+)
+def test_structural_and_cross_field_errors(tmp_path: Path, data: object, field: str, snippet: str) -> None:
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path)
+    message = str(caught.value)
+    assert str(path) in message and field in message and snippet in message
+
+
+def test_password_file_needs_a_username(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("secret\n")
+    with pytest.raises(ConfigError, match="broker.username is needed with a password_file"):
+        load_run_config(write(tmp_path, {**BASE, "broker": {"password_file": "pw"}}))
+
+
+def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("")
+    with pytest.raises(ConfigError, match="state_dir is a file"):
+        load_run_config(write(tmp_path, BASE))
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="can not read the run configuration"):
+        load_run_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: not valid YAML")):
+        load_run_config(bad)
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = load_run_config(write(tmp_path, BASE))
+    assert cfg == RunConfig(model="tiny:llama", state_dir=tmp_path / "state")
+    assert cfg.blocks == "auto" and cfg.placement == "interleave" and cfg.update_level is Level.INT8
+    assert cfg.min_clients <= cfg.clients_per_round and cfg.server_eval is None
+
+
+def test_every_field_is_read(tmp_path: Path) -> None:
+    """A config that sets every field to a non-default value comes back with exactly those values."""
+    (tmp_path / "pw.txt").write_text("s3cret\nignored\n")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    data = {
+        "federation": "lab-1",
+        "model": "smollm2-135m",
+        "state_dir": "/abs/state",
+        "blocks": 3,
+        "placement": "top",
+        "rounds": 7,
+        "clients_per_round": 6,
+        "min_clients": 3,
+        "round_deadline_seconds": 90,
+        "late_updates": "fold",
+        "staleness_decay": 0.25,
+        "update_level": "bf16",
+        "seed": 11,
+        "eval_every": 2,
+        "training": {"steps": 3, "lr": 1e-3, "batch_size": 2, "max_tokens": 64, "distill_lambda": 0.5},
+        "allocation": {
+            "strategy": "random",
+            "top_risk": 0.9,
+            "interleaved_risk": 0.2,
+            "max_unprotected_risk": 0.3,
+            "cost_weight": 0.4,
+            "risk_weight": 2,
+        },
+        "aggregation": {
+            "server_optimizer": "fedadam",
+            "server_lr": 0.5,
+            "momentum": 0.8,
+            "beta1": 0.7,
+            "beta2": 0.95,
+            "tau": 0.01,
+            "norm_bound_factor": 4,
+        },
+        "auto_expansion": {
+            "trainers_per_block": 3,
+            "max_blocks": 5,
+            "plateau_rounds": 4,
+            "plateau_min_delta": 0,
+        },
+        "broker": {
+            "url": "mqtts://broker.lan:8883",
+            "username": "coord",
+            "password_file": "pw.txt",
+            "tls_ca": "ca.pem",
+            "require_tls": True,
+            "max_message_bytes": 100000,
+        },
+        "server_eval": {"dataset": "bbc-news", "examples": 12},
+    }
+    cfg = load_run_config(write(tmp_path, data))
+    assert cfg == RunConfig(
+        federation="lab-1",
+        model="smollm2-135m",
+        state_dir=Path("/abs/state"),
+        blocks=3,
+        placement="top",
+        rounds=7,
+        clients_per_round=6,
+        min_clients=3,
+        round_deadline_seconds=90.0,
+        late_updates="fold",
+        staleness_decay=0.25,
+        update_level=Level.BF16,
+        seed=11,
+        eval_every=2,
+        training=TrainingConfig(3, 1e-3, 2, 64, 0.5),
+        allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0),
+        aggregation=AggregationConfig(ServerOptimizer.FEDADAM, 0.5, 0.8, 0.7, 0.95, 0.01, 4.0),
+        auto_expansion=AutoExpansionConfig(3.0, 5, 4, 0.0),
+        broker=BrokerSettings(
+            "mqtts://broker.lan:8883", "coord", tmp_path / "pw.txt", tmp_path / "ca.pem", True, 100000
+        ),
+        server_eval=ServerEvalConfig("bbc-news", 12),
+    )
+    assert cfg.broker.read_password() == "s3cret"
+
+
+def test_relative_paths_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf"
+    (folder / "secrets").mkdir(parents=True)
+    (folder / "secrets" / "pw").write_text("x")
+    (folder / "ca.pem").write_text("ca")
+    (folder / "base").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = {
+        "model": "base",
+        "state_dir": "runs/one",
+        "broker": {"username": "u", "password_file": "secrets/pw", "tls_ca": "ca.pem"},
+    }
+    cfg = load_run_config(Path("..") / "conf" / write(folder, data).name)
+    assert cfg.state_dir == folder / "runs" / "one"
+    assert cfg.broker.password_file == folder / "secrets" / "pw"
+    assert cfg.broker.tls_ca == folder / "ca.pem"
+    assert cfg.model == str(folder / "base")  # an existing folder next to the config
+    hub = load_run_config(write(folder, {"model": "HuggingFaceTB/SmolLM2-135M", "state_dir": "s"}))
+    assert hub.model == "HuggingFaceTB/SmolLM2-135M"  # no such folder there: a source name, untouched
+
+
+def test_server_lr_default_depends_on_the_optimizer(tmp_path: Path) -> None:
+    adam = parse_run_config({**BASE, "aggregation": {"server_optimizer": "fedadam"}}, "a.yaml", tmp_path)
+    assert adam.aggregation.server_lr == 0.01
+    assert parse_run_config(BASE, "b.yaml", tmp_path).aggregation.server_lr == 1.0
+
+
+def test_placement_forms(tmp_path: Path) -> None:
+    cfg = load_run_config(write(tmp_path, {**BASE, "placement": "9,4,14"}))
+    assert cfg.placement == (4, 9, 14) and cfg.blocks == 3
+    cfg = load_run_config(write(tmp_path, {**BASE, "placement": [2, 0], "blocks": 2}))
+    assert cfg.placement == (0, 2) and cfg.blocks == 2
+
+
+def test_example_config_loads_and_lists_every_field(tmp_path: Path) -> None:
+    assert example_config_yaml() == EXAMPLE_FILE.read_text(encoding="utf-8")
+    cfg = load_run_config(EXAMPLE_FILE)
+    assert cfg.state_dir == EXAMPLE_FILE.parent / "runs" / "example"
+    listed = yaml.safe_load(example_config_yaml())
+    found = set()
+    for key, value in listed.items():
+        found |= {f"{key}.{name}" for name in value} if isinstance(value, dict) else {key}
+    expected = _dotted_fields(RunConfig)
+    # server_eval is null in the example (its two fields are shown in the comment)
+    assert found == expected - {"server_eval.dataset", "server_eval.examples"} | {"server_eval"}
+    # documented in the docstring and in the docs table, field by field
+    docs = DOCS.read_text(encoding="utf-8")
+    missing_docs = sorted(f for f in expected if f"`{f}`" not in docs)
+    assert not missing_docs, f"docs/coordinator-config.md lacks {missing_docs}"
+    import coordinator.config as module
+
+    doc = module.__doc__ or ""
+    undocumented = sorted(f for f in expected if f"``{f.split('.')[-1]}" not in doc)
+    assert not undocumented, f"module docstring lacks {undocumented}"
+
+
+def _dotted_fields(cls: type) -> set[str]:
+    names = set()
+    nested = {"training": TrainingConfig, "allocation": AllocationConfig, "aggregation": AggregationConfig}
+    nested |= {
+        "auto_expansion": AutoExpansionConfig,
+        "broker": BrokerSettings,
+        "server_eval": ServerEvalConfig,
+    }
+    for f in dataclasses.fields(cls):
+        if f.name in nested:
+            names |= {f"{f.name}.{g.name}" for g in dataclasses.fields(nested[f.name])}
+        else:
+            names.add(f.name)
+    return names
+
+
+def test_digest_is_stable_and_tracks_what_the_run_trains(tmp_path: Path) -> None:
+    a = parse_run_config({**BASE, "training": {"lr": 1e-4}}, "a.yaml", tmp_path)
+    b = parse_run_config({**BASE, "training": {"lr": 1e-4}}, "b.yaml", tmp_path)
+    assert config_digest(a) == config_digest(b)
+    assert re.fullmatch(r"[0-9a-f]{16}", config_digest(a))
+    (tmp_path / "pw").write_text("x")
+    moved = {**BASE, "training": {"lr": 1e-4}, "state_dir": "/elsewhere"}
+    moved["broker"] = {"url": "mqtt://other:1883", "username": "u", "password_file": "pw"}
+    assert config_digest(parse_run_config(moved, "c.yaml", tmp_path)) == config_digest(a)
+    for change in ({"training": {"lr": 2e-4}}, {"training": {"lr": 1e-4, "steps": 11}}, {"rounds": 21}):
+        other = parse_run_config({**BASE, "training": {"lr": 1e-4}, **change}, "d.yaml", tmp_path)
+        assert config_digest(other) != config_digest(a), change
