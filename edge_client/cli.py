@@ -74,11 +74,20 @@ def add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sub.add_parser(
+    from edge_client.service import add_run_arguments  # noqa: PLC0415
+
+    run = sub.add_parser(
         "run",
-        help="join a federation and train assigned blocks (not implemented yet)",
-        description="The MQTT agent of the edge service. Not implemented yet.",
+        help="join a federation and train the blocks the coordinator assigns",
+        description=(
+            "The MQTT agent of the edge service. Connects to the broker (MQTT v5, persistent session, "
+            "last will), waits for the coordinator's status to learn the federation's block expansion, "
+            "checks that the local base model is the federation's, measures this device, announces its "
+            "capacity and label histogram, then trains the assigned blocks of every task and sends back "
+            "compact updates. Raw data never leaves the device. SIGTERM or Ctrl-C stops it cleanly."
+        ),
     )
+    add_run_arguments(run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,8 +188,9 @@ def format_report(r: dict[str, object]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    print("fedbe-edge run: not implemented yet (open issue: the edge service's MQTT agent)", file=sys.stderr)
-    return 2
+    from edge_client.service import cmd_run as run_agent  # noqa: PLC0415
+
+    return run_agent(args)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"profile": cmd_profile, "run": cmd_run}
@@ -202,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    setup_logging(args.verbose)
+    setup_logging(args.verbose + (1 if args.command == "run" else 0))  # the agent logs its progress
     try:
         return COMMANDS[args.command](args)
     except FedbeError as exc:

@@ -3,8 +3,8 @@
 Both run the real model at the training shape and are cached under
 ``<fedbe cache>/profiles/`` (JSON, one file per measurement) keyed by the model's shape
 (type, layers, new-block positions, hidden/intermediate/vocabulary sizes), the base precision,
-batch size, tokens, the device and the torch version, so a second ``fedbe-edge profile`` skips
-them; ``use_cache=False`` measures again and refreshes the entry.
+batch size, tokens, the device, torch's thread count and the torch version, so a second
+``fedbe-edge profile`` skips them; ``use_cache=False`` measures again and refreshes the entry.
 
 **Activations** (:func:`measure_activations`) are counted with
 :func:`torch.autograd.graph.saved_tensors_hooks`: one forward with only the top new block
@@ -102,6 +102,7 @@ def _cache_key(
         "batch_size": batch,
         "max_tokens": tokens,
         "device": f"{_device_of(model).type}: {_device_name(model)}",
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
 

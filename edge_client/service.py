@@ -15,19 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import numpy as np
-from transformers import PreTrainedModel
-
-from edge_client import data as local_data
-from edge_client.agent import Capacity, EdgeAgent, TaskRunner, build_client_model, make_evaluator
-from edge_client.profiler import build_report
-from fedbe import protocol, sources
 from fedbe.errors import ConfigError
-from fedbe.evaluation import classification_accuracy
-from fedbe.fingerprint import base_fingerprint
-from fedbe.profiles import DEFAULT_PROFILE, DeviceProfile, load_profile
-from fedbe.protocol import Topics, check_name
-from fedbe.transport import BrokerConfig, Connection
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +32,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--profile", type=Path, help="device profile YAML (profiles/*.yaml); default: measured only"
     )
-    run.add_argument("--model", default=sources.SMOLLM2, help="local copy of the federation's base model")
+    run.add_argument("--model", default="smollm2-135m", help="local copy of the federation's base model")
     run.add_argument("--federation", default="default", help="federation name (topic namespace)")
     run.add_argument(
         "--emulate",
@@ -71,6 +59,20 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Heavy imports here, so that `fedbe-edge --help` stays instant.
+    import numpy as np  # noqa: PLC0415
+    from transformers import PreTrainedModel  # noqa: PLC0415
+
+    from edge_client import data as local_data  # noqa: PLC0415
+    from edge_client.agent import Capacity, EdgeAgent, TaskRunner, build_client_model, make_evaluator  # noqa: PLC0415
+    from edge_client.profiler import build_report  # noqa: PLC0415
+    from fedbe import protocol, sources  # noqa: PLC0415
+    from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
+    from fedbe.fingerprint import base_fingerprint  # noqa: PLC0415
+    from fedbe.profiles import DEFAULT_PROFILE, DeviceProfile, load_profile  # noqa: PLC0415
+    from fedbe.protocol import Topics, check_name  # noqa: PLC0415
+    from fedbe.transport import BrokerConfig, Connection  # noqa: PLC0415
+
     client_id = check_name(args.client_id)
     profile: DeviceProfile = load_profile(args.profile) if args.profile else DEFAULT_PROFILE
     dataset = local_data.load_local_data(args.data)
