@@ -294,7 +294,7 @@ class Coordinator:
             self.rng.setstate(rng_state_from_json(snapshot.rng_state))  # type: ignore[arg-type]
             self.last_trained = {int(k): int(v) for k, v in snapshot.last_trained.items()}
             self.server_state = snapshot.server_optimizer_state
-            log.info("resuming after round %d from %s", self.round, self.store.root)
+            log.info("resuming after round %d from %s", self.round, self.store.state_dir)
         else:
             self.global_state = initial_state(model, self.registry)
             self.round = 0
@@ -323,7 +323,7 @@ class Coordinator:
             self.run_round(self.round + 1)
         if self.round >= self.cfg.rounds:
             self.publish_status("finished")
-            log.info("federation finished after %d rounds; state in %s", self.round, self.store.root)
+            log.info("federation finished after %d rounds; state in %s", self.round, self.store.state_dir)
             return 0
         self.publish_status("stopped")
         return 130

