@@ -337,10 +337,7 @@ class Coordinator:
             rec = self.clients.clients[cid]
             a = rec.announce
             assert a is not None
-            forward = rec.speed_factor * a.layer_forward_seconds * n
-            backward = rec.speed_factor * max(
-                a.block_step_seconds - a.layer_forward_seconds * n, 2 * a.layer_forward_seconds
-            )
+            forward, backward = rec.step_model(n)
             caps.append(ClientCapacity(
                 client_id=cid, max_blocks=rec.max_blocks(), base_forward_seconds=forward,
                 layer_backward_seconds=backward, steps=self.cfg.training.steps,
@@ -357,7 +354,9 @@ class Coordinator:
             self.registry, top_risk=a.top_risk, interleaved_risk=a.interleaved_risk
         )
         policy = allocation.AllocationPolicy(
-            strategy=a.strategy.value, max_unprotected_risk=a.max_unprotected_risk, risk_weight=a.risk_weight,
+            strategy=a.strategy.value,
+            max_unprotected_risk=a.max_unprotected_risk,
+            risk_weight=a.risk_weight,
             cost_weight=a.cost_weight,
         )
         return allocation.allocate(

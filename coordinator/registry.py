@@ -47,14 +47,22 @@ class ClientRecord:
         announced = self.announce.max_trainable_blocks if self.announce else 0
         return announced if self.memory_limit_blocks is None else min(announced, self.memory_limit_blocks)
 
-    def predicted_step_seconds(self, num_layers: int, lowest_layer: int) -> float:
-        """Seconds per step when the lowest trainable block sits at ``lowest_layer``."""
+    def step_model(self, num_layers: int) -> tuple[float, float]:
+        """(forward through all layers, backward per layer above the lowest trainable block), in
+        seconds, corrected by the measured speed. The announce gives the step time of the top block
+        alone (one layer of backward) and the forward time of one layer; a frozen layer's backward is
+        at least 1.5 forwards (measured on SmolLM2, see docs/profiles.md)."""
         a = self.announce
         if a is None:
-            return float("inf")
+            return float("inf"), float("inf")
         forward = a.layer_forward_seconds * num_layers
-        backward_per_layer = max(a.block_step_seconds - forward, 2.0 * a.layer_forward_seconds)
-        return self.speed_factor * (forward + backward_per_layer * (num_layers - lowest_layer))
+        backward = max(a.block_step_seconds - forward, 1.5 * a.layer_forward_seconds)
+        return self.speed_factor * forward, self.speed_factor * backward
+
+    def predicted_step_seconds(self, num_layers: int, lowest_layer: int) -> float:
+        """Seconds per step when the lowest trainable block sits at ``lowest_layer``."""
+        forward, backward = self.step_model(num_layers)
+        return forward + backward * (num_layers - lowest_layer)
 
 
 class ClientRegistry:

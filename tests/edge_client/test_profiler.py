@@ -303,9 +303,22 @@ def test_profile_errors_exit_1_without_traceback(
     assert expected in err and str(path) in err and "Traceback" not in err
 
 
-def test_run_is_a_placeholder(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["run"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_run_rejects_bad_input_before_touching_the_network(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "data.jsonl"
+    bad.write_text('{"text": "no label here"}\nnot json\n')
+    # port 9 (discard) on loopback: never contacted, because the data is checked first
+    args = ["run", "--broker", "mqtt://127.0.0.1:9", "--client-id", "dev1", "--model", "tiny:llama"]
+    assert cli.main([*args, "--data", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "no usable examples" in err and "line 1" in err and "line 2" in err
+    assert cli.main([*args, "--data", str(tmp_path / "missing.jsonl")]) == 1
+    assert "not found" in capsys.readouterr().err
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    assert cli.main([*args, "--data", str(good), "--client-id", "bad/id"]) == 1
+    assert "invalid client id" in capsys.readouterr().err
 
 
 @pytest.mark.slow
