@@ -55,7 +55,12 @@ def test_edge_agent_trains_its_task_and_its_will_fires_when_killed(
     fingerprint = base_fingerprint(base)
     registry = expand_model(base, plan_expansion(4, 2, "interleave"))
     status = protocol.CoordinatorStatusMessage(
-        "running", 0, fingerprint, 4, registry.new_layer_indices, tuple(b.source_layer for b in registry.blocks)
+        "running",
+        0,
+        fingerprint,
+        4,
+        registry.new_layer_indices,
+        tuple(b.source_layer for b in registry.blocks),
     )
     conn.publish(topics.coordinator_status(), protocol.encode(status), retain=True, wait=10)
 
@@ -74,6 +79,21 @@ def test_edge_agent_trains_its_task_and_its_will_fires_when_killed(
         assert announce.max_trainable_blocks >= 1 and announce.block_step_seconds > 0
         assert announce.label_histogram == {"sport": 12.0, "tech": 12.0}  # all local data, no noise asked
         assert 0 < announce.num_examples < 24  # the rest is held out for federated evaluation
+
+        # Broken and impossible tasks are refused with a reason sent back; the agent carries on.
+        conn.publish(topics.client("dev1", ClientTopic.TASK), b"FBEW garbage", wait=10)
+        err = protocol.decode(_wait_for(conn, topics.client("dev1", ClientTopic.ERROR), 60, proc),
+                              expected_type=protocol.TaskErrorMessage)  # fmt: skip
+        assert err.code == "invalid_task" and "frame" in err.reason
+        unknown = protocol.TaskMessage(
+            round=1, task_id="bad", client_id="dev1", block_ids=(7,), weights_level=Level.FP32, weights={},
+            reply_level=Level.FP32, steps=1, lr=1e-3, batch_size=4, max_tokens=64, deadline_seconds=60.0,
+            seed=0, distill_lambda=0.0, evaluate=False,
+        )  # fmt: skip
+        conn.publish(topics.client("dev1", ClientTopic.TASK), protocol.encode(unknown), wait=10)
+        err = protocol.decode(_wait_for(conn, topics.client("dev1", ClientTopic.ERROR), 60, proc),
+                              expected_type=protocol.TaskErrorMessage)  # fmt: skip
+        assert (err.code, err.task_id) == ("invalid_task", "bad") and "unknown blocks [7]" in err.reason
 
         weights = get_block_state(base, registry, [1])
         for p in weights[1].values():  # the federation's current weights differ from the initial copy
@@ -109,3 +129,57 @@ def test_edge_agent_trains_its_task_and_its_will_fires_when_killed(
         if proc.poll() is None:
             proc.kill()
         print((tmp_path / "edge.log").read_text()[-3000:])
+
+
+def test_sigterm_mid_task_reports_the_round_abandoned_and_goes_offline(
+    broker: MosquittoBroker, coordinator_side: Connection, tmp_path: Path
+) -> None:
+    topics = Topics(FED)
+    conn = coordinator_side
+    for kind in (ClientTopic.ANNOUNCE, ClientTopic.ERROR, ClientTopic.STATUS):
+        conn.subscribe(topics.client("dev2", kind))
+    base = build_tiny_model("llama")
+    fingerprint = base_fingerprint(base)
+    registry = expand_model(base, plan_expansion(4, 2, "interleave"))
+    status = protocol.CoordinatorStatusMessage(
+        "running",
+        0,
+        fingerprint,
+        4,
+        registry.new_layer_indices,
+        tuple(b.source_layer for b in registry.blocks),
+    )
+    conn.publish(topics.coordinator_status(), protocol.encode(status), retain=True, wait=10)
+    data = tiny_client_data(tmp_path / "dev2.jsonl", ["sport"], 12, seed=2)
+    proc = spawn(
+        ["edge_client.cli", "run", "--broker", broker.url, "--client-id", "dev2", "--data", str(data),
+         "--model", "tiny:llama", "--federation", FED],
+        tmp_path / "edge.log",
+    )  # fmt: skip
+    try:
+        _wait_for(conn, topics.client("dev2", ClientTopic.ANNOUNCE), 180, proc)
+        compressed, _ = compress_state(get_block_state(base, registry, [0]), Level.FP32)
+        task = protocol.TaskMessage(
+            round=4, task_id="long", client_id="dev2", block_ids=(0,), weights_level=Level.FP32,
+            weights=compressed, reply_level=Level.FP32, steps=100000, lr=1e-3, batch_size=2, max_tokens=32,
+            deadline_seconds=0.0, seed=0, distill_lambda=0.0, evaluate=False,
+        )  # fmt: skip
+        conn.publish(topics.client("dev2", ClientTopic.TASK), protocol.encode(task), wait=10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            payload = _wait_for(conn, topics.client("dev2", ClientTopic.STATUS), 60, proc)
+            if protocol.decode(payload, expected_type=protocol.StatusMessage).state == "training":
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        err = protocol.decode(_wait_for(conn, topics.client("dev2", ClientTopic.ERROR), 60),
+                              expected_type=protocol.TaskErrorMessage)  # fmt: skip
+        assert (err.code, err.round, err.task_id) == ("abandoned", 4, "long")
+        states = []
+        while not states or states[-1] != "offline":
+            payload = _wait_for(conn, topics.client("dev2", ClientTopic.STATUS), 30)
+            states.append(protocol.decode(payload, expected_type=protocol.StatusMessage).state)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

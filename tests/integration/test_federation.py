@@ -63,7 +63,9 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"{log.name} did not finish in {timeout} s:\n{log.read_text()[-4000:]}") from None
+        raise AssertionError(
+            f"{log.name} did not finish in {timeout} s:\n{log.read_text()[-4000:]}"
+        ) from None
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -88,7 +90,9 @@ def test_three_clients_complete_rounds_and_blocks_are_weighted_averages(
     coord = spawn(["coordinator.cli", "run", "--config", str(config)], tmp_path / "coordinator.log")
     clients = start_clients(tmp_path, broker)
     try:
-        assert wait_exit(coord, 400, tmp_path / "coordinator.log") == 0, (tmp_path / "coordinator.log").read_text()
+        assert wait_exit(coord, 400, tmp_path / "coordinator.log") == 0, (
+            tmp_path / "coordinator.log"
+        ).read_text()
     finally:
         stop_all(clients)
         spy.close()

@@ -1,0 +1,62 @@
+"""The MQTT connection against a real mosquitto: persistent sessions and the size limit."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from fedbe.broker import MosquittoBroker
+from fedbe.transport import BrokerConfig, Connection, TransportError
+
+
+def test_a_message_published_while_a_client_was_away_is_delivered_when_it_returns(
+    broker: MosquittoBroker,
+) -> None:
+    away = Connection(BrokerConfig(url=broker.url, client_id="device-1"))
+    away.start()
+    away.subscribe("t/device-1/task")
+    away.close()  # clean disconnect; the session (expiry 1 h) keeps the subscription
+    sender = Connection(BrokerConfig(url=broker.url, client_id="sender"))
+    sender.start()
+    sender.publish("t/device-1/task", b"round 7", wait=5)
+    sender.close()
+    back = Connection(BrokerConfig(url=broker.url, client_id="device-1"))
+    back.start()
+    try:
+        topic, payload = back.inbox.get(timeout=5)
+        assert (topic, payload) == ("t/device-1/task", b"round 7")
+    finally:
+        back.close()
+
+
+def test_oversized_messages_are_refused_before_publishing(broker: MosquittoBroker) -> None:
+    conn = Connection(BrokerConfig(url=broker.url, client_id="big", max_message_bytes=1000))
+    conn.start()
+    listener = Connection(BrokerConfig(url=broker.url, client_id="listener"))
+    listener.start()
+    listener.subscribe("t/big")
+    try:
+        with pytest.raises(TransportError, match="exceeds the limit of 1000 bytes"):
+            conn.publish("t/big", b"x" * 1001)
+        conn.publish("t/big", b"x" * 1000, wait=5)
+        assert listener.inbox.get(timeout=5)[1] == b"x" * 1000
+        with pytest.raises(queue.Empty):
+            listener.inbox.get(timeout=0.5)
+    finally:
+        conn.close()
+        listener.close()
+
+
+def test_an_unreachable_broker_and_a_plain_url_under_require_tls_are_clear_errors(
+    broker: MosquittoBroker,
+) -> None:
+    from fedbe.broker import free_port  # noqa: PLC0415
+    from fedbe.errors import ConfigError  # noqa: PLC0415
+
+    with pytest.raises(TransportError, match="can not reach the broker"):
+        Connection(BrokerConfig(url=f"mqtt://127.0.0.1:{free_port()}", client_id="x")).start(timeout=2)
+    with pytest.raises(ConfigError, match="TLS is required"):
+        Connection(BrokerConfig(url=broker.url, client_id="x", require_tls=True))
+    with pytest.raises(ConfigError, match="mqtt://HOST:PORT"):
+        Connection(BrokerConfig(url="http://127.0.0.1:1", client_id="x"))
