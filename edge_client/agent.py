@@ -148,6 +148,8 @@ class TaskRunner:
         return None
 
     def fits(self, task: protocol.TaskMessage) -> bool:
+        if not task.block_ids:  # evaluation only: no trainable block, no optimizer state
+            return True
         layers = tuple(self.client.registry.block(b).layer_index for b in task.block_ids)
         return self.capacity.fits(layers)
 
@@ -290,7 +292,12 @@ class EdgeAgent:
                 return 3
             return None
         if parsed[1] is ClientTopic.TASK:
-            self._on_task(payload)
+            try:
+                self._on_task(payload)
+            except FedbeError as exc:  # a task must never take the agent down
+                log.error("task failed: %s", exc)
+                self._send(ClientTopic.ERROR, protocol.TaskErrorMessage(0, "unknown", self.client_id, "failed",
+                                                                       str(exc)[:4000]))  # fmt: skip
         return None
 
     def _on_coordinator(self, payload: bytes) -> int | None:

@@ -116,6 +116,20 @@ def test_edge_agent_trains_its_task_and_its_will_fires_when_killed(
         assert {n: tuple(t.shape) for n, t in delta.items()} == layout[1]
         assert sum(float(t.abs().sum()) for t in delta.values()) > 0
 
+        # Federated evaluation: no training, every block's weights, loss and accuracy come back.
+        conn.subscribe(topics.client("dev1", ClientTopic.EVAL))
+        everything, _ = compress_state(get_block_state(base, registry), Level.FP32)
+        evaluate = protocol.TaskMessage(
+            round=1, task_id="e1", client_id="dev1", block_ids=(), weights_level=Level.FP32, weights=everything,
+            reply_level=Level.FP32, steps=0, lr=1e-3, batch_size=4, max_tokens=64, deadline_seconds=60.0, seed=0,
+            distill_lambda=0.0, evaluate=True,
+        )  # fmt: skip
+        conn.publish(topics.client("dev1", ClientTopic.TASK), protocol.encode(evaluate), wait=10)
+        result = protocol.decode(_wait_for(conn, topics.client("dev1", ClientTopic.EVAL), 120, proc),
+                                 expected_type=protocol.EvalResultMessage)  # fmt: skip
+        assert result.task_id == "e1" and result.num_examples == 24 - announce.num_examples
+        assert result.loss > 0 and 0.0 <= result.accuracy <= 1.0
+
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.monotonic() + 30

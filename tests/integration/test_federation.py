@@ -38,6 +38,7 @@ rounds: {rounds}
 clients_per_round: 3
 min_clients: 3
 round_deadline_seconds: 90
+eval_every: 3
 update_level: fp32
 training: {{steps: 2, lr: 0.001, batch_size: 4, max_tokens: 48}}
 broker: {{url: "{broker.url}"}}
@@ -98,6 +99,8 @@ def test_three_clients_complete_rounds_and_blocks_are_weighted_averages(
         spy.close()
     metrics = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2, 3]
+    evaluation = metrics[-1]["evaluation"]  # federated evaluation after round 3, weighted by examples
+    assert evaluation["clients"] == 3 and evaluation["examples"] > 0 and 0.0 <= evaluation["accuracy"] <= 1.0
     updates: dict[tuple[int, str], protocol.UpdateMessage] = {}
     while not spy.inbox.empty():
         _, payload = spy.inbox.get()
