@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from fedbe.datasets import IGNORE_INDEX, Batch, Example, collate, encode_example
+from fedbe.datasets import IGNORE_INDEX, Batch, Example, encode_example, make_batches
 from fedbe.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -244,9 +244,7 @@ def encode_local(tokenizer: Any, example: LocalExample, max_tokens: int) -> tupl
 def make_local_batches(
     tokenizer: Any, examples: Sequence[LocalExample], batch_size: int, max_tokens: int
 ) -> list[Batch]:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_local(tokenizer, e, max_tokens) for e in examples]
-    return [collate(encoded[i : i + batch_size], pad_id) for i in range(0, len(encoded), batch_size)]
+    return make_batches(tokenizer, examples, batch_size, max_tokens, encode_local)
 
 
 # --- statistics and splits ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,9 +119,20 @@ def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batc
     return Batch(input_ids, mask, labels)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The padding token id: the tokenizer's pad token, else its end-of-sequence token."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
 def make_batches(
-    tokenizer: Any, examples: Sequence[Example], batch_size: int, max_tokens: int
+    tokenizer: Any,
+    examples: Sequence[Any],
+    batch_size: int,
+    max_tokens: int,
+    encode: Callable[[Any, Any, int], tuple[list[int], list[int]]] = encode_example,
 ) -> list[Batch]:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_example(tokenizer, e, max_tokens) for e in examples]
-    return [collate(encoded[i : i + batch_size], pad_id) for i in range(0, len(encoded), batch_size)]
+    """Encode ``examples`` with ``encode`` (default: classification) and collate them in order."""
+    encoded = [encode(tokenizer, e, max_tokens) for e in examples]
+    return [
+        collate(encoded[i : i + batch_size], pad_id(tokenizer)) for i in range(0, len(encoded), batch_size)
+    ]

@@ -16,11 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from fedbe.datasets import IGNORE_INDEX, Example, collate, encode_example
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+from fedbe.datasets import IGNORE_INDEX, Example, collate, encode_example, pad_id
 
 
 def _target_logprobs(
@@ -46,7 +42,7 @@ def label_log_likelihoods(
 ) -> torch.Tensor:
     """``[len(examples), len(labels)]`` summed log-probabilities of each label's target tokens."""
     model.eval()
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     label_ids = [tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in labels]
     first = torch.tensor([ids[0] for ids in label_ids])
     multi = [j for j, ids in enumerate(label_ids) if len(ids) > 1]
@@ -59,13 +55,13 @@ def label_log_likelihoods(
         prompts: list[tuple[list[int], list[int]]] = [
             (ids[: len(ids) - len(label_ids[0])], []) for ids, _ in rows
         ]
-        logprobs = _target_logprobs(model, prompts, pad_id)
+        logprobs = _target_logprobs(model, prompts, pad)
         last = torch.tensor([len(ids) - 1 for ids, _ in prompts])
         scores[start : start + len(chunk)] = logprobs[torch.arange(len(chunk)), last][:, first]
         for j in multi:
             full = [encode_example(tokenizer, Example(e.text, labels[j]), max_tokens) for e in chunk]
-            lp = _target_logprobs(model, full, pad_id)[:, :-1]
-            targets = collate(full, pad_id).labels[:, 1:]
+            lp = _target_logprobs(model, full, pad)[:, :-1]
+            targets = collate(full, pad).labels[:, 1:]
             mask = targets != IGNORE_INDEX
             picked = lp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             scores[start : start + len(chunk), j] = (picked * mask).sum(-1)
