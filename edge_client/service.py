@@ -50,6 +50,12 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         default=0.2,
         help="share of local data held out for federated evaluation (default 0.2)",
     )
+    run.add_argument(
+        "--eval-examples",
+        type=int,
+        default=64,
+        help="at most this many held-out examples per federated evaluation (default 64)",
+    )
     run.add_argument("--tls-ca", type=Path, help="CA certificate: connect with TLS and verify the broker")
     run.add_argument("--require-tls", action="store_true", help="refuse to connect without TLS")
     run.add_argument("--username", help="broker user name")
@@ -77,6 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     profile: DeviceProfile = load_profile(args.profile) if args.profile else DEFAULT_PROFILE
     dataset = local_data.load_local_data(args.data)
     train, held_out = local_data.split_local(list(dataset.examples), args.eval_fraction, args.seed)
+    held_out = held_out[: max(args.eval_examples, 0)]  # evaluation runs on-device: keep it bounded
     histogram: dict[str, float] = {}
     labels: list[str] = []
     if dataset.kind == "classification":
