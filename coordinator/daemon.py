@@ -38,6 +38,8 @@ from fedbe.transport import Connection
 
 log = logging.getLogger(__name__)
 
+PROVISIONAL_BLOCKS = 6  # blocks: auto measures clients on this many interleaved blocks first
+
 
 @dataclass
 class RoundLog:
@@ -53,6 +55,7 @@ class RoundLog:
     bytes_up: dict[str, int] = field(default_factory=dict)
     blocks: dict[int, dict[str, Any]] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
+    expansion: dict[str, Any] | None = None  # the blocks: auto decision, in round 1
     seconds: float = 0.0
     closed_by: str = ""
 
@@ -271,23 +274,25 @@ class Coordinator:
                 )
             self.registry = BlockRegistry.from_dict(snapshot.expansion)
         else:
-            if cfg.blocks == "auto":
-                raise CodecError("blocks: auto is not supported yet; give the number of new blocks")
-            plan = expansion.plan_expansion(model.config.num_hidden_layers, cfg.blocks, cfg.placement)
-            self.registry = plan.registry()
-        expansion.expand_model(
-            model,
-            expansion.ExpansionPlan(
-                self.registry.base_num_layers, tuple(b.source_layer for b in self.registry.blocks)
-            ),
-        )
-        self.model = model
-        self.layout = layout_for(model, self.registry)
+            layers = model.config.num_hidden_layers
+            self.auto_pending = cfg.blocks == "auto" and isinstance(cfg.placement, str)
+            n = min(layers, PROVISIONAL_BLOCKS) if cfg.blocks == "auto" else cfg.blocks
+            placement = cfg.placement
+            self.registry = expansion.plan_expansion(
+                layers, None if isinstance(placement, tuple) else n, placement
+            ).registry()
+            if self.auto_pending:
+                log.info(
+                    "blocks: auto — provisional expansion with %d blocks until the clients have announced", n
+                )
+        self._install_expansion(model)
         self.clients = ClientRegistry(self.fingerprint)
         self.rng = random.Random(cfg.seed)
         self.last_trained: dict[int, int] = {}
         self.server_state: Any = None
+        self.expansion_decision: dict[str, Any] | None = None
         if snapshot is not None:
+            self.auto_pending = False
             self.global_state = snapshot.global_state
             self.round = snapshot.round
             self.clients = ClientRegistry.from_json(self.fingerprint, dict(snapshot.clients))
@@ -301,6 +306,48 @@ class Coordinator:
         self.server_optimizer = make_server_optimizer(cfg.aggregation)
         self.server_state = _optimizer_state_from_snapshot(self.server_state, aggregation)
         self.pump = MessagePump(self.inbox, self.clients, self.conn, self.topics)
+        self.publish_status("starting")
+
+    def _install_expansion(self, model: Any) -> None:
+        """Expand ``model`` (an unexpanded base) as ``self.registry`` says and make it current."""
+        from fedbe import expansion  # noqa: PLC0415
+
+        plan = expansion.ExpansionPlan(
+            self.registry.base_num_layers, tuple(b.source_layer for b in self.registry.blocks)
+        )
+        expansion.expand_model(model, plan)
+        self.model = model
+        self.layout = layout_for(model, self.registry)
+
+    def decide_expansion(self) -> None:
+        """``blocks: auto``: size the expansion from the announced capacities, once, before round 1.
+
+        N = round(sum of the clients' max trainable blocks / trainers_per_block), clamped to
+        [1, min(base layers, auto_expansion.max_blocks)]: enough blocks that, at full capacity,
+        each is trained by about ``trainers_per_block`` clients per round.
+        """
+        from fedbe import expansion, sources  # noqa: PLC0415
+
+        auto = self.cfg.auto_expansion
+        eligible = self.clients.eligible()
+        capacity = sum(r.max_blocks() for r in eligible)
+        layers = self.registry.base_num_layers
+        limit = min(layers, auto.max_blocks or layers)
+        n = max(1, min(limit, round(capacity / auto.trainers_per_block)))
+        reason = (
+            f"{len(eligible)} clients can train {capacity} blocks per round in all; "
+            f"{capacity} / trainers_per_block {auto.trainers_per_block:g} -> {n} blocks (limit {limit})"
+        )
+        self.expansion_decision = {"blocks": n, "reason": reason, "placement": self.cfg.placement}
+        log.info("blocks: auto decided %d new blocks: %s", n, reason)
+        self.auto_pending = False
+        if n == len(self.registry.blocks):
+            return
+        self.registry = expansion.plan_expansion(layers, n, self.cfg.placement).registry()
+        self._install_expansion(sources.load_model(self.cfg.model))
+        self.global_state = initial_state(self.model, self.registry)
+        for rec in self.clients.clients.values():  # capacities were measured on the old expansion
+            rec.announce = None
         self.publish_status("starting")
 
     def publish_status(self, state: str) -> None:
@@ -320,6 +367,9 @@ class Coordinator:
         while self.round < self.cfg.rounds and not self.stop.is_set():
             if not wait_for_clients(self.pump, self.cfg.min_clients, self.stop):
                 break
+            if self.auto_pending:
+                self.decide_expansion()
+                continue
             self.run_round(self.round + 1)
         if self.round >= self.cfg.rounds:
             self.publish_status("finished")
@@ -404,6 +454,8 @@ class Coordinator:
         if self.cfg.eval_every and round_ % self.cfg.eval_every == 0:
             rlog.evaluation = self.federated_eval(round_, rlog)
         rlog.seconds = time.monotonic() - started
+        if self.expansion_decision is not None and round_ == 1:
+            rlog.expansion = self.expansion_decision
         self.round = round_
         self.save(rlog)
 

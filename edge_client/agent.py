@@ -322,10 +322,12 @@ class EdgeAgent:
                 self._send(ClientTopic.ANNOUNCE, self.announcement)
             return None
         if self.status_key is not None:
-            log.warning(
-                "the federation's expansion changed; rebuilding is not supported yet: restart the agent"
+            # The coordinator chose another expansion (blocks: auto): rebuild the model from the base.
+            log.info(
+                "the federation's expansion changed to new layers %s; rebuilding",
+                list(status.new_layer_indices),
             )
-            return 4
+            self.runner = None
         try:
             self.runner, announce = self.setup(status)
         except FedbeError as exc:

@@ -26,14 +26,17 @@ FED = "fedtest"
 CLIENTS = {"c1": ["sport", "tech"], "c2": ["tech", "business"], "c3": ["business", "sport"]}
 
 
-def write_config(tmp_path: Path, broker: MosquittoBroker, rounds: int) -> Path:
+def write_config(
+    tmp_path: Path, broker: MosquittoBroker, rounds: int, blocks: str = "2", extra: str = ""
+) -> Path:
     config = tmp_path / "run.yaml"
     config.write_text(
         f"""
 federation: {FED}
 model: tiny:llama
 state_dir: state
-blocks: 2
+blocks: {blocks}
+{extra}
 rounds: {rounds}
 clients_per_round: 3
 min_clients: 3
@@ -162,3 +165,31 @@ def test_coordinator_killed_mid_run_resumes_and_finishes(broker: MosquittoBroker
     assert rounds[:done_before] == list(range(1, done_before + 1))
     assert rounds[-1] == 4 and sorted(set(rounds)) == [1, 2, 3, 4]
     assert "resuming after round" in (tmp_path / "coordinator2.log").read_text()
+
+
+def test_blocks_auto_sizes_the_expansion_from_the_announced_clients(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Each tiny client can train all 4 provisional blocks: 3 x 4 = 12 blocks of capacity per round;
+    # with 6 trainers wanted per block the coordinator must settle on 12 / 6 = 2 blocks and the
+    # clients must rebuild their models for it.
+    config = write_config(
+        tmp_path,
+        broker,
+        rounds=1,
+        blocks="auto",
+        extra="auto_expansion: {trainers_per_block: 6}\nallocation: {max_unprotected_risk: 1.0}",
+    )
+    coord = spawn(["coordinator.cli", "run", "--config", str(config)], tmp_path / "coordinator.log")
+    clients = start_clients(tmp_path, broker)
+    try:
+        assert wait_exit(coord, 400, tmp_path / "coordinator.log") == 0, (
+            tmp_path / "coordinator.log"
+        ).read_text()
+    finally:
+        stop_all(clients)
+    (first,) = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+    assert first["expansion"]["blocks"] == 2 and "12 blocks per round" in first["expansion"]["reason"]
+    assert {b for blocks in first["assignments"].values() for b in blocks} == {0, 1}
+    final = CheckpointStore(tmp_path / "state").load_latest()
+    assert final is not None and len(final.registry.blocks) == 2 and sorted(final.global_state) == [0, 1]
