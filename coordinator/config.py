@@ -36,8 +36,8 @@ Fields (``name: type = default``):
   (FedAvgM), ``beta1: [0,1) = 0.9``, ``beta2: [0,1) = 0.99``, ``tau: float > 0 = 1e-3`` (FedAdam),
   ``norm_bound_factor: float >= 1 = 10.0`` -- an update whose norm exceeds this times the median
   norm of the round's other updates is rejected.
-* ``auto_expansion``: ``trainers_per_block: float > 0 = 2.0`` (``blocks: auto`` starts with
-  clients / trainers_per_block blocks), ``max_blocks: int >= 1 | null = null``, ``plateau_rounds: int >=
+* ``auto_expansion``: ``trainers_per_block: float > 0 = 2.0`` (``blocks: auto`` uses
+  round(sum of the clients' trainable blocks / trainers_per_block) blocks), ``max_blocks: int >= 1 | null = null``, ``plateau_rounds: int >=
   0 = 0`` (add a block after this many rounds without improvement; 0 = never), ``plateau_min_delta:
   float >= 0 = 0.001`` (smallest accuracy gain that counts as improvement).
 * ``broker``: ``url: str = "mqtt://127.0.0.1:1883"`` (mqtt:// or mqtts://), ``username: str | null``,

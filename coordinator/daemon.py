@@ -263,6 +263,12 @@ class Coordinator:
         from coordinator.config import config_digest  # noqa: PLC0415
 
         self.config_digest = config_digest(cfg)
+        if cfg.auto_expansion.plateau_rounds:
+            log.warning(
+                "auto_expansion.plateau_rounds is not implemented yet: no block will be added on a plateau"
+            )
+        if cfg.server_eval is not None:
+            log.warning("server_eval is not implemented yet: only federated evaluation (eval_every) runs")
         snapshot = self.store.load_latest()
         if snapshot is not None and snapshot.config_digest != self.config_digest:
             log.warning("the config changed since the state directory was written; resuming with the new one")
