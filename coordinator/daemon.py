@@ -444,6 +444,8 @@ class Coordinator:
         alloc = self.allocate(rlog.selected, round_)
         assignments = {c: b for c, b in alloc.assignments.items() if b}
         rlog.assignments = {c: list(b) for c, b in alloc.assignments.items()}
+        if not assignments:
+            log.warning("round %d: no selected client can train any block: %s", round_, alloc.reasons)
         already = self.store.pending_updates(round_)
         collector = RoundCollector(
             round_, assignments, self.layout, self.cfg.broker.max_message_bytes,
