@@ -92,6 +92,7 @@ class MessagePump:
 
     def __init__(self, inbox: Inbox, clients: ClientRegistry, conn: Connection, topics: Topics) -> None:
         self.inbox, self.clients, self.conn, self.topics = inbox, clients, conn, topics
+        self.stashed_updates: list[tuple[str, bytes]] = []  # arrived between rounds: offered to the next
 
     def handle_lifecycle(self, client_id: str, kind: ClientTopic, payload: bytes) -> bool:
         """True if the message was a lifecycle message (and was handled)."""
@@ -133,7 +134,11 @@ def wait_for_clients(
             log.info("waiting for clients: %d of %d needed are ready", len(pump.clients.eligible()), minimum)
             last_log = now
         item = pump.inbox.next(0.5)
-        if item is not None and not pump.handle_lifecycle(*item):
+        if item is None or pump.handle_lifecycle(*item):
+            continue
+        if item[1] is ClientTopic.UPDATE:  # a late update: the next round decides (drop or fold)
+            pump.stashed_updates.append((item[0], item[2]))
+        else:
             pump.inbox.count(f"{item[1].value}_outside_round")
     return False
 
@@ -454,6 +459,9 @@ class Coordinator:
         log.info("round %d/%d: %d clients, allocation %s%s", round_, self.cfg.rounds, len(assignments),
                  {c: list(b) for c, b in assignments.items()},
                  f" ({len(already)} updates recovered)" if already else "")  # fmt: skip
+        for cid, frame in self.pump.stashed_updates:
+            collector.offer_update(cid, frame)
+        self.pump.stashed_updates.clear()
         for cid, blocks in assignments.items():
             if cid not in collector.updates:
                 self.send_task(cid, round_, blocks, rlog)
@@ -525,8 +533,15 @@ class Coordinator:
             rlog.bytes_up[cid] = collector.frames_bytes.get(cid, 0)
         if self.cfg.late_updates == "fold":
             for msg in collector.late:
-                if msg.client_id in self.clients.clients and msg.client_id not in rlog.updates:
-                    accepted.append(aggregation.ClientUpdate(msg.client_id, deltas_of(msg), msg.num_samples,
+                late_delta = deltas_of(msg)
+                verdict = aggregation.screen_update(
+                    late_delta, self.registry.block_ids, self.layout, list(norms.values()),
+                    self.cfg.aggregation.norm_bound_factor,
+                )  # fmt: skip
+                if not verdict.accepted:
+                    collector.reject(msg.client_id, verdict.code, "late update: " + verdict.reason)
+                elif msg.client_id in self.clients.clients and msg.client_id not in rlog.updates:
+                    accepted.append(aggregation.ClientUpdate(msg.client_id, late_delta, msg.num_samples,
                                                              round_ - msg.round))  # fmt: skip
         for cid, err in collector.errors.items():
             self.clients.on_failure(cid, err.code, len(collector.assignments.get(cid, ())))
