@@ -56,6 +56,7 @@ class RoundLog:
     blocks: dict[int, dict[str, Any]] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     expansion: dict[str, Any] | None = None  # the blocks: auto decision, in round 1
+    server_evaluation: dict[str, Any] | None = None
     seconds: float = 0.0
     closed_by: str = ""
 
@@ -272,8 +273,6 @@ class Coordinator:
             log.warning(
                 "auto_expansion.plateau_rounds is not implemented yet: no block will be added on a plateau"
             )
-        if cfg.server_eval is not None:
-            log.warning("server_eval is not implemented yet: only federated evaluation (eval_every) runs")
         snapshot = self.store.load_latest()
         if snapshot is not None and snapshot.config_digest != self.config_digest:
             log.warning("the config changed since the state directory was written; resuming with the new one")
@@ -469,6 +468,10 @@ class Coordinator:
         self.close_round(round_, collector, rlog)
         if self.cfg.eval_every and round_ % self.cfg.eval_every == 0:
             rlog.evaluation = self.federated_eval(round_, rlog)
+        if self.cfg.server_eval is not None and (
+            not self.cfg.eval_every or round_ % self.cfg.eval_every == 0
+        ):
+            rlog.server_evaluation = self.server_eval()
         rlog.seconds = time.monotonic() - started
         if self.expansion_decision is not None and round_ == 1:
             rlog.expansion = self.expansion_decision
@@ -565,6 +568,29 @@ class Coordinator:
             f"{sum(losses) / len(losses):.4f}" if losses else "n/a",
             sum(rlog.bytes_up.values()) / 1e6, sum(rlog.bytes_down.values()) / 1e6,
         )  # fmt: skip
+
+    def server_eval(self) -> dict[str, Any]:
+        """Accuracy of the current global model on held-out BBC News test articles, on the coordinator."""
+        import random as _random  # noqa: PLC0415
+
+        from fedbe import datasets, sources  # noqa: PLC0415
+        from fedbe.blocks import set_block_state  # noqa: PLC0415
+        from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
+
+        if not hasattr(self, "_server_test"):
+            _, test = datasets.split_train_test(datasets.load_bbc_news())
+            _random.Random(0).shuffle(test)
+            self._server_test = test[: self.cfg.server_eval.examples]
+            self._server_labels = datasets.label_names(test)
+            self._tokenizer = sources.load_tokenizer(self.cfg.model)
+        set_block_state(self.model, self.registry, self.global_state)
+        started = time.monotonic()
+        accuracy = classification_accuracy(
+            self.model, self._tokenizer, self._server_test, self._server_labels, self.cfg.training.max_tokens
+        )
+        log.info("server evaluation: accuracy %.3f on %d BBC News test articles (%.0f s)", accuracy,
+                 len(self._server_test), time.monotonic() - started)  # fmt: skip
+        return {"dataset": "bbc-news", "examples": len(self._server_test), "accuracy": accuracy}
 
     def federated_eval(self, round_: int, rlog: RoundLog) -> dict[str, Any]:
         clients = [c for c in rlog.selected if self.clients.clients[c].eligible]

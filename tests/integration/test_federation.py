@@ -90,7 +90,7 @@ def test_three_clients_complete_rounds_and_blocks_are_weighted_averages(
     spy = Connection(BrokerConfig(url=broker.url, client_id="spy"))
     spy.start()
     spy.subscribe(Topics(FED).all_clients(ClientTopic.UPDATE))
-    config = write_config(tmp_path, broker, rounds=3)
+    config = write_config(tmp_path, broker, rounds=3, extra="server_eval: {examples: 10}")
     coord = spawn(["coordinator.cli", "run", "--config", str(config)], tmp_path / "coordinator.log")
     clients = start_clients(tmp_path, broker)
     try:
@@ -104,6 +104,9 @@ def test_three_clients_complete_rounds_and_blocks_are_weighted_averages(
     assert [m["round"] for m in metrics] == [1, 2, 3]
     evaluation = metrics[-1]["evaluation"]  # federated evaluation after round 3, weighted by examples
     assert evaluation["clients"] == 3 and evaluation["examples"] > 0 and 0.0 <= evaluation["accuracy"] <= 1.0
+    server = metrics[-1]["server_evaluation"]  # the global model on 10 BBC test articles, on the coordinator
+    assert server["examples"] == 10 and any(abs(server["accuracy"] - k / 10) < 1e-6 for k in range(11))
+    assert metrics[0]["server_evaluation"] is None  # eval_every: 3
     updates: dict[tuple[int, str], protocol.UpdateMessage] = {}
     while not spy.inbox.empty():
         _, payload = spy.inbox.get()
