@@ -360,6 +360,72 @@ class Coordinator:
             rec.announce = None
         self.publish_status("starting")
 
+    def maybe_grow(self, round_: int, rlog: RoundLog) -> dict[str, Any] | None:
+        """Add one identity-initialised block when the evaluation score has not improved by
+        ``plateau_min_delta`` for ``plateau_rounds`` rounds (``auto_expansion``).
+
+        The score is the server-side accuracy when configured, else the federated accuracy. The new
+        block is a zeroed copy of a base layer, so the model's function does not change; existing
+        blocks keep their weights (renumbered by depth). With ``interleave`` the new block goes after
+        the base layer farthest from every existing new block, with ``top`` on top of the stack.
+        """
+        from fedbe import expansion, sources  # noqa: PLC0415
+
+        auto = self.cfg.auto_expansion
+        source = rlog.server_evaluation or rlog.evaluation or {}
+        score = source.get("accuracy")
+        if not auto.plateau_rounds or score is None:
+            return None
+        best = getattr(self, "_best", None)
+        if best is None or score > best[0] + auto.plateau_min_delta:
+            self._best = (float(score), round_)
+            return None
+        if round_ - best[1] < auto.plateau_rounds:
+            return None
+        layers = self.registry.base_num_layers
+        if len(self.registry.blocks) >= min(layers, auto.max_blocks or layers):
+            return None
+        after = [b.source_layer for b in self.registry.blocks]
+        if self.cfg.placement == "top":
+            new_after = layers - 1
+        else:
+            free = [i for i in range(layers) if i not in after]
+            if not free:
+                return None
+            new_after = max(free, key=lambda i: (min(abs(i - a) for a in after), i))
+        old = self.registry
+        self.registry = expansion.ExpansionPlan(layers, tuple(sorted([*after, new_after]))).registry()
+        self._install_expansion(sources.load_model(self.cfg.model))
+        fresh = initial_state(self.model, self.registry)
+        # Old blocks map to the new ones by (source layer, order among blocks copied from it).
+        new_ids = [b.block_id for b in self.registry.blocks]
+        keep = {}
+        taken: set[int] = set()
+        for block in old.blocks:
+            match = next(
+                n
+                for n in new_ids
+                if n not in taken and self.registry.block(n).source_layer == block.source_layer
+            )
+            taken.add(match)
+            keep[block.block_id] = match
+        added = next(n for n in new_ids if n not in taken)
+        self.global_state = {keep[o]: t for o, t in self.global_state.items()}
+        self.global_state[added] = fresh[added]
+        self.last_trained = {keep[o]: r for o, r in self.last_trained.items()}
+        self.server_state = None  # optimizer buffers were keyed by the old block ids
+        for rec in self.clients.clients.values():
+            rec.announce = None  # capacities were measured on the old expansion
+        self._best = (float(score), round_)
+        reason = (
+            f"accuracy {score:.3f} has not improved by {auto.plateau_min_delta:g} on {best[0]:.3f} "
+            f"(round {best[1]}) for {round_ - best[1]} rounds"
+        )
+        log.info("adding new block %d after base layer %d: %s", added, new_after, reason)
+        self.publish_status("starting")
+        return {"blocks": len(self.registry.blocks), "added_block": added, "after_base_layer": new_after,
+                "reason": reason}  # fmt: skip
+
     def publish_status(self, state: str) -> None:
         msg = protocol.CoordinatorStatusMessage(
             state=state, round=self.round, base_fingerprint=self.fingerprint,
@@ -475,6 +541,9 @@ class Coordinator:
         rlog.seconds = time.monotonic() - started
         if self.expansion_decision is not None and round_ == 1:
             rlog.expansion = self.expansion_decision
+        grown = self.maybe_grow(round_, rlog)
+        if grown is not None:
+            rlog.expansion = grown
         self.round = round_
         self.save(rlog)
 

@@ -363,7 +363,12 @@ class EdgeAgent:
             log.error("refusing task %s: %s", task.task_id, problem)
             self._error(task, "invalid_task", problem)
             return
-        if not self.runner.fits(task):
+        try:
+            fits = self.runner.fits(task)
+        except FedbeError as exc:  # answer for this task's round, so the coordinator does not wait for it
+            self._error(task, "failed", f"could not check the memory budget: {exc}")
+            return
+        if not fits:
             self._error(
                 task,
                 "refused_memory",

@@ -73,10 +73,17 @@ class MemoryModel:
     def required_bytes(self, layer_indices: Sequence[int]) -> int:
         """Peak memory of a step that trains the new blocks at ``layer_indices``."""
         layers = self._check(layer_indices)
+        return self.required_bytes_at(min(layers), len(layers))
+
+    def required_bytes_at(self, lowest_layer: int, n_blocks: int, num_layers: int | None = None) -> int:
+        """The same formula by position only: ``n_blocks`` trained, the lowest at ``lowest_layer`` of a
+        ``num_layers``-layer stack (default: the measured one). For an expansion other than the one
+        measured (a coordinator may place blocks differently)."""
+        total = self.num_layers if num_layers is None else num_layers
         return (
             self.static_bytes
-            + len(layers) * self.block_bytes
-            + self.activation_bytes_per_layer * (self.num_layers - min(layers))
+            + n_blocks * self.block_bytes
+            + self.activation_bytes_per_layer * (total - lowest_layer)
         )
 
     def fits(self, layer_indices: Sequence[int], budget_bytes: int) -> bool:

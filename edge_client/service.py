@@ -125,7 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         slowdown = report.compute_slowdown
 
         def fits(layers: tuple[int, ...]) -> bool:
-            return report.memory.required_bytes(list(layers)) <= report.memory_budget_bytes
+            # by position: the federation may place its blocks differently from the profile's expansion
+            need = report.memory.required_bytes_at(min(layers), len(layers), client.registry.num_layers)
+            return need <= report.memory_budget_bytes
 
         def batches(batch_size: int, max_tokens: int, seed: int) -> list[Any]:
             order = list(train)

@@ -196,3 +196,29 @@ def test_blocks_auto_sizes_the_expansion_from_the_announced_clients(
     assert {b for blocks in first["assignments"].values() for b in blocks} == {0, 1}
     final = CheckpointStore(tmp_path / "state").load_latest()
     assert final is not None and len(final.registry.blocks) == 2 and sorted(final.global_state) == [0, 1]
+
+
+def test_a_plateau_adds_an_identity_block_and_the_federation_carries_on(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    # plateau_min_delta 1.0 can never be met: a block is added after every evaluated round from round 2.
+    extra = "eval_every: 1\nauto_expansion: {plateau_rounds: 1, plateau_min_delta: 1.0}"
+    config = write_config(tmp_path, broker, rounds=3, extra=extra)
+    config.write_text(config.read_text().replace("eval_every: 3\n", ""))
+    coord = spawn(["coordinator.cli", "run", "--config", str(config)], tmp_path / "coordinator.log")
+    clients = start_clients(tmp_path, broker)
+    try:
+        assert wait_exit(coord, 400, tmp_path / "coordinator.log") == 0, (
+            tmp_path / "coordinator.log"
+        ).read_text()
+    finally:
+        stop_all(clients)
+    metrics = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["expansion"] is None
+    assert metrics[1]["expansion"]["blocks"] == 3 and metrics[1]["expansion"]["after_base_layer"] == 2
+    assert metrics[2]["expansion"]["blocks"] == 4 and metrics[2]["expansion"]["after_base_layer"] == 0
+    assert len({b for blocks in metrics[2]["assignments"].values() for b in blocks}) > 0
+    final = CheckpointStore(tmp_path / "state").load_latest()
+    assert final is not None and len(final.registry.blocks) == 4
+    added = metrics[2]["expansion"]["added_block"]  # added after the last round: still the identity
+    assert added == 0 and not final.global_state[added]["self_attn.o_proj.weight"].any()
