@@ -39,7 +39,7 @@ Fields (``name: type = default``):
 * ``auto_expansion``: ``trainers_per_block: float > 0 = 2.0`` (``blocks: auto`` uses
   round(sum of the clients' trainable blocks / trainers_per_block) blocks),
   ``max_blocks: int >= 1 | null = null``, ``plateau_rounds: int >= 0 = 0`` (add a block after this
-  many rounds without improvement; 0 = never; not implemented yet), ``plateau_min_delta:
+  many rounds without improvement; 0 = never), ``plateau_min_delta:
   float >= 0 = 0.001`` (smallest accuracy gain that counts as improvement).
 * ``broker``: ``url: str = "mqtt://127.0.0.1:1883"`` (mqtt:// or mqtts://), ``username: str | null``,
   ``password_file: path | null`` (must exist; first line is the password), ``tls_ca: path | null``,
