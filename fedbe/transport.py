@@ -88,6 +88,9 @@ class Connection:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._subacks: dict[int, threading.Event] = {}
+        self._early_acks: set[int] = set()  # SUBACKs that arrived before subscribe() registered them
 
     # -- paho callbacks (network thread: never block here) -------------------------------------
     def _on_connect(
@@ -111,6 +114,16 @@ class Connection:
         self.connected.clear()
         log.info("disconnected from %s:%d (%s); reconnecting", self.host, self.port, reason)
 
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: object, mid: int, reasons: object, props: object
+    ) -> None:
+        with self._lock:
+            event = self._subacks.pop(mid, None)
+            if event is None:
+                self._early_acks.add(mid)
+        if event is not None:
+            event.set()
+
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self.inbox.put((message.topic, bytes(message.payload)))
 
@@ -133,13 +146,26 @@ class Connection:
                 f"{reason} (check the URL, credentials and TLS settings)"
             )
 
-    def subscribe(self, topic: str, qos: int = 1) -> None:
+    def subscribe(self, topic: str, qos: int = 1, wait: float | None = 10.0) -> None:
+        """Subscribe (and renew on every reconnect); with ``wait``, return once the broker acknowledged."""
         with self._lock:
             self._subscriptions[topic] = qos
-        if self.connected.is_set():
-            result, _ = self._client.subscribe(topic, qos=qos)
-            if result != mqtt.MQTT_ERR_SUCCESS:
-                raise TransportError(f"subscribe to {topic} failed: {mqtt.error_string(result)}")
+        if not self.connected.is_set():
+            return
+        event = threading.Event()
+        result, mid = self._client.subscribe(topic, qos=qos)  # never under our lock: paho calls back
+        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise TransportError(f"subscribe to {topic} failed: {mqtt.error_string(result)}")
+        with self._lock:
+            if mid in self._early_acks:
+                self._early_acks.discard(mid)
+                event.set()
+            else:
+                self._subacks[mid] = event
+        if wait is not None and not event.wait(wait):
+            raise TransportError(
+                f"the broker did not acknowledge the subscription to {topic} within {wait} s"
+            )
 
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, wait: float | None = None
