@@ -44,32 +44,36 @@ def coordinator_side(broker: MosquittoBroker):  # type: ignore[no-untyped-def]
     conn.close()
 
 
+def start_agent(  # type: ignore[no-untyped-def]
+    broker: MosquittoBroker, conn: Connection, tmp_path: Path, cid: str, labels: list[str], n: int
+):
+    """Publish a coordinator status for a 2-block tiny llama federation and start one agent on it."""
+    topics = Topics(FED)
+    for kind in (ClientTopic.ANNOUNCE, ClientTopic.UPDATE, ClientTopic.ERROR, ClientTopic.STATUS):
+        conn.subscribe(topics.client(cid, kind))
+    base = build_tiny_model("llama")
+    fingerprint = base_fingerprint(base)
+    registry = expand_model(base, plan_expansion(4, 2, "interleave"))
+    sources = tuple(b.source_layer for b in registry.blocks)
+    status = protocol.CoordinatorStatusMessage(
+        "running", 0, fingerprint, 4, registry.new_layer_indices, sources
+    )
+    conn.publish(topics.coordinator_status(), protocol.encode(status), retain=True, wait=10)
+    data = tiny_client_data(tmp_path / f"{cid}.jsonl", labels, n, seed=len(labels))
+    proc = spawn(
+        ["edge_client.cli", "run", "--broker", broker.url, "--client-id", cid, "--data", str(data),
+         "--model", "tiny:llama", "--federation", FED],
+        tmp_path / "edge.log",
+    )  # fmt: skip
+    return base, registry, fingerprint, proc
+
+
 def test_edge_agent_trains_its_task_and_its_will_fires_when_killed(
     broker: MosquittoBroker, coordinator_side: Connection, tmp_path: Path
 ) -> None:
     topics = Topics(FED)
     conn = coordinator_side
-    for kind in (ClientTopic.ANNOUNCE, ClientTopic.UPDATE, ClientTopic.ERROR, ClientTopic.STATUS):
-        conn.subscribe(topics.client("dev1", kind))
-    base = build_tiny_model("llama")
-    fingerprint = base_fingerprint(base)
-    registry = expand_model(base, plan_expansion(4, 2, "interleave"))
-    status = protocol.CoordinatorStatusMessage(
-        "running",
-        0,
-        fingerprint,
-        4,
-        registry.new_layer_indices,
-        tuple(b.source_layer for b in registry.blocks),
-    )
-    conn.publish(topics.coordinator_status(), protocol.encode(status), retain=True, wait=10)
-
-    data = tiny_client_data(tmp_path / "dev1.jsonl", ["sport", "tech"], 24, seed=1)
-    proc = spawn(
-        ["edge_client.cli", "run", "--broker", broker.url, "--client-id", "dev1", "--data", str(data),
-         "--model", "tiny:llama", "--federation", FED],
-        tmp_path / "edge.log",
-    )  # fmt: skip
+    base, registry, fingerprint, proc = start_agent(broker, conn, tmp_path, "dev1", ["sport", "tech"], 24)
     try:
         announce = protocol.decode(
             _wait_for(conn, topics.client("dev1", ClientTopic.ANNOUNCE), 180, proc),
@@ -150,26 +154,7 @@ def test_sigterm_mid_task_reports_the_round_abandoned_and_goes_offline(
 ) -> None:
     topics = Topics(FED)
     conn = coordinator_side
-    for kind in (ClientTopic.ANNOUNCE, ClientTopic.ERROR, ClientTopic.STATUS):
-        conn.subscribe(topics.client("dev2", kind))
-    base = build_tiny_model("llama")
-    fingerprint = base_fingerprint(base)
-    registry = expand_model(base, plan_expansion(4, 2, "interleave"))
-    status = protocol.CoordinatorStatusMessage(
-        "running",
-        0,
-        fingerprint,
-        4,
-        registry.new_layer_indices,
-        tuple(b.source_layer for b in registry.blocks),
-    )
-    conn.publish(topics.coordinator_status(), protocol.encode(status), retain=True, wait=10)
-    data = tiny_client_data(tmp_path / "dev2.jsonl", ["sport"], 12, seed=2)
-    proc = spawn(
-        ["edge_client.cli", "run", "--broker", broker.url, "--client-id", "dev2", "--data", str(data),
-         "--model", "tiny:llama", "--federation", FED],
-        tmp_path / "edge.log",
-    )  # fmt: skip
+    base, registry, fingerprint, proc = start_agent(broker, conn, tmp_path, "dev2", ["sport"], 12)
     try:
         _wait_for(conn, topics.client("dev2", ClientTopic.ANNOUNCE), 180, proc)
         compressed, _ = compress_state(get_block_state(base, registry, [0]), Level.FP32)

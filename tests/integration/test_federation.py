@@ -72,6 +72,17 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
         ) from None
 
 
+def run_federation(tmp_path: Path, broker: MosquittoBroker, config: Path) -> None:
+    """Run the coordinator with the three clients until it finishes; fail with its log if it does not."""
+    log = tmp_path / "coordinator.log"
+    coord = spawn(["coordinator.cli", "run", "--config", str(config)], log)
+    clients = start_clients(tmp_path, broker)
+    try:
+        assert wait_exit(coord, 400, log) == 0, log.read_text()
+    finally:
+        stop_all(clients)
+
+
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -91,14 +102,9 @@ def test_three_clients_complete_rounds_and_blocks_are_weighted_averages(
     spy.start()
     spy.subscribe(Topics(FED).all_clients(ClientTopic.UPDATE))
     config = write_config(tmp_path, broker, rounds=3, extra="server_eval: {examples: 10}")
-    coord = spawn(["coordinator.cli", "run", "--config", str(config)], tmp_path / "coordinator.log")
-    clients = start_clients(tmp_path, broker)
     try:
-        assert wait_exit(coord, 400, tmp_path / "coordinator.log") == 0, (
-            tmp_path / "coordinator.log"
-        ).read_text()
+        run_federation(tmp_path, broker, config)
     finally:
-        stop_all(clients)
         spy.close()
     metrics = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2, 3]
@@ -183,14 +189,7 @@ def test_blocks_auto_sizes_the_expansion_from_the_announced_clients(
         blocks="auto",
         extra="auto_expansion: {trainers_per_block: 6}\nallocation: {max_unprotected_risk: 1.0}",
     )
-    coord = spawn(["coordinator.cli", "run", "--config", str(config)], tmp_path / "coordinator.log")
-    clients = start_clients(tmp_path, broker)
-    try:
-        assert wait_exit(coord, 400, tmp_path / "coordinator.log") == 0, (
-            tmp_path / "coordinator.log"
-        ).read_text()
-    finally:
-        stop_all(clients)
+    run_federation(tmp_path, broker, config)
     (first,) = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
     assert first["expansion"]["blocks"] == 2 and "12 blocks per round" in first["expansion"]["reason"]
     assert {b for blocks in first["assignments"].values() for b in blocks} == {0, 1}
@@ -205,14 +204,7 @@ def test_a_plateau_adds_an_identity_block_and_the_federation_carries_on(
     extra = "eval_every: 1\nauto_expansion: {plateau_rounds: 1, plateau_min_delta: 1.0}"
     config = write_config(tmp_path, broker, rounds=3, extra=extra)
     config.write_text(config.read_text().replace("eval_every: 3\n", ""))
-    coord = spawn(["coordinator.cli", "run", "--config", str(config)], tmp_path / "coordinator.log")
-    clients = start_clients(tmp_path, broker)
-    try:
-        assert wait_exit(coord, 400, tmp_path / "coordinator.log") == 0, (
-            tmp_path / "coordinator.log"
-        ).read_text()
-    finally:
-        stop_all(clients)
+    run_federation(tmp_path, broker, config)
     metrics = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["expansion"] is None
     assert metrics[1]["expansion"]["blocks"] == 3 and metrics[1]["expansion"]["after_base_layer"] == 2
