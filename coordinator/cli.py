@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
-from fedbe.errors import FedbeError
+from fedbe.console import dispatch, setup_logging, stop_on_signals
 
 log = logging.getLogger("coordinator")
 
@@ -69,14 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     password = args.password_file.read_text().strip() if args.password_file else b.read_password()
     store = CheckpointStore(cfg.state_dir)
     store.lock()
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %d: stopping after the current message", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals(log, "stopping after the current message")
     conn = Connection(BrokerConfig(
         url=b.url, client_id=f"fedbe-coordinator-{cfg.federation}", username=b.username, password=password,
         tls_ca=str(b.tls_ca) if b.tls_ca else None, require_tls=b.require_tls,
@@ -110,16 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from fedbe.cli import setup_logging  # noqa: PLC0415
-
-    setup_logging(args.verbose)
-    try:
-        return {"run": cmd_run, "export": cmd_export, "example": cmd_example}[args.command](args)
-    except FedbeError as exc:
-        print(f"fedbe-coordinator {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    return dispatch("fedbe-coordinator", args, {"run": cmd_run, "export": cmd_export, "example": cmd_example})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fedbe.errors import FedbeError
+from fedbe.console import dispatch, setup_logging
 from fedbe.profiles import DEFAULT_PROFILE, PRECISIONS, format_bytes, load_profile
 
 log = logging.getLogger("edge_client")
@@ -196,31 +196,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"profile": cmd_profile, "run": cmd_run}
 
 
-def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - slow import, only when run
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    setup_logging(args.verbose + (1 if args.command == "run" else 0))  # the agent logs its progress
-    try:
-        return COMMANDS[args.command](args)
-    except FedbeError as exc:
-        print(f"fedbe-edge {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"fedbe-edge {args.command}: interrupted", file=sys.stderr)
-        return 130
+    verbosity = args.verbose + (1 if args.command == "run" else 0)  # the agent logs its progress
+    setup_logging((logging.WARNING, logging.INFO)[verbosity] if verbosity < 2 else logging.DEBUG)
+    return dispatch("fedbe-edge", args, COMMANDS)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from fedbe.console import stop_on_signals
 from fedbe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -105,14 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         url=args.broker, client_id=client_id, username=args.username, password=password,
         tls_ca=str(args.tls_ca) if args.tls_ca else None, require_tls=args.require_tls,
     ), will=will)  # fmt: skip
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %d: finishing up", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals(log, "finishing up")
 
     def setup(status: protocol.CoordinatorStatusMessage) -> tuple[TaskRunner, protocol.AnnounceMessage]:
         tokenizer = sources.load_tokenizer(args.model)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedbe.console import dispatch, setup_logging
 from fedbe.errors import FedbeError
 
 log = logging.getLogger("fedbe")
@@ -27,19 +28,6 @@ EPILOG = """model sources (--model):
   FILE.gguf        a GGUF file (tokenizer read from the same file)
   tiny:ARCH        a tiny random model (llama, qwen2, mistral, gemma3, gpt2) for tests
 fedbe never downloads from a model hub."""
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - slow import, only when run
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _positive_int(text: str) -> int:
@@ -263,15 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    setup_logging(args.verbose)
-    try:
-        return {"expand": cmd_expand, "demo": cmd_demo}[args.command](args)
-    except FedbeError as exc:
-        print(f"fedbe {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"fedbe {args.command}: interrupted", file=sys.stderr)
-        return 130
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    return dispatch("fedbe", args, {"expand": cmd_expand, "demo": cmd_demo})
 
 
 if __name__ == "__main__":
