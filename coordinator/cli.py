@@ -4,6 +4,7 @@ Subcommands:
   run      run the federation described by a run config (YAML); resumes from its state directory
   export   write the expanded, trained model of a state directory as a Hugging Face checkpoint
   example  print a commented example run config
+  broker-config  write a TLS mosquitto configuration with one credential per client and ACLs
 """
 
 from __future__ import annotations
@@ -52,6 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="output folder")
     export.add_argument("--model", help="base model source, if it moved since the run (default: the run's)")
     sub.add_parser("example", help="print a commented example run config")
+    bc = sub.add_parser(
+        "broker-config",
+        help="write a TLS mosquitto configuration with one credential per client and ACLs",
+        description="Write a mosquitto configuration for one federation into --out: a self-signed CA and a "
+        "server certificate (openssl), a TLS-only listener, a hashed password file with one credential per "
+        "client plus the coordinator's (mosquitto_passwd), and ACLs: a client publishes only on its own "
+        "topics and reads only its own tasks and notices and the coordinator's status; only the coordinator "
+        "reads updates. Start the broker with `mosquitto -c OUT/mosquitto.conf`; give each device ca.crt and "
+        "its own OUT/credentials/ID.password (fedbe-edge run --broker mqtts://HOST:PORT --tls-ca ca.crt "
+        "--require-tls --username ID --password-file ID.password).",
+    )
+    bc.add_argument("--clients", required=True, type=Path, help="text file: one client id per line")
+    bc.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
+    bc.add_argument("--federation", default="default", help="federation name (topic namespace)")
+    bc.add_argument("--host", default="127.0.0.1", help="address the listener binds (default 127.0.0.1)")
+    bc.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
+    bc.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name or IP for the certificate",
+    )
+    bc.add_argument("--days", type=int, default=825, help="certificate validity in days (default 825)")
+    bc.add_argument(
+        "--force", action="store_true", help="overwrite a non-empty --out (new CA, new passwords)"
+    )
     return parser
 
 
@@ -94,6 +122,22 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    from coordinator.broker_config import COORDINATOR_USER, generate, read_clients  # noqa: PLC0415
+
+    files = generate(
+        read_clients(args.clients), args.out, federation=args.federation, host=args.host, port=args.port,
+        extra_hosts=args.san, days=args.days, force=args.force,
+    )  # fmt: skip
+    print(f"wrote {files.conf} (TLS listener {files.host}:{files.port}), {files.acl}, {files.passwd}")
+    print(f"CA certificate for every device: {files.ca_cert}")
+    print(
+        f"passwords: {files.out_dir / 'credentials'}/ID.password (coordinator: {COORDINATOR_USER}.password)"
+    )
+    print(f"start the broker: mosquitto -c {files.conf}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -101,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    return dispatch("fedbe-coordinator", args, {"run": cmd_run, "export": cmd_export, "example": cmd_example})
+    return dispatch("fedbe-coordinator", args, {
+        "run": cmd_run, "export": cmd_export, "example": cmd_example, "broker-config": cmd_broker_config,
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

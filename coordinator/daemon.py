@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from coordinator.registry import ClientRegistry
+from coordinator.registry import ClientRegistry, check_announce
 from fedbe import protocol
 from fedbe.blocks import BlockState, block_layout, get_block_state
 from fedbe.compression import Level, compress_state, decompress_state
@@ -102,19 +102,29 @@ class MessagePump:
                 msg = protocol.decode(payload, expected_type=protocol.AnnounceMessage)
             except CodecError as exc:
                 log.warning("invalid announce from %s: %s", client_id, exc)
-                self.inbox.count("invalid_announce")
+                self.inbox.count(f"invalid_announce_{exc.reason}")
                 return True
             if msg.client_id != client_id:
                 self.inbox.count("announce_for_other_client")
                 return True
-            notice = self.clients.on_announce(msg)
+            problem = check_announce(msg)
+            if problem is not None:
+                log.warning("refusing the announce of %s: %s", client_id, problem)
+                self.inbox.count("malformed_profile")
+                self.clients.record(client_id).announce = None  # not eligible until it announces sensibly
+                notice = protocol.NoticeMessage(client_id, "refused", f"invalid announce: {problem}")
+            else:
+                notice = self.clients.on_announce(msg)
             self.conn.publish(self.topics.client(client_id, ClientTopic.NOTICE), protocol.encode(notice))
             return True
         if kind is ClientTopic.STATUS:
             try:
                 status = protocol.decode(payload, expected_type=protocol.StatusMessage)
-            except CodecError:
-                self.inbox.count("invalid_status")
+            except CodecError as exc:
+                self.inbox.count(f"invalid_status_{exc.reason}")
+                return True
+            if status.client_id != client_id:
+                self.inbox.count("status_for_other_client")
                 return True
             self.clients.on_status(client_id, status.state)
             return True
@@ -174,8 +184,9 @@ class RoundCollector:
     """Collects one round's replies until it can close (all answered, or deadline with enough updates)."""
 
     def __init__(self, round_: int, assignments: dict[str, tuple[int, ...]], layout: Any, max_bytes: int,
-                 persist: Any, already: dict[str, bytes]) -> None:  # fmt: skip
+                 persist: Any, already: dict[str, bytes], count: Any = None) -> None:  # fmt: skip
         self.round = round_
+        self.count = count  # reason -> None: every rejection is counted in the metrics by its reason
         self.assignments = assignments
         self.layout = layout
         self.max_bytes = max_bytes
@@ -194,6 +205,8 @@ class RoundCollector:
 
     def reject(self, client_id: str, reason: str, detail: str) -> None:
         self.rejected.append({"client": client_id, "reason": reason, "detail": detail[:300]})
+        if self.count is not None:
+            self.count(reason)
         log.warning("round %d: rejected update from %s (%s): %s", self.round, client_id, reason, detail)
 
     def offer_update(self, client_id: str, frame: bytes, persisted: bool = False) -> None:
@@ -202,7 +215,7 @@ class RoundCollector:
             try:
                 msg = protocol.decode(frame, max_bytes=self.max_bytes, expected_type=protocol.UpdateMessage)
             except CodecError as exc:
-                self.reject(client_id, "invalid", str(exc))
+                self.reject(client_id, exc.reason, str(exc))
                 return
             if msg.round < self.round:
                 self.late.append(msg)
@@ -213,7 +226,7 @@ class RoundCollector:
         try:
             msg = decode_update(frame, self.layout, assigned, self.max_bytes)
         except CodecError as exc:
-            self.reject(client_id, "invalid", str(exc))
+            self.reject(client_id, exc.reason, str(exc))
             return
         if msg.client_id != client_id:
             self.reject(client_id, "wrong_client", f"update names client {msg.client_id!r}")
@@ -235,11 +248,13 @@ class RoundCollector:
 
     def offer_error(self, client_id: str, frame: bytes) -> None:
         try:
-            msg = protocol.decode(frame, expected_type=protocol.TaskErrorMessage)
+            msg = protocol.decode(frame, max_bytes=self.max_bytes, expected_type=protocol.TaskErrorMessage)
         except CodecError as exc:
-            self.reject(client_id, "invalid_error", str(exc))
+            self.reject(client_id, f"invalid_error_{exc.reason}", str(exc))
             return
-        if msg.round == self.round and client_id in self.assignments:
+        if msg.client_id != client_id:
+            self.reject(client_id, "wrong_client", f"task error names client {msg.client_id!r}")
+        elif msg.round == self.round and client_id in self.assignments:
             self.errors[client_id] = msg
             log.warning(
                 "round %d: %s could not do its task (%s): %s", self.round, client_id, msg.code, msg.reason
@@ -519,7 +534,7 @@ class Coordinator:
         already = self.store.pending_updates(round_)
         collector = RoundCollector(
             round_, assignments, self.layout, self.cfg.broker.max_message_bytes,
-            lambda cid, frame: self.store.save_pending_update(round_, cid, frame), already,
+            lambda cid, frame: self.store.save_pending_update(round_, cid, frame), already, self.inbox.count,
         )  # fmt: skip
         log.info("round %d/%d: %d clients, allocation %s%s", round_, self.cfg.rounds, len(assignments),
                  {c: list(b) for c, b in assignments.items()},
@@ -578,6 +593,7 @@ class Coordinator:
     def close_round(self, round_: int, collector: RoundCollector, rlog: RoundLog) -> None:
         from coordinator import aggregation  # noqa: PLC0415
 
+        max_samples = self.cfg.training.steps * self.cfg.training.batch_size
         deltas = {cid: deltas_of(msg) for cid, msg in collector.updates.items()}
         norms = {cid: aggregation.update_norm(d) for cid, d in deltas.items()}
         accepted: list[Any] = []
@@ -590,7 +606,9 @@ class Coordinator:
                 collector.reject(cid, verdict.code, verdict.reason)
                 continue
             msg = collector.updates[cid]
-            accepted.append(aggregation.ClientUpdate(cid, delta, msg.num_samples, 0))
+            # The weight is what the client claims, capped at what its task allowed (steps x batch):
+            # a client can not buy a larger share of the average by inflating num_samples.
+            accepted.append(aggregation.ClientUpdate(cid, delta, min(msg.num_samples, max_samples), 0))
             predicted = self.clients.clients[cid].predicted_step_seconds(
                 self.registry.num_layers, min(self.registry.block(b).layer_index for b in msg.blocks)
             )
@@ -613,8 +631,10 @@ class Coordinator:
                 if not verdict.accepted:
                     collector.reject(msg.client_id, verdict.code, "late update: " + verdict.reason)
                 elif msg.client_id in self.clients.clients and msg.client_id not in rlog.updates:
-                    accepted.append(aggregation.ClientUpdate(msg.client_id, late_delta, msg.num_samples,
-                                                             round_ - msg.round))  # fmt: skip
+                    weight = min(msg.num_samples, max_samples)
+                    accepted.append(
+                        aggregation.ClientUpdate(msg.client_id, late_delta, weight, round_ - msg.round)
+                    )
         for cid, err in collector.errors.items():
             self.clients.on_failure(cid, err.code, len(collector.assignments.get(cid, ())))
             rlog.errors.append({"client": cid, "code": err.code, "reason": err.reason[:300]})

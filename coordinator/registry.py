@@ -65,6 +65,34 @@ class ClientRecord:
         return forward + backward * (num_layers - lowest_layer)
 
 
+MAX_ANNOUNCED_BLOCKS = 4096
+MAX_STEP_SECONDS = 1e6
+
+
+def check_announce(msg: AnnounceMessage) -> str | None:
+    """What makes a (well-formed) announce unusable for the allocation, or None.
+
+    The decoder already checked types, non-negative finite numbers, the histogram's shape (at most
+    1024 labels, finite counts >= 0) and text sizes; this checks that the capacity makes sense.
+    """
+    if msg.memory_budget_bytes <= 0:
+        return "memory_budget_bytes must be positive"
+    if msg.max_trainable_blocks > MAX_ANNOUNCED_BLOCKS:
+        return (
+            f"max_trainable_blocks {msg.max_trainable_blocks} is implausible (at most {MAX_ANNOUNCED_BLOCKS})"
+        )
+    for name in ("block_step_seconds", "layer_forward_seconds"):
+        value = getattr(msg, name)
+        if not 0 < value <= MAX_STEP_SECONDS:
+            return f"{name} must be above 0 and at most {MAX_STEP_SECONDS:g} s, got {value}"
+    if msg.batch_size < 1 or msg.max_tokens < 1:
+        return f"batch_size {msg.batch_size} and max_tokens {msg.max_tokens} must be at least 1"
+    total = sum(msg.label_histogram.values())
+    if total > 1e12:
+        return f"label_histogram counts {total:g} examples: implausible"
+    return None
+
+
 class ClientRegistry:
     def __init__(self, base_fingerprint: str) -> None:
         self.base_fingerprint = base_fingerprint

@@ -1,11 +1,14 @@
 """A local mosquitto broker on a free loopback port, for tests and single-machine simulations.
 
 The config is written to a temporary folder that the broker's user can read (mosquitto run as
-root drops to the ``mosquitto`` user). Only loopback addresses are ever bound.
+root drops to the ``mosquitto`` user). :meth:`MosquittoBroker.from_config` starts one from a given
+config file instead (e.g. the TLS configuration of ``fedbe-coordinator broker-config``), after
+checking that every listener binds a loopback address. Only loopback addresses are ever bound.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -15,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from fedbe.errors import FedbeError
 
@@ -34,6 +38,13 @@ def find_mosquitto() -> str | None:
     return next((p for p in MOSQUITTO_PATHS if os.access(p, os.X_OK)), None)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -48,12 +59,46 @@ class MosquittoBroker:
         self.port = port or free_port()
         self.extra_config = extra_config
         self.persistence = persistence
+        self.scheme = "mqtt"
         self._dir: Path | None = None
+        self._given_config: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @classmethod
+    def from_config(cls, config_file: Path) -> MosquittoBroker:
+        """A broker that runs ``config_file`` as it is. Its listeners must all bind a loopback address
+        (``listener PORT 127.0.0.1``); the first one is the broker's URL (mqtts:// when it has a certfile)."""
+        listeners: list[tuple[int, str]] = []
+        tls = False
+        for line in config_file.read_text().splitlines():
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            if words[0] in ("port", "bind_address", "bind_interface"):
+                raise BrokerError(
+                    f"{config_file}: {words[0]!r} is not allowed here; use 'listener PORT 127.0.0.1'"
+                )
+            if words[0] == "listener":
+                if len(words) < 3 or not _is_loopback(words[2]):
+                    raise BrokerError(
+                        f"{config_file}: {line.strip()!r} does not bind a loopback address; only "
+                        "'listener PORT 127.0.0.1' (or ::1) is started here"
+                    )
+                listeners.append((int(words[1]), words[2]))
+            if words[0] == "certfile" and len(listeners) == 1:
+                tls = True
+        if not listeners:
+            raise BrokerError(f"{config_file} has no 'listener PORT 127.0.0.1' line")
+        broker = cls(port=listeners[0][0])
+        broker.host = listeners[0][1]
+        broker.scheme = "mqtts" if tls else "mqtt"
+        broker._given_config = config_file
+        return broker
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self) -> MosquittoBroker:
         exe = find_mosquitto()
@@ -61,6 +106,8 @@ class MosquittoBroker:
             raise BrokerError(
                 "mosquitto is not installed: apt-get install mosquitto (scripts/setup.sh does this)"
             )
+        if self._given_config is not None:
+            return self._launch(exe, self._given_config)
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="fedbe-mosquitto-"))
             os.chmod(self._dir, 0o777)  # readable and writable by the mosquitto user
@@ -77,13 +124,16 @@ class MosquittoBroker:
         ]
         conf.write_text("\n".join(lines) + "\n" + self.extra_config)
         os.chmod(conf, 0o644)
-        self._proc = subprocess.Popen(
-            [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        return self._launch(exe, conf)
+
+    def _launch(self, exe: str, conf: Path) -> MosquittoBroker:
+        # The broker's log goes to a file, not a pipe: a pipe nobody reads fills up and blocks it.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                err = self.log_text()
                 raise BrokerError(f"mosquitto exited at start (code {self._proc.returncode}): {err.strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
@@ -93,6 +143,13 @@ class MosquittoBroker:
                 time.sleep(0.05)
         self.stop()
         raise BrokerError(f"mosquitto did not start listening on {self.url} within 10 s")
+
+    def log_text(self) -> str:
+        """What the broker wrote to stderr so far."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -106,6 +163,9 @@ class MosquittoBroker:
 
     def close(self) -> None:
         self.stop()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -35,8 +35,21 @@ class BlockStateError(FedbeError, ValueError):
     """Block state does not match the expected block layout."""
 
 
+CODEC_REASONS = (
+    "malformed", "oversized", "corrupt", "version", "non_finite", "dtype_mismatch", "shape_mismatch",
+    "unassigned_block",
+)  # fmt: skip
+
+
 class CodecError(FedbeError, ValueError):
-    """A frame on the wire is malformed, corrupted, oversized or does not match the expected layout."""
+    """A frame on the wire is malformed, corrupted, oversized or does not match the expected layout.
+
+    ``reason`` is a short code from :data:`CODEC_REASONS`, for counting rejections by kind.
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DataError(FedbeError, ValueError):

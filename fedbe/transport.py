@@ -89,6 +89,8 @@ class Connection:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
+        self._refused_publishes: dict[int, str] = {}  # mid -> the broker's PUBACK reason (e.g. ACL)
         self._subacks: dict[int, threading.Event] = {}
         self._early_acks: set[int] = set()  # SUBACKs that arrived before subscribe() registered them
 
@@ -123,6 +125,15 @@ class Connection:
                 self._early_acks.add(mid)
         if event is not None:
             event.set()
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            with self._lock:
+                self._refused_publishes[mid] = str(reason)
+                while len(self._refused_publishes) > 1000:  # only publish(wait=...) collects these
+                    del self._refused_publishes[next(iter(self._refused_publishes))]
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self.inbox.put((message.topic, bytes(message.payload)))
@@ -170,7 +181,8 @@ class Connection:
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, wait: float | None = None
     ) -> None:
-        """Publish ``payload``; with ``wait``, block until the broker acknowledged it (QoS 1)."""
+        """Publish ``payload``; with ``wait``, block until the broker acknowledged it (QoS 1), and raise
+        :class:`TransportError` if the broker refused it (MQTT v5 PUBACK reason, e.g. "Not authorized")."""
         if len(payload) > self.config.max_message_bytes:
             raise TransportError(
                 f"message of {len(payload)} bytes for {topic} exceeds the limit of {self.config.max_message_bytes} "
@@ -186,6 +198,10 @@ class Connection:
                 raise TransportError(f"publish to {topic} was not acknowledged: {exc}") from exc
             if not info.is_published():
                 raise TransportError(f"publish to {topic} was not acknowledged within {wait} s")
+            with self._lock:
+                refused = self._refused_publishes.pop(info.mid, None)
+            if refused is not None:
+                raise TransportError(f"the broker refused the publish to {topic}: {refused}")
 
     def close(self) -> None:
         try:

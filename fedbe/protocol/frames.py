@@ -145,9 +145,9 @@ def _as_level(value: object) -> Level:
 
 def _check_values(c: CompressedTensor, where: str) -> None:
     if not all_finite(c.data):
-        raise CodecError(f"{where}: data holds NaN or Inf")
+        raise CodecError(f"{where}: data holds NaN or Inf", "non_finite")
     if c.scales is not None and not (all_finite(c.scales) and bool((c.scales >= 0).all())):
-        raise CodecError(f"{where}: int8 scales must be finite and non-negative")
+        raise CodecError(f"{where}: int8 scales must be finite and non-negative", "non_finite")
 
 
 class _Fields:
@@ -225,10 +225,15 @@ def _decode_tensor(obj: object, level: Level, where: str) -> CompressedTensor:
     f = _Fields(obj, where, _TENSOR_FIELDS)
     dtype = f.text("dtype")
     if dtype not in _DTYPE_NAMES:
-        raise CodecError(f"{where}: unknown dtype {dtype!r} (known: {sorted(_DTYPE_NAMES)})")
+        raise CodecError(
+            f"{where}: unknown dtype {dtype!r} (known: {sorted(_DTYPE_NAMES)})", "dtype_mismatch"
+        )
     name, wire = _WIRE_DTYPE[level]
     if dtype != name:
-        raise CodecError(f"{where}: dtype {dtype} is not allowed at level {level.value} (expected {name})")
+        raise CodecError(
+            f"{where}: dtype {dtype} is not allowed at level {level.value} (expected {name})",
+            "dtype_mismatch",
+        )
     shape = _decode_shape(f.raw("shape"), where)
     numel = math.prod(shape)
     data = f.raw("data")
@@ -316,15 +321,17 @@ def validate_blocks(
     every block id must also be one of those (the blocks the client was asked to train).
     """
     problems: list[str] = []
+    reason = "shape_mismatch"
     if expected_layout is not None:
         problems += layout_problems(layout_of(blocks), expected_layout, require_all_blocks=False)
     if allowed_blocks is not None:
         allowed = set(allowed_blocks)
-        problems += [
-            f"block {b} was not assigned (assigned {sorted(allowed)})" for b in sorted(set(blocks) - allowed)
-        ]
+        unassigned = sorted(set(blocks) - allowed)
+        if unassigned:
+            reason = "unassigned_block"
+        problems += [f"block {b} was not assigned (assigned {sorted(allowed)})" for b in unassigned]
     if problems:
-        raise CodecError("blocks do not match the model: " + "; ".join(problems))
+        raise CodecError("blocks do not match the model: " + "; ".join(problems), reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +365,7 @@ def _inflate(body: memoryview, compression: BodyCompression, max_bytes: int) -> 
         except zlib.error as exc:
             raise CodecError(f"zlib body is malformed: {exc}") from exc
         if len(out) > max_bytes:
-            raise CodecError(too_big)
+            raise CodecError(too_big, "oversized")
         if not inflater.eof or inflater.unused_data:
             raise CodecError("zlib body is truncated or followed by extra bytes")
         return out
@@ -367,7 +374,7 @@ def _inflate(body: memoryview, compression: BodyCompression, max_bytes: int) -> 
         if declared < 0:
             raise CodecError("zstd body does not declare its content size (encode always writes it)")
         if declared > max_bytes:
-            raise CodecError(too_big)
+            raise CodecError(too_big, "oversized")
         decompressor = zstandard.ZstdDecompressor(max_window_size=1 << _MAX_ZSTD_WINDOW_LOG)
         chunks: list[bytes] = []
         total = 0
@@ -397,13 +404,16 @@ def pack_frame(
     if not 0 <= message_type <= 0xFF:
         raise CodecError(f"message type {message_type} does not fit the type byte")
     if len(body) > max_bytes:
-        raise CodecError(f"message body of {len(body)} bytes exceeds the limit of {max_bytes} bytes")
+        raise CodecError(
+            f"message body of {len(body)} bytes exceeds the limit of {max_bytes} bytes", "oversized"
+        )
     packed = _compress_body(body, compression, compression_level)
     size = HEADER_SIZE + len(packed)
     if size > max_bytes or len(packed) > 0xFFFFFFFF:
         raise CodecError(
             f"frame of {size} bytes exceeds the limit of {max_bytes} bytes: send fewer blocks per message, "
-            "compress harder (int8, zstd) or raise the limit (and the broker's message_size_limit)"
+            "compress harder (int8, zstd) or raise the limit (and the broker's message_size_limit)",
+            "oversized",
         )
     head = HEADER.pack(MAGIC, PROTOCOL_VERSION, message_type, compression, 0, len(packed), 0)[:_CRC_OFFSET]
     crc = zlib.crc32(packed, zlib.crc32(head))
@@ -418,28 +428,33 @@ def unpack_frame(
         raise CodecError(f"a frame must be bytes, got {_kind(data)}")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > max_bytes:
-        raise CodecError(f"frame of {size} bytes exceeds the limit of {max_bytes} bytes")
+        raise CodecError(f"frame of {size} bytes exceeds the limit of {max_bytes} bytes", "oversized")
     if size < HEADER_SIZE:
-        raise CodecError(f"frame of {size} bytes is shorter than the {HEADER_SIZE}-byte header: truncated")
+        raise CodecError(
+            f"frame of {size} bytes is shorter than the {HEADER_SIZE}-byte header: truncated", "corrupt"
+        )
     raw = bytes(data)
     magic, version, type_code, flags, reserved, body_length, crc = HEADER.unpack_from(raw)
     if magic != MAGIC:
-        raise CodecError(f"not a fedbe frame: magic {magic!r}, expected {MAGIC!r}")
+        raise CodecError(f"not a fedbe frame: magic {magic!r}, expected {MAGIC!r}", "corrupt")
     if version not in SUPPORTED_VERSIONS:
         raise CodecError(
             f"unsupported protocol version {version}; this build supports {sorted(SUPPORTED_VERSIONS)}: "
-            "run the same fedbe release on coordinator and clients"
+            "run the same fedbe release on coordinator and clients",
+            "version",
         )
     if body_length != size - HEADER_SIZE:
         raise CodecError(
             f"header announces a body of {body_length} bytes but {size - HEADER_SIZE} follow: "
-            "truncated or padded in transit"
+            "truncated or padded in transit",
+            "corrupt",
         )
     body = memoryview(raw)[HEADER_SIZE:]
     actual = zlib.crc32(body, zlib.crc32(raw[:_CRC_OFFSET]))
     if actual != crc:
         raise CodecError(
-            f"CRC mismatch (header {crc:#010x}, computed {actual:#010x}): frame corrupted in transit"
+            f"CRC mismatch (header {crc:#010x}, computed {actual:#010x}): frame corrupted in transit",
+            "corrupt",
         )
     if reserved != 0:
         raise CodecError(f"reserved header byte is {reserved}, must be 0")

@@ -553,7 +553,9 @@ def encode(
     if codec.blocks_of is not None:
         values = _tensor_bytes(codec.blocks_of(msg))
         if values > max_bytes:  # no frame can fit: refuse before copying any tensor
-            raise CodecError(f"tensor data of {values} bytes exceeds the limit of {max_bytes} bytes")
+            raise CodecError(
+                f"tensor data of {values} bytes exceeds the limit of {max_bytes} bytes", "oversized"
+            )
     try:
         body = msgpack.packb(codec.to_payload(msg), use_bin_type=True)
     except CodecError as exc:
@@ -609,7 +611,7 @@ def decode(
     try:
         msg = codec.from_payload(payload)
     except CodecError as exc:
-        raise CodecError(f"invalid {_type_name(frame.message_type)}: {exc}") from exc
+        raise CodecError(f"invalid {_type_name(frame.message_type)}: {exc}", exc.reason) from exc
     if expected_layout is not None or allowed_blocks is not None:
         if codec.blocks_of is None:
             raise CodecError(f"{_type_name(frame.message_type)} carries no blocks, but blocks were expected")

@@ -48,8 +48,8 @@ def test_every_kind_of_bad_update_is_rejected_with_a_reason() -> None:
     c.offer_update("z", update("z", 3))  # a client with no task
     c.offer_update("a", b"FBEW not a frame")
     reasons = [r["reason"] for r in c.rejected]
-    assert reasons == ["wrong_round", "wrong_client", "invalid", "invalid", "blocks_mismatch",
-                       "unassigned_client", "invalid"]  # fmt: skip
+    assert reasons == ["wrong_round", "wrong_client", "unassigned_block", "shape_mismatch", "blocks_mismatch",
+                       "unassigned_client", "version"]  # fmt: skip
     assert persisted == [] and c.updates == {}
     assert [m.round for m in c.late] == [2]  # kept for folding, if the config says so
     c.offer_update("a", update("a", 3))
