@@ -316,9 +316,9 @@ class EdgeAgent:
             status.source_layers,
         )
         if key == self.status_key:
-            # A (re)started coordinator publishes its status again: announce again so that its
-            # registry, restored from disk with every client offline, sees this one.
-            if self.announcement is not None:
+            # A (re)started coordinator publishes "starting": announce again so that its registry,
+            # restored from disk with every client offline, sees this one. (Not after every round.)
+            if self.announcement is not None and status.state == "starting":
                 self._send(ClientTopic.ANNOUNCE, self.announcement)
             return None
         if self.status_key is not None:

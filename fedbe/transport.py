@@ -16,6 +16,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -149,7 +150,10 @@ class Connection:
         except (OSError, ValueError) as exc:
             raise TransportError(f"can not reach the broker at {self.host}:{self.port}: {exc}") from exc
         self._client.loop_start()
-        if not self.connected.wait(timeout):
+        until = time.monotonic() + timeout
+        while not self.connected.wait(0.05) and self._refused is None and time.monotonic() < until:
+            pass  # a refusal (bad credentials) ends the wait at once
+        if not self.connected.is_set():
             reason = self._refused or "no answer"
             self.close()
             raise TransportError(
