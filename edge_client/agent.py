@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from edge_client.trainer import TrainConfig, evaluate_loss, train_blocks
+from edge_client.trainer import BaseCache, TrainConfig, evaluate_loss, train_blocks
 from fedbe import protocol
 from fedbe.blocks import block_delta, block_layout, get_block_state, set_block_state
 from fedbe.compression import BlockState, compress_state, decompress_state
@@ -125,6 +125,9 @@ class TaskRunner:
         self.capacity = capacity
         self.slowdown = slowdown  # emulating a slower device: each step is stretched by this factor
         self.residual: BlockState = {}
+        # The base's cached predictions for self-distillation: valid for this model and data only
+        # (a new TaskRunner is built when the expansion or the base changes).
+        self.base_cache: BaseCache | None = None
 
     def check(self, task: protocol.TaskMessage) -> str | None:
         """Why this task can not be run here, or None."""
@@ -176,13 +179,25 @@ class TaskRunner:
                 torch.manual_seed(task.seed)
                 batches = self.train_batches(task.batch_size, task.max_tokens, task.seed)
                 deadline = task.deadline_seconds if task.deadline_seconds > 0 else None
+                top_k = task.distill_top_k if task.distill_lambda > 0 else 0
+                if top_k and (self.base_cache is None or self.base_cache.top_k != top_k):
+                    self.base_cache = BaseCache(top_k)
+                config = TrainConfig(
+                    steps=task.steps,
+                    lr=task.lr,
+                    deadline_seconds=deadline,
+                    distill_lambda=task.distill_lambda,
+                    distill_top_k=task.distill_top_k,
+                    identity_pull=task.identity_pull,
+                )
                 result = train_blocks(
                     model,
                     registry,
                     task.block_ids,
                     batches,
-                    TrainConfig(steps=task.steps, lr=task.lr, deadline_seconds=deadline),
+                    config,
                     should_stop=should_stop,
+                    base_cache=self.base_cache,
                 )
                 if result.stopped_early:
                     return [

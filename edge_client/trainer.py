@@ -2,6 +2,19 @@
 
 Only the assigned blocks train (AdamW over exactly their parameters); the base and the other new
 blocks are frozen and in eval mode, so dropout and batch statistics of the base never change.
+
+Retention mechanisms (each a :class:`TrainConfig` option, measured by ``fedbe bench``):
+
+* **Self-distillation against the base** (``distill_lambda > 0``): loss = CE on the target tokens
+  + lambda * KL(p_base || p_model) averaged over the *non-target* positions (article and template).
+  The base's distribution comes from the same model with every new block bypassed (exactly the
+  base, no second copy in memory). With ``distill_top_k = 0`` that costs one extra no-grad forward
+  per step and the KL is exact over the vocabulary. With ``distill_top_k = K > 0`` the base's top-K
+  probabilities per position (the rest of the mass lumped into one bucket) are computed once per
+  example and kept in a :class:`BaseCache` that lives as long as the client's data and base; later
+  steps and rounds reuse them, so the extra forward disappears after the first pass over the data.
+* **Identity pull** (``identity_pull > 0``): adds ``identity_pull * sum ||W||^2`` over the trained
+  blocks' output projections, pulling each block back towards the identity it started as.
 """
 
 from __future__ import annotations
@@ -16,9 +29,9 @@ import torch
 from transformers import PreTrainedModel
 
 from fedbe.blocks import set_trainable
-from fedbe.datasets import Batch
+from fedbe.datasets import IGNORE_INDEX, Batch
 from fedbe.errors import FedbeError
-from fedbe.expansion import BlockRegistry, new_block_module
+from fedbe.expansion import BlockRegistry, architecture_of, bypassed, new_block_module
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +43,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     deadline_seconds: float | None = None
+    distill_lambda: float = 0.0
+    distill_top_k: int = 0  # 0: exact KL with a base forward every step; K: cached top-K of the base
+    identity_pull: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise FedbeError(f"steps must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.distill_lambda) and self.distill_lambda >= 0):
+            raise FedbeError(f"distill_lambda must be a number >= 0, got {self.distill_lambda}")
+        if self.distill_top_k < 0:
+            raise FedbeError(f"distill_top_k must be >= 0 (0 = exact, no cache), got {self.distill_top_k}")
+        if not (math.isfinite(self.identity_pull) and self.identity_pull >= 0):
+            raise FedbeError(f"identity_pull must be a number >= 0, got {self.identity_pull}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise FedbeError(f"learning rate must be a positive number, got {self.lr}")
 
@@ -46,6 +68,9 @@ class TrainResult:
     wall_seconds: float = 0.0
     stopped_by_deadline: bool = False
     stopped_early: bool = False  # ``should_stop`` said so (e.g. SIGTERM)
+    ce_losses: list[float] = field(default_factory=list)  # the target-token part of each step's loss
+    distill_losses: list[float] = field(default_factory=list)  # the KL part (before lambda), if any
+    base_forwards: int = 0  # no-grad forwards of the base spent on distillation
 
     @property
     def steps(self) -> int:
@@ -67,6 +92,104 @@ def causal_lm_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     return out.loss
 
 
+def distill_positions(batch: Batch) -> torch.Tensor:
+    """``[rows, width-1]`` bool: next-token positions that predict a real, non-target token."""
+    return (batch.attention_mask[:, 1:] == 1) & (batch.labels[:, 1:] == IGNORE_INDEX)
+
+
+def _row_key(batch: Batch, row: int) -> bytes:
+    n = int(batch.attention_mask[row].sum())
+    return batch.input_ids[row, :n].numpy().tobytes()
+
+
+class BaseCache:
+    """The base model's top-K next-token probabilities at the distillation positions of each example.
+
+    Keyed by the example's token ids, so it is valid for as long as the base model and the tokenized
+    data are: keep one per client and drop it when the base or the expansion changes.
+    """
+
+    def __init__(self, top_k: int) -> None:
+        if top_k < 1:
+            raise FedbeError(f"a base cache needs top_k >= 1, got {top_k}")
+        self.top_k = top_k
+        self._rows: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            i.numel() * i.element_size() + p.numel() * p.element_size() for i, p in self._rows.values()
+        )
+
+    def missing(self, batch: Batch) -> bool:
+        return any(_row_key(batch, r) not in self._rows for r in range(batch.size))
+
+    def fill(self, batch: Batch, base_logits: torch.Tensor) -> None:
+        positions = distill_positions(batch)
+        logprobs = torch.log_softmax(base_logits[:, :-1].float(), dim=-1)
+        top_logp, top_idx = logprobs.topk(self.top_k, dim=-1)
+        for row in range(batch.size):
+            mask = positions[row]
+            self._rows[_row_key(batch, row)] = (top_idx[row][mask].to(torch.int32), top_logp[row][mask])
+
+    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices ``[P, K]`` and log-probabilities ``[P, K]`` for the batch's positions, in mask order."""
+        rows = [self._rows[_row_key(batch, r)] for r in range(batch.size)]
+        return torch.cat([i for i, _ in rows]).long(), torch.cat([p for _, p in rows])
+
+
+def kl_full(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_base || p_model), exact over the vocabulary (``[P, V]`` inputs)."""
+    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
+
+
+def kl_top_k(top_idx: torch.Tensor, top_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(p_base || p_model) with the base known only on its top K tokens per position.
+
+    The base's remaining mass r = 1 - sum(top) is compared with the model's mass outside the same
+    tokens, as one extra bucket (an exact KL between the two coarsened distributions, a lower bound
+    of the full KL that tightens as K grows).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    model_top = logp.gather(-1, top_idx)
+    p_top = top_logp.exp()
+    rest_p = (1 - p_top.sum(-1)).clamp(min=1e-8)
+    rest_q = (1 - model_top.exp().sum(-1)).clamp(min=1e-8)
+    kl = (p_top * (top_logp - model_top)).sum(-1) + rest_p * (rest_p.log() - rest_q.log())
+    return kl.mean()
+
+
+def _forward_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    device = next(p for p in model.parameters()).device
+    return model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
+    ).logits
+
+
+def _target_ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    labels = batch.labels[:, 1:].to(logits.device)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def _output_projection_params(
+    model: PreTrainedModel, registry: BlockRegistry, block_ids: Sequence[int]
+) -> list:
+    arch = architecture_of(model)
+    params = []
+    for block_id in block_ids:
+        block = new_block_module(model, registry, block_id)
+        for path in arch.output_projections:
+            params.extend(p for p in block.get_submodule(path).parameters() if p.requires_grad)
+    return params
+
+
 def train_blocks(
     model: PreTrainedModel,
     registry: BlockRegistry,
@@ -75,12 +198,21 @@ def train_blocks(
     config: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    base_cache: BaseCache | None = None,
 ) -> TrainResult:
-    """Train exactly ``block_ids`` for ``config.steps`` steps (cycling over ``batches``)."""
+    """Train exactly ``block_ids`` for ``config.steps`` steps (cycling over ``batches``).
+
+    With ``config.distill_top_k > 0`` pass the client's :class:`BaseCache` as ``base_cache`` to
+    keep the base's predictions across calls (a fresh one is used otherwise).
+    """
     params = set_trainable(model, registry, block_ids)
     batch_list = list(batches)
     if not batch_list:
         raise FedbeError("no training batches")
+    distill = config.distill_lambda > 0
+    if distill and config.distill_top_k and (base_cache is None or base_cache.top_k != config.distill_top_k):
+        base_cache = BaseCache(config.distill_top_k)
+    pulled = _output_projection_params(model, registry, block_ids) if config.identity_pull > 0 else []
     model.eval()
     for block_id in registry.check_ids(block_ids):
         new_block_module(model, registry, block_id).train()
@@ -98,7 +230,13 @@ def train_blocks(
                 log.info("stopped after %d steps", step)
                 break
             batch = batch_list[step % len(batch_list)]
-            loss = causal_lm_loss(model, batch)
+            if distill:
+                loss = _distill_step_loss(model, registry, batch, config, base_cache, result)
+            else:
+                loss = causal_lm_loss(model, batch)
+                result.ce_losses.append(float(loss.detach()))
+            if pulled:
+                loss = loss + config.identity_pull * sum((p.float() ** 2).sum() for p in pulled)
             if not torch.isfinite(loss):
                 raise FedbeError(
                     f"training loss became {loss.item()} at step {step}; lower the learning rate"
@@ -117,6 +255,38 @@ def train_blocks(
         model.requires_grad_(False)
         result.wall_seconds = time.perf_counter() - start
     return result
+
+
+def _distill_step_loss(
+    model: PreTrainedModel,
+    registry: BlockRegistry,
+    batch: Batch,
+    config: TrainConfig,
+    cache: BaseCache | None,
+    result: TrainResult,
+) -> torch.Tensor:
+    positions = distill_positions(batch)
+    base_logits = None
+    if cache is None or cache.missing(batch):
+        with torch.no_grad(), bypassed(model, registry):
+            base_logits = _forward_logits(model, batch)
+        result.base_forwards += 1
+        if cache is not None:
+            cache.fill(batch, base_logits)
+    logits = _forward_logits(model, batch)
+    ce = _target_ce(logits, batch)
+    picked = logits[:, :-1][positions.to(logits.device)]
+    if not positions.any():
+        kl = logits.sum() * 0.0
+    elif cache is None:
+        assert base_logits is not None
+        kl = kl_full(base_logits[:, :-1][positions.to(base_logits.device)], picked)
+    else:
+        top_idx, top_logp = cache.targets(batch)
+        kl = kl_top_k(top_idx.to(logits.device), top_logp.to(logits.device), picked)
+    result.ce_losses.append(float(ce.detach()))
+    result.distill_losses.append(float(kl.detach()))
+    return ce + config.distill_lambda * kl
 
 
 @torch.no_grad()

@@ -134,6 +134,8 @@ class TaskMessage:
     seed: int
     distill_lambda: float
     evaluate: bool
+    distill_top_k: int = 0  # 0: exact self-distillation; K: the client caches the base's top-K
+    identity_pull: float = 0.0  # L2 pull of the trained blocks' output projections towards zero
 
 
 TASK_ERROR_CODES = ("refused_memory", "invalid_task", "failed", "abandoned", "busy")
@@ -352,6 +354,7 @@ def _status_from_payload(payload: object) -> StatusMessage:
 _TASK_FIELDS = (
     "round", "task_id", "client_id", "block_ids", "weights_level", "weights", "reply_level", "steps", "lr",
     "batch_size", "max_tokens", "deadline_seconds", "seed", "distill_lambda", "evaluate",
+    "distill_top_k", "identity_pull",
 )  # fmt: skip
 
 
@@ -374,6 +377,8 @@ def _task_to_payload(m: TaskMessage) -> dict[str, object]:
         "seed": _as_count(m.seed, "seed"),
         "distill_lambda": _as_real(m.distill_lambda, "distill_lambda", 0.0),
         "evaluate": _flag(m.evaluate, "evaluate"),
+        "distill_top_k": _as_count(m.distill_top_k, "distill_top_k"),
+        "identity_pull": _as_real(m.identity_pull, "identity_pull", 0.0),
     }
 
 
@@ -396,6 +401,8 @@ def _task_from_payload(payload: object) -> TaskMessage:
         seed=f.count("seed"),
         distill_lambda=f.real("distill_lambda", 0.0),
         evaluate=_flag(f.raw("evaluate"), "evaluate"),
+        distill_top_k=f.count("distill_top_k"),
+        identity_pull=f.real("identity_pull", 0.0),
     )
 
 

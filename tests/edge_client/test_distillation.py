@@ -1,0 +1,116 @@
+"""Retention mechanisms of the local trainer: self-distillation (exact and cached) and the identity pull."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_client.trainer import BaseCache, TrainConfig, kl_full, kl_top_k, train_blocks
+from fedbe import expansion, quantization, sources
+from fedbe.datasets import Batch
+from fedbe.errors import FedbeError
+
+
+def _batches(n: int = 2, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 256, (4, 16), generator=g)
+        ids[:, 12:] = 7  # the target: always token 7
+        labels = torch.full_like(ids, -100)
+        labels[:, 12:] = 7
+        mask = torch.ones_like(ids)
+        mask[0, 14:] = 0  # one padded row
+        ids[0, 14:] = 0
+        labels[0, 14:] = -100
+        out.append(Batch(ids, mask, labels))
+    return out
+
+
+def _model(precision: str = "fp32") -> tuple[torch.nn.Module, expansion.BlockRegistry]:
+    torch.manual_seed(0)
+    model = sources.build_tiny_model("llama")
+    registry = expansion.expand_model(model, expansion.plan_expansion(4, 2, "interleave"))
+    quantization.freeze_base(model, registry, precision)
+    return model, registry
+
+
+@torch.no_grad()
+def _drift(model, registry, batches) -> float:
+    """Mean KL(base || model) at the non-target positions: how far the model moved from the base."""
+    from edge_client.trainer import _forward_logits, distill_positions  # noqa: PLC0415
+
+    total = 0.0
+    for batch in batches:
+        pos = distill_positions(batch)
+        with expansion.bypassed(model, registry):
+            base = _forward_logits(model, batch)[:, :-1][pos]
+        total += float(kl_full(base, _forward_logits(model, batch)[:, :-1][pos]))
+    return total / len(batches)
+
+
+def test_top_k_kl_with_the_whole_vocabulary_is_the_exact_kl() -> None:
+    g = torch.Generator().manual_seed(1)
+    base, model = torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g)
+    logp = torch.log_softmax(base, -1)
+    top_logp, top_idx = logp.topk(50, -1)
+    assert torch.allclose(kl_top_k(top_idx, top_logp, model), kl_full(base, model), atol=1e-5)
+    # with fewer tokens it is a lower bound (coarsening never increases a KL)
+    top_logp, top_idx = logp.topk(5, -1)
+    assert float(kl_top_k(top_idx, top_logp, model)) <= float(kl_full(base, model)) + 1e-6
+    assert float(kl_full(base, base)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_starts_at_zero_because_the_expanded_model_is_the_base() -> None:
+    model, registry = _model()
+    result = train_blocks(
+        model, registry, [0, 1], _batches(), TrainConfig(steps=1, lr=1e-3, distill_lambda=1.0)
+    )
+    assert result.distill_losses[0] == pytest.approx(0.0, abs=1e-6)
+    assert result.base_forwards == 1
+
+
+@pytest.mark.parametrize("top_k", [0, 64])
+def test_distillation_keeps_the_model_closer_to_the_base(top_k: int) -> None:
+    batches = _batches()
+    drift = {}
+    for lam in (0.0, 50.0):
+        model, registry = _model()
+        cfg = TrainConfig(steps=30, lr=1e-2, distill_lambda=lam, distill_top_k=top_k)
+        result = train_blocks(model, registry, [0, 1], batches, cfg)
+        assert result.ce_losses[-1] < result.ce_losses[0]  # it still learns the target
+        drift[lam] = _drift(model, registry, batches)
+    assert drift[50.0] < 0.5 * drift[0.0], drift
+
+
+def test_the_cache_removes_the_base_forward_after_the_first_pass() -> None:
+    model, registry = _model("nf4")
+    batches = _batches(3)
+    cache = BaseCache(8)
+    cfg = TrainConfig(steps=6, lr=1e-3, distill_lambda=1.0, distill_top_k=8)
+    first = train_blocks(model, registry, [1], batches, cfg, base_cache=cache)
+    assert first.base_forwards == 3 and len(cache) == 12 and cache.nbytes > 0
+    again = train_blocks(model, registry, [0, 1], batches, cfg, base_cache=cache)
+    assert again.base_forwards == 0
+    other = train_blocks(model, registry, [1], _batches(1, seed=9), cfg, base_cache=cache)
+    assert other.base_forwards == 1  # new examples: computed once
+
+
+def test_identity_pull_keeps_output_projections_smaller() -> None:
+    batches = _batches()
+    norms = {}
+    for pull in (0.0, 10.0):
+        model, registry = _model()
+        train_blocks(model, registry, [1], batches, TrainConfig(steps=20, lr=1e-2, identity_pull=pull))
+        block = expansion.new_block_module(model, registry, 1)
+        norms[pull] = float(block.self_attn.o_proj.weight.norm() + block.mlp.down_proj.weight.norm())
+    assert norms[10.0] < 0.7 * norms[0.0], norms
+
+
+def test_bad_retention_settings_are_refused() -> None:
+    with pytest.raises(FedbeError, match="distill_lambda"):
+        TrainConfig(distill_lambda=-1)
+    with pytest.raises(FedbeError, match="distill_top_k"):
+        TrainConfig(distill_top_k=-2)
+    with pytest.raises(FedbeError, match="identity_pull"):
+        TrainConfig(identity_pull=float("nan"))
