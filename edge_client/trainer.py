@@ -23,7 +23,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -182,7 +184,7 @@ def _output_projection_params(
     model: PreTrainedModel, registry: BlockRegistry, block_ids: Sequence[int]
 ) -> list:
     arch = architecture_of(model)
-    params = []
+    params: list[torch.nn.Parameter] = []
     for block_id in block_ids:
         block = new_block_module(model, registry, block_id)
         for path in arch.output_projections:
@@ -209,15 +211,52 @@ def train_blocks(
     batch_list = list(batches)
     if not batch_list:
         raise FedbeError("no training batches")
-    distill = config.distill_lambda > 0
-    if distill and config.distill_top_k and (base_cache is None or base_cache.top_k != config.distill_top_k):
-        base_cache = BaseCache(config.distill_top_k)
     pulled = _output_projection_params(model, registry, block_ids) if config.identity_pull > 0 else []
     model.eval()
     for block_id in registry.check_ids(block_ids):
         new_block_module(model, registry, block_id).train()
+    return train_parameters(
+        model,
+        params,
+        batch_list,
+        config,
+        base=lambda: bypassed(model, registry),
+        pulled=pulled,
+        on_step=on_step,
+        should_stop=should_stop,
+        base_cache=base_cache,
+        block_ids=tuple(sorted(block_ids)),
+    )
+
+
+def train_parameters(
+    model: PreTrainedModel,
+    params: Sequence[torch.nn.Parameter],
+    batches: Sequence[Batch],
+    config: TrainConfig,
+    *,
+    base: Callable[[], AbstractContextManager[Any]] | None = None,
+    pulled: Sequence[torch.nn.Parameter] = (),
+    on_step: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    base_cache: BaseCache | None = None,
+    block_ids: tuple[int, ...] = (),
+) -> TrainResult:
+    """The optimisation loop behind :func:`train_blocks`, for any set of trainable ``params``.
+
+    ``base`` is a context in which ``model`` computes the frozen base (new blocks bypassed, or a
+    PEFT model's adapters disabled): self-distillation needs it. ``pulled`` are the parameters the
+    identity pull acts on. The caller sets train/eval modes and ``requires_grad``.
+    """
+    distill = config.distill_lambda > 0
+    if distill and base is None:
+        raise FedbeError("self-distillation needs a way to run the base model (base=...)")
+    if distill and config.distill_top_k and (base_cache is None or base_cache.top_k != config.distill_top_k):
+        base_cache = BaseCache(config.distill_top_k)
+    if not distill or not config.distill_top_k:
+        base_cache = None
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    result = TrainResult(block_ids=tuple(sorted(block_ids)))
+    result = TrainResult(block_ids=block_ids)
     start = time.perf_counter()
     try:
         for step in range(config.steps):
@@ -229,9 +268,10 @@ def train_blocks(
                 result.stopped_early = True
                 log.info("stopped after %d steps", step)
                 break
-            batch = batch_list[step % len(batch_list)]
+            batch = batches[step % len(batches)]
             if distill:
-                loss = _distill_step_loss(model, registry, batch, config, base_cache, result)
+                assert base is not None
+                loss = _distill_step_loss(model, base, batch, config, base_cache, result)
             else:
                 loss = causal_lm_loss(model, batch)
                 result.ce_losses.append(float(loss.detach()))
@@ -259,7 +299,7 @@ def train_blocks(
 
 def _distill_step_loss(
     model: PreTrainedModel,
-    registry: BlockRegistry,
+    base: Callable[[], AbstractContextManager[Any]],
     batch: Batch,
     config: TrainConfig,
     cache: BaseCache | None,
@@ -268,7 +308,7 @@ def _distill_step_loss(
     positions = distill_positions(batch)
     base_logits = None
     if cache is None or cache.missing(batch):
-        with torch.no_grad(), bypassed(model, registry):
+        with torch.no_grad(), base():
             base_logits = _forward_logits(model, batch)
         result.base_forwards += 1
         if cache is not None:
