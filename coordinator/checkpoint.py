@@ -12,6 +12,7 @@ Layout of ``state_dir``::
         optimizer-<slot>.safetensors   one per server-optimizer tensor slot (e.g. momentum)
     pending/round-000013/<client id>.frame   raw frames of accepted updates of the open round
     metrics.jsonl           one JSON object per line
+    baseline.json           the base model's server-side scores (server_eval.baseline), written once
 
 What is guaranteed (on a POSIX file system that honours fsync and rename):
 
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LATEST_FILE, LOCK_FILE, METRICS_FILE, PENDING_DIR = "LATEST", "LOCK", "metrics.jsonl", "pending"
+BASELINE_FILE = "baseline.json"
 SNAPSHOT_JSON, GLOBAL_FILE = "snapshot.json", "global.safetensors"
 _ROUND_DIR = re.compile(r"^round-(\d{6,})$")
 _SLOT = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -291,6 +293,31 @@ class CheckpointStore:
                 os.fsync(f.fileno())
         except OSError as exc:
             raise _io_error(exc, "append metrics to", path, None) from exc
+
+    def save_baseline(self, record: Mapping[str, object]) -> None:
+        """Write the base model's evaluation (atomically; NaN/inf become null)."""
+        path = self.state_dir / BASELINE_FILE
+        try:
+            data = json.dumps(_finite(record), sort_keys=True, allow_nan=False, indent=1).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"baseline record is not JSON-serializable: {exc}") from exc
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, data)
+        except OSError as exc:
+            raise _io_error(exc, "write", path, None) from exc
+
+    def load_baseline(self) -> dict[str, object] | None:
+        """The saved base-model evaluation, or None when there is none (or it is unreadable)."""
+        path = self.state_dir / BASELINE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s (%s); the base model is scored again", path, exc)
+            return None
+        return data if isinstance(data, dict) else None
 
     def read_metrics(self) -> list[dict[str, object]]:
         """Every complete record of ``metrics.jsonl`` (a line cut off by a crash is skipped)."""

@@ -45,7 +45,11 @@ Fields (``name: type = default``):
   ``password_file: path | null`` (must exist; first line is the password), ``tls_ca: path | null``,
   ``require_tls: bool = false``, ``max_message_bytes: int >= 65536 = 268435456``.
 * ``server_eval: null``, or ``dataset: "bbc-news"`` and ``examples: int >= 1 = 40`` -- the coordinator
-  evaluates the global model itself on held-out examples.
+  evaluates the global model itself on held-out examples; ``probe_questions: int >= 0 = 0`` and
+  ``probe_texts: int >= 0 = 0`` (both 0, or both >= 1) -- also score the general-ability probes of
+  :mod:`fedbe.probes` (WordNet definition choice, perplexity on quotations) and their retention;
+  ``baseline: bool = false`` -- score the base model once before round 1 (a ``round: 0`` metrics line
+  and ``state_dir/baseline.json``), the reference of the retention figures.
 
 :func:`config_digest` hashes everything but ``state_dir`` and ``broker`` (where the run is stored and
 how it reaches the broker do not change what it trains), so a resume can check it is the same run.
@@ -103,6 +107,8 @@ class TrainingConfig:
     batch_size: int = 4
     max_tokens: int = 128
     distill_lambda: float = 0.0
+    distill_top_k: int = 0
+    identity_pull: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,9 @@ class BrokerSettings:
 class ServerEvalConfig:
     dataset: str = "bbc-news"
     examples: int = 40
+    probe_questions: int = 0
+    probe_texts: int = 0
+    baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -422,6 +431,8 @@ def _training(f: _Fields) -> TrainingConfig:
         batch_size=f.integer("batch_size", 4, 1),
         max_tokens=f.integer("max_tokens", 128, 8),
         distill_lambda=f.real("distill_lambda", 0.0, "[0, inf)"),
+        distill_top_k=f.integer("distill_top_k", 0, 0),
+        identity_pull=f.real("identity_pull", 0.0, "[0, inf)"),
     )
 
 
@@ -480,9 +491,17 @@ def _broker(f: _Fields) -> BrokerSettings:
 
 
 def _server_eval(f: _Fields) -> ServerEvalConfig:
-    return ServerEvalConfig(
-        dataset=f.choice("dataset", "bbc-news", EVAL_DATASETS), examples=f.integer("examples", 40, 1)
+    cfg = ServerEvalConfig(
+        dataset=f.choice("dataset", "bbc-news", EVAL_DATASETS),
+        examples=f.integer("examples", 40, 1),
+        probe_questions=f.integer("probe_questions", 0, 0),
+        probe_texts=f.integer("probe_texts", 0, 0),
+        baseline=f.boolean("baseline", False),
     )
+    if (cfg.probe_questions == 0) != (cfg.probe_texts == 0):
+        name = "probe_texts" if cfg.probe_texts == 0 else "probe_questions"
+        f.fail(name, 0, "is 0 while the other probe count is not", "Set both (e.g. 60 and 48) or neither.")
+    return cfg
 
 
 def config_digest(cfg: RunConfig) -> str:

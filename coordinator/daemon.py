@@ -19,6 +19,7 @@ All I/O is here; the algorithms are pure functions elsewhere. Messages go throug
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -267,6 +268,7 @@ class Coordinator:
     def __init__(self, cfg: Any, conn: Connection, store: Any, stop: threading.Event | None = None) -> None:
         self.cfg, self.conn, self.store = cfg, conn, store
         self.stop = stop or threading.Event()
+        self.baseline: dict[str, Any] | None = None  # the base model's server evaluation (round 0)
         self.topics = Topics(cfg.federation)
         self.inbox = Inbox(conn, self.topics)
 
@@ -455,6 +457,8 @@ class Coordinator:
                      ClientTopic.ERROR):  # fmt: skip
             self.conn.subscribe(self.topics.all_clients(kind))
         self.setup()
+        if self.cfg.server_eval is not None and self.cfg.server_eval.baseline:
+            self.evaluate_baseline()
         while self.round < self.cfg.rounds and not self.stop.is_set():
             if not wait_for_clients(self.pump, self.cfg.min_clients, self.stop):
                 break
@@ -515,7 +519,8 @@ class Coordinator:
             weights=encode_weights(self.global_state, list(weight_ids)), reply_level=self.cfg.update_level,
             steps=0 if evaluate else t.steps, lr=t.lr, batch_size=t.batch_size, max_tokens=t.max_tokens,
             deadline_seconds=self.cfg.round_deadline_seconds, seed=self.cfg.seed * 100003 + round_,
-            distill_lambda=t.distill_lambda, evaluate=evaluate,
+            distill_lambda=t.distill_lambda, evaluate=evaluate, distill_top_k=t.distill_top_k,
+            identity_pull=t.identity_pull,
         )  # fmt: skip
         frame = protocol.encode(task, max_bytes=self.cfg.broker.max_message_bytes)
         self.conn.publish(self.topics.client(client_id, ClientTopic.TASK), frame, wait=30)
@@ -660,28 +665,83 @@ class Coordinator:
             sum(rlog.bytes_up.values()) / 1e6, sum(rlog.bytes_down.values()) / 1e6,
         )  # fmt: skip
 
-    def server_eval(self) -> dict[str, Any]:
-        """Accuracy of the current global model on held-out BBC News test articles, on the coordinator."""
+    def server_eval(self, base_model: bool = False) -> dict[str, Any]:
+        """Accuracy of the current global model on held-out BBC News test articles, on the coordinator;
+        with ``server_eval.probe_*`` also the general-ability probes, and their retention against the
+        baseline when there is one. ``base_model`` scores the base instead (every new block bypassed)."""
         import random as _random  # noqa: PLC0415
 
         from fedbe import datasets, sources  # noqa: PLC0415
         from fedbe.blocks import set_block_state  # noqa: PLC0415
         from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
+        from fedbe.expansion import bypassed  # noqa: PLC0415
+        from fedbe.probes import GeneralProbe, retention  # noqa: PLC0415
 
+        settings = self.cfg.server_eval
         if not hasattr(self, "_server_test"):
             _, test = datasets.split_train_test(datasets.load_bbc_news())
             _random.Random(0).shuffle(test)
-            self._server_test = test[: self.cfg.server_eval.examples]
+            self._server_test = test[: settings.examples]
             self._server_labels = datasets.label_names(test)
             self._tokenizer = sources.load_tokenizer(self.cfg.model)
+            self._probe = (
+                GeneralProbe.build(settings.probe_questions, settings.probe_texts, split="test")
+                if settings.probe_questions
+                else None
+            )
         set_block_state(self.model, self.registry, self.global_state)
         started = time.monotonic()
-        accuracy = classification_accuracy(
-            self.model, self._tokenizer, self._server_test, self._server_labels, self.cfg.training.max_tokens
-        )
-        log.info("server evaluation: accuracy %.3f on %d BBC News test articles (%.0f s)", accuracy,
-                 len(self._server_test), time.monotonic() - started)  # fmt: skip
-        return {"dataset": "bbc-news", "examples": len(self._server_test), "accuracy": accuracy}
+        with bypassed(self.model, self.registry) if base_model else contextlib.nullcontext():
+            accuracy = classification_accuracy(
+                self.model,
+                self._tokenizer,
+                self._server_test,
+                self._server_labels,
+                self.cfg.training.max_tokens,
+            )
+            probe = self._probe
+            probes = None if probe is None else probe.score(self.model, self._tokenizer)
+        result: dict[str, Any] = {
+            "dataset": "bbc-news",
+            "examples": len(self._server_test),
+            "accuracy": accuracy,
+        }
+        baseline = self.baseline
+        if baseline is not None and not base_model:
+            result["baseline_accuracy"] = baseline.get("accuracy")
+        if probe is not None and probes is not None:
+            result["probes"] = {**probes, "questions": len(probe.questions), "texts": len(probe.texts)}
+            before = (baseline or {}).get("probes")
+            if before is not None and not base_model:
+                result["retention"] = retention(before, probes)
+        result["seconds"] = time.monotonic() - started
+        log.info(
+            "server evaluation%s: accuracy %.3f on %d BBC News test articles%s (%.0f s)",
+            " of the base model" if base_model else "", accuracy, len(self._server_test),
+            "" if probes is None else
+            f"; definitions {probes['definition_accuracy']:.3f}, perplexity {probes['perplexity']:.2f}"
+            + ("".join(f", {k} {v:.3f}" for k, v in result.get("retention", {}).items())),
+            result["seconds"],
+        )  # fmt: skip
+        return result
+
+    def evaluate_baseline(self) -> None:
+        """``server_eval.baseline``: score the base model once (round 0), the reference of retention.
+
+        Saved in the state directory, so a resumed run keeps its reference instead of measuring again.
+        """
+        saved = self.store.load_baseline()
+        if saved is not None:
+            self.baseline = saved
+            return
+        started = time.monotonic()
+        result = self.server_eval(base_model=True)
+        record = asdict(RoundLog(0, server_evaluation=result, seconds=time.monotonic() - started,
+                                 closed_by="baseline"))  # fmt: skip
+        record["rejections_by_reason"] = dict(self.inbox.rejections)
+        self.store.append_metrics(record)  # metrics first, as in save(): a crash repeats, never loses, it
+        self.store.save_baseline(result)
+        self.baseline = result
 
     def federated_eval(self, round_: int, rlog: RoundLog) -> dict[str, Any]:
         clients = [c for c in rlog.selected if self.clients.clients[c].eligible]

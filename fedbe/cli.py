@@ -4,6 +4,10 @@ Subcommands:
   expand  insert N function-preserving new blocks into a model and save it (plain transformers loads it)
   demo    expand SmolLM2-135M, hold the base in 4-bit, train only the new blocks on a slice of
           BBC News and print the loss going down and the accuracy before and after
+  bench     FedBE against federated LoRA (FedIT, FFA-LoRA) and full fine-tuning on one federation:
+          accuracy, general-ability retention, time to target, bytes and memory (fedbe/bench.py)
+  simulate  a whole federation on this machine: a broker, the coordinator and N emulated edge
+          devices as real processes; writes metrics, a report and plots (fedbe/simulate.py)
 """
 
 from __future__ import annotations
@@ -117,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--json", type=Path, help="also write the results to this JSON file")
+
+    from fedbe.simulate import add_simulate_parser  # noqa: PLC0415 - argparse only, stays light
+
+    add_simulate_parser(sub, EPILOG)
+    from fedbe.bench import add_bench_parser  # noqa: PLC0415 - argparse only, stays light
+
+    add_bench_parser(sub, EPILOG)
     return parser
 
 
@@ -245,6 +256,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedbe.simulate import run_simulation  # noqa: PLC0415
+
+    return run_simulation(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedbe.bench import run_bench, settings_from_args  # noqa: PLC0415
+
+    settings = settings_from_args(args)
+    run_bench(settings, args.out, command="fedbe " + " ".join(sys.argv[1:]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -252,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    return dispatch("fedbe", args, {"expand": cmd_expand, "demo": cmd_demo})
+    return dispatch(
+        "fedbe", args, {"expand": cmd_expand, "demo": cmd_demo, "simulate": cmd_simulate, "bench": cmd_bench}
+    )
 
 
 if __name__ == "__main__":

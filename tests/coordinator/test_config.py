@@ -114,6 +114,9 @@ BAD_VALUES = [
     ("broker.max_message_bytes", 10),
     ("server_eval.dataset", "imdb"),
     ("server_eval.examples", 0),
+    ("server_eval.probe_questions", -1),
+    ("server_eval.probe_texts", 1.5),
+    ("server_eval.baseline", "yes"),
 ]
 
 
@@ -280,7 +283,8 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             "require_tls": True,
             "max_message_bytes": 100000,
         },
-        "server_eval": {"dataset": "bbc-news", "examples": 12},
+        "server_eval": {"dataset": "bbc-news", "examples": 12, "probe_questions": 8, "probe_texts": 4,
+                        "baseline": True},
     }
     cfg = load_run_config(write(tmp_path, data))
     assert cfg == RunConfig(
@@ -305,7 +309,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         broker=BrokerSettings(
             "mqtts://broker.lan:8883", "coord", tmp_path / "pw.txt", tmp_path / "ca.pem", True, 100000
         ),
-        server_eval=ServerEvalConfig("bbc-news", 12),
+        server_eval=ServerEvalConfig("bbc-news", 12, 8, 4, True),
     )
     assert cfg.broker.read_password() == "s3cret"
 
@@ -357,8 +361,8 @@ def test_example_config_loads_and_lists_every_field(tmp_path: Path) -> None:
     for key, value in listed.items():
         found |= {f"{key}.{name}" for name in value} if isinstance(value, dict) else {key}
     expected = _dotted_fields(RunConfig)
-    # server_eval is null in the example (its two fields are shown in the comment)
-    assert found == expected - {"server_eval.dataset", "server_eval.examples"} | {"server_eval"}
+    # server_eval is null in the example (its fields are shown in the comment)
+    assert found == {f for f in expected if not f.startswith("server_eval.")} | {"server_eval"}
     # documented in the docstring and in the docs table, field by field
     docs = DOCS.read_text(encoding="utf-8")
     missing_docs = sorted(f for f in expected if f"`{f}`" not in docs)
@@ -398,3 +402,11 @@ def test_digest_is_stable_and_tracks_what_the_run_trains(tmp_path: Path) -> None
     for change in ({"training": {"lr": 2e-4}}, {"training": {"lr": 1e-4, "steps": 11}}, {"rounds": 21}):
         other = parse_run_config({**BASE, "training": {"lr": 1e-4}, **change}, "d.yaml", tmp_path)
         assert config_digest(other) != config_digest(a), change
+
+
+def test_probe_counts_come_together(tmp_path: Path) -> None:
+    for one in ({"probe_questions": 5}, {"probe_texts": 5}):
+        with pytest.raises(ConfigError, match="Set both"):
+            parse_run_config({**BASE, "server_eval": one}, "p.yaml", tmp_path)
+    cfg = parse_run_config({**BASE, "server_eval": {}}, "p.yaml", tmp_path)
+    assert cfg.server_eval == ServerEvalConfig("bbc-news", 40, 0, 0, False)  # old configs: unchanged
