@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import queue
 import sys
@@ -270,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--delay", type=float, default=0.0, help="seconds each task takes")
     p.add_argument("--timeout", type=float, default=600.0, help="exit with 1 if not finished by then")
     p.add_argument("--tls-ca", type=Path)
+    p.add_argument("--report", type=Path, help="write counts and timings (monotonic clock) here as JSON")
     p.add_argument(
         "--password-dir", type=Path, help="folder of ID.password files (broker-config credentials/)"
     )
@@ -290,6 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info(
         "sent %s, received %s, rejected %s", dict(fleet.sent), dict(fleet.received), dict(fleet.rejected)
     )
+    if args.report is not None:
+        args.report.write_text(json.dumps({
+            "sent": dict(fleet.sent), "received": dict(fleet.received), "rejected": dict(fleet.rejected),
+            "update_sent_at": [[cid, r, t] for (r, cid), t in fleet.update_sent_at.items()],
+            "announce_rtt": [x for c in fleet.clients.values() for x in c.announce_rtt],
+        }))  # fmt: skip
     return 0 if done else 1
 
 
