@@ -73,6 +73,7 @@ class TrainResult:
     ce_losses: list[float] = field(default_factory=list)  # the target-token part of each step's loss
     distill_losses: list[float] = field(default_factory=list)  # the KL part (before lambda), if any
     base_forwards: int = 0  # no-grad forwards of the base spent on distillation
+    step_seconds: list[float] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -269,6 +270,7 @@ def train_parameters(
                 log.info("stopped after %d steps", step)
                 break
             batch = batches[step % len(batches)]
+            step_start = time.perf_counter()
             if distill:
                 assert base is not None
                 loss = _distill_step_loss(model, base, batch, config, base_cache, result)
@@ -286,6 +288,7 @@ def train_parameters(
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
+            result.step_seconds.append(time.perf_counter() - step_start)
             result.losses.append(float(loss.item()))
             result.samples += batch.size
             if on_step is not None:

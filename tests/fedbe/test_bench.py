@@ -1,0 +1,96 @@
+"""``fedbe bench`` end to end on a tiny model: every output file, consistent metrics, and the pure parts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fedbe import bench
+from fedbe.errors import ConfigError
+
+
+def test_bad_settings_are_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="unknown method"):
+        bench.BenchSettings(methods=("fedbe", "lora-magic"))
+    with pytest.raises(ConfigError, match="split"):
+        bench.BenchSettings(split="train")
+    with pytest.raises(ConfigError, match="alpha"):
+        bench.BenchSettings(alpha=0.0)
+    with pytest.raises(ConfigError, match="no device profile"):
+        bench.resolve_profile("toaster-9000")
+
+
+def _record(method: str, accs: list[float], seconds: list[float]) -> dict:
+    rounds = []
+    for i, (a, t) in enumerate(zip(accs, seconds, strict=True), 1):
+        rounds.append({
+            "round": i, "accuracy": a, "definition_accuracy": 0.6, "perplexity": 40.0,
+            "definition_retention": 1.0, "perplexity_retention": 1.0, "emulated_wall_seconds": t,
+            "bytes_up_per_client": 10, "bytes_down_per_client": 20, "seconds_per_step": 1.0,
+        })  # fmt: skip
+    return {
+        "method": method,
+        "seed": 0,
+        "rounds": rounds,
+        "peak_client_memory_bytes": 1,
+        "trainable_parameters": 5,
+    }
+
+
+def test_time_to_target_is_the_first_round_at_90_percent_of_the_best_final_accuracy() -> None:
+    records = [
+        _record("a", [0.5, 0.8, 0.9], [10, 20, 30]),  # best final 0.9 -> target 0.81
+        _record("b", [0.82, 0.85, 0.86], [50, 100, 150]),
+        _record("c", [0.3, 0.4, 0.5], [1, 2, 3]),
+        {"method": "full-ft", "seed": 0, "rounds": [], "skipped": "estimated 999 s > budget 10 s"},
+    ]
+    rows = {r["method"]: r for r in bench.summarise(records, {})}
+    assert rows["a"]["target_accuracy"] == pytest.approx(0.81)
+    assert (rows["a"]["rounds_to_target"], rows["a"]["seconds_to_target"]) == (3, 30)
+    assert (rows["b"]["rounds_to_target"], rows["b"]["seconds_to_target"]) == (1, 50)
+    assert rows["c"]["rounds_to_target"] is None
+    assert "skipped" in rows["full-ft"]
+    base = {"accuracy": 0.3, "definition_accuracy": 0.6, "perplexity": 40.0}
+    md = bench.results_markdown(list(rows.values()), base, bench.BenchSettings(), "fedbe bench")
+    assert "not reached" in md and "skipped: estimated 999 s" in md
+
+
+def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None:
+    settings = bench.BenchSettings(
+        model="tiny:llama", methods=("fedbe", "fedit", "ffa-lora"), clients=3, rounds=2, steps=2,
+        examples_per_client=8, eval_examples=10, probe_questions=8, probe_texts=6, max_tokens=64,
+        profiles=("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb"),
+    )  # fmt: skip
+    results = bench.run_bench(settings, tmp_path, say=lambda _m: None)
+    for name in (
+        "results.json",
+        "results.md",
+        "records.jsonl",
+        "accuracy_retention.png",
+        "accuracy_vs_time.png",
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in on_disk["summary"]] == ["fedbe", "fedit", "ffa-lora"]
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 3
+    for rec in results["records"]:
+        assert [row["round"] for row in rec["rounds"]] == [1, 2]  # one line per round
+        for row in rec["rounds"]:
+            for key in ("accuracy", "definition_accuracy"):
+                assert 0.0 <= row[key] <= 1.0
+            assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
+            assert row["bytes_up_per_client"] > 0 and row["bytes_down_per_client"] > 0
+            assert row["emulated_wall_seconds"] > 0
+        assert rec["peak_client_memory_bytes"] > 0
+    fedbe_rec, fedit_rec, ffa_rec = results["records"]
+    # FFA-LoRA trains and sends only B: half of FedIT's adapter
+    assert ffa_rec["trainable_parameters"] * 2 == fedit_rec["trainable_parameters"]
+    # distillation with a cache: the base runs once per distinct batch, not every step of every round
+    # (each client has 2 batches: at most 2 base forwards per client over the whole run)
+    forwards = sum(row["base_forwards"] for row in fedbe_rec["rounds"])
+    steps = sum(row["clients"] for row in fedbe_rec["rounds"]) * 2
+    assert 0 < forwards <= 2 * 3 and forwards < steps
+    md = (tmp_path / "results.md").read_text()
+    assert all(m in md for m in ("fedbe", "fedit", "ffa-lora"))
