@@ -25,7 +25,9 @@ Fields (``name: type = default``):
   federated evaluation every N rounds (0 = never).
 * ``training``: ``steps: int >= 1 = 10``, ``lr: float > 0 = 2e-4``, ``batch_size: int >= 1 = 4``,
   ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 = 0`` (weight of self-distillation
-  towards the base model's predictions; 0 = off).
+  towards the base model's predictions; 0 = off), ``distill_top_k: int >= 0 = 0`` (0: exact KL with
+  one extra base forward per step; K: clients cache the base's top-K once per example),
+  ``identity_pull: float >= 0 = 0`` (L2 pull of trained output projections towards zero).
 * ``allocation`` (see :mod:`coordinator.allocation`): ``strategy: fedbe|random|all = fedbe``;
   ``top_risk: [0,1] = 1.0`` and ``interleaved_risk: [0,1] = 0.25`` -- forgetting risk of a block at the
   very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
