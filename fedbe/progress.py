@@ -94,6 +94,7 @@ class Observer:
         self.view = FederationView(Topics(federation), rounds)
         self.metrics = metrics
         self.records_seen = 0
+        self.metrics_size = -1
         self.conn = Connection(
             BrokerConfig(url=broker_url, client_id=f"fedbe-simulate-observer-{federation}")
         )
@@ -114,13 +115,22 @@ class Observer:
                 topic, payload = self.conn.inbox.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
                 break
+            lines += self._closed_rounds()  # a round's line before the next round's events
             line = self.view.on_message(topic, payload)
             if line:
                 lines.append(line)
+        return lines + self._closed_rounds()
+
+    def _closed_rounds(self) -> list[str]:
+        if not self.metrics.exists() or self.metrics.stat().st_size == self.metrics_size:
+            return []
+        self.metrics_size = self.metrics.stat().st_size
         records = read_metrics(self.metrics)
-        for record in records[self.records_seen :]:
-            if isinstance(record.get("round"), int):
-                lines.append(round_line(summarize_record(record), self.view.rounds))
+        lines = [
+            round_line(summarize_record(r), self.view.rounds)
+            for r in records[self.records_seen :]
+            if isinstance(r.get("round"), int)
+        ]
         self.records_seen = len(records)
         return lines
 

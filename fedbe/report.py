@@ -128,7 +128,7 @@ def round_line(r: RoundSummary, total_rounds: int | None = None) -> str:
     of = f"/{total_rounds}" if total_rounds else ""
     kept = (
         f"; retention: definitions {_fmt(r.definition_retention)}, perplexity {_fmt(r.perplexity_retention)}"
-        if r.definition_retention is not None
+        if r.definition_retention is not None or r.perplexity_retention is not None
         else probes
     )
     return (
@@ -146,7 +146,7 @@ def final_line(rounds: Sequence[RoundSummary]) -> str:
     parts = [f"after round {last.round}: accuracy {_fmt(last.accuracy)}"]
     if base is not None:
         parts.append(f"(base model zero-shot {_fmt(base.accuracy)})")
-    if last.definition_retention is not None:
+    if last.definition_retention is not None or last.perplexity_retention is not None:
         parts.append(
             f"; retention: definitions {_fmt(last.definition_retention)}, perplexity {_fmt(last.perplexity_retention)}"
         )
@@ -244,6 +244,15 @@ def plot_quality(rounds: Sequence[RoundSummary], path: Path) -> Path:
     return path
 
 
+def allocation_grid(r: RoundSummary, clients: Sequence[str], blocks: Sequence[int]) -> list[list[float]]:
+    """``[client][block]``: 2 trained (update accepted), 1 assigned without an accepted update, 0 not assigned."""
+    grid = [[0.0] * len(blocks) for _ in clients]
+    for ci, c in enumerate(clients):
+        for b in r.assignments.get(c, []):
+            grid[ci][list(blocks).index(b)] = 2.0 if b in r.trained.get(c, []) else 1.0
+    return grid
+
+
 def plot_allocation(rounds: Sequence[RoundSummary], path: Path) -> Path:
     """One clients x blocks heat map per round: trained (update accepted), assigned without an accepted
     update, or not assigned."""
@@ -263,10 +272,7 @@ def plot_allocation(rounds: Sequence[RoundSummary], path: Path) -> Path:
             ax.set_visible(False)
             continue
         r = trained_rounds[i]
-        grid = [[0.0] * len(blocks) for _ in clients]
-        for ci, c in enumerate(clients):
-            for b in r.assignments.get(c, []):
-                grid[ci][blocks.index(b)] = 2.0 if b in r.trained.get(c, []) else 1.0
+        grid = allocation_grid(r, clients, blocks)
         ax.imshow(grid, cmap=cmap, vmin=0, vmax=2, aspect="auto")
         ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
         ax.set_yticks(range(len(clients)), clients if i % cols == 0 else [""] * len(clients), fontsize=8)

@@ -22,11 +22,13 @@ loss, bytes up), and the coordinator's ``metrics.jsonl`` (one record per closed 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -45,6 +47,21 @@ INSTALL_MOSQUITTO = (
     "fedbe simulate needs Debian's mosquitto MQTT v5 broker and did not find it: install it with "
     "`apt-get install mosquitto` (scripts/setup.sh does this). amqtt is not a fallback: it speaks "
     "only MQTT 3.1.1 and fedbe's transport uses MQTT v5."
+)
+
+
+SIMULATE_DESCRIPTION = (
+    "Start a private mosquitto broker on a free loopback port, the coordinator and N real "
+    "fedbe-edge processes, each emulating a device profile (memory budget and slowdown) and "
+    "holding a Dirichlet(alpha) share of the BBC News training split. Prints progress (round, "
+    "clients done, loss, accuracy, bytes) and writes metrics.jsonl, report.md and PNG plots "
+    "(accuracy and general-ability retention, allocation heat maps, bytes per round) to --out. "
+    "The coordinator scores the base model first (round 0: zero-shot accuracy, probes) and the "
+    "global model after every round. Defaults: 3 clients on 3 different profiles, 3 rounds, "
+    "SmolLM2-135M; about 6-9 minutes on 2 CPU cores. Ctrl-C or SIGTERM stops every process it "
+    "started. Needs Debian's mosquitto (apt-get install mosquitto; scripts/setup.sh does it): "
+    "the in-process amqtt broker is not used because it speaks only MQTT 3.1.1 and fedbe uses "
+    "MQTT v5."
 )
 
 
@@ -90,19 +107,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p = sub.add_parser(
         "simulate",
         help="run a whole federation on this machine: broker, coordinator, N emulated edge devices",
-        description=(
-            "Start a private mosquitto broker on a free loopback port, the coordinator and N real "
-            "fedbe-edge processes, each emulating a device profile (memory budget and slowdown) and "
-            "holding a Dirichlet(alpha) share of the BBC News training split. Prints progress (round, "
-            "clients done, loss, accuracy, bytes) and writes metrics.jsonl, report.md and PNG plots "
-            "(accuracy and general-ability retention, allocation heat maps, bytes per round) to --out. "
-            "The coordinator scores the base model first (round 0: zero-shot accuracy, probes) and the "
-            "global model after every round. Defaults: 3 clients on 3 different profiles, 3 rounds, "
-            "SmolLM2-135M; about 6-9 minutes on 2 CPU cores. Ctrl-C or SIGTERM stops every process it "
-            "started. Needs Debian's mosquitto (apt-get install mosquitto; scripts/setup.sh does it): "
-            "the in-process amqtt broker is not used because it speaks only MQTT 3.1.1 and fedbe uses "
-            "MQTT v5."
-        ),
+        description=textwrap.fill(SIMULATE_DESCRIPTION, 100),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=epilog,
     )
@@ -130,17 +135,17 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument(
         "--eval-examples",
         type=_positive_int,
-        default=60,
-        help="BBC test articles the coordinator scores (60)",
+        default=40,
+        help="BBC test articles the coordinator scores (40)",
     )
     p.add_argument(
         "--probe-questions",
         type=int,
-        default=40,
-        help="WordNet definition questions per evaluation (40; 0 = none)",
+        default=32,
+        help="WordNet definition questions per evaluation (32; 0 = none)",
     )
     p.add_argument(
-        "--probe-texts", type=int, default=24, help="quotations whose perplexity is measured (24; 0 = none)"
+        "--probe-texts", type=int, default=16, help="quotations whose perplexity is measured (16; 0 = none)"
     )
     p.add_argument(
         "--deadline", type=_positive_float, default=600.0, help="round deadline in seconds (default 600)"
@@ -383,6 +388,12 @@ class Simulation:
         from fedbe.broker import MosquittoBroker  # noqa: PLC0415
 
         s, out = self.settings, self.out
+        for noisy in (
+            "fedbe.transport",
+            "matplotlib",
+            "edge_client.data",
+        ):  # this command prints its own lines
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         for sub in ("data", "logs"):
             (out / sub).mkdir(parents=True, exist_ok=True)
         shards = write_bbc_client_shards(out / "data", s.clients, s.alpha, s.seed)
