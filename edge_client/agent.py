@@ -211,8 +211,13 @@ class TaskRunner:
                     ]
                 trained = get_block_state(model, registry, task.block_ids)
                 delta = block_delta(trained, {b: sent[b] for b in task.block_ids})
-                residual = {b: self.residual[b] for b in task.block_ids if b in self.residual}
-                compressed, new_residual = compress_state(delta, task.reply_level, residual or None)
+                # A block this client did not train before starts with a zero residual (the set of
+                # assigned blocks changes from round to round).
+                residual = {
+                    b: self.residual.get(b) or {n: torch.zeros_like(t) for n, t in delta[b].items()}
+                    for b in task.block_ids
+                }
+                compressed, new_residual = compress_state(delta, task.reply_level, residual)
                 self.residual.update(new_residual)
                 replies.append(
                     protocol.UpdateMessage(

@@ -1,0 +1,46 @@
+"""The task runner across rounds whose block assignment changes (error-feedback residual per block)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_client.agent import Capacity, TaskRunner, build_client_model
+from edge_client.data import make_local_batches
+from fedbe import protocol, sources
+from fedbe.blocks import get_block_state
+from fedbe.compression import Level, compress_state
+from fedbe.datasets import Example
+from fedbe.expansion import expand_model, plan_expansion
+from fedbe.fingerprint import base_fingerprint
+
+
+def test_a_block_assigned_for_the_first_time_after_int8_rounds_of_another_block_trains() -> None:
+    base = sources.build_tiny_model("llama")
+    registry = plan_expansion(4, 2, "interleave").registry()
+    status = protocol.CoordinatorStatusMessage(
+        "running", 0, base_fingerprint(base), 4, registry.new_layer_indices,
+        tuple(b.source_layer for b in registry.blocks),
+    )  # fmt: skip
+    reference = sources.build_tiny_model("llama")
+    weights = get_block_state(reference, expand_model(reference, plan_expansion(4, 2, "interleave")))
+    client = build_client_model(base, base_fingerprint(base), status, "fp32")
+    tokenizer = sources.load_tokenizer("tiny:llama")
+    examples = [Example(f"text number {i} about sport", "sport") for i in range(8)]
+
+    def batches(batch_size: int, max_tokens: int, seed: int) -> list[Any]:
+        return make_local_batches(tokenizer, examples, batch_size, max_tokens)
+
+    runner = TaskRunner(
+        client, "c1", batches, lambda model, n: (0, 0.0, 0.0), Capacity({}, lambda layers: True)
+    )
+    for round_, blocks in ((1, (1,)), (2, (0, 1)), (3, (0,))):  # the set of blocks changes every round
+        task = protocol.TaskMessage(
+            round=round_, task_id=f"t{round_}", client_id="c1", block_ids=blocks, weights_level=Level.FP32,
+            weights=compress_state({b: weights[b] for b in blocks}, Level.FP32)[0], reply_level=Level.INT8,
+            steps=1, lr=1e-3, batch_size=4, max_tokens=32, deadline_seconds=0.0, seed=round_,
+            distill_lambda=0.0, evaluate=False,
+        )  # fmt: skip
+        (reply,) = runner.run(task, lambda: False)
+        assert isinstance(reply, protocol.UpdateMessage), reply
+        assert sorted(reply.blocks) == list(blocks)
+    assert sorted(runner.residual) == [0, 1]
