@@ -51,7 +51,8 @@ Fields (``name: type = default``):
   ``probe_texts: int >= 0 = 0`` (both 0, or both >= 1) -- also score the general-ability probes of
   :mod:`fedbe.probes` (WordNet definition choice, perplexity on quotations) and their retention;
   ``baseline: bool = false`` -- score the base model once before round 1 (a ``round: 0`` metrics line
-  and ``state_dir/baseline.json``), the reference of the retention figures.
+  and ``state_dir/baseline.json``), the reference of the retention figures; ``precision:
+  nf4|int8|bf16|fp16|fp32 = fp32`` -- the frozen base the coordinator evaluates on (new blocks fp32).
 
 :func:`config_digest` hashes everything but ``state_dir`` and ``broker`` (where the run is stored and
 how it reaches the broker do not change what it trains), so a resume can check it is the same run.
@@ -75,6 +76,7 @@ import yaml
 from fedbe.compression import Level
 from fedbe.errors import ConfigError, ExpansionError
 from fedbe.expansion import parse_placement
+from fedbe.profiles import PRECISIONS
 from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES, check_name
 from fedbe.sources import SMOLLM2, TINY_PREFIX
 from fedbe.transport import BrokerConfig
@@ -169,6 +171,7 @@ class ServerEvalConfig:
     probe_questions: int = 0
     probe_texts: int = 0
     baseline: bool = False
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -499,6 +502,7 @@ def _server_eval(f: _Fields) -> ServerEvalConfig:
         probe_questions=f.integer("probe_questions", 0, 0),
         probe_texts=f.integer("probe_texts", 0, 0),
         baseline=f.boolean("baseline", False),
+        precision=f.choice("precision", "fp32", PRECISIONS),
     )
     if (cfg.probe_questions == 0) != (cfg.probe_texts == 0):
         name = "probe_texts" if cfg.probe_texts == 0 else "probe_questions"

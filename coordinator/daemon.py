@@ -689,6 +689,11 @@ class Coordinator:
                 if settings.probe_questions
                 else None
             )
+        if settings.precision != "fp32" and getattr(self, "_eval_frozen", None) is not self.model:
+            from fedbe.quantization import freeze_base  # noqa: PLC0415
+
+            freeze_base(self.model, self.registry, settings.precision)  # blocks stay fp32, the base not
+            self._eval_frozen = self.model  # a new expansion loads a new model: frozen again then
         set_block_state(self.model, self.registry, self.global_state)
         started = time.monotonic()
         with bypassed(self.model, self.registry) if base_model else contextlib.nullcontext():
@@ -705,6 +710,7 @@ class Coordinator:
             "dataset": "bbc-news",
             "examples": len(self._server_test),
             "accuracy": accuracy,
+            "precision": settings.precision,
         }
         baseline = self.baseline
         if baseline is not None and not base_model:

@@ -89,6 +89,7 @@ class Settings:
     eval_examples: int
     probe_questions: int
     probe_texts: int
+    eval_precision: str
     deadline_seconds: float
     timeout_seconds: float
 
@@ -128,7 +129,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the split, sampling and training (default 0)")
     p.add_argument("--blocks", default="6", help="new blocks: a number or auto (default 6)")
-    p.add_argument("--steps", type=_positive_int, default=4, help="optimizer steps per client and round (4)")
+    p.add_argument("--steps", type=_positive_int, default=8, help="optimizer steps per client and round (8)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="articles per step (default 4)")
     p.add_argument("--max-tokens", type=_positive_int, default=96, help="tokens per article (default 96)")
     p.add_argument("--lr", type=_positive_float, default=5e-4, help="client AdamW learning rate (5e-4)")
@@ -146,6 +147,12 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument(
         "--probe-texts", type=int, default=16, help="quotations whose perplexity is measured (16; 0 = none)"
+    )
+    p.add_argument(
+        "--eval-precision",
+        default="bf16",
+        choices=["nf4", "int8", "bf16", "fp16", "fp32"],
+        help="frozen base the coordinator evaluates on (default bf16: 5-10x faster than fp32 on AVX512-BF16 CPUs)",
     )
     p.add_argument(
         "--deadline", type=_positive_float, default=600.0, help="round deadline in seconds (default 600)"
@@ -213,7 +220,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         out=out, clients=args.clients, rounds=args.rounds, profiles=profiles, model=args.model,
         dataset=args.dataset, alpha=args.alpha, seed=args.seed, blocks=blocks, steps=args.steps,
         batch_size=args.batch_size, max_tokens=args.max_tokens, lr=args.lr, eval_examples=args.eval_examples,
-        probe_questions=args.probe_questions, probe_texts=args.probe_texts, deadline_seconds=args.deadline,
+        probe_questions=args.probe_questions, probe_texts=args.probe_texts, eval_precision=args.eval_precision,
+        deadline_seconds=args.deadline,
         timeout_seconds=args.timeout,
     )  # fmt: skip
 
@@ -233,7 +241,7 @@ def client_specs(settings: Settings, shards: Sequence[Path]) -> list[ClientSpec]
 def run_config(settings: Settings, broker_url: str, state_dir: Path) -> dict[str, Any]:
     """The coordinator's run config: every client every round, server-side evaluation with a baseline."""
     server_eval: dict[str, Any] = {"dataset": settings.dataset, "examples": settings.eval_examples,
-                                   "baseline": True}  # fmt: skip
+                                   "baseline": True, "precision": settings.eval_precision}  # fmt: skip
     if settings.probe_questions:
         server_eval |= {"probe_questions": settings.probe_questions, "probe_texts": settings.probe_texts}
     return {
@@ -506,8 +514,8 @@ def _meta(settings: Settings, specs: Sequence[ClientSpec], wall: float) -> dict[
         "data": f"{settings.dataset}, Dirichlet(alpha={settings.alpha:g}) label split, seed {settings.seed}",
         "rounds": f"{settings.rounds} rounds x {settings.steps} steps x {settings.batch_size} articles x "
         f"{settings.max_tokens} tokens, lr {settings.lr:g}, int8 updates, new blocks: {settings.blocks}",
-        "evaluation": f"{settings.eval_examples} BBC test articles; probes: {settings.probe_questions} WordNet "
-        f"definition questions, {settings.probe_texts} quotations (test half)",
+        "evaluation": f"{settings.eval_examples} BBC test articles on a {settings.eval_precision} base; probes: "
+        f"{settings.probe_questions} WordNet definition questions, {settings.probe_texts} quotations (test half)",
         "wall time": f"{wall:.0f} s",
     }
 

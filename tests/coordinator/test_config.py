@@ -117,6 +117,7 @@ BAD_VALUES = [
     ("server_eval.probe_questions", -1),
     ("server_eval.probe_texts", 1.5),
     ("server_eval.baseline", "yes"),
+    ("server_eval.precision", "fp8"),
 ]
 
 
@@ -283,8 +284,14 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             "require_tls": True,
             "max_message_bytes": 100000,
         },
-        "server_eval": {"dataset": "bbc-news", "examples": 12, "probe_questions": 8, "probe_texts": 4,
-                        "baseline": True},
+        "server_eval": {
+            "dataset": "bbc-news",
+            "examples": 12,
+            "probe_questions": 8,
+            "probe_texts": 4,
+            "baseline": True,
+            "precision": "bf16",
+        },
     }
     cfg = load_run_config(write(tmp_path, data))
     assert cfg == RunConfig(
@@ -309,7 +316,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         broker=BrokerSettings(
             "mqtts://broker.lan:8883", "coord", tmp_path / "pw.txt", tmp_path / "ca.pem", True, 100000
         ),
-        server_eval=ServerEvalConfig("bbc-news", 12, 8, 4, True),
+        server_eval=ServerEvalConfig("bbc-news", 12, 8, 4, True, "bf16"),
     )
     assert cfg.broker.read_password() == "s3cret"
 
@@ -409,4 +416,4 @@ def test_probe_counts_come_together(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="Set both"):
             parse_run_config({**BASE, "server_eval": one}, "p.yaml", tmp_path)
     cfg = parse_run_config({**BASE, "server_eval": {}}, "p.yaml", tmp_path)
-    assert cfg.server_eval == ServerEvalConfig("bbc-news", 40, 0, 0, False)  # old configs: unchanged
+    assert cfg.server_eval == ServerEvalConfig("bbc-news", 40, 0, 0, False, "fp32")  # old configs: unchanged
