@@ -84,7 +84,7 @@ class BenchSettings:
     distill_top_k: int = 32
     identity_pull: float = 1e-3
     full_ft_budget_seconds: float = 900.0
-    precision: str = "fp32"
+    precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
@@ -432,6 +432,8 @@ class LoraMethod(Method):
 
         base = sources.load_model(world.source)
         base.requires_grad_(False)
+        if self.s.precision in ("bf16", "fp16"):
+            base.to(torch.bfloat16 if self.s.precision == "bf16" else torch.float16)
         torch.manual_seed(world.seed)  # the same random A for every client (FedIT and FFA-LoRA alike)
         cfg = LoraConfig(r=self.s.lora_rank, lora_alpha=2 * self.s.lora_rank, lora_dropout=0.0,
                          target_modules="all-linear", bias="none")  # fmt: skip
@@ -579,6 +581,15 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             return record
     trainable = sum(t.numel() for params in method.global_state.values() for t in params.values())
     record["trainable_parameters"] = trainable
+    # Round 0: this method's model before training (the expanded model, or LoRA with B = 0, is exactly
+    # the base at this precision); retention is measured against it.
+    with torch.no_grad():
+        before = evaluate(world, method.eval_model())
+    record["round0"] = before
+    if not world.base_scores:
+        world.base_scores = before
+    say(f"  {name} before training: accuracy {before['accuracy']:.3f}, definitions "
+        f"{before['definition_accuracy']:.3f}, perplexity {before['perplexity']:.2f}")  # fmt: skip
     wall = 0.0
     for r in range(1, world.settings.rounds + 1):
         results = method.round(r)
@@ -588,7 +599,7 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             scores = evaluate(world, method.eval_model())
         from fedbe.probes import retention  # noqa: PLC0415
 
-        scores.update(retention(world.base_scores, scores))
+        scores.update(retention(before, scores))
         row = {
             "round": r, **scores, "emulated_round_seconds": round_seconds, "emulated_wall_seconds": wall,
             "train_seconds": sum(x.train_seconds for x in results),
@@ -718,7 +729,9 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
         for m in methods:
             for i, rec in enumerate(r for r in records if r["method"] == m):
                 xs = [0] + [row["round"] for row in rec["rounds"]]
-                ys = [ref] + [row[key] for row in rec["rounds"]]
+                ys = [rec["round0"]["accuracy"] if key == "accuracy" else 1.0] + [
+                    row[key] for row in rec["rounds"]
+                ]
                 ax.plot(xs, ys, marker="o", color=colours[m], label=m if i == 0 else None, alpha=0.9)
         ax.axhline(ref, color="grey", lw=0.8, ls="--")
         ax.set_title(title)
@@ -735,7 +748,7 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
     for m in methods:
         for i, rec in enumerate(r for r in records if r["method"] == m):
             xs = [0.0] + [row["emulated_wall_seconds"] for row in rec["rounds"]]
-            ys = [base["accuracy"]] + [row["accuracy"] for row in rec["rounds"]]
+            ys = [rec["round0"]["accuracy"]] + [row["accuracy"] for row in rec["rounds"]]
             ax.plot(xs, ys, marker="o", color=colours[m], label=m if i == 0 else None)
     ax.set_xlabel("emulated wall-clock seconds (slowest client per round)")
     ax.set_ylabel("BBC test accuracy")
@@ -752,8 +765,6 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
 
 def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
               say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
-    from fedbe import sources  # noqa: PLC0415
-
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -761,19 +772,12 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
     for seed in settings.seeds:
         world = build_world(settings, seed, say)
         measure_capacities(world, say)
-        base = sources.load_model(world.source)
-        with torch.no_grad():
-            world.base_scores = evaluate(world, base)
-        del base
-        base_scores = world.base_scores
-        say(f"base model: accuracy {base_scores['accuracy']:.3f}, definitions "
-            f"{base_scores['definition_accuracy']:.3f}, perplexity {base_scores['perplexity']:.2f}")  # fmt: skip
         for i, name in enumerate(settings.methods, 1):
             say(f"[seed {seed}] method {i}/{len(settings.methods)}: {name} "
                 f"({time.perf_counter() - started:.0f} s elapsed)")  # fmt: skip
             torch.manual_seed(seed)
             rec = run_method(world, name, say)
-            rec["base"] = world.base_scores
+            base_scores = world.base_scores
             records.append(rec)
             (out / "records.jsonl").open("a" if records[:-1] else "w").write(json.dumps(rec) + "\n")
     summary = summarise(records, base_scores)
