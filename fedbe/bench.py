@@ -83,7 +83,7 @@ class BenchSettings:
     distill_lambda: float = 1.0
     distill_top_k: int = 32
     identity_pull: float = 1e-3
-    full_ft_budget_seconds: float = 900.0
+    full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
     def __post_init__(self) -> None:
@@ -666,6 +666,31 @@ def summarise(records: list[dict[str, Any]], base: dict[str, float]) -> list[dic
     return rows
 
 
+def position_risks(summary: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Allocation risks from the position ablation: each position's loss of general ability
+    (1 - perplexity retention, averaged with 1 - definition retention) relative to the worst one.
+
+    Returns ``{"forgetting": {position: loss}, "top_risk": r, "interleaved_risk": r}`` for the
+    coordinator's ``allocation`` section, or None when the position methods did not run.
+    """
+    rows = {r["method"]: r for r in summary if "skipped" not in r}
+    if not all(m in rows for m in POSITION_METHODS):
+        return None
+    loss = {
+        m: max(0.0, 1 - (rows[m]["perplexity_retention"][0] + rows[m]["definition_retention"][0]) / 2)
+        for m in POSITION_METHODS
+    }
+    worst = max(loss.values())
+    if worst <= 0:
+        return {"forgetting": loss, "top_risk": 0.0, "interleaved_risk": 0.0}
+    interleaved = max(loss["pos-bottom"], loss["pos-middle"]) / worst
+    return {
+        "forgetting": loss,
+        "top_risk": round(loss["pos-top"] / worst, 3),
+        "interleaved_risk": round(interleaved, 3),
+    }
+
+
 def _pm(v: tuple[float, float], fmt: str) -> str:
     return format(v[0], fmt) + (f" ± {format(v[1], fmt)}" if v[1] else "")
 
@@ -700,6 +725,17 @@ def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], sett
             f"{row['peak_client_memory_bytes'] / 2**20:.0f} MiB | {row['trainable_parameters'] / 1e6:.2f}M | "
             f"{row['seconds_per_step']:.2f} |"
         )
+    risks = position_risks(summary)
+    if risks is not None:
+        lines += [
+            "",
+            "Forgetting by position (one new block, plain cross-entropy; loss of general ability = 1 - mean of "
+            "the two retentions): "
+            + ", ".join(f"{m[4:]} {v:.3f}" for m, v in risks["forgetting"].items())
+            + ". "
+            f"For the coordinator: `allocation: {{top_risk: {risks['top_risk']}, interleaved_risk: "
+            f"{risks['interleaved_risk']}}}`.",
+        ]
     target = next((r["target_accuracy"] for r in summary if "target_accuracy" in r), float("nan"))
     lines += [
         "",
@@ -782,6 +818,7 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
             (out / "records.jsonl").open("a" if records[:-1] else "w").write(json.dumps(rec) + "\n")
     summary = summarise(records, base_scores)
     results = {"settings": asdict(settings), "command": command, "base": base_scores, "summary": summary,
+               "position_risks": position_risks(summary),
                "records": records, "seconds": time.perf_counter() - started}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     md = results_markdown(summary, base_scores, settings, command)

@@ -94,3 +94,15 @@ def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None
     assert 0 < forwards <= 2 * 3 and forwards < steps
     md = (tmp_path / "results.md").read_text()
     assert all(m in md for m in ("fedbe", "fedit", "ffa-lora"))
+
+
+def test_position_ablation_becomes_allocation_risks() -> None:
+    def row(method: str, ppl: float, defs: float) -> dict:
+        return {"method": method, "perplexity_retention": (ppl, 0.0), "definition_retention": (defs, 0.0)}
+
+    summary = [row("pos-bottom", 0.98, 1.0), row("pos-middle", 0.96, 0.98), row("pos-top", 0.6, 0.8)]
+    risks = bench.position_risks(summary)
+    assert risks is not None
+    assert risks["top_risk"] == 1.0
+    assert risks["interleaved_risk"] == pytest.approx(0.03 / 0.3, abs=1e-3)
+    assert bench.position_risks(summary[:2]) is None
