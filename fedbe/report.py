@@ -147,8 +147,9 @@ def final_line(rounds: Sequence[RoundSummary]) -> str:
     if base is not None:
         parts.append(f"(base model zero-shot {_fmt(base.accuracy)})")
     if last.definition_retention is not None or last.perplexity_retention is not None:
+        parts[-1] += ";"
         parts.append(
-            f"; retention: definitions {_fmt(last.definition_retention)}, perplexity {_fmt(last.perplexity_retention)}"
+            f"retention: definitions {_fmt(last.definition_retention)}, perplexity {_fmt(last.perplexity_retention)}"
         )
     return " ".join(parts)
 

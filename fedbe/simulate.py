@@ -132,7 +132,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--steps", type=_positive_int, default=8, help="optimizer steps per client and round (8)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="articles per step (default 4)")
     p.add_argument("--max-tokens", type=_positive_int, default=96, help="tokens per article (default 96)")
-    p.add_argument("--lr", type=_positive_float, default=5e-4, help="client AdamW learning rate (5e-4)")
+    p.add_argument("--lr", type=_positive_float, default=3e-4, help="client AdamW learning rate (3e-4)")
     p.add_argument(
         "--eval-examples",
         type=_positive_int,
@@ -155,7 +155,13 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="frozen base the coordinator evaluates on (default bf16: 5-10x faster than fp32 on AVX512-BF16 CPUs)",
     )
     p.add_argument(
-        "--deadline", type=_positive_float, default=600.0, help="round deadline in seconds (default 600)"
+        "--deadline",
+        type=_positive_float,
+        default=1800.0,
+        help="round deadline in seconds (default 1800). The allocation gives a client only blocks whose predicted "
+        "time fits it, predicted from step times each client measures at start-up; on a shared machine those "
+        "are inflated (here 22-28 s a step while every process was loading), so a short deadline leaves clients "
+        "idle",
     )
     p.add_argument(
         "--timeout", type=_positive_float, default=3600.0, help="give up after this many seconds (3600)"
