@@ -49,6 +49,8 @@ class RoundSummary:
     trained: dict[str, list[int]] = field(default_factory=dict)  # accepted updates: client -> blocks
     blocks: tuple[int, ...] = ()  # every new block of the model in this round
     eval_examples: int = 0
+    probe_questions: int = 0
+    probe_texts: int = 0
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -95,6 +97,8 @@ def summarize_record(record: Mapping[str, Any]) -> RoundSummary:
         trained={c: sorted(int(b) for b in u.get("blocks", [])) for c, u in updates.items()},
         blocks=tuple(sorted(blocks)),
         eval_examples=int(server.get("examples") or 0),
+        probe_questions=int(probes.get("questions") or 0),
+        probe_texts=int(probes.get("texts") or 0),
     )
 
 
@@ -178,6 +182,15 @@ def markdown(rounds: Sequence[RoundSummary], meta: Mapping[str, str], images: Se
             f"| {_fmt(r.perplexity_retention)} | {_mb(r.bytes_up)} | {_mb(r.bytes_down)} | {r.seconds:.0f} s |"
         )
     lines += ["", "## Result", "", final_line(rounds) + ".", ""]
+    all_blocks = {b for r in rounds for b in r.blocks}
+    trained_blocks = {b for r in rounds for bs in r.trained.values() for b in bs}
+    if all_blocks - trained_blocks:
+        lines += [
+            f"New blocks never trained in this run: {sorted(all_blocks - trained_blocks)} (no client was given "
+            "them: see the allocation rules, e.g. `allocation.max_unprotected_risk` for the top block; they "
+            "stay the identity).",
+            "",
+        ]
     lines.append(
         "Accuracy: the coordinator's global model on held-out BBC News test articles (5 classes, chance "
         "0.2); round 0 is the base model, zero-shot. Retention: WordNet definition accuracy after / before "
@@ -220,9 +233,14 @@ def plot_quality(rounds: Sequence[RoundSummary], path: Path) -> Path:
     trained = [r for r in rounds if r.definition_retention is not None or r.perplexity_retention is not None]
     if trained:
         rx = [0, *[r.round for r in trained]]
+        q, t = trained[-1].probe_questions, trained[-1].probe_texts
         for key, label, color in (
-            ("definition_retention", "definition accuracy after / before", STYLE["definition"]),
-            ("perplexity_retention", "perplexity before / after", STYLE["perplexity"]),
+            (
+                "definition_retention",
+                f"definition accuracy after / before ({q} questions)",
+                STYLE["definition"],
+            ),
+            ("perplexity_retention", f"perplexity before / after ({t} quotations)", STYLE["perplexity"]),
         ):
             ry = [1.0, *[getattr(r, key) if getattr(r, key) is not None else math.nan for r in trained]]
             ret.plot(rx, ry, marker="o", color=color, label=label)

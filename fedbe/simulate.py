@@ -58,8 +58,9 @@ SIMULATE_DESCRIPTION = (
     "(accuracy and general-ability retention, allocation heat maps, bytes per round) to --out. "
     "The coordinator scores the base model first (round 0: zero-shot accuracy, probes) and the "
     "global model after every round. Defaults: 3 clients on 3 different profiles, 3 rounds, "
-    "SmolLM2-135M; about 6-9 minutes on 2 CPU cores. Ctrl-C or SIGTERM stops every process it "
-    "started. Needs Debian's mosquitto (apt-get install mosquitto; scripts/setup.sh does it): "
+    "SmolLM2-135M; measured 3.7 minutes on 2 shared CPU cores (6 when they were busier). "
+    "Ctrl-C or SIGTERM stops every process it started. Needs Debian's mosquitto "
+    "(apt-get install mosquitto; scripts/setup.sh does it): "
     "the in-process amqtt broker is not used because it speaks only MQTT 3.1.1 and fedbe uses "
     "MQTT v5."
 )
