@@ -7,7 +7,8 @@ One round:
 3. allocate new blocks to them (:mod:`coordinator.allocation`, a pure function);
 4. send each client a task with the current weights of exactly its assigned blocks;
 5. collect updates until every assigned client answered (update or error) or went offline, or
-   the deadline passed with at least ``min_clients`` updates; each accepted update is written to
+   the deadline passed with at least ``min_clients`` updates (a client counts as gone once it has
+   been offline for ``OFFLINE_GRACE_SECONDS``); each accepted update is written to
    the state directory before it counts, so a crash mid-round loses none;
 6. screen the updates (unassigned blocks, shapes, non-finite values, norm outliers) and
    aggregate each block over its trainers (:mod:`coordinator.aggregation`);
@@ -40,6 +41,10 @@ from fedbe.transport import Connection
 log = logging.getLogger(__name__)
 
 PROVISIONAL_BLOCKS = 6  # blocks: auto measures clients on this many interleaved blocks first
+# A round stops waiting for an assigned client once it has been offline this long. Not at once: a
+# broker restart fires every client's last will (mosquitto does so even with a will delay), and
+# the clients come back within seconds with their updates (paho reconnects after 1, 2, 4 ... s).
+OFFLINE_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -570,11 +575,17 @@ class Coordinator:
     def collect(self, collector: RoundCollector, started: float) -> str:
         deadline = started + self.cfg.round_deadline_seconds
         hard_limit = started + 3 * self.cfg.round_deadline_seconds
+        offline_since: dict[str, float] = {}  # client -> when this round first saw it offline
         while not self.stop.is_set():
-            offline = {c for c, r in self.clients.clients.items() if not r.online}
-            if not collector.pending(offline):
-                return "all answered"
             now = time.monotonic()
+            for cid, rec in self.clients.clients.items():
+                if rec.online:
+                    offline_since.pop(cid, None)
+                else:
+                    offline_since.setdefault(cid, now)
+            gone = {c for c, t in offline_since.items() if now - t >= OFFLINE_GRACE_SECONDS}
+            if not collector.pending(gone):
+                return "all answered"
             if now > deadline and len(collector.updates) >= self.cfg.min_clients:
                 return "deadline"
             if now > hard_limit:

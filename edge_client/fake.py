@@ -104,10 +104,12 @@ class FakeFleet:
         for i, cid in enumerate(client_ids):
             will = (self.topics.client(cid, ClientTopic.STATUS),
                     protocol.encode(protocol.StatusMessage(cid, "offline", 0, "connection lost")), True)  # fmt: skip
+            birth = (self.topics.client(cid, ClientTopic.STATUS),
+                     protocol.encode(protocol.StatusMessage(cid, "online", 0, "reconnected")), True)  # fmt: skip
             conn = Connection(BrokerConfig(
                 url=broker_url, client_id=cid, username=cid if credentials else None,
                 password=(credentials or {}).get(cid), tls_ca=tls_ca, require_tls=require_tls,
-            ), will=will)  # fmt: skip
+            ), will=will, birth=birth)  # fmt: skip
             conn.inbox = self.inbox  # one worker handles every client's messages
             hist = {label: float(1 + (i + k) % 5) for k, label in enumerate(labels)}
             self.clients[cid] = FakeClient(cid, conn, hist, max_blocks)

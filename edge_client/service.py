@@ -99,10 +99,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     topics = Topics(args.federation)
     will = (topics.client(client_id, protocol.ClientTopic.STATUS),
             protocol.encode(protocol.StatusMessage(client_id, "offline", 0, "connection lost")), True)  # fmt: skip
+    # after a reconnect: "online" again (a broker restart fires the will of every client)
+    birth = (topics.client(client_id, protocol.ClientTopic.STATUS),
+             protocol.encode(protocol.StatusMessage(client_id, "online", 0, "reconnected")), True)  # fmt: skip
     conn = Connection(BrokerConfig(
         url=args.broker, client_id=client_id, username=args.username, password=password,
         tls_ca=str(args.tls_ca) if args.tls_ca else None, require_tls=args.require_tls,
-    ), will=will)  # fmt: skip
+    ), will=will, birth=birth)  # fmt: skip
     stop = stop_on_signals(log, "finishing up")
 
     def setup(status: protocol.CoordinatorStatusMessage) -> tuple[TaskRunner, protocol.AnnounceMessage]:

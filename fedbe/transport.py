@@ -3,6 +3,12 @@
 * Persistent session (``clean_start=False`` and a session expiry > 0, FACTS.md): a task published
   while a client was briefly away is delivered when it comes back. Subscriptions are remembered
   and renewed on every (re)connect; paho reconnects with exponential backoff.
+* A message published while the broker is unreachable is queued by paho and sent after the
+  reconnect; ``publish(wait=...)`` waits for its acknowledgement up to ``wait`` seconds.
+* The last will fires whenever the broker loses the connection, also when the broker itself shuts
+  down (mosquitto sends every client's will on a restart). The optional *birth* message (e.g. the
+  ``online`` status) is published again after every reconnect, so that a will does not outlive
+  the outage.
 * Incoming messages are put on a queue and handled by the application's own thread: nothing
   blocking ever runs on paho's network thread, so keepalive never starves during training.
 * Oversized payloads are refused before publishing (brokers with a size limit drop them and paho
@@ -67,8 +73,15 @@ class BrokerConfig:
 class Connection:
     """One MQTT v5 client. ``inbox`` receives ``(topic, payload)`` for every subscribed message."""
 
-    def __init__(self, config: BrokerConfig, will: tuple[str, bytes, bool] | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        will: tuple[str, bytes, bool] | None = None,
+        birth: tuple[str, bytes, bool] | None = None,
+    ) -> None:
         self.config = config
+        self.birth = birth  # (topic, payload, retain): published on every reconnect (not the first connect)
+        self.connects = 0
         self.host, self.port, tls = config.endpoint()
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connected = threading.Event()
@@ -94,6 +107,8 @@ class Connection:
         self._refused_publishes: dict[int, str] = {}  # mid -> the broker's PUBACK reason (e.g. ACL)
         self._subacks: dict[int, threading.Event] = {}
         self._early_acks: set[int] = set()  # SUBACKs that arrived before subscribe() registered them
+        self._pubacks: dict[int, None] = {}  # the latest PUBACKed message ids, oldest first
+        self._puback = threading.Condition(self._lock)
 
     # -- paho callbacks (network thread: never block here) -------------------------------------
     def _on_connect(
@@ -107,6 +122,10 @@ class Connection:
             subs = list(self._subscriptions.items())
         for topic, qos in subs:
             client.subscribe(topic, qos=qos)
+        self.connects += 1
+        if self.birth is not None and self.connects > 1:
+            topic, payload, retain = self.birth
+            client.publish(topic, payload, qos=1, retain=retain)
         self._refused = None
         self.connected.set()
         log.debug("connected to %s:%d as %s", self.host, self.port, self.config.client_id)
@@ -130,11 +149,15 @@ class Connection:
     def _on_publish(
         self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object
     ) -> None:
-        if getattr(reason, "is_failure", False):
-            with self._lock:
+        with self._puback:
+            if getattr(reason, "is_failure", False):
                 self._refused_publishes[mid] = str(reason)
                 while len(self._refused_publishes) > 1000:  # only publish(wait=...) collects these
                     del self._refused_publishes[next(iter(self._refused_publishes))]
+            self._pubacks[mid] = None
+            while len(self._pubacks) > 1000:  # only publish(wait=...) of a queued message reads these
+                del self._pubacks[next(iter(self._pubacks))]
+            self._puback.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self.inbox.put((message.topic, bytes(message.payload)))
@@ -195,7 +218,22 @@ class Connection:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-        if wait is not None:
+        if wait is not None and info.rc == mqtt.MQTT_ERR_NO_CONN:
+            # Queued by paho and sent after the reconnect, but its wait_for_publish raises at once for
+            # such a message: wait for the PUBACK of its id here (ids repeat after 65,535 messages:
+            # forget an older PUBACK of the same id first; this one can not have come yet, the
+            # reconnect waits at least a second).
+            with self._puback:
+                self._pubacks.pop(info.mid, None)
+                if not self._puback.wait_for(lambda: info.mid in self._pubacks, timeout=wait):
+                    raise TransportError(
+                        f"publish to {topic} was not acknowledged within {wait} s: the broker at "
+                        f"{self.host}:{self.port} is unreachable"
+                    )
+                refused = self._refused_publishes.pop(info.mid, None)
+            if refused is not None:
+                raise TransportError(f"the broker refused the publish to {topic}: {refused}")
+        elif wait is not None:
             try:
                 info.wait_for_publish(timeout=wait)
             except (RuntimeError, ValueError) as exc:

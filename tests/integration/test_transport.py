@@ -60,3 +60,53 @@ def test_an_unreachable_broker_and_a_plain_url_under_require_tls_are_clear_error
         Connection(BrokerConfig(url=broker.url, client_id="x", require_tls=True))
     with pytest.raises(ConfigError, match="mqtt://HOST:PORT"):
         Connection(BrokerConfig(url="http://127.0.0.1:1", client_id="x"))
+
+
+def test_across_a_broker_restart_a_waited_publish_is_delivered_and_the_birth_undoes_the_will() -> None:
+    """mosquitto fires every client's will when it shuts down; after the restart the client publishes
+    its birth message again, and a publish(wait=...) made while the broker was down returns once the
+    restarted broker has acknowledged it (paho's own wait raises at once for such a message)."""
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from fedbe.broker import find_mosquitto  # noqa: PLC0415
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (scripts/setup.sh installs it)")
+    data = ("t/data", b"sent while the broker was down")
+    broker = MosquittoBroker(persistence=True).start()
+    watcher = Connection(BrokerConfig(url=broker.url, client_id="watcher"))
+    device = Connection(
+        BrokerConfig(url=broker.url, client_id="device"),
+        will=("t/status", b"offline", True), birth=("t/status", b"online", True),
+    )  # fmt: skip
+    restart = threading.Timer(2.0, broker.start)
+    try:
+        watcher.start()
+        watcher.subscribe("t/#")
+        device.start()
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while device.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not device.connected.is_set()
+        restart.start()
+        started = time.monotonic()
+        device.publish(*data, wait=30)
+        assert time.monotonic() - started > 1.5  # it waited for the restarted broker's acknowledgement
+        seen: list[tuple[str, bytes]] = []
+        statuses: list[bytes] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (data in seen and statuses[-1:] == [b"online"]):
+            try:
+                seen.append(watcher.inbox.get(timeout=0.5))
+            except queue.Empty:
+                continue
+            statuses = [p for t, p in seen if t == "t/status"]
+        assert statuses[:1] == [b"offline"] and statuses[-1:] == [b"online"], seen  # the will, then the birth
+        assert seen.count(data) == 1, seen
+    finally:
+        restart.join()
+        device.close()
+        watcher.close()
+        broker.close()
