@@ -234,7 +234,9 @@ def test_broker_restart_mid_round_both_sides_reconnect_and_the_run_finishes(tmp_
 
     Both the coordinator and the fleet reconnect by themselves (paho's backoff, persistent sessions
     restored by the broker) and all four rounds complete with every client's update. What each side
-    sent is counted against what the other received and accepted: nothing lost, nothing twice.
+    sent is counted against what the other received and accepted: nothing lost, nothing counted
+    twice (the wills mosquitto fires at its shutdown mark every client offline for a moment: the
+    round waits ``OFFLINE_GRACE_SECONDS`` for them instead of closing without their updates).
     """
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed (scripts/setup.sh installs it)")
@@ -259,12 +261,18 @@ def test_broker_restart_mid_round_both_sides_reconnect_and_the_run_finishes(tmp_
     metrics = read_metrics(config)
     assert [m["round"] for m in metrics] == list(range(1, rounds + 1))
     for m in metrics:
-        assert sorted(m["updates"]) == ids and not m["rejected"] and not m["errors"], m
-    assert "disconnected from" in (tmp_path / "coordinator.log").read_text()
+        assert sorted(m["updates"]) == ids and not m["errors"], m
+        # QoS 1 is at least once: a copy in flight at the shutdown may come twice, and must then be a
+        # rejected duplicate (a task delivered twice is answered twice), never counted
+        assert all(r["reason"] == "duplicate" for r in m["rejected"]), m
+    duplicates = sum(len(m["rejected"]) for m in metrics)
+    coordinator_log = (tmp_path / "coordinator.log").read_text()
+    assert "disconnected from" in coordinator_log and "b1 is offline" in coordinator_log  # the wills fired
     report = json.loads((tmp_path / "fleet.json").read_text())
-    tasks_sent = sum(len(m["bytes_down"]) for m in metrics)
-    assert report["received"]["task"] == tasks_sent == rounds * len(ids)  # no task lost or delivered twice
-    assert report["sent"]["update"] == sum(len(m["updates"]) for m in metrics) == rounds * len(ids)
+    expected = rounds * len(ids)
+    assert sum(len(m["bytes_down"]) for m in metrics) == expected  # one task per client and round
+    extra = report["received"]["task"] - expected  # 0 unless the broker delivered a task twice
+    assert 0 <= extra <= duplicates and report["sent"]["update"] == expected + extra, report
 
 
 # -- 3. a task over a client's memory budget ---------------------------------------------------------
