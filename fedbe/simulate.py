@@ -403,11 +403,7 @@ class Simulation:
         from fedbe.broker import MosquittoBroker  # noqa: PLC0415
 
         s, out = self.settings, self.out
-        for noisy in (
-            "fedbe.transport",
-            "matplotlib",
-            "edge_client.data",
-        ):  # this command prints its own lines
+        for noisy in ("fedbe.transport", "matplotlib", "edge_client.data"):  # it prints its own lines
             logging.getLogger(noisy).setLevel(logging.WARNING)
         for sub in ("data", "logs"):
             (out / sub).mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,21 @@ def test_an_interrupted_simulation_leaves_no_process_behind(tmp_path: Path, sign
     assert code == 130, text[-3000:]
     assert "stopping every process this simulation started" in text
     assert_all_gone(family)
+
+
+def test_a_failing_process_stops_the_simulation_with_its_log_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    out, log = tmp_path / "sim", tmp_path / "simulate.log"
+    proc = start(out, log, "--model", "tiny:nosucharch")  # every process fails to load it
+    try:
+        family = watch_family(proc, time.monotonic() + 180)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert code == 1, text[-3000:]
+    assert "exited with code" in text and "nosucharch" in text  # which process, and the end of its log
+    assert_all_gone(family)
+    assert not (out / "report.md").exists()
