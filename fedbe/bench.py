@@ -433,7 +433,7 @@ class LoraMethod(Method):
         base = sources.load_model(world.source)
         base.requires_grad_(False)
         if self.s.precision in ("bf16", "fp16"):
-            base.to(torch.bfloat16 if self.s.precision == "bf16" else torch.float16)
+            base.to(torch.bfloat16 if self.s.precision == "bf16" else torch.float16)  # type: ignore[arg-type]
         torch.manual_seed(world.seed)  # the same random A for every client (FedIT and FFA-LoRA alike)
         cfg = LoraConfig(r=self.s.lora_rank, lora_alpha=2 * self.s.lora_rank, lora_dropout=0.0,
                          target_modules="all-linear", bias="none")  # fmt: skip
