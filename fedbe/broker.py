@@ -129,7 +129,11 @@ class MosquittoBroker:
     def _launch(self, exe: str, conf: Path) -> MosquittoBroker:
         # The broker's log goes to a file, not a pipe: a pipe nobody reads fills up and blocks it.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-        self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=self._log)
+        # Its own session: a Ctrl-C at the terminal must not take the broker down before the clients
+        # and the coordinator that use it have been stopped (stop() ends it).
+        self._proc = subprocess.Popen(
+            [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
