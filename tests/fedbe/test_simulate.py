@@ -39,7 +39,13 @@ def test_defaults_give_heterogeneous_clients_and_a_valid_coordinator_config(tmp_
 
 def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
     settings = simulate.settings_from_args(
-        _args(tmp_path, "--clients", "5", "--profiles", "cpu-laptop,rtx-3060-12gb")
+        _args(
+            tmp_path,
+            "--clients",
+            "5",
+            "--profiles",
+            f"cpu-laptop,{simulate.PROFILE_DIR / 'rtx-3060-12gb.yaml'}",
+        )
     )
     specs = simulate.client_specs(settings, [tmp_path / f"{i}.jsonl" for i in range(5)])
     assert [s.profile.stem for s in specs] == ["cpu-laptop", "rtx-3060-12gb"] * 2 + ["cpu-laptop"]
