@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import signal
@@ -93,6 +94,8 @@ class Settings:
     eval_precision: str
     deadline_seconds: float
     timeout_seconds: float
+    distill_lambda: float = 1.0
+    distill_top_k: int = 32
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,16 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--batch-size", type=_positive_int, default=4, help="articles per step (default 4)")
     p.add_argument("--max-tokens", type=_positive_int, default=96, help="tokens per article (default 96)")
     p.add_argument("--lr", type=_positive_float, default=3e-4, help="client AdamW learning rate (3e-4)")
+    p.add_argument(
+        "--distill-lambda", type=float, default=1.0,
+        help="weight of self-distillation towards the base on each client's own inputs (1.0; 0 = plain "
+        "cross-entropy, and then no client is given the top block: see allocation.max_unprotected_risk)",
+    )  # fmt: skip
+    p.add_argument(
+        "--distill-top-k", type=int, default=32,
+        help="clients cache the base's top-K next-token probabilities once per article (32; 0 = exact KL "
+        "with an extra forward every step)",
+    )  # fmt: skip
     p.add_argument(
         "--eval-examples",
         type=_positive_int,
@@ -220,6 +233,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         or (args.probe_questions == 0) != (args.probe_texts == 0)
     ):
         raise ConfigError("--probe-questions and --probe-texts must both be 0 or both be at least 1")
+    if not (math.isfinite(args.distill_lambda) and args.distill_lambda >= 0) or args.distill_top_k < 0:
+        raise ConfigError(
+            f"--distill-lambda must be a number >= 0 and --distill-top-k a whole number >= 0, got "
+            f"{args.distill_lambda} and {args.distill_top_k}"
+        )
     out = Path(args.out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not an empty folder; choose a new one")
@@ -230,6 +248,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         probe_questions=args.probe_questions, probe_texts=args.probe_texts, eval_precision=args.eval_precision,
         deadline_seconds=args.deadline,
         timeout_seconds=args.timeout,
+        distill_lambda=args.distill_lambda,
+        distill_top_k=args.distill_top_k,
     )  # fmt: skip
 
 
@@ -269,6 +289,8 @@ def run_config(settings: Settings, broker_url: str, state_dir: Path) -> dict[str
             "lr": settings.lr,
             "batch_size": settings.batch_size,
             "max_tokens": settings.max_tokens,
+            "distill_lambda": settings.distill_lambda,
+            "distill_top_k": settings.distill_top_k,
         },  # fmt: skip
         "broker": {"url": broker_url},
         "server_eval": server_eval,

@@ -184,7 +184,10 @@ def test_frame_layout_is_as_documented() -> None:
         (lambda f: f[:-1] + bytes([f[-1] ^ 0x40]), "frame corrupted in transit"),
         (lambda f: f[:12] + b"\0\0\0\0" + f[16:], "frame corrupted in transit"),
         (lambda f: f + b"\0", "truncated or padded"),
-        (lambda f: _seal(77, 0, f[16:]), r"unknown message type 77 \(known: UpdateMessage \(type 1\), AnnounceMessage"),
+        (
+            lambda f: _seal(77, 0, f[16:]),
+            r"unknown message type 77 \(known: UpdateMessage \(type 1\), AnnounceMessage",
+        ),
         (lambda f: _seal(1, 9, f[16:]), "unknown flags 0x09"),
         (lambda f: _seal(1, 0, f[16:], reserved=1), "reserved header byte"),
         (lambda f: _seal(1, 1, f[16:]), "zlib body is malformed"),

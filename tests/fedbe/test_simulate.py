@@ -32,6 +32,8 @@ def test_defaults_give_heterogeneous_clients_and_a_valid_coordinator_config(tmp_
     cfg = parse_run_config(config, "simulate", tmp_path)  # the coordinator accepts what simulate writes
     assert cfg.rounds == settings.rounds and cfg.clients_per_round == cfg.min_clients == settings.clients
     assert cfg.server_eval is not None and cfg.server_eval.baseline and cfg.server_eval.probe_questions > 0
+    # FedBE's default: clients self-distil against the base (cached top-K), so the top block is allowed
+    assert cfg.training.distill_lambda == settings.distill_lambda > 0 and cfg.training.distill_top_k > 0
     command = simulate.edge_command(settings, specs[0], "mqtt://127.0.0.1:1999")
     assert "--emulate" in command and str(specs[0].profile) in command
     assert simulate.child_environment()["OMP_NUM_THREADS"] == "1"
@@ -57,6 +59,7 @@ def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
         (("--profiles", "no-such-device"), "no profile 'no-such-device'"),
         (("--blocks", "many"), "--blocks must be a whole number or auto"),
         (("--probe-questions", "0"), "must both be 0 or both be at least 1"),
+        (("--distill-lambda", "-1"), "--distill-lambda must be a number >= 0"),
     ],
 )
 def test_bad_settings_are_clear_errors(tmp_path: Path, extra: tuple[str, ...], message: str) -> None:
