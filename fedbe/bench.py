@@ -300,8 +300,9 @@ class Method:
     def compress(self, client_id: str, delta: Any) -> tuple[Any, int]:
         from fedbe.compression import Level, compress_state, decompress_state  # noqa: PLC0415
 
-        residual = self.residuals.get(client_id)
-        residual = {b: residual[b] for b in delta if residual and b in residual} or None
+        held = self.residuals.get(client_id, {})
+        # a block this client did not train before starts with a zero residual
+        residual = {b: held.get(b) or {n: torch.zeros_like(t) for n, t in delta[b].items()} for b in delta}
         compressed, new_residual = compress_state(delta, Level.INT8, residual)
         self.residuals.setdefault(client_id, {}).update(new_residual)
         nbytes = sum(c.nbytes for params in compressed.values() for c in params.values())
@@ -799,23 +800,66 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
     return written
 
 
+def settings_digest(settings: BenchSettings) -> str:
+    """What a method run depends on (everything but the list of methods and seeds)."""
+    import hashlib  # noqa: PLC0415
+
+    data = asdict(settings)
+    del data["methods"], data["seeds"]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def previous_records(path: Path, digest: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """Method runs of the same settings from an interrupted earlier run in the same folder."""
+    if not path.is_file():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("settings_digest") == digest and "method" in rec:
+            done[(rec["method"], int(rec["seed"]))] = rec
+    return done
+
+
 def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
               say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     base_scores: dict[str, float] = {}
+    digest = settings_digest(settings)
+    done = previous_records(out / "records.jsonl", digest)
+    if done:
+        say(f"resuming: {len(done)} method run(s) of these settings already in {out / 'records.jsonl'}")
+    with (out / "records.jsonl").open("w") as handle:
+        for rec in done.values():
+            handle.write(json.dumps(rec) + "\n")
     for seed in settings.seeds:
-        world = build_world(settings, seed, say)
-        measure_capacities(world, say)
+        world: World | None = None
         for i, name in enumerate(settings.methods, 1):
-            say(f"[seed {seed}] method {i}/{len(settings.methods)}: {name} "
-                f"({time.perf_counter() - started:.0f} s elapsed)")  # fmt: skip
-            torch.manual_seed(seed)
-            rec = run_method(world, name, say)
-            base_scores = world.base_scores
+            if (name, seed) in done:
+                rec = done[(name, seed)]
+                say(f"[seed {seed}] method {i}/{len(settings.methods)}: {name} (from the previous run)")
+            else:
+                if world is None:
+                    world = build_world(settings, seed, say)
+                    measure_capacities(world, say)
+                    first = next((r for (m, s_), r in done.items() if s_ == seed and r.get("round0")), None)
+                    if first is not None:
+                        world.base_scores = first["round0"]
+                say(f"[seed {seed}] method {i}/{len(settings.methods)}: {name} "
+                    f"({time.perf_counter() - started:.0f} s elapsed)")  # fmt: skip
+                torch.manual_seed(seed)
+                rec = run_method(world, name, say)
+                rec["settings_digest"] = digest
+                with (out / "records.jsonl").open("a") as handle:
+                    handle.write(json.dumps(rec) + "\n")
+            if not base_scores and rec.get("round0"):
+                base_scores = rec["round0"]
             records.append(rec)
-            (out / "records.jsonl").open("a" if records[:-1] else "w").write(json.dumps(rec) + "\n")
     summary = summarise(records, base_scores)
     results = {"settings": asdict(settings), "command": command, "base": base_scores, "summary": summary,
                "position_risks": position_risks(summary),

@@ -106,3 +106,34 @@ def test_position_ablation_becomes_allocation_risks() -> None:
     assert risks["top_risk"] == 1.0
     assert risks["interleaved_risk"] == pytest.approx(0.03 / 0.3, abs=1e-3)
     assert bench.position_risks(summary[:2]) is None
+
+
+def test_a_client_given_a_block_it_never_trained_compresses_with_a_zero_residual() -> None:
+    import types
+
+    import torch
+
+    method = bench.Method("fedbe-random", types.SimpleNamespace(settings=bench.BenchSettings()))  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    first = {0: {"w": torch.randn(4, 8, generator=g)}}
+    method.compress("c", first)
+    second = {0: {"w": torch.randn(4, 8, generator=g)}, 1: {"w": torch.randn(4, 8, generator=g)}}
+    decoded, nbytes = method.compress("c", second)  # block 1 is new to this client
+    assert set(decoded) == {0, 1} and nbytes > 0
+    assert torch.allclose(decoded[1]["w"], second[1]["w"], atol=0.05)
+
+
+def test_an_interrupted_run_resumes_only_runs_of_the_same_settings(tmp_path) -> None:
+    digest = bench.settings_digest(bench.BenchSettings())
+    other = bench.settings_digest(bench.BenchSettings(rounds=9))
+    assert digest != other
+    assert digest == bench.settings_digest(bench.BenchSettings(methods=("fedit",), seeds=(3,)))
+    lines = [
+        json.dumps({"method": "fedbe", "seed": 0, "settings_digest": digest, "rounds": []}),
+        json.dumps({"method": "fedit", "seed": 0, "settings_digest": other, "rounds": []}),
+        "{not json",
+    ]
+    (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
+    done = bench.previous_records(tmp_path / "records.jsonl", digest)
+    assert list(done) == [("fedbe", 0)]
+    assert bench.previous_records(tmp_path / "missing.jsonl", digest) == {}
