@@ -56,7 +56,7 @@ LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora")
 ALL_METHODS = BLOCK_METHODS + LORA_METHODS + ("full-ft",) + POSITION_METHODS
 DEFAULT_METHODS = ("fedbe", "fedbe-plain", "fedbe-random", "fedbe-all", "fedit", "fedit-distill", "ffa-lora",
                    "full-ft")  # fmt: skip
-QUICK_METHODS = ("fedbe", "fedbe-random", "fedbe-all", "fedit", "fedit-distill", "ffa-lora", "full-ft")
+QUICK_METHODS = ("fedbe", "fedbe-random", "fedit", "ffa-lora", "full-ft")
 
 
 @dataclass(frozen=True)
