@@ -787,7 +787,8 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
             xs = [0.0] + [row["emulated_wall_seconds"] for row in rec["rounds"]]
             ys = [rec["round0"]["accuracy"]] + [row["accuracy"] for row in rec["rounds"]]
             ax.plot(xs, ys, marker="o", color=colours[m], label=m if i == 0 else None)
-    ax.set_xlabel("emulated wall-clock seconds (slowest client per round)")
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlabel("emulated wall-clock seconds (slowest client per round; linear to 100 s, log beyond)")
     ax.set_ylabel("BBC test accuracy")
     ax.set_title("accuracy versus emulated wall-clock time")
     ax.grid(alpha=0.3)
