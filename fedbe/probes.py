@@ -110,7 +110,9 @@ def _fortunes() -> tuple[str, ...]:
             if 40 <= len(quote) <= 600:
                 quotes.append(quote)
     if not quotes:
-        raise DataError(f"no quotations under {FORTUNES_DIR}: install Debian's fortunes (scripts/setup.sh does this)")
+        raise DataError(
+            f"no quotations under {FORTUNES_DIR}: install Debian's fortunes (scripts/setup.sh does this)"
+        )
     return tuple(sorted(set(quotes), key=lambda q: hashlib.sha256(q.encode("utf-8")).digest()))
 
 
@@ -203,7 +205,9 @@ class GeneralProbe:
 
     @classmethod
     def build(cls, questions: int = 100, texts: int = 48, split: str = "test", seed: int = 0) -> GeneralProbe:
-        return cls(tuple(definition_questions(questions, split, seed)), tuple(general_texts(texts, split)), split)
+        return cls(
+            tuple(definition_questions(questions, split, seed)), tuple(general_texts(texts, split)), split
+        )
 
     def score(self, model: PreTrainedModel, tokenizer: Any) -> dict[str, float]:
         return {
