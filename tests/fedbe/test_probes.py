@@ -1,0 +1,48 @@
+"""General-ability probes: fixed, disjoint validation/test halves; scores that respond to the model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedbe import probes, sources
+from fedbe.errors import DataError
+
+
+def test_definition_questions_are_fixed_well_formed_and_split() -> None:
+    test = probes.definition_questions(30, "test")
+    assert test == probes.definition_questions(30, "test")  # the same every time
+    assert test != probes.definition_questions(30, "test", seed=1)
+    for q in test:
+        assert len(q.options) == 4 and len(set(q.options)) == 4 and 0 <= q.answer < 4
+    answers = {q.answer for q in test}
+    assert len(answers) > 1  # the right option is not always in the same place
+    validation = probes.definition_questions(30, "validation")
+    assert not {q.word for q in test} & {q.word for q in validation}
+    assert not set(probes.general_texts(20, "test")) & set(probes.general_texts(20, "validation"))
+    with pytest.raises(DataError, match="split"):
+        probes.definition_questions(3, "train")
+
+
+def test_retention_is_after_over_before_and_before_over_after() -> None:
+    r = probes.retention(
+        {"definition_accuracy": 0.6, "perplexity": 40.0}, {"definition_accuracy": 0.3, "perplexity": 80.0}
+    )
+    assert r == {"definition_retention": 0.5, "perplexity_retention": 0.5}
+
+
+def test_scores_respond_to_the_model() -> None:
+    torch.manual_seed(0)
+    model = sources.build_tiny_model("llama")
+    tokenizer = sources.load_tokenizer("tiny:llama")
+    probe = probes.GeneralProbe.build(questions=8, texts=6, split="validation")
+    before = probe.score(model, tokenizer)
+    assert 0.0 <= before["definition_accuracy"] <= 1.0
+    assert math.isfinite(before["perplexity"]) and before["perplexity"] > 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after = probe.score(model, tokenizer)
+    assert after["perplexity"] != pytest.approx(before["perplexity"], rel=1e-3)
