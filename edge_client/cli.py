@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fedbe.console import dispatch, setup_logging
+from fedbe.console import dispatch, positive_int, setup_logging
 from fedbe.profiles import DEFAULT_PROFILE, PRECISIONS, format_bytes, load_profile
 
 log = logging.getLogger("edge_client")
@@ -35,16 +35,6 @@ EPILOG = """model sources (--model):
 device profiles (--profile): YAML files such as profiles/jetson-orin-nano-8gb.yaml; see docs/profiles.md."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "profile",
@@ -60,9 +50,9 @@ def add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument("--profile", type=Path, help="device profile YAML (default: measured values only)")
     p.add_argument("--model", default="smollm2-135m", help="model source (default: smollm2-135m)")
-    p.add_argument("--blocks", type=_positive_int, help="new blocks, interleaved (default: min(6, layers))")
-    p.add_argument("--batch-size", type=_positive_int, help="examples per step (default: the profile's)")
-    p.add_argument("--max-tokens", type=_positive_int, help="tokens per example (default: the profile's)")
+    p.add_argument("--blocks", type=positive_int, help="new blocks, interleaved (default: min(6, layers))")
+    p.add_argument("--batch-size", type=positive_int, help="examples per step (default: the profile's)")
+    p.add_argument("--max-tokens", type=positive_int, help="tokens per example (default: the profile's)")
     p.add_argument("--precision", choices=PRECISIONS, help="frozen base precision (default: the profile's)")
     p.add_argument(
         "--emulate",

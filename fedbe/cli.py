@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedbe.console import dispatch, setup_logging
+from fedbe.console import dispatch, positive_float, positive_int, setup_logging
 from fedbe.errors import FedbeError
 
 log = logging.getLogger("fedbe")
@@ -32,26 +32,6 @@ EPILOG = """model sources (--model):
   FILE.gguf        a GGUF file (tokenizer read from the same file)
   tiny:ARCH        a tiny random model (llama, qwen2, mistral, gemma3, gpt2) for tests
 fedbe never downloads from a model hub."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     expand.add_argument("--model", required=True, help="model source (see below)")
     expand.add_argument(
-        "--blocks", type=_positive_int, help="number of new blocks (may be left out with an index list)"
+        "--blocks", type=positive_int, help="number of new blocks (may be left out with an index list)"
     )
     expand.add_argument(
         "--placement",
@@ -102,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     demo.add_argument("--model", default="smollm2-135m", help="model source (default: smollm2-135m)")
-    demo.add_argument("--blocks", type=_positive_int, default=6, help="new blocks (default 6)")
+    demo.add_argument("--blocks", type=positive_int, default=6, help="new blocks (default 6)")
     demo.add_argument("--placement", default="interleave", help="interleave, top or base-layer indices")
     demo.add_argument(
         "--precision",
@@ -110,14 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["nf4", "int8", "bf16", "fp16", "fp32"],
         help="precision of the frozen base (default nf4)",
     )
-    demo.add_argument("--steps", type=_positive_int, default=10, help="training steps (default 10)")
-    demo.add_argument("--batch-size", type=_positive_int, default=8, help="examples per step (default 8)")
+    demo.add_argument("--steps", type=positive_int, default=10, help="training steps (default 10)")
+    demo.add_argument("--batch-size", type=positive_int, default=8, help="examples per step (default 8)")
+    demo.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per example (default 128)")
+    demo.add_argument("--lr", type=positive_float, default=3e-4, help="AdamW learning rate (default 3e-4)")
     demo.add_argument(
-        "--max-tokens", type=_positive_int, default=128, help="tokens per example (default 128)"
-    )
-    demo.add_argument("--lr", type=_positive_float, default=3e-4, help="AdamW learning rate (default 3e-4)")
-    demo.add_argument(
-        "--eval-examples", type=_positive_int, default=40, help="test articles scored (default 40)"
+        "--eval-examples", type=positive_int, default=40, help="test articles scored (default 40)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--json", type=Path, help="also write the results to this JSON file")

@@ -16,6 +16,28 @@ from types import FrameType
 from fedbe.errors import FedbeError
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type=``: a whole number >= 1, with a message that says what was wrong."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=``: a finite number > 0 (NaN and inf refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
 def setup_logging(level: int) -> None:
     """Log at ``level`` to stderr; silence bitsandbytes' per-call lines and transformers' progress bars."""
     logging.basicConfig(

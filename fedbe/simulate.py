@@ -38,6 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from fedbe.console import positive_float, positive_int
 from fedbe.errors import ConfigError, FedbeError
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
@@ -117,8 +118,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         epilog=epilog,
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (created; must be empty or new)")
-    p.add_argument("--clients", type=_positive_int, default=3, help="edge processes (default 3)")
-    p.add_argument("--rounds", type=_positive_int, default=3, help="federated rounds (default 3)")
+    p.add_argument("--clients", type=positive_int, default=3, help="edge processes (default 3)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="federated rounds (default 3)")
     p.add_argument(
         "--profiles",
         default=",".join(DEFAULT_PROFILES),
@@ -128,15 +129,15 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--model", default="smollm2-135m", help="base model source (default smollm2-135m)")
     p.add_argument("--dataset", default="bbc-news", choices=["bbc-news"], help="training data (bbc-news)")
     p.add_argument(
-        "--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration of the label split "
+        "--alpha", type=positive_float, default=0.5, help="Dirichlet concentration of the label split "
         "(smaller: more skewed clients; default 0.5)"
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the split, sampling and training (default 0)")
     p.add_argument("--blocks", default="6", help="new blocks: a number or auto (default 6)")
-    p.add_argument("--steps", type=_positive_int, default=8, help="optimizer steps per client and round (8)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="articles per step (default 4)")
-    p.add_argument("--max-tokens", type=_positive_int, default=96, help="tokens per article (default 96)")
-    p.add_argument("--lr", type=_positive_float, default=3e-4, help="client AdamW learning rate (3e-4)")
+    p.add_argument("--steps", type=positive_int, default=8, help="optimizer steps per client and round (8)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="articles per step (default 4)")
+    p.add_argument("--max-tokens", type=positive_int, default=96, help="tokens per article (default 96)")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="client AdamW learning rate (3e-4)")
     p.add_argument(
         "--distill-lambda", type=float, default=1.0,
         help="weight of self-distillation towards the base on each client's own inputs (1.0; 0 = plain "
@@ -149,7 +150,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )  # fmt: skip
     p.add_argument(
         "--eval-examples",
-        type=_positive_int,
+        type=positive_int,
         default=40,
         help="BBC test articles the coordinator scores (40)",
     )
@@ -170,7 +171,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument(
         "--deadline",
-        type=_positive_float,
+        type=positive_float,
         default=1800.0,
         help="round deadline in seconds (default 1800). The allocation gives a client only blocks whose predicted "
         "time fits it, predicted from step times each client measures at start-up; on a shared machine those "
@@ -178,28 +179,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "idle",
     )
     p.add_argument(
-        "--timeout", type=_positive_float, default=3600.0, help="give up after this many seconds (3600)"
+        "--timeout", type=positive_float, default=3600.0, help="give up after this many seconds (3600)"
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return value
 
 
 def resolve_profile(text: str) -> Path:
