@@ -48,6 +48,10 @@ class TrainConfig:
     distill_lambda: float = 0.0
     distill_top_k: int = 0  # 0: exact KL with a base forward every step; K: cached top-K of the base
     identity_pull: float = 0.0
+    # rows of text sampled once from the base itself (each from one token of the client's own data),
+    # appended to every batch and distilled only: the KL then also holds the model to the base on
+    # text like the base's own, not only on the client's task. 0 = off. Needs distill_lambda > 0.
+    rehearsal_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -58,6 +62,12 @@ class TrainConfig:
             raise FedbeError(f"distill_top_k must be >= 0 (0 = exact, no cache), got {self.distill_top_k}")
         if not (math.isfinite(self.identity_pull) and self.identity_pull >= 0):
             raise FedbeError(f"identity_pull must be a number >= 0, got {self.identity_pull}")
+        if self.rehearsal_rows < 0:
+            raise FedbeError(f"rehearsal_rows must be >= 0, got {self.rehearsal_rows}")
+        if self.rehearsal_rows and not self.distill_lambda:
+            raise FedbeError(
+                "rehearsal_rows needs self-distillation (distill_lambda > 0): the rows carry no labels"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise FedbeError(f"learning rate must be a positive number, got {self.lr}")
 
@@ -74,6 +84,7 @@ class TrainResult:
     distill_losses: list[float] = field(default_factory=list)  # the KL part (before lambda), if any
     base_forwards: int = 0  # no-grad forwards of the base spent on distillation
     step_seconds: list[float] = field(default_factory=list)
+    rehearsal_seconds: float = 0.0  # sampling the rehearsal pool from the base (first call only)
 
     @property
     def steps(self) -> int:
@@ -85,14 +96,25 @@ class TrainResult:
 
 
 def causal_lm_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens (labels != IGNORE_INDEX), as the model's own loss.
+
+    Only the positions that predict a target are projected onto the vocabulary
+    (``logits_to_keep``): the output layer and its softmax over ~50k tokens would otherwise run on
+    every position of every article, for nothing.
+    """
     device = next(p for p in model.parameters()).device
-    out = model(
+    keep = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    keep[:, :-1] = batch.labels[:, 1:] != IGNORE_INDEX
+    if not keep.any():
+        raise FedbeError("a training batch has no target tokens (every label is ignored)")
+    logits = model(
         input_ids=batch.input_ids.to(device),
         attention_mask=batch.attention_mask.to(device),
-        labels=batch.labels.to(device),
         use_cache=False,
-    )
-    return out.loss
+        logits_to_keep=keep.to(device),
+    ).logits
+    targets = batch.labels[:, 1:][keep[:, :-1]].to(device)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
 
 
 def distill_positions(batch: Batch) -> torch.Tensor:
@@ -117,6 +139,7 @@ class BaseCache:
             raise FedbeError(f"a base cache needs top_k >= 1, got {top_k}")
         self.top_k = top_k
         self._rows: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rehearsal: torch.Tensor | None = None  # [pool, width] token ids sampled from the base
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -131,12 +154,16 @@ class BaseCache:
         return any(_row_key(batch, r) not in self._rows for r in range(batch.size))
 
     def fill(self, batch: Batch, base_logits: torch.Tensor) -> None:
+        """Store the top-K of ``base_logits``: ``[P, V]`` at the batch's distillation positions (mask order)."""
         positions = distill_positions(batch)
-        logprobs = torch.log_softmax(base_logits[:, :-1].float(), dim=-1)
-        top_logp, top_idx = logprobs.topk(self.top_k, dim=-1)
-        for row in range(batch.size):
-            mask = positions[row]
-            self._rows[_row_key(batch, row)] = (top_idx[row][mask].to(torch.int32), top_logp[row][mask])
+        if base_logits.shape[0] != int(positions.sum()):
+            raise FedbeError(
+                f"expected base logits at {int(positions.sum())} positions, got {base_logits.shape[0]}"
+            )
+        top_logp, top_idx = torch.log_softmax(base_logits.float(), dim=-1).topk(self.top_k, dim=-1)
+        counts = positions.sum(1).tolist()
+        for row, (idx, logp) in enumerate(zip(top_idx.split(counts), top_logp.split(counts), strict=True)):
+            self._rows[_row_key(batch, row)] = (idx.to(torch.int32).cpu(), logp.cpu())
 
     def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices ``[P, K]`` and log-probabilities ``[P, K]`` for the batch's positions, in mask order."""
@@ -146,8 +173,11 @@ class BaseCache:
 
 def kl_full(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(p_base || p_model), exact over the vocabulary (``[P, V]`` inputs)."""
+    return _kl_full_logp(base_logits, torch.log_softmax(logits.float(), dim=-1))
+
+
+def _kl_full_logp(base_logits: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     base_logp = torch.log_softmax(base_logits.float(), dim=-1)
-    logp = torch.log_softmax(logits.float(), dim=-1)
     return (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
 
 
@@ -158,7 +188,10 @@ def kl_top_k(top_idx: torch.Tensor, top_logp: torch.Tensor, logits: torch.Tensor
     tokens, as one extra bucket (an exact KL between the two coarsened distributions, a lower bound
     of the full KL that tightens as K grows).
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    return _kl_top_k_logp(top_idx, top_logp, torch.log_softmax(logits.float(), dim=-1))
+
+
+def _kl_top_k_logp(top_idx: torch.Tensor, top_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     model_top = logp.gather(-1, top_idx)
     p_top = top_logp.exp()
     rest_p = (1 - p_top.sum(-1)).clamp(min=1e-8)
@@ -167,17 +200,73 @@ def kl_top_k(top_idx: torch.Tensor, top_logp: torch.Tensor, logits: torch.Tensor
     return kl.mean()
 
 
-def _forward_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+def _forward_logits(model: PreTrainedModel, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits ``[rows, width, V]``, or ``[N, V]`` at the ``True`` positions of a ``[rows, width]`` ``keep``."""
     device = next(p for p in model.parameters()).device
+    extra = {} if keep is None else {"logits_to_keep": keep.to(device)}
     return model(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
-    ).logits
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
+        **extra,
+    ).logits  # fmt: skip
 
 
-def _target_ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    labels = batch.labels[:, 1:].to(logits.device)
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+def _predicting(selected: torch.Tensor) -> torch.Tensor:
+    """A ``[rows, width]`` keep mask from a ``[rows, width-1]`` mask of next-token positions."""
+    keep = torch.zeros(selected.shape[0], selected.shape[1] + 1, dtype=torch.bool)
+    keep[:, :-1] = selected
+    return keep
+
+
+REHEARSAL_POOL = 16  # sequences sampled once per client; each step takes the next rehearsal_rows of them
+
+
+@torch.no_grad()
+def sample_rehearsal(
+    model: PreTrainedModel,
+    base: Callable[[], AbstractContextManager[Any]],
+    batches: Sequence[Batch],
+    width: int,
+) -> torch.Tensor:
+    """``[REHEARSAL_POOL, width]`` token ids sampled from the base (nucleus 0.95, temperature 1).
+
+    Each sequence starts from one token of the client's own inputs (spread over its batches), so
+    nothing but the client's data and the frozen base is used. Seeded by those tokens: the same
+    client gets the same pool every time.
+    """
+    starts = []
+    rows = [(b, r) for b in batches for r in range(b.size)]
+    for i in range(REHEARSAL_POOL):
+        batch, row = rows[i % len(rows)]
+        n = int(batch.attention_mask[row].sum())
+        starts.append(int(batch.input_ids[row, (7 * i + 3) % max(1, n - 1)]))
+    prompt = torch.tensor(starts).unsqueeze(1)
+    device = next(p for p in model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(), base():
+        torch.manual_seed(sum(starts) % (2**31))
+        out = model.generate(
+            input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device), do_sample=True,
+            top_p=0.95, top_k=0, temperature=1.0, max_new_tokens=width - 1, min_new_tokens=width - 1,
+            pad_token_id=starts[0],
+        )  # fmt: skip
+    model.train(was_training)
+    return out[:, :width].cpu()
+
+
+def with_rehearsal(batch: Batch, pool: torch.Tensor, step: int, rows: int) -> Batch:
+    """``batch`` plus ``rows`` pool sequences (cut or padded to its width), labels all ignored."""
+    width = batch.input_ids.shape[1]
+    picked = pool[[(step * rows + i) % pool.shape[0] for i in range(rows)], :width]
+    ids = torch.zeros(rows, width, dtype=batch.input_ids.dtype)
+    ids[:, : picked.shape[1]] = picked
+    mask = torch.zeros(rows, width, dtype=batch.attention_mask.dtype)
+    mask[:, : picked.shape[1]] = 1
+    labels = torch.full((rows, width), IGNORE_INDEX, dtype=batch.labels.dtype)
+    return Batch(
+        torch.cat([batch.input_ids, ids]),
+        torch.cat([batch.attention_mask, mask]),
+        torch.cat([batch.labels, labels]),
     )
 
 
@@ -259,6 +348,21 @@ def train_parameters(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     result = TrainResult(block_ids=block_ids)
     start = time.perf_counter()
+    pool = None
+    if distill and config.rehearsal_rows:
+        assert base is not None
+        width = max(b.input_ids.shape[1] for b in batches)
+        if (
+            base_cache is not None
+            and base_cache.rehearsal is not None
+            and base_cache.rehearsal.shape[1] >= width
+        ):
+            pool = base_cache.rehearsal
+        else:
+            pool = sample_rehearsal(model, base, batches, width)
+            result.rehearsal_seconds = time.perf_counter() - start
+            if base_cache is not None:
+                base_cache.rehearsal = pool
     try:
         for step in range(config.steps):
             if config.deadline_seconds is not None and time.perf_counter() - start > config.deadline_seconds:
@@ -273,7 +377,8 @@ def train_parameters(
             step_start = time.perf_counter()
             if distill:
                 assert base is not None
-                loss = _distill_step_loss(model, base, batch, config, base_cache, result)
+                seen = batch if pool is None else with_rehearsal(batch, pool, step, config.rehearsal_rows)
+                loss = _distill_step_loss(model, base, seen, config, base_cache, result)
             else:
                 loss = causal_lm_loss(model, batch)
                 result.ce_losses.append(float(loss.detach()))
@@ -308,25 +413,30 @@ def _distill_step_loss(
     cache: BaseCache | None,
     result: TrainResult,
 ) -> torch.Tensor:
-    positions = distill_positions(batch)
+    positions = distill_positions(batch)  # [rows, width-1]
+    targets = batch.labels[:, 1:] != IGNORE_INDEX
+    if not targets.any():
+        raise FedbeError("a training batch has no target tokens (every label is ignored)")
+    kept = positions | targets
     base_logits = None
     if cache is None or cache.missing(batch):
         with torch.no_grad(), base():
-            base_logits = _forward_logits(model, batch)
+            base_logits = _forward_logits(model, batch, _predicting(positions)) if positions.any() else None
         result.base_forwards += 1
-        if cache is not None:
+        if cache is not None and base_logits is not None:
             cache.fill(batch, base_logits)
-    logits = _forward_logits(model, batch)
-    ce = _target_ce(logits, batch)
-    picked = logits[:, :-1][positions.to(logits.device)]
+    # one vocabulary projection and one log-softmax, only where a loss term looks
+    logp = torch.log_softmax(_forward_logits(model, batch, _predicting(kept)).float(), dim=-1)
+    target_rows, distill_rows = targets[kept].to(logp.device), positions[kept].to(logp.device)
+    ce = torch.nn.functional.nll_loss(logp[target_rows], batch.labels[:, 1:][targets].to(logp.device))
     if not positions.any():
-        kl = logits.sum() * 0.0
+        kl = logp.sum() * 0.0
     elif cache is None:
         assert base_logits is not None
-        kl = kl_full(base_logits[:, :-1][positions.to(base_logits.device)], picked)
+        kl = _kl_full_logp(base_logits, logp[distill_rows])
     else:
         top_idx, top_logp = cache.targets(batch)
-        kl = kl_top_k(top_idx.to(logits.device), top_logp.to(logits.device), picked)
+        kl = _kl_top_k_logp(top_idx.to(logp.device), top_logp.to(logp.device), logp[distill_rows])
     result.ce_losses.append(float(ce.detach()))
     result.distill_losses.append(float(kl.detach()))
     return ce + config.distill_lambda * kl

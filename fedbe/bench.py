@@ -83,6 +83,7 @@ class BenchSettings:
     distill_lambda: float = 1.0
     distill_top_k: int = 32
     identity_pull: float = 1e-3
+    rehearsal_rows: int = 0
     full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
@@ -96,6 +97,13 @@ class BenchSettings:
                      "eval_examples", "probe_questions", "probe_texts", "lora_rank"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rehearsal_rows < 0:
+            raise ConfigError(f"rehearsal_rows must be >= 0, got {self.rehearsal_rows}")
+        for name in ("lr", "lora_lr", "distill_lambda", "identity_pull", "full_ft_budget_seconds"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0) or (name in ("lr", "lora_lr") and value == 0):
+                raise ConfigError(f"{name} must be a {'positive' if 'lr' in name else 'non-negative'} number, "
+                                  f"got {value}")  # fmt: skip
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha}")
 
@@ -295,6 +303,7 @@ class Method:
         return TrainConfig(
             steps=self.s.steps, lr=lr or self.s.lr, distill_lambda=self.s.distill_lambda if distill else 0.0,
             distill_top_k=0 if exact else self.s.distill_top_k, identity_pull=self.s.identity_pull if pull else 0.0,
+            rehearsal_rows=self.s.rehearsal_rows if distill else 0,
         )  # fmt: skip
 
     def compress(self, client_id: str, delta: Any) -> tuple[Any, int]:
@@ -316,8 +325,10 @@ class Method:
 
 
 def train_time(result: Any) -> float:
-    """Training seconds, robust to other load on this machine: median step time x steps run."""
-    return statistics.median(result.step_seconds) * len(result.step_seconds) if result.step_seconds else 0.0
+    """Training seconds, robust to other load on this machine: median step time x steps run, plus the
+    one-off sampling of a rehearsal pool when this call did it."""
+    steps = statistics.median(result.step_seconds) * len(result.step_seconds) if result.step_seconds else 0.0
+    return steps + getattr(result, "rehearsal_seconds", 0.0)
 
 
 def _state_bytes(state: Any) -> int:
@@ -876,6 +887,62 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
     return results
 
 
+def _job(settings: BenchSettings, out: Path, command: str, job: int, threads: int) -> None:
+    """One worker of ``--jobs``: its share of the methods, with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    run_bench(settings, out, command, say=lambda text: print(f"[job {job}] {text}", flush=True))
+
+
+def run_bench_jobs(settings: BenchSettings, out: Path, jobs: int, command: str = "fedbe bench",
+                   say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+    """Run the methods in ``jobs`` worker processes that share the cores evenly, then report as one run.
+
+    Every worker builds the same world (same seed: identical shards, profiles and evaluation items)
+    and measures its own step times with the same number of threads, so the emulated times stay
+    comparable between methods of different workers as long as the workers run side by side. Each
+    worker writes ``out/job-K/``; their records are merged into ``out/records.jsonl`` and the table
+    is rendered from them (an interrupted run resumes, per worker).
+    """
+    import multiprocessing  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    digest = settings_digest(settings)
+    done = {m for m, _ in previous_records(out / "records.jsonl", digest)}
+    todo = [m for m in settings.methods if m not in done]
+    parts = [tuple(todo[k::jobs]) for k in range(jobs) if todo[k::jobs]]
+    threads = max(1, (os.cpu_count() or 1) // max(1, len(parts)))
+    if len(parts) > 1:
+        say(f"running {len(todo)} method(s) in {len(parts)} worker processes, {threads} thread(s) each: "
+            + "; ".join(",".join(p) for p in parts))  # fmt: skip
+        ctx = multiprocessing.get_context("spawn")
+        workers = []
+        for k, part in enumerate(parts):
+            proc = ctx.Process(target=_job, args=(replace(settings, methods=part), out / f"job-{k}", command, k,
+                                                  threads))  # fmt: skip
+            proc.start()
+            workers.append(proc)
+        try:
+            for proc in workers:
+                proc.join()
+        except KeyboardInterrupt:
+            for proc in workers:
+                proc.terminate()
+            raise
+        failed = [k for k, proc in enumerate(workers) if proc.exitcode != 0]
+        if failed:
+            raise ConfigError(
+                f"bench worker(s) {failed} failed (see their messages above); finished methods are kept "
+                f"in {out}/job-K/records.jsonl and the same command resumes"
+            )
+        with (out / "records.jsonl").open("a") as handle:
+            for k in range(len(parts)):
+                for rec in previous_records(out / f"job-{k}" / "records.jsonl", digest).values():
+                    handle.write(json.dumps(rec) + "\n")
+    return run_bench(settings, out, command, say)
+
+
 # -- command line ----------------------------------------------------------------------------------
 BENCH_DESCRIPTION = """Run FedBE and its baselines on the same federation, one after another, and compare them.
 
@@ -899,6 +966,8 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         ).replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
     )  # fmt: skip
+    from fedbe.console import positive_int  # noqa: PLC0415
+
     d = BenchSettings()
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, results.md and plots")
     p.add_argument(
@@ -935,6 +1004,26 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
     p.add_argument(
         "--probe-questions", type=int, default=d.probe_questions, help=f"default {d.probe_questions}"
     )
+    p.add_argument(
+        "--rehearsal-rows",
+        type=int,
+        default=d.rehearsal_rows,
+        help="rows of base-sampled text added to every batch of the distilling methods, distilled "
+        f"only (default {d.rehearsal_rows})",
+    )
+    p.add_argument(
+        "--identity-pull",
+        type=float,
+        default=d.identity_pull,
+        help=f"strength of fedbe-pull's L2 pull of output projections to zero (default {d.identity_pull})",
+    )
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="run the methods in this many worker processes that share the CPU cores (default 1); "
+        "all workers use the same threads each, so emulated times stay comparable",
+    )
     p.add_argument("--full-ft-budget", type=float, default=d.full_ft_budget_seconds,
                    help="skip full fine-tuning when its estimated training seconds exceed this (default "
                         f"{d.full_ft_budget_seconds:.0f})")  # fmt: skip
@@ -954,7 +1043,8 @@ def settings_from_args(args: Any) -> BenchSettings:
         profiles=csv(args.profiles) if args.profiles else d.profiles, clients=args.clients, rounds=args.rounds,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr, alpha=args.alpha,
         seeds=seeds or (0,), split=args.split, distill_lambda=args.distill_lambda,
-        distill_top_k=args.distill_top_k, eval_examples=args.eval_examples,
+        distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
+        rehearsal_rows=args.rehearsal_rows, eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip
     if args.quick:

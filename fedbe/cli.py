@@ -241,10 +241,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fedbe.bench import run_bench, settings_from_args  # noqa: PLC0415
+    from fedbe.bench import run_bench_jobs, settings_from_args  # noqa: PLC0415
 
     settings = settings_from_args(args)
-    run_bench(settings, args.out, command="fedbe " + " ".join(sys.argv[1:]))
+    run_bench_jobs(settings, args.out, args.jobs, command="fedbe " + " ".join(sys.argv[1:]))
     return 0
 
 

@@ -114,3 +114,95 @@ def test_bad_retention_settings_are_refused() -> None:
         TrainConfig(distill_top_k=-2)
     with pytest.raises(FedbeError, match="identity_pull"):
         TrainConfig(identity_pull=float("nan"))
+
+
+def _reference_losses(model, batch: Batch, base_logits: torch.Tensor) -> tuple[float, float]:
+    """CE and exact KL from the full ``[rows, width, V]`` logits, the plain way."""
+    from edge_client.trainer import _forward_logits, distill_positions  # noqa: PLC0415
+
+    logits = _forward_logits(model, batch)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    pos = distill_positions(batch)
+    return float(ce), float(kl_full(base_logits[:, :-1][pos], logits[:, :-1][pos]))
+
+
+@pytest.mark.parametrize("top_k", [0, 512])
+def test_projecting_only_the_needed_positions_gives_the_full_logit_losses(top_k: int) -> None:
+    """The trainer projects onto the vocabulary only where CE or KL look; the terms must not change."""
+    from edge_client.trainer import TrainResult, _distill_step_loss, _forward_logits  # noqa: PLC0415
+
+    model, registry = _model()
+    train_blocks(
+        model, registry, [0, 1], _batches(seed=3), TrainConfig(steps=3, lr=1e-2)
+    )  # move off the base
+    batch = _batches(1, seed=4)[0]
+    with torch.no_grad(), expansion.bypassed(model, registry):
+        base_logits = _forward_logits(model, batch)
+    want_ce, want_kl = _reference_losses(model, batch, base_logits)
+    assert want_kl > 1e-4  # the model really differs from the base, so the check can fail
+    cache = BaseCache(top_k) if top_k else None  # 512 = the whole vocabulary: the cached KL is exact
+    result = TrainResult(block_ids=(0, 1))
+    cfg = TrainConfig(steps=1, distill_lambda=0.5, distill_top_k=top_k)
+    loss = _distill_step_loss(model, lambda: expansion.bypassed(model, registry), batch, cfg, cache, result)
+    assert result.ce_losses[0] == pytest.approx(want_ce, rel=1e-5)
+    assert result.distill_losses[0] == pytest.approx(want_kl, rel=1e-4, abs=1e-6)
+    assert float(loss) == pytest.approx(want_ce + 0.5 * want_kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_target_only_cross_entropy_is_the_models_own_loss(arch: str) -> None:
+    from edge_client.trainer import causal_lm_loss  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = sources.build_tiny_model(arch)
+    batch = _batches(1, seed=5)[0]
+    batch.labels[1, 12:] = -100  # rows with different numbers of targets
+    batch.labels[2, 9] = batch.input_ids[2, 9]
+    want = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    assert float(causal_lm_loss(model, batch)) == pytest.approx(float(want), rel=1e-6)
+    batch.labels[:] = -100
+    with pytest.raises(FedbeError, match="no target tokens"):
+        causal_lm_loss(model, batch)
+
+
+def test_rehearsal_rows_are_sampled_once_from_the_base_and_only_distilled() -> None:
+    from edge_client.trainer import sample_rehearsal, with_rehearsal  # noqa: PLC0415
+
+    model, registry = _model()
+    batches = _batches()
+    base = lambda: expansion.bypassed(model, registry)  # noqa: E731
+    pool = sample_rehearsal(model, base, batches, 16)
+    assert pool.shape == (16, 16)
+    assert torch.equal(pool, sample_rehearsal(model, base, batches, 16))  # seeded by the client's data
+    assert len({tuple(r.tolist()) for r in pool}) > 8  # sampled, not one repeated row
+    seen = with_rehearsal(batches[0], pool, step=1, rows=2)
+    assert seen.size == 6 and torch.equal(seen.input_ids[4:], pool[2:4])
+    assert (seen.labels[4:] == -100).all() and (seen.attention_mask[4:] == 1).all()
+    cache = BaseCache(32)
+    cfg = TrainConfig(steps=3, lr=1e-3, distill_lambda=1.0, distill_top_k=32, rehearsal_rows=2)
+    result = train_blocks(model, registry, [0, 1], batches, cfg, base_cache=cache)
+    assert cache.rehearsal is not None and result.rehearsal_seconds > 0
+    assert result.samples == 3 * 4  # rehearsal rows are not training samples
+    again = train_blocks(model, registry, [0, 1], batches, cfg, base_cache=cache)
+    assert again.rehearsal_seconds == 0.0  # the pool is kept with the client's cache
+    with pytest.raises(FedbeError, match="self-distillation"):
+        TrainConfig(rehearsal_rows=2)
+
+
+def test_rehearsal_holds_the_model_to_the_base_on_its_own_text_that_the_task_never_shows() -> None:
+    """Drift measured on the base's samples (text unlike the task's): rehearsal must cut it."""
+    from edge_client.trainer import sample_rehearsal  # noqa: PLC0415
+
+    batches = _batches()
+    for batch in batches:  # task text from 10 tokens only: the base's samples use the whole vocabulary
+        batch.input_ids[:, :12] %= 10
+    drift = {}
+    for rows in (0, 4):
+        model, registry = _model()
+        cfg = TrainConfig(steps=30, lr=1e-2, distill_lambda=50.0, distill_top_k=64, rehearsal_rows=rows)
+        train_blocks(model, registry, [0, 1], batches, cfg)
+        pool = sample_rehearsal(model, lambda: expansion.bypassed(model, registry), batches, 16)
+        drift[rows] = _drift(model, registry, [Batch(pool, torch.ones_like(pool), torch.full_like(pool, -100))])
+    assert drift[4] < 0.7 * drift[0], drift

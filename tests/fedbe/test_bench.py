@@ -137,3 +137,27 @@ def test_an_interrupted_run_resumes_only_runs_of_the_same_settings(tmp_path) -> 
     done = bench.previous_records(tmp_path / "records.jsonl", digest)
     assert list(done) == [("fedbe", 0)]
     assert bench.previous_records(tmp_path / "missing.jsonl", digest) == {}
+
+
+def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path) -> None:
+    settings = bench.BenchSettings(
+        model="tiny:llama", methods=("fedbe-plain", "fedit", "ffa-lora"), clients=2, rounds=1, steps=1,
+        examples_per_client=4, eval_examples=6, probe_questions=4, probe_texts=4, max_tokens=48,
+        profiles=("rtx-4090-24gb", "cpu-laptop"),
+    )  # fmt: skip
+    results = bench.run_bench_jobs(settings, tmp_path, jobs=2, say=lambda _m: None)
+    parts = [
+        [
+            json.loads(line)["method"]
+            for line in (tmp_path / f"job-{k}" / "records.jsonl").read_text().splitlines()
+        ]
+        for k in range(2)
+    ]
+    assert parts == [["fedbe-plain", "ffa-lora"], ["fedit"]]
+    assert [r["method"] for r in results["summary"]] == ["fedbe-plain", "fedit", "ffa-lora"]
+    # both workers built the same world: the same untrained model scores
+    round0 = [r["round0"] for r in results["records"]]
+    assert all(r == pytest.approx(round0[0], rel=1e-4) for r in round0)
+    # a second call finds every method done and only renders the table again
+    again = bench.run_bench_jobs(settings, tmp_path, jobs=2, say=lambda _m: None)
+    assert [r["rounds"] for r in again["records"]] == [r["rounds"] for r in results["records"]]
