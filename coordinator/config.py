@@ -27,7 +27,9 @@ Fields (``name: type = default``):
   ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 = 0`` (weight of self-distillation
   towards the base model's predictions; 0 = off), ``distill_top_k: int >= 0 = 0`` (0: exact KL with
   one extra base forward per step; K: clients cache the base's top-K once per example),
-  ``identity_pull: float >= 0 = 0`` (L2 pull of trained output projections towards zero).
+  ``identity_pull: float >= 0 = 0`` (L2 pull of trained output projections towards zero),
+  ``rehearsal_rows: int >= 0 = 0`` (rows of text each client samples once from the base and adds to
+  every batch, distilled only; needs ``distill_lambda > 0``, ignored otherwise).
 * ``allocation`` (see :mod:`coordinator.allocation`): ``strategy: fedbe|random|all = fedbe``;
   ``top_risk: [0,1] = 1.0`` and ``interleaved_risk: [0,1] = 0.25`` -- forgetting risk of a block at the
   very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
@@ -113,6 +115,7 @@ class TrainingConfig:
     distill_lambda: float = 0.0
     distill_top_k: int = 0
     identity_pull: float = 0.0
+    rehearsal_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -438,6 +441,7 @@ def _training(f: _Fields) -> TrainingConfig:
         distill_lambda=f.real("distill_lambda", 0.0, "[0, inf)"),
         distill_top_k=f.integer("distill_top_k", 0, 0),
         identity_pull=f.real("identity_pull", 0.0, "[0, inf)"),
+        rehearsal_rows=f.integer("rehearsal_rows", 0, 0),
     )
 
 

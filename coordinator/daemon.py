@@ -525,7 +525,7 @@ class Coordinator:
             steps=0 if evaluate else t.steps, lr=t.lr, batch_size=t.batch_size, max_tokens=t.max_tokens,
             deadline_seconds=self.cfg.round_deadline_seconds, seed=self.cfg.seed * 100003 + round_,
             distill_lambda=t.distill_lambda, evaluate=evaluate, distill_top_k=t.distill_top_k,
-            identity_pull=t.identity_pull,
+            identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if t.distill_lambda > 0 else 0,
         )  # fmt: skip
         frame = protocol.encode(task, max_bytes=self.cfg.broker.max_message_bytes)
         self.conn.publish(self.topics.client(client_id, ClientTopic.TASK), frame, wait=30)

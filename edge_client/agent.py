@@ -189,6 +189,7 @@ class TaskRunner:
                     distill_lambda=task.distill_lambda,
                     distill_top_k=task.distill_top_k,
                     identity_pull=task.identity_pull,
+                    rehearsal_rows=task.rehearsal_rows if task.distill_lambda > 0 else 0,
                 )
                 result = train_blocks(
                     model,

@@ -71,6 +71,7 @@ class BenchSettings:
     max_tokens: int = 128
     lr: float = 3e-4
     lora_lr: float = 1e-3
+    full_ft_lr: float = 3e-4
     lora_rank: int = 16
     blocks: int = 6
     alpha: float = 0.5
@@ -99,9 +100,16 @@ class BenchSettings:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rehearsal_rows < 0:
             raise ConfigError(f"rehearsal_rows must be >= 0, got {self.rehearsal_rows}")
-        for name in ("lr", "lora_lr", "distill_lambda", "identity_pull", "full_ft_budget_seconds"):
+        for name in (
+            "lr",
+            "lora_lr",
+            "full_ft_lr",
+            "distill_lambda",
+            "identity_pull",
+            "full_ft_budget_seconds",
+        ):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0) or (name in ("lr", "lora_lr") and value == 0):
+            if not (math.isfinite(value) and value >= 0) or (name.endswith("lr") and value == 0):
                 raise ConfigError(f"{name} must be a {'positive' if 'lr' in name else 'non-negative'} number, "
                                   f"got {value}")  # fmt: skip
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
@@ -518,7 +526,7 @@ class FullMethod(Method):
         self.model.requires_grad_(False)
         self.names = [n for n, _ in self.model.named_parameters()]
         self.global_state = {0: {n: p.detach().clone() for n, p in self.model.named_parameters()}}
-        self.config = self.train_config(distill=False)
+        self.config = self.train_config(distill=False, lr=self.s.full_ft_lr)
 
     def estimate_seconds(self) -> float:
         """Emulated training seconds for the whole run, from one timed step."""
@@ -982,8 +990,12 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds (default {d.rounds})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"local steps per round (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of new blocks (default {d.lr})")
     p.add_argument(
-        "--lr", type=float, default=d.lr, help=f"learning rate of new blocks / full FT (default {d.lr})"
+        "--full-ft-lr",
+        type=float,
+        default=d.full_ft_lr,
+        help=f"learning rate of full FT (default {d.full_ft_lr})",
     )
     p.add_argument(
         "--lora-lr", type=float, default=d.lora_lr, help=f"learning rate of LoRA (default {d.lora_lr})"
@@ -1042,6 +1054,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         model=args.model, methods=csv(args.methods) if args.methods else d.methods,
         profiles=csv(args.profiles) if args.profiles else d.profiles, clients=args.clients, rounds=args.rounds,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr, alpha=args.alpha,
+        full_ft_lr=args.full_ft_lr,
         seeds=seeds or (0,), split=args.split, distill_lambda=args.distill_lambda,
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
         rehearsal_rows=args.rehearsal_rows, eval_examples=args.eval_examples,

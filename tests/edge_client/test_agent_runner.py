@@ -44,3 +44,37 @@ def test_a_block_assigned_for_the_first_time_after_int8_rounds_of_another_block_
         assert isinstance(reply, protocol.UpdateMessage), reply
         assert sorted(reply.blocks) == list(blocks)
     assert sorted(runner.residual) == [0, 1]
+
+
+def test_a_task_with_rehearsal_rows_samples_the_pool_once_per_client() -> None:
+    """rehearsal_rows travels in the task (through the codec) and the client keeps its pool across rounds."""
+    base = sources.build_tiny_model("llama")
+    registry = plan_expansion(4, 2, "interleave").registry()
+    status = protocol.CoordinatorStatusMessage(
+        "running", 0, base_fingerprint(base), 4, registry.new_layer_indices,
+        tuple(b.source_layer for b in registry.blocks),
+    )  # fmt: skip
+    reference = sources.build_tiny_model("llama")
+    weights = get_block_state(reference, expand_model(reference, plan_expansion(4, 2, "interleave")))
+    client = build_client_model(base, base_fingerprint(base), status, "fp32")
+    tokenizer = sources.load_tokenizer("tiny:llama")
+    examples = [Example(f"text number {i} about sport", "sport") for i in range(8)]
+    runner = TaskRunner(
+        client, "c1", lambda b, t, s: make_local_batches(tokenizer, examples, b, t), lambda model, n: (0, 0.0, 0.0),
+        Capacity({}, lambda layers: True),
+    )  # fmt: skip
+    pools = []
+    for round_ in (1, 2):
+        task = protocol.TaskMessage(
+            round=round_, task_id=f"t{round_}", client_id="c1", block_ids=(0, 1), weights_level=Level.FP32,
+            weights=compress_state(weights, Level.FP32)[0], reply_level=Level.INT8, steps=2, lr=1e-3,
+            batch_size=4, max_tokens=32, deadline_seconds=0.0, seed=round_, distill_lambda=1.0, evaluate=False,
+            distill_top_k=8, rehearsal_rows=2,
+        )  # fmt: skip
+        task = protocol.decode(protocol.encode(task))
+        assert task.rehearsal_rows == 2
+        (reply,) = runner.run(task, lambda: False)
+        assert isinstance(reply, protocol.UpdateMessage), reply
+        assert runner.base_cache is not None and runner.base_cache.rehearsal is not None
+        pools.append(runner.base_cache.rehearsal)
+    assert pools[0] is pools[1]
