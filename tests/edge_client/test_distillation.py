@@ -203,7 +203,7 @@ def test_rehearsal_holds_the_model_to_the_base_on_its_own_text_that_the_task_nev
         model, registry = _model()
         cfg = TrainConfig(steps=30, lr=1e-2, distill_lambda=50.0, distill_top_k=64, rehearsal_rows=rows)
         train_blocks(model, registry, [0, 1], batches, cfg)
-        pool = sample_rehearsal(model, lambda: expansion.bypassed(model, registry), batches, 16)
+        pool = sample_rehearsal(model, lambda m=model, r=registry: expansion.bypassed(m, r), batches, 16)
         drift[rows] = _drift(
             model, registry, [Batch(pool, torch.ones_like(pool), torch.full_like(pool, -100))]
         )
