@@ -245,7 +245,7 @@ def sample_rehearsal(
     model.eval()
     with torch.random.fork_rng(), base():
         torch.manual_seed(sum(starts) % (2**31))
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device), do_sample=True,
             top_p=0.95, top_k=0, temperature=1.0, max_new_tokens=width - 1, min_new_tokens=width - 1,
             pad_token_id=starts[0],

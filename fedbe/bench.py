@@ -17,10 +17,11 @@ no such knob: every client backpropagates through the whole model.
 
 Methods (``--methods``):
 
-* ``fedbe``: new blocks, our allocation, self-distillation (lambda 1, cached top-32 of the base)
+* ``fedbe``: new blocks (lr 1e-3), our allocation, self-distillation (lambda 3, cached top-32 of the base)
 * ``fedbe-plain``: the same without self-distillation (ablation)
 * ``fedbe-exact``: self-distillation with the exact KL and no cache (cost ablation)
 * ``fedbe-pull``: ``fedbe`` plus an identity pull on the output projections (ablation)
+* ``fedbe-rehearsal``: ``fedbe`` plus 2 rows of base-sampled text distilled in every batch (ablation)
 * ``fedbe-random`` / ``fedbe-all``: random allocation / every client trains all blocks it can hold
 * ``fedit``: FedAvg of LoRA adapters (PEFT, r=16 on every linear layer of the base)
 * ``fedit-distill``: FedIT with the same self-distillation as ``fedbe`` (adapters disabled = base)
@@ -50,7 +51,9 @@ from fedbe.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_PROFILES = ("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb", "jetson-xavier-nx")
-BLOCK_METHODS = ("fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-random", "fedbe-all")
+BLOCK_METHODS = (
+    "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-random", "fedbe-all",
+)  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora")
 ALL_METHODS = BLOCK_METHODS + LORA_METHODS + ("full-ft",) + POSITION_METHODS
@@ -69,7 +72,7 @@ class BenchSettings:
     steps: int = 4
     batch_size: int = 4
     max_tokens: int = 128
-    lr: float = 3e-4
+    lr: float = 1e-3  # chosen on --split validation (3e-4 / 1e-3 / 2e-3; see README)
     lora_lr: float = 1e-3
     full_ft_lr: float = 3e-4
     lora_rank: int = 16
@@ -81,7 +84,7 @@ class BenchSettings:
     probe_questions: int = 100
     probe_texts: int = 48
     split: str = "test"  # "validation": choose settings here, never on test
-    distill_lambda: float = 1.0
+    distill_lambda: float = 3.0  # chosen on --split validation (1 / 3 at lr 1e-3)
     distill_top_k: int = 32
     identity_pull: float = 1e-3
     rehearsal_rows: int = 0
@@ -333,10 +336,13 @@ class Method:
 
 
 def train_time(result: Any) -> float:
-    """Training seconds, robust to other load on this machine: median step time x steps run, plus the
-    one-off sampling of a rehearsal pool when this call did it."""
-    steps = statistics.median(result.step_seconds) * len(result.step_seconds) if result.step_seconds else 0.0
-    return steps + getattr(result, "rehearsal_seconds", 0.0)
+    """Training seconds, robust to other load on this machine: median step time x steps run."""
+    return statistics.median(result.step_seconds) * len(result.step_seconds) if result.step_seconds else 0.0
+
+
+def client_seconds(result: Any) -> float:
+    """What the client spends on the task here: :func:`train_time` plus a one-off rehearsal sampling."""
+    return train_time(result) + getattr(result, "rehearsal_seconds", 0.0)
 
 
 def _state_bytes(state: Any) -> int:
@@ -362,6 +368,8 @@ class BlockMethod(Method):
         self.global_state = get_block_state(model, self.registry)
         self.distill = name not in ("fedbe-plain",) + POSITION_METHODS
         self.config = self.train_config(self.distill, pull=name == "fedbe-pull", exact=name == "fedbe-exact")
+        if name == "fedbe-rehearsal":
+            self.config = replace(self.config, rehearsal_rows=self.s.rehearsal_rows or 2)
         self.strategy = {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe")
         self.last_trained: dict[int, int] = {}
 
@@ -425,7 +433,7 @@ class BlockMethod(Method):
             down = _state_bytes(sent)
             results.append(ClientResult(
                 c.client_id, tuple(blocks), train_time(result),
-                train_time(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
+                client_seconds(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
                 result.mean_loss, result.base_forwards, result.samples,
             ))  # fmt: skip
         if updates:
@@ -505,7 +513,7 @@ class LoraMethod(Method):
             down = _state_bytes(self.global_state)
             results.append(ClientResult(
                 c.client_id, (), train_time(result),
-                train_time(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
+                client_seconds(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
                 result.mean_loss, result.base_forwards, result.samples,
             ))  # fmt: skip
         self.global_state = aggregate(self.global_state, updates).new_state
@@ -563,7 +571,7 @@ class FullMethod(Method):
             down = _state_bytes(self.global_state)
             results.append(ClientResult(
                 c.client_id, (), train_time(result),
-                train_time(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
+                client_seconds(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
                 result.mean_loss, 0, result.samples,
             ))  # fmt: skip
         self.global_state = aggregate(self.global_state, updates).new_state
@@ -895,6 +903,20 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
     return results
 
 
+METHOD_COST = {"full-ft": 3.0, "fedbe-exact": 1.5, "fedbe-rehearsal": 1.3}  # relative run time, roughly
+
+
+def balanced_parts(methods: Sequence[str], jobs: int) -> list[tuple[str, ...]]:
+    """Methods split over ``jobs`` workers, greedily by rough cost (full FT counts three), order kept."""
+    loads: list[float] = [0.0] * jobs
+    parts: list[list[str]] = [[] for _ in range(jobs)]
+    for name in sorted(methods, key=lambda m: -METHOD_COST.get(m, 1.0)):
+        k = loads.index(min(loads))
+        parts[k].append(name)
+        loads[k] += METHOD_COST.get(name, 1.0)
+    return [tuple(m for m in methods if m in part) for part in parts if part]
+
+
 def _job(settings: BenchSettings, out: Path, command: str, job: int, threads: int) -> None:
     """One worker of ``--jobs``: its share of the methods, with ``threads`` torch threads."""
     torch.set_num_threads(threads)
@@ -919,7 +941,7 @@ def run_bench_jobs(settings: BenchSettings, out: Path, jobs: int, command: str =
     digest = settings_digest(settings)
     done = {m for m, _ in previous_records(out / "records.jsonl", digest)}
     todo = [m for m in settings.methods if m not in done]
-    parts = [tuple(todo[k::jobs]) for k in range(jobs) if todo[k::jobs]]
+    parts = balanced_parts(todo, jobs)
     threads = max(1, (os.cpu_count() or 1) // max(1, len(parts)))
     if len(parts) > 1:
         say(f"running {len(todo)} method(s) in {len(parts)} worker processes, {threads} thread(s) each: "
