@@ -14,7 +14,8 @@ from fedbe.expansion import expand_model, plan_expansion
 from fedbe.fingerprint import base_fingerprint
 
 
-def test_a_block_assigned_for_the_first_time_after_int8_rounds_of_another_block_trains() -> None:
+def _runner() -> tuple[TaskRunner, dict]:
+    """A task runner over a tiny expanded llama (2 new blocks) and the blocks' starting weights."""
     base = sources.build_tiny_model("llama")
     registry = plan_expansion(4, 2, "interleave").registry()
     status = protocol.CoordinatorStatusMessage(
@@ -33,6 +34,11 @@ def test_a_block_assigned_for_the_first_time_after_int8_rounds_of_another_block_
     runner = TaskRunner(
         client, "c1", batches, lambda model, n: (0, 0.0, 0.0), Capacity({}, lambda layers: True)
     )
+    return runner, weights
+
+
+def test_a_block_assigned_for_the_first_time_after_int8_rounds_of_another_block_trains() -> None:
+    runner, weights = _runner()
     for round_, blocks in ((1, (1,)), (2, (0, 1)), (3, (0,))):  # the set of blocks changes every round
         task = protocol.TaskMessage(
             round=round_, task_id=f"t{round_}", client_id="c1", block_ids=blocks, weights_level=Level.FP32,
@@ -48,21 +54,7 @@ def test_a_block_assigned_for_the_first_time_after_int8_rounds_of_another_block_
 
 def test_a_task_with_rehearsal_rows_samples_the_pool_once_per_client() -> None:
     """rehearsal_rows travels in the task (through the codec) and the client keeps its pool across rounds."""
-    base = sources.build_tiny_model("llama")
-    registry = plan_expansion(4, 2, "interleave").registry()
-    status = protocol.CoordinatorStatusMessage(
-        "running", 0, base_fingerprint(base), 4, registry.new_layer_indices,
-        tuple(b.source_layer for b in registry.blocks),
-    )  # fmt: skip
-    reference = sources.build_tiny_model("llama")
-    weights = get_block_state(reference, expand_model(reference, plan_expansion(4, 2, "interleave")))
-    client = build_client_model(base, base_fingerprint(base), status, "fp32")
-    tokenizer = sources.load_tokenizer("tiny:llama")
-    examples = [Example(f"text number {i} about sport", "sport") for i in range(8)]
-    runner = TaskRunner(
-        client, "c1", lambda b, t, s: make_local_batches(tokenizer, examples, b, t), lambda model, n: (0, 0.0, 0.0),
-        Capacity({}, lambda layers: True),
-    )  # fmt: skip
+    runner, weights = _runner()
     pools = []
     for round_ in (1, 2):
         task = protocol.TaskMessage(
