@@ -23,8 +23,8 @@ Fields (``name: type = default``):
 * ``staleness_decay: float in (0, 1] = 0.5``. ``update_level: fp32|fp16|bf16|int8 = int8`` -- how clients
   send updates. ``seed: int >= 0 = 0`` -- client sampling and allocation. ``eval_every: int >= 0 = 0`` --
   federated evaluation every N rounds (0 = never).
-* ``training``: ``steps: int >= 1 = 10``, ``lr: float > 0 = 1e-3``, ``batch_size: int >= 1 = 4``,
-  ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 = 3`` (weight of self-distillation
+* ``training``: ``steps: int >= 1 = 10``, ``lr: float > 0 = 3e-4``, ``batch_size: int >= 1 = 4``,
+  ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 = 1`` (weight of self-distillation
   towards the base model's predictions; 0 = off), ``distill_top_k: int >= 0 = 32`` (0: exact KL with
   one extra base forward per step; K: clients cache the base's top-K once per example),
   ``identity_pull: float >= 0 = 0`` (L2 pull of trained output projections towards zero),
@@ -109,10 +109,10 @@ SERVER_OPTIMIZERS = tuple(o.value for o in ServerOptimizer)
 @dataclass(frozen=True)
 class TrainingConfig:
     steps: int = 10
-    lr: float = 1e-3
+    lr: float = 3e-4
     batch_size: int = 4
     max_tokens: int = 128
-    distill_lambda: float = 3.0
+    distill_lambda: float = 1.0
     distill_top_k: int = 32
     identity_pull: float = 0.0
     rehearsal_rows: int = 0
@@ -435,10 +435,10 @@ def _blocks(top: _Fields, placement: str | tuple[int, ...]) -> int | Literal["au
 def _training(f: _Fields) -> TrainingConfig:
     return TrainingConfig(
         steps=f.integer("steps", 10, 1),
-        lr=f.real("lr", 1e-3, "(0, 1]"),
+        lr=f.real("lr", 3e-4, "(0, 1]"),
         batch_size=f.integer("batch_size", 4, 1),
         max_tokens=f.integer("max_tokens", 128, 8),
-        distill_lambda=f.real("distill_lambda", 3.0, "[0, inf)"),
+        distill_lambda=f.real("distill_lambda", 1.0, "[0, inf)"),
         distill_top_k=f.integer("distill_top_k", 32, 0),
         identity_pull=f.real("identity_pull", 0.0, "[0, inf)"),
         rehearsal_rows=f.integer("rehearsal_rows", 0, 0),

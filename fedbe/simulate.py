@@ -95,7 +95,7 @@ class Settings:
     eval_precision: str
     deadline_seconds: float
     timeout_seconds: float
-    distill_lambda: float = 3.0
+    distill_lambda: float = 1.0
     distill_top_k: int = 32
 
 
@@ -137,10 +137,10 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--steps", type=positive_int, default=8, help="optimizer steps per client and round (8)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="articles per step (default 4)")
     p.add_argument("--max-tokens", type=positive_int, default=96, help="tokens per article (default 96)")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="client AdamW learning rate (1e-3)")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="client AdamW learning rate (3e-4)")
     p.add_argument(
-        "--distill-lambda", type=float, default=3.0,
-        help="weight of self-distillation towards the base on each client's own inputs (3.0; 0 = plain "
+        "--distill-lambda", type=float, default=1.0,
+        help="weight of self-distillation towards the base on each client's own inputs (1.0; 0 = plain "
         "cross-entropy, and then no client is given the top block: see allocation.max_unprotected_risk)",
     )  # fmt: skip
     p.add_argument(
