@@ -173,7 +173,11 @@ def test_coordinator_killed_mid_run_resumes_and_finishes(broker: MosquittoBroker
     rounds = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
     assert rounds[:done_before] == list(range(1, done_before + 1))
     assert rounds[-1] == 4 and sorted(set(rounds)) == [1, 2, 3, 4]
-    assert "resuming after round" in (tmp_path / "coordinator2.log").read_text()
+    # killed after a snapshot: it resumes from it; killed between metrics.jsonl (written first) and
+    # the snapshot: it re-closes that round from the accepted updates it had persisted
+    resumed = (tmp_path / "coordinator2.log").read_text()
+    assert "resuming after round" in resumed or f"round {done_before}/4: 3 clients" in resumed
+    assert "resuming after round" in resumed or "updates recovered" in resumed
 
 
 def test_blocks_auto_sizes_the_expansion_from_the_announced_clients(
