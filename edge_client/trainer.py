@@ -419,11 +419,11 @@ def _distill_step_loss(
         raise FedbeError("a training batch has no target tokens (every label is ignored)")
     kept = positions | targets
     base_logits = None
-    if cache is None or cache.missing(batch):
+    if positions.any() and (cache is None or cache.missing(batch)):
         with torch.no_grad(), base():
-            base_logits = _forward_logits(model, batch, _predicting(positions)) if positions.any() else None
+            base_logits = _forward_logits(model, batch, _predicting(positions))
         result.base_forwards += 1
-        if cache is not None and base_logits is not None:
+        if cache is not None:
             cache.fill(batch, base_logits)
     # one vocabulary projection and one log-softmax, only where a loss term looks
     logp = torch.log_softmax(_forward_logits(model, batch, _predicting(kept)).float(), dim=-1)

@@ -342,7 +342,7 @@ def train_time(result: Any) -> float:
 
 def client_seconds(result: Any) -> float:
     """What the client spends on the task here: :func:`train_time` plus a one-off rehearsal sampling."""
-    return train_time(result) + getattr(result, "rehearsal_seconds", 0.0)
+    return train_time(result) + result.rehearsal_seconds
 
 
 def _state_bytes(state: Any) -> int:
