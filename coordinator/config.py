@@ -29,7 +29,8 @@ Fields (``name: type = default``):
   one extra base forward per step; K: clients cache the base's top-K once per example),
   ``identity_pull: float >= 0 = 0`` (L2 pull of trained output projections towards zero),
   ``rehearsal_rows: int >= 0 = 0`` (rows of text each client samples once from the base and adds to
-  every batch, distilled only; needs ``distill_lambda > 0``, ignored otherwise).
+  every batch, distilled only; needs ``distill_lambda > 0``, ignored otherwise),
+  ``distill_sample: int >= 0 = 0`` (distillation positions drawn at random per step; 0 = all).
 * ``allocation`` (see :mod:`coordinator.allocation`): ``strategy: fedbe|random|all = fedbe``;
   ``top_risk: [0,1] = 1.0`` and ``interleaved_risk: [0,1] = 0.25`` -- forgetting risk of a block at the
   very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
@@ -116,6 +117,7 @@ class TrainingConfig:
     distill_top_k: int = 32
     identity_pull: float = 0.0
     rehearsal_rows: int = 0
+    distill_sample: int = 0
 
 
 @dataclass(frozen=True)
@@ -442,6 +444,7 @@ def _training(f: _Fields) -> TrainingConfig:
         distill_top_k=f.integer("distill_top_k", 32, 0),
         identity_pull=f.real("identity_pull", 0.0, "[0, inf)"),
         rehearsal_rows=f.integer("rehearsal_rows", 0, 0),
+        distill_sample=f.integer("distill_sample", 0, 0),
     )
 
 

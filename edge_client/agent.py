@@ -190,6 +190,7 @@ class TaskRunner:
                     distill_top_k=task.distill_top_k,
                     identity_pull=task.identity_pull,
                     rehearsal_rows=task.rehearsal_rows if task.distill_lambda > 0 else 0,
+                    distill_sample=task.distill_sample,
                 )
                 result = train_blocks(
                     model,

@@ -13,6 +13,9 @@ Retention mechanisms (each a :class:`TrainConfig` option, measured by ``fedbe be
   probabilities per position (the rest of the mass lumped into one bucket) are computed once per
   example and kept in a :class:`BaseCache` that lives as long as the client's data and base; later
   steps and rounds reuse them, so the extra forward disappears after the first pass over the data.
+  ``distill_sample = N > 0`` distils a fresh random N of the batch's non-target positions per step
+  instead of all of them (an unbiased estimate of the same KL), so the output projection runs on
+  N positions, not the whole article.
 * **Identity pull** (``identity_pull > 0``): adds ``identity_pull * sum ||W||^2`` over the trained
   blocks' output projections, pulling each block back towards the identity it started as.
 """
@@ -52,6 +55,11 @@ class TrainConfig:
     # appended to every batch and distilled only: the KL then also holds the model to the base on
     # text like the base's own, not only on the client's task. 0 = off. Needs distill_lambda > 0.
     rehearsal_rows: int = 0
+    # distillation positions per step, drawn at random (without replacement) from the batch's
+    # non-target positions each step; 0 = all of them. The KL over a uniform sample is an unbiased
+    # estimate of the KL over all positions, and the vocabulary projection (the costly part of a
+    # distilled step on a small model with a large vocabulary) then runs on the sample only.
+    distill_sample: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -64,6 +72,8 @@ class TrainConfig:
             raise FedbeError(f"identity_pull must be a number >= 0, got {self.identity_pull}")
         if self.rehearsal_rows < 0:
             raise FedbeError(f"rehearsal_rows must be >= 0, got {self.rehearsal_rows}")
+        if self.distill_sample < 0:
+            raise FedbeError(f"distill_sample must be >= 0 (0 = every position), got {self.distill_sample}")
         if self.rehearsal_rows and not self.distill_lambda:
             raise FedbeError(
                 "rehearsal_rows needs self-distillation (distill_lambda > 0): the rows carry no labels"
@@ -417,29 +427,53 @@ def _distill_step_loss(
     targets = batch.labels[:, 1:] != IGNORE_INDEX
     if not targets.any():
         raise FedbeError("a training batch has no target tokens (every label is ignored)")
-    kept = positions | targets
+    order = sample_positions(positions, config.distill_sample)  # indices into mask order, or None
+    sampled = positions if order is None else _mask_of(positions, order)
     base_logits = None
-    if positions.any() and (cache is None or cache.missing(batch)):
+    if cache is not None and positions.any() and cache.missing(batch):
+        # the cache keeps every position (filled once per example); the step uses its sample
         with torch.no_grad(), base():
-            base_logits = _forward_logits(model, batch, _predicting(positions))
+            cache.fill(batch, _forward_logits(model, batch, _predicting(positions)))
         result.base_forwards += 1
-        if cache is not None:
-            cache.fill(batch, base_logits)
+    elif cache is None and sampled.any():
+        with torch.no_grad(), base():
+            base_logits = _forward_logits(model, batch, _predicting(sampled))
+        result.base_forwards += 1
+    kept = sampled | targets
     # one vocabulary projection and one log-softmax, only where a loss term looks
     logp = torch.log_softmax(_forward_logits(model, batch, _predicting(kept)).float(), dim=-1)
-    target_rows, distill_rows = targets[kept].to(logp.device), positions[kept].to(logp.device)
+    target_rows, distill_rows = targets[kept].to(logp.device), sampled[kept].to(logp.device)
     ce = torch.nn.functional.nll_loss(logp[target_rows], batch.labels[:, 1:][targets].to(logp.device))
-    if not positions.any():
+    if not sampled.any():
         kl = logp.sum() * 0.0
     elif cache is None:
         assert base_logits is not None
         kl = _kl_full_logp(base_logits, logp[distill_rows])
     else:
         top_idx, top_logp = cache.targets(batch)
+        if order is not None:
+            top_idx, top_logp = top_idx[order.to(top_idx.device)], top_logp[order.to(top_logp.device)]
         kl = _kl_top_k_logp(top_idx.to(logp.device), top_logp.to(logp.device), logp[distill_rows])
     result.ce_losses.append(float(ce.detach()))
     result.distill_losses.append(float(kl.detach()))
     return ce + config.distill_lambda * kl
+
+
+def sample_positions(positions: torch.Tensor, n: int) -> torch.Tensor | None:
+    """Sorted indices (in mask order) of ``n`` of the ``True`` positions drawn without replacement,
+    from torch's global generator; ``None`` when ``n`` is 0 or covers them all."""
+    total = int(positions.sum())
+    if n <= 0 or n >= total:
+        return None
+    return torch.randperm(total)[:n].sort().values
+
+
+def _mask_of(positions: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The mask of the ``order``-th ``True`` positions of ``positions``."""
+    flat = positions.flatten().nonzero().squeeze(1)[order.to(positions.device)]
+    mask = torch.zeros(positions.numel(), dtype=torch.bool, device=positions.device)
+    mask[flat] = True
+    return mask.view_as(positions)
 
 
 @torch.no_grad()

@@ -88,6 +88,10 @@ class BenchSettings:
     distill_top_k: int = 32
     identity_pull: float = 1e-3
     rehearsal_rows: int = 0
+    distill_sample: int = 0  # distillation positions per step (0 = all), for every distilling method
+    # FedBE's round deadline: this x the median client's time to train every new block (1.0: the
+    # median client trains all it holds; lower: slow clients get only blocks near the output)
+    deadline_factor: float = 1.0
     full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
@@ -101,8 +105,9 @@ class BenchSettings:
                      "eval_examples", "probe_questions", "probe_texts", "lora_rank"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.rehearsal_rows < 0:
-            raise ConfigError(f"rehearsal_rows must be >= 0, got {self.rehearsal_rows}")
+        for name in ("rehearsal_rows", "distill_sample"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in (
             "lr",
             "lora_lr",
@@ -110,10 +115,12 @@ class BenchSettings:
             "distill_lambda",
             "identity_pull",
             "full_ft_budget_seconds",
+            "deadline_factor",
         ):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0) or (name.endswith("lr") and value == 0):
-                raise ConfigError(f"{name} must be a {'positive' if 'lr' in name else 'non-negative'} number, "
+            positive = name.endswith("lr") or name == "deadline_factor"
+            if not (math.isfinite(value) and value >= 0) or (positive and value == 0):
+                raise ConfigError(f"{name} must be a {'positive' if positive else 'non-negative'} number, "
                                   f"got {value}")  # fmt: skip
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha}")
@@ -314,7 +321,7 @@ class Method:
         return TrainConfig(
             steps=self.s.steps, lr=lr or self.s.lr, distill_lambda=self.s.distill_lambda if distill else 0.0,
             distill_top_k=0 if exact else self.s.distill_top_k, identity_pull=self.s.identity_pull if pull else 0.0,
-            rehearsal_rows=self.s.rehearsal_rows if distill else 0,
+            rehearsal_rows=self.s.rehearsal_rows if distill else 0, distill_sample=self.s.distill_sample,
         )  # fmt: skip
 
     def compress(self, client_id: str, delta: Any) -> tuple[Any, int]:
@@ -383,7 +390,7 @@ class BlockMethod(Method):
             self.s.steps * (c.forward_seconds + c.backward_seconds * (n - self.registry.new_layer_indices[0]))
             for c in self.world.clients
         )
-        deadline = all_blocks_time[len(all_blocks_time) // 2]
+        deadline = self.s.deadline_factor * all_blocks_time[len(all_blocks_time) // 2]
         caps = [
             allocation.ClientCapacity(
                 client_id=c.client_id, max_blocks=c.max_blocks, base_forward_seconds=c.forward_seconds,
@@ -1046,6 +1053,20 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"only (default {d.rehearsal_rows})",
     )
     p.add_argument(
+        "--distill-sample",
+        type=int,
+        default=d.distill_sample,
+        help="distillation positions per step, drawn at random from the batch's article and template "
+        f"positions (0 = all; default {d.distill_sample})",
+    )
+    p.add_argument(
+        "--deadline-factor",
+        type=float,
+        default=d.deadline_factor,
+        help="FedBE round deadline as a multiple of the median client's time to train every new block; "
+        f"below 1 slow clients get only blocks near the output (default {d.deadline_factor})",
+    )
+    p.add_argument(
         "--identity-pull",
         type=float,
         default=d.identity_pull,
@@ -1079,7 +1100,8 @@ def settings_from_args(args: Any) -> BenchSettings:
         full_ft_lr=args.full_ft_lr,
         seeds=seeds or (0,), split=args.split, distill_lambda=args.distill_lambda,
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
-        rehearsal_rows=args.rehearsal_rows, eval_examples=args.eval_examples,
+        rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample,
+        deadline_factor=args.deadline_factor, eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip
     if args.quick:

@@ -53,7 +53,8 @@ def test_a_block_assigned_for_the_first_time_after_int8_rounds_of_another_block_
 
 
 def test_a_task_with_rehearsal_rows_samples_the_pool_once_per_client() -> None:
-    """rehearsal_rows travels in the task (through the codec) and the client keeps its pool across rounds."""
+    """rehearsal_rows and distill_sample travel in the task (through the codec); the client keeps its
+    rehearsal pool across rounds."""
     runner, weights = _runner()
     pools = []
     for round_ in (1, 2):
@@ -61,10 +62,10 @@ def test_a_task_with_rehearsal_rows_samples_the_pool_once_per_client() -> None:
             round=round_, task_id=f"t{round_}", client_id="c1", block_ids=(0, 1), weights_level=Level.FP32,
             weights=compress_state(weights, Level.FP32)[0], reply_level=Level.INT8, steps=2, lr=1e-3,
             batch_size=4, max_tokens=32, deadline_seconds=0.0, seed=round_, distill_lambda=1.0, evaluate=False,
-            distill_top_k=8, rehearsal_rows=2,
+            distill_top_k=8, rehearsal_rows=2, distill_sample=3,
         )  # fmt: skip
         task = protocol.decode(protocol.encode(task))
-        assert task.rehearsal_rows == 2
+        assert task.rehearsal_rows == 2 and task.distill_sample == 3
         (reply,) = runner.run(task, lambda: False)
         assert isinstance(reply, protocol.UpdateMessage), reply
         assert runner.base_cache is not None and runner.base_cache.rehearsal is not None

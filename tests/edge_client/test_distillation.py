@@ -70,13 +70,13 @@ def test_distillation_starts_at_zero_because_the_expanded_model_is_the_base() ->
     assert result.base_forwards == 1
 
 
-@pytest.mark.parametrize("top_k", [0, 64])
-def test_distillation_keeps_the_model_closer_to_the_base(top_k: int) -> None:
+@pytest.mark.parametrize(("top_k", "sample"), [(0, 0), (64, 0), (64, 8)])
+def test_distillation_keeps_the_model_closer_to_the_base(top_k: int, sample: int) -> None:
     batches = _batches()
     drift = {}
     for lam in (0.0, 50.0):
         model, registry = _model()
-        cfg = TrainConfig(steps=30, lr=1e-2, distill_lambda=lam, distill_top_k=top_k)
+        cfg = TrainConfig(steps=30, lr=1e-2, distill_lambda=lam, distill_top_k=top_k, distill_sample=sample)
         result = train_blocks(model, registry, [0, 1], batches, cfg)
         assert result.ce_losses[-1] < result.ce_losses[0]  # it still learns the target
         drift[lam] = _drift(model, registry, batches)
@@ -114,6 +114,8 @@ def test_bad_retention_settings_are_refused() -> None:
         TrainConfig(distill_top_k=-2)
     with pytest.raises(FedbeError, match="identity_pull"):
         TrainConfig(identity_pull=float("nan"))
+    with pytest.raises(FedbeError, match="distill_sample"):
+        TrainConfig(distill_sample=-1)
 
 
 def _reference_losses(model, batch: Batch, base_logits: torch.Tensor) -> tuple[float, float]:
@@ -149,6 +151,44 @@ def test_projecting_only_the_needed_positions_gives_the_full_logit_losses(top_k:
     assert result.ce_losses[0] == pytest.approx(want_ce, rel=1e-5)
     assert result.distill_losses[0] == pytest.approx(want_kl, rel=1e-4, abs=1e-6)
     assert float(loss) == pytest.approx(want_ce + 0.5 * want_kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 512])
+def test_a_distillation_sample_is_the_kl_at_exactly_the_sampled_positions(top_k: int) -> None:
+    """``distill_sample``: the KL term is the exact (or cached) KL at the drawn positions, the CE is
+    unchanged, and a cached base still holds every position for later draws."""
+    from edge_client.trainer import (  # noqa: PLC0415
+        TrainResult,
+        _distill_step_loss,
+        _forward_logits,
+        distill_positions,
+        sample_positions,
+    )
+
+    model, registry = _model()
+    train_blocks(model, registry, [0, 1], _batches(seed=3), TrainConfig(steps=3, lr=1e-2))
+    batch = _batches(1, seed=4)[0]
+    pos = distill_positions(batch)
+    with torch.no_grad():
+        with expansion.bypassed(model, registry):
+            base_full = _forward_logits(model, batch)
+        base, logits = base_full[:, :-1][pos], _forward_logits(model, batch)[:, :-1][pos]
+    want_ce, want_all = _reference_losses(model, batch, base_full)
+    torch.manual_seed(11)
+    order = sample_positions(pos, 5)
+    assert order is not None and len(order) == 5 and len(set(order.tolist())) == 5
+    want = float(kl_full(base[order], logits[order]))
+    assert abs(want - want_all) > 1e-4  # a real subset: the check can tell it from the full KL
+    cache = BaseCache(top_k) if top_k else None
+    result = TrainResult(block_ids=(0, 1))
+    cfg = TrainConfig(steps=1, distill_lambda=0.5, distill_top_k=top_k, distill_sample=5)
+    torch.manual_seed(11)
+    _distill_step_loss(model, lambda: expansion.bypassed(model, registry), batch, cfg, cache, result)
+    assert result.distill_losses[0] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert result.ce_losses[0] == pytest.approx(want_ce, rel=1e-5)
+    if cache is not None:
+        assert cache.targets(batch)[0].shape[0] == int(pos.sum())
+    assert sample_positions(pos, int(pos.sum())) is None and sample_positions(pos, 0) is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
