@@ -11,17 +11,20 @@ Only the transport is left out (``fedbe simulate`` runs the real processes over 
 **Time.** Clients train one after another on this machine; each client's round time is its measured
 training time times its profile's compute slowdown plus its transfer time over the profile's link.
 A round lasts as long as its slowest client (synchronous FedAvg), and "wall seconds" are the sum of
-those emulated round times. FedBE clients get a deadline (the median client's time to train every
-block) and the allocation gives slow clients fewer, higher blocks; LoRA and full fine-tuning have
-no such knob: every client backpropagates through the whole model.
+those emulated round times. FedBE clients get a deadline (``deadline_factor`` x the median client's
+time to train every block) and the allocation gives slow clients fewer, higher blocks; LoRA and
+full fine-tuning have no such knob: every client backpropagates through the whole model.
 
 Methods (``--methods``):
 
-* ``fedbe``: new blocks (lr 1e-3), our allocation, self-distillation (lambda 3, cached top-32 of the base)
+* ``fedbe``: new blocks (lr 1e-3), our allocation with a deadline of 0.6 x the median client's
+  all-blocks time, self-distillation (lambda 3, cached top-32 of the base, 128 positions a step)
 * ``fedbe-plain``: the same without self-distillation (ablation)
 * ``fedbe-exact``: self-distillation with the exact KL and no cache (cost ablation)
 * ``fedbe-pull``: ``fedbe`` plus an identity pull on the output projections (ablation)
 * ``fedbe-rehearsal``: ``fedbe`` plus 2 rows of base-sampled text distilled in every batch (ablation)
+* ``fedbe-all-positions``: ``fedbe`` distilling every article position, not a sample (ablation)
+* ``fedbe-no-deadline``: ``fedbe`` with the deadline at the median client's all-blocks time (ablation)
 * ``fedbe-random`` / ``fedbe-all``: random allocation / every client trains all blocks it can hold
 * ``fedit``: FedAvg of LoRA adapters (PEFT, r=16 on every linear layer of the base)
 * ``fedit-distill``: FedIT with the same self-distillation as ``fedbe`` (adapters disabled = base)
@@ -52,7 +55,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROFILES = ("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb", "jetson-xavier-nx")
 BLOCK_METHODS = (
-    "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-random", "fedbe-all",
+    "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-all-positions",
+    "fedbe-no-deadline", "fedbe-random", "fedbe-all",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora")
@@ -85,13 +89,17 @@ class BenchSettings:
     probe_texts: int = 48
     split: str = "test"  # "validation": choose settings here, never on test
     distill_lambda: float = 3.0  # chosen on --split validation (1 / 3 at lr 1e-3)
+    lora_distill_lambda: float = 3.0  # fedit-distill's own lambda, chosen on --split validation
     distill_top_k: int = 32
     identity_pull: float = 1e-3
     rehearsal_rows: int = 0
-    distill_sample: int = 0  # distillation positions per step (0 = all), for every distilling method
+    # distillation positions per step (0 = all), for every distilling method; chosen on --split
+    # validation (0 / 64 / 128: 128 keeps the retention of all positions at half the step cost)
+    distill_sample: int = 128
     # FedBE's round deadline: this x the median client's time to train every new block (1.0: the
-    # median client trains all it holds; lower: slow clients get only blocks near the output)
-    deadline_factor: float = 1.0
+    # median client trains all it holds; lower: slow clients get only blocks near the output);
+    # chosen on --split validation (1.0 / 0.6 / 0.4)
+    deadline_factor: float = 0.6
     full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
@@ -113,6 +121,7 @@ class BenchSettings:
             "lora_lr",
             "full_ft_lr",
             "distill_lambda",
+            "lora_distill_lambda",
             "identity_pull",
             "full_ft_budget_seconds",
             "deadline_factor",
@@ -314,12 +323,18 @@ class Method:
         self.peak_memory = 0
 
     def train_config(
-        self, distill: bool, pull: bool = False, exact: bool = False, lr: float | None = None
+        self,
+        distill: bool,
+        pull: bool = False,
+        exact: bool = False,
+        lr: float | None = None,
+        distill_lambda: float | None = None,
     ) -> Any:
         from edge_client.trainer import TrainConfig  # noqa: PLC0415
 
+        lam = self.s.distill_lambda if distill_lambda is None else distill_lambda
         return TrainConfig(
-            steps=self.s.steps, lr=lr or self.s.lr, distill_lambda=self.s.distill_lambda if distill else 0.0,
+            steps=self.s.steps, lr=lr or self.s.lr, distill_lambda=lam if distill else 0.0,
             distill_top_k=0 if exact else self.s.distill_top_k, identity_pull=self.s.identity_pull if pull else 0.0,
             rehearsal_rows=self.s.rehearsal_rows if distill else 0, distill_sample=self.s.distill_sample,
         )  # fmt: skip
@@ -377,6 +392,8 @@ class BlockMethod(Method):
         self.config = self.train_config(self.distill, pull=name == "fedbe-pull", exact=name == "fedbe-exact")
         if name == "fedbe-rehearsal":
             self.config = replace(self.config, rehearsal_rows=self.s.rehearsal_rows or 2)
+        if name == "fedbe-all-positions":
+            self.config = replace(self.config, distill_sample=0)
         self.strategy = {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe")
         self.last_trained: dict[int, int] = {}
 
@@ -390,7 +407,8 @@ class BlockMethod(Method):
             self.s.steps * (c.forward_seconds + c.backward_seconds * (n - self.registry.new_layer_indices[0]))
             for c in self.world.clients
         )
-        deadline = self.s.deadline_factor * all_blocks_time[len(all_blocks_time) // 2]
+        factor = 1.0 if self.name == "fedbe-no-deadline" else self.s.deadline_factor
+        deadline = factor * all_blocks_time[len(all_blocks_time) // 2]
         caps = [
             allocation.ClientCapacity(
                 client_id=c.client_id, max_blocks=c.max_blocks, base_forward_seconds=c.forward_seconds,
@@ -480,7 +498,9 @@ class LoraMethod(Method):
         self.global_state = {
             0: {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.names}
         }
-        self.config = self.train_config(distill=name == "fedit-distill", lr=self.s.lora_lr)
+        self.config = self.train_config(
+            distill=name == "fedit-distill", lr=self.s.lora_lr, distill_lambda=self.s.lora_distill_lambda
+        )
 
     def _params(self) -> list[torch.nn.Parameter]:
         named = dict(self.model.named_parameters())
@@ -910,11 +930,21 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
     return results
 
 
-METHOD_COST = {"full-ft": 3.0, "fedbe-exact": 1.5, "fedbe-rehearsal": 1.3}  # relative run time, roughly
+# relative run time of a method, roughly (fedbe at its defaults = 1; measured in the last bench)
+METHOD_COST = {
+    "full-ft": 5.0,
+    "fedbe-exact": 2.5,
+    "fedbe-rehearsal": 2.5,
+    "fedbe-all-positions": 1.4,
+    "fedbe-no-deadline": 1.8,
+    "fedit": 1.8,
+    "fedit-distill": 1.8,
+    "ffa-lora": 1.8,
+}
 
 
 def balanced_parts(methods: Sequence[str], jobs: int) -> list[tuple[str, ...]]:
-    """Methods split over ``jobs`` workers, greedily by rough cost (full FT counts three), order kept."""
+    """Methods split over ``jobs`` workers, greedily by rough cost (:data:`METHOD_COST`), order kept."""
     loads: list[float] = [0.0] * jobs
     parts: list[list[str]] = [[] for _ in range(jobs)]
     for name in sorted(methods, key=lambda m: -METHOD_COST.get(m, 1.0)):
@@ -1040,6 +1070,12 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
     p.add_argument(
         "--distill-lambda", type=float, default=d.distill_lambda, help=f"default {d.distill_lambda}"
     )
+    p.add_argument(
+        "--lora-distill-lambda",
+        type=float,
+        default=d.lora_distill_lambda,
+        help=f"self-distillation lambda of fedit-distill (default {d.lora_distill_lambda})",
+    )
     p.add_argument("--distill-top-k", type=int, default=d.distill_top_k, help=f"default {d.distill_top_k}")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help=f"default {d.eval_examples}")
     p.add_argument(
@@ -1099,6 +1135,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr, alpha=args.alpha,
         full_ft_lr=args.full_ft_lr,
         seeds=seeds or (0,), split=args.split, distill_lambda=args.distill_lambda,
+        lora_distill_lambda=args.lora_distill_lambda,
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample,
         deadline_factor=args.deadline_factor, eval_examples=args.eval_examples,

@@ -18,6 +18,10 @@ def test_bad_settings_are_refused_with_the_choices() -> None:
         bench.BenchSettings(split="train")
     with pytest.raises(ConfigError, match="alpha"):
         bench.BenchSettings(alpha=0.0)
+    for name, value in (("deadline_factor", 0.0), ("distill_sample", -1), ("lora_distill_lambda", -1.0),
+                        ("distill_lambda", float("nan"))):  # fmt: skip
+        with pytest.raises(ConfigError, match=name):
+            bench.BenchSettings(**{name: value})
     with pytest.raises(ConfigError, match="no device profile"):
         bench.resolve_profile("toaster-9000")
 
@@ -153,7 +157,7 @@ def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path
         ]
         for k in range(2)
     ]
-    assert parts == [["fedbe-plain", "ffa-lora"], ["fedit"]]
+    assert parts == [["fedbe-plain", "fedit"], ["ffa-lora"]]  # LoRA costs 1.8, fedbe-plain 1
     assert [r["method"] for r in results["summary"]] == ["fedbe-plain", "fedit", "ffa-lora"]
     # both workers built the same world: the same untrained model scores
     round0 = [r["round0"] for r in results["records"]]
@@ -161,3 +165,32 @@ def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path
     # a second call finds every method done and only renders the table again
     again = bench.run_bench_jobs(settings, tmp_path, jobs=2, say=lambda _m: None)
     assert [r["rounds"] for r in again["records"]] == [r["rounds"] for r in results["records"]]
+
+
+def test_a_tighter_deadline_gives_slow_clients_fewer_blocks_nearer_the_output() -> None:
+    import types
+
+    from fedbe import expansion, sources
+
+    model = sources.load_model(sources.resolve_source("tiny:llama"))
+    layers = model.config.num_hidden_layers
+    registry = expansion.expand_model(model, expansion.plan_expansion(layers, 2, "interleave"))
+
+    def blocks_for(factor: float) -> dict[str, tuple[int, ...]]:
+        settings = bench.BenchSettings(deadline_factor=factor, blocks=2)
+        clients = [
+            types.SimpleNamespace(client_id=cid, max_blocks=2, forward_seconds=0.1, backward_seconds=slow,
+                                  histogram={"a": 1.0})
+            for cid, slow in (("fast", 0.01), ("fast2", 0.01), ("slow", 0.2), ("slow2", 0.2))
+        ]  # fmt: skip
+        method = object.__new__(bench.BlockMethod)
+        method.name, method.s, method.registry, method.distill = "fedbe", settings, registry, True
+        method.world = types.SimpleNamespace(clients=clients, seed=0)  # type: ignore[assignment]
+        method.strategy, method.last_trained = "fedbe", {}
+        return method.allocate(1)
+
+    loose, tight, too_tight = blocks_for(1.0), blocks_for(0.5), blocks_for(0.2)
+    assert loose == {c: (0, 1) for c in ("fast", "fast2", "slow", "slow2")}  # the median client is slow
+    # the slow clients keep the block nearer the output (the shorter backward); the fast ones all
+    assert tight == {"fast": (0, 1), "fast2": (0, 1), "slow": (1,), "slow2": (1,)}
+    assert too_tight == {"fast": (0, 1), "fast2": (0, 1)}  # no block fits: left out, not late
