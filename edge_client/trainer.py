@@ -452,7 +452,8 @@ def _distill_step_loss(
     else:
         top_idx, top_logp = cache.targets(batch)
         if order is not None:
-            top_idx, top_logp = top_idx[order.to(top_idx.device)], top_logp[order.to(top_logp.device)]
+            rows = order.to(top_idx.device)
+            top_idx, top_logp = top_idx[rows], top_logp[rows]
         kl = _kl_top_k_logp(top_idx.to(logp.device), top_logp.to(logp.device), logp[distill_rows])
     result.ce_losses.append(float(ce.detach()))
     result.distill_losses.append(float(kl.detach()))
