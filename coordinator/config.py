@@ -35,7 +35,9 @@ Fields (``name: type = default``):
   ``top_risk: [0,1] = 1.0`` and ``interleaved_risk: [0,1] = 0.25`` -- forgetting risk of a block at the
   very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
   without self-distillation never gets a block riskier than this; ``cost_weight: float >= 0 = 0.1`` and
-  ``risk_weight: float >= 0 = 0.2`` -- weights of time cost and of risk in the ``fedbe`` score.
+  ``risk_weight: float >= 0 = 0.2`` -- weights of time cost and of risk in the ``fedbe`` score;
+  ``max_block_divergence: [0,1] = 1.0`` -- a block whose trainers' pooled label histogram is farther
+  (Jensen-Shannon) than this from the federation's is left untrained that round (1 = no limit).
 * ``aggregation`` (see :mod:`coordinator.aggregation`): ``server_optimizer: none|fedavgm|fedadam =
   none``, ``server_lr: float > 0`` (default 1.0, or 0.01 with fedadam), ``momentum: [0,1) = 0.9``
   (FedAvgM), ``beta1: [0,1) = 0.9``, ``beta2: [0,1) = 0.99``, ``tau: float > 0 = 1e-3`` (FedAdam),
@@ -128,6 +130,7 @@ class AllocationConfig:
     max_unprotected_risk: float = 0.5
     cost_weight: float = 0.1
     risk_weight: float = 0.2
+    max_block_divergence: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -456,6 +459,7 @@ def _allocation(f: _Fields) -> AllocationConfig:
         max_unprotected_risk=f.real("max_unprotected_risk", 0.5, "[0, 1]"),
         cost_weight=f.real("cost_weight", 0.1, "[0, inf)"),
         risk_weight=f.real("risk_weight", 0.2, "[0, inf)"),
+        max_block_divergence=f.real("max_block_divergence", 1.0, "[0, 1]"),
     )
 
 

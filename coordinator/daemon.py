@@ -508,6 +508,7 @@ class Coordinator:
             max_unprotected_risk=a.max_unprotected_risk,
             risk_weight=a.risk_weight,
             cost_weight=a.cost_weight,
+            max_block_divergence=a.max_block_divergence,
         )
         return allocation.allocate(
             slots, self.capacities(selected), num_layers=self.registry.num_layers, last_trained=self.last_trained,
@@ -542,6 +543,10 @@ class Coordinator:
         rlog.assignments = {c: list(b) for c, b in alloc.assignments.items()}
         if not assignments:
             log.warning("round %d: no selected client can train any block: %s", round_, alloc.reasons)
+        if alloc.withdrawn_blocks:
+            log.info("round %d: blocks %s left untrained: the clients able to train them hold labels too far "
+                     "from the federation's (allocation.max_block_divergence %g)", round_,
+                     list(alloc.withdrawn_blocks), self.cfg.allocation.max_block_divergence)  # fmt: skip
         already = self.store.pending_updates(round_)
         collector = RoundCollector(
             round_, assignments, self.layout, self.cfg.broker.max_message_bytes,

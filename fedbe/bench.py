@@ -25,6 +25,7 @@ Methods (``--methods``):
 * ``fedbe-rehearsal``: ``fedbe`` plus 2 rows of base-sampled text distilled in every batch (ablation)
 * ``fedbe-all-positions``: ``fedbe`` distilling every article position, not a sample (ablation)
 * ``fedbe-no-deadline``: ``fedbe`` with the deadline at the median client's all-blocks time (ablation)
+* ``fedbe-no-skew-limit``: ``fedbe`` with no bound on a block's label skew (ablation)
 * ``fedbe-random`` / ``fedbe-all``: random allocation / every client trains all blocks it can hold
 * ``fedit``: FedAvg of LoRA adapters (PEFT, r=16 on every linear layer of the base)
 * ``fedit-distill``: FedIT with the same self-distillation as ``fedbe`` (adapters disabled = base)
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROFILES = ("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb", "jetson-xavier-nx")
 BLOCK_METHODS = (
     "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-all-positions",
-    "fedbe-no-deadline", "fedbe-random", "fedbe-all",
+    "fedbe-no-deadline", "fedbe-no-skew-limit", "fedbe-random", "fedbe-all",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora")
@@ -100,6 +101,9 @@ class BenchSettings:
     # median client trains all it holds; lower: slow clients get only blocks near the output);
     # chosen on --split validation (1.0 / 0.6 / 0.4)
     deadline_factor: float = 0.6
+    # FedBE leaves a block untrained for a round when its trainers' pooled labels are farther than
+    # this (Jensen-Shannon, 0-1) from the federation's (1.0 = no limit)
+    max_block_divergence: float = 1.0
     full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
@@ -131,6 +135,8 @@ class BenchSettings:
             if not (math.isfinite(value) and value >= 0) or (positive and value == 0):
                 raise ConfigError(f"{name} must be a {'positive' if positive else 'non-negative'} number, "
                                   f"got {value}")  # fmt: skip
+        if not (0 <= self.max_block_divergence <= 1):
+            raise ConfigError(f"max_block_divergence must be in [0, 1], got {self.max_block_divergence}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha}")
 
@@ -418,7 +424,8 @@ class BlockMethod(Method):
             for c in self.world.clients
         ]  # fmt: skip
         slots = allocation.slots_from_registry(self.registry)
-        policy = allocation.AllocationPolicy(strategy=self.strategy)  # type: ignore[arg-type]
+        bound = 1.0 if self.name == "fedbe-no-skew-limit" else self.s.max_block_divergence
+        policy = allocation.AllocationPolicy(strategy=self.strategy, max_block_divergence=bound)  # type: ignore[arg-type]
         result = allocation.allocate(slots, caps, num_layers=n, last_trained=self.last_trained, round=round_,
                                      seed=self.world.seed * 100003 + round_, policy=policy)  # fmt: skip
         return {cid: b for cid, b in result.assignments.items() if b}
@@ -1096,6 +1103,14 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"below 1 slow clients get only blocks near the output (default {d.deadline_factor})",
     )
     p.add_argument(
+        "--max-block-divergence",
+        type=float,
+        default=d.max_block_divergence,
+        help="FedBE leaves a block untrained for a round when the pooled label histogram of the clients "
+        "that could train it is farther than this (Jensen-Shannon, 0-1) from the federation's: a block "
+        f"trained by one label-skewed client learns its labels (1 = no limit; default {d.max_block_divergence})",
+    )
+    p.add_argument(
         "--identity-pull",
         type=float,
         default=d.identity_pull,
@@ -1131,7 +1146,8 @@ def settings_from_args(args: Any) -> BenchSettings:
         lora_distill_lambda=args.lora_distill_lambda,
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample,
-        deadline_factor=args.deadline_factor, eval_examples=args.eval_examples,
+        deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
+        eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip
     if args.quick:

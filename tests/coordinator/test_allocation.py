@@ -193,6 +193,64 @@ def test_spare_capacity_goes_where_it_balances_labels() -> None:
     assert result.block_divergence == {0: pytest.approx(0.0, abs=1e-12), 1: pytest.approx(0.0, abs=1e-12)}
 
 
+def test_a_block_only_a_skewed_client_can_train_is_withdrawn() -> None:
+    # The seed-2 collapse of the benchmark, small: "pol" (mostly one label, room for 3 blocks) is the
+    # only client fast enough for blocks 0 and 1; "mix" reaches only the top block; "rest" has data but
+    # no memory. Unbounded, pol trains 0 and 1 alone every round and they learn its label. With the
+    # bound between pol's divergence and that of pol + mix pooled, blocks 0 and 1 are withdrawn and only
+    # the top block is trained, by both.
+    slots = [BlockSlot(0, 1), BlockSlot(1, 2), BlockSlot(2, 3)]
+    pol, mix, rest = (
+        {"pol": 44.0, "bus": 4.0},
+        {"bus": 20.0, "sport": 20.0, "pol": 8.0},
+        {"bus": 20.0, "sport": 30.0},
+    )
+    fleet = [
+        client("pol", max_blocks=3, hist=pol),
+        client("mix", max_blocks=1, deadline=1.0, hist=mix),
+        client("rest", max_blocks=0, hist=rest),
+    ]
+    world = {k: pol.get(k, 0) + mix.get(k, 0) + rest.get(k, 0) for k in ("pol", "bus", "sport")}
+    alone = jensen_shannon(pol, world)
+    pooled = jensen_shannon({k: pol.get(k, 0) + mix.get(k, 0) for k in world}, world)
+    assert pooled < 0.2 < alone  # about 0.03 and 0.31
+
+    unbounded = allocate(slots, fleet, num_layers=4, policy=AllocationPolicy(cost_weight=0, risk_weight=0))
+    assert unbounded.assignments == {"pol": (0, 1, 2), "mix": (2,), "rest": ()}
+    assert unbounded.withdrawn_blocks == ()
+    assert unbounded.block_divergence[0] == pytest.approx(alone)
+
+    policy = AllocationPolicy(cost_weight=0, risk_weight=0, max_block_divergence=0.2)
+    bounded = allocate(slots, fleet, num_layers=4, policy=policy)
+    assert bounded.assignments == {"pol": (2,), "mix": (2,), "rest": ()}
+    assert bounded.withdrawn_blocks == bounded.unassigned_blocks == (0, 1)
+    assert bounded.block_divergence == {0: 1.0, 1: 1.0, 2: pytest.approx(pooled, abs=1e-12)}
+    # A client left with nothing says why.
+    nothing = allocate(slots, [fleet[0], fleet[2]], num_layers=4, policy=policy)
+    assert nothing.assignments["pol"] == () and nothing.withdrawn_blocks == (0, 1, 2)
+    assert "withdrawn" in nothing.reasons["pol"] and "[0, 1, 2]" in nothing.reasons["pol"]
+
+
+def test_fill_does_not_skew_a_balanced_block() -> None:
+    # Global a:40, b:40. "even" covers block 0 (JS 0); "skew" covers block 1 alone (JS far above the
+    # bound), so block 1 is withdrawn; joining block 0 would push it past the bound too, so skew trains
+    # nothing, although it has room for both blocks.
+    slots = [BlockSlot(0, 2), BlockSlot(1, 3)]
+    fleet = [
+        client("even", max_blocks=1, hist={"a": 10, "b": 10}),
+        client("skew", max_blocks=2, hist={"a": 30, "b": 1}),
+        client("other", max_blocks=0, hist={"b": 29}),
+    ]
+    free = allocate(slots, fleet, num_layers=4, policy=AllocationPolicy(cost_weight=0, risk_weight=0))
+    assert free.assignments == {"even": (0,), "skew": (0, 1), "other": ()}
+    assert jensen_shannon({"a": 40, "b": 11}, {"a": 40, "b": 40}) > 0.05
+    policy = AllocationPolicy(cost_weight=0, risk_weight=0, max_block_divergence=0.05)
+    bounded = allocate(slots, fleet, num_layers=4, policy=policy)
+    assert bounded.assignments == {"even": (0,), "skew": (), "other": ()}
+    assert bounded.withdrawn_blocks == (1,)
+    assert bounded.block_divergence[0] == pytest.approx(0.0, abs=1e-12)
+
+
 # -- ablations -------------------------------------------------------------------------------------------
 
 
@@ -224,6 +282,9 @@ def test_invalid_inputs_are_named() -> None:
         client("a", steps=0)
     with pytest.raises(AllocationError, match="strategy"):
         AllocationPolicy(strategy="best")  # type: ignore[arg-type]
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(AllocationError, match="max_block_divergence"):
+            AllocationPolicy(max_block_divergence=bad)
     with pytest.raises(AllocationError, match="after 3"):
         allocate(TWO_SLOTS, [client("a")], num_layers=4, last_trained={0: 4}, round=3)
 
@@ -352,6 +413,31 @@ def test_fedbe_coverage_is_as_good_as_possible(p: dict) -> None:
 
     for u in result.unassigned_blocks:
         assert not hall({b for b in covered if stale(b) < stale(u)} | {u}, p)
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.sampled_from([0.0, 0.1, 0.3, 0.6]))
+def test_bounded_divergence_holds_and_only_withdraws(p: dict, bound: float) -> None:
+    p["policy"] = AllocationPolicy(
+        **{**p["policy"].__dict__, "strategy": "fedbe", "max_block_divergence": bound}
+    )
+    result = allocate(**p)
+    slot = {s.block_id: s for s in p["slots"]}
+    for c in p["clients"]:
+        blocks = result.assignments[c.client_id]
+        assert len(blocks) <= c.max_blocks
+        assert all(may_train(c, slot[b], p["num_layers"], p["policy"]) for b in blocks)
+        assert not set(blocks) & set(result.withdrawn_blocks)
+    for block, divergence in result.block_divergence.items():
+        if block not in result.unassigned_blocks:
+            assert divergence <= bound + 1e-12
+    assert set(result.withdrawn_blocks) <= set(result.unassigned_blocks)
+    # Blocks are withdrawn only when the unbounded allocation had one past the bound.
+    free = allocate(
+        **{**p, "policy": AllocationPolicy(**{**p["policy"].__dict__, "max_block_divergence": 1.0})}
+    )
+    if all(d <= bound for b, d in free.block_divergence.items() if b not in free.unassigned_blocks):
+        assert result == free
 
 
 @settings(max_examples=60, deadline=None)

@@ -97,6 +97,7 @@ BAD_VALUES = [
     ("allocation.max_unprotected_risk", 2),
     ("allocation.cost_weight", -0.5),
     ("allocation.risk_weight", -1),
+    ("allocation.max_block_divergence", 1.5),
     ("aggregation.server_optimizer", "sgd"),
     ("aggregation.server_lr", 0),
     ("aggregation.momentum", 1.0),
@@ -268,6 +269,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             "max_unprotected_risk": 0.3,
             "cost_weight": 0.4,
             "risk_weight": 2,
+            "max_block_divergence": 0.4,
         },
         "aggregation": {
             "server_optimizer": "fedadam",
@@ -318,7 +320,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         seed=11,
         eval_every=2,
         training=TrainingConfig(3, 1e-3, 2, 64, 0.5, distill_sample=16),
-        allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0),
+        allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0, 0.4),
         aggregation=AggregationConfig(ServerOptimizer.FEDADAM, 0.5, 0.8, 0.7, 0.95, 0.01, 4.0),
         auto_expansion=AutoExpansionConfig(3.0, 5, 4, 0.0),
         broker=BrokerSettings(

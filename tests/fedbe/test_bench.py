@@ -194,3 +194,35 @@ def test_a_tighter_deadline_gives_slow_clients_fewer_blocks_nearer_the_output() 
     # the slow clients keep the block nearer the output (the shorter backward); the fast ones all
     assert tight == {"fast": (0, 1), "fast2": (0, 1), "slow": (1,), "slow2": (1,)}
     assert too_tight == {"fast": (0, 1), "fast2": (0, 1)}  # no block fits: left out, not late
+
+
+def test_a_block_only_one_label_trains_is_left_out_unless_the_ablation_says_so() -> None:
+    import types
+
+    from fedbe import expansion, sources
+
+    model = sources.load_model(sources.resolve_source("tiny:llama"))
+    layers = model.config.num_hidden_layers
+    registry = expansion.expand_model(model, expansion.plan_expansion(layers, 2, "interleave"))
+
+    def blocks_for(name: str, bound: float) -> dict[str, tuple[int, ...]]:
+        settings = bench.BenchSettings(deadline_factor=0.5, blocks=2, max_block_divergence=bound)
+        # only the fast clients reach block 0, and both hold label "a" alone; the slow ones hold "b"
+        clients = [
+            types.SimpleNamespace(client_id=cid, max_blocks=2, forward_seconds=0.1, backward_seconds=slow,
+                                  histogram={label: 10.0})
+            for cid, slow, label in (("fast", 0.01, "a"), ("fast2", 0.01, "a"), ("slow", 0.2, "b"),
+                                     ("slow2", 0.2, "b"))
+        ]  # fmt: skip
+        method = object.__new__(bench.BlockMethod)
+        method.name, method.s, method.registry, method.distill = name, settings, registry, True
+        method.world = types.SimpleNamespace(clients=clients, seed=0)  # type: ignore[assignment]
+        method.strategy, method.last_trained = "fedbe", {}
+        return method.allocate(1)
+
+    both = {"fast": (0, 1), "fast2": (0, 1), "slow": (1,), "slow2": (1,)}
+    assert blocks_for("fedbe", 1.0) == both
+    assert blocks_for("fedbe", 0.3) == {"fast": (1,), "fast2": (1,), "slow": (1,), "slow2": (1,)}
+    assert blocks_for("fedbe-no-skew-limit", 0.3) == both  # block 0: JS({a}, {a, b}) = 0.31
+    with pytest.raises(ConfigError, match="max_block_divergence"):
+        bench.BenchSettings(max_block_divergence=1.2)
