@@ -37,7 +37,8 @@ Fields (``name: type = default``):
   without self-distillation never gets a block riskier than this; ``cost_weight: float >= 0 = 0.1`` and
   ``risk_weight: float >= 0 = 0.2`` -- weights of time cost and of risk in the ``fedbe`` score;
   ``max_block_divergence: [0,1] = 1.0`` -- a block whose trainers' pooled label histogram is farther
-  (Jensen-Shannon) than this from the federation's is left untrained that round (1 = no limit).
+  (Jensen-Shannon) than this from that of all the round's selected clients is left untrained that
+  round (1 = no limit).
 * ``aggregation`` (see :mod:`coordinator.aggregation`): ``server_optimizer: none|fedavgm|fedadam =
   none``, ``server_lr: float > 0`` (default 1.0, or 0.01 with fedadam), ``momentum: [0,1) = 0.9``
   (FedAvgM), ``beta1: [0,1) = 0.9``, ``beta2: [0,1) = 0.99``, ``tau: float > 0 = 1e-3`` (FedAdam),

@@ -545,7 +545,7 @@ class Coordinator:
             log.warning("round %d: no selected client can train any block: %s", round_, alloc.reasons)
         if alloc.withdrawn_blocks:
             log.info("round %d: blocks %s left untrained: the clients able to train them hold labels too far "
-                     "from the federation's (allocation.max_block_divergence %g)", round_,
+                     "from the selected clients' pooled labels (allocation.max_block_divergence %g)", round_,
                      list(alloc.withdrawn_blocks), self.cfg.allocation.max_block_divergence)  # fmt: skip
         already = self.store.pending_updates(round_)
         collector = RoundCollector(

@@ -18,6 +18,17 @@ Retention mechanisms (each a :class:`TrainConfig` option, measured by ``fedbe be
   N positions, not the whole article.
 * **Identity pull** (``identity_pull > 0``): adds ``identity_pull * sum ||W||^2`` over the trained
   blocks' output projections, pulling each block back towards the identity it started as.
+
+And one against label skew, which is what breaks a federation whose clients each hold one or two
+labels (not a retention mechanism, but it decides whether the blocks learn the task at all):
+
+* **Label-balanced loss** (``label_balance``, with the client's :class:`LabelPrior`): at a position
+  that predicts a label word, the cross-entropy is taken over logits to which the log of the
+  client's own label frequency has been added, on the label words only (balanced softmax, Ren et
+  al. 2020; the logit calibration FedLC/FedRS apply to federated label skew). The model then learns
+  what tells the labels apart rather than the client's label mix: a client holding 44 politics
+  articles of 48 no longer teaches "always politics". Labels the client lacks count half an
+  example, so their logits are hardly pushed down. The KL term and evaluation see raw logits.
 """
 
 from __future__ import annotations
@@ -60,6 +71,8 @@ class TrainConfig:
     # estimate of the KL over all positions, and the vocabulary projection (the costly part of a
     # distilled step on a small model with a large vocabulary) then runs on the sample only.
     distill_sample: int = 0
+    # balanced softmax over the label words at label positions (needs the client's LabelPrior)
+    label_balance: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -105,8 +118,53 @@ class TrainResult:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
 
-def causal_lm_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy of the target tokens (labels != IGNORE_INDEX), as the model's own loss.
+@dataclass(frozen=True)
+class LabelPrior:
+    """A client's label frequencies, as logit offsets on the label words' tokens (balanced softmax).
+
+    ``token_ids[i]`` is the first token of label i; ``counts[i]`` the client's examples of it.
+    """
+
+    token_ids: tuple[int, ...]
+    counts: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.counts) or not self.token_ids:
+            raise FedbeError(f"label prior: {len(self.token_ids)} label tokens but {len(self.counts)} counts")
+        if len(set(self.token_ids)) != len(self.token_ids):
+            raise FedbeError(f"label prior: two labels share a first token ({list(self.token_ids)}); "
+                             "balanced softmax needs one distinct token per label")  # fmt: skip
+        if not all(math.isfinite(c) and c >= 0 for c in self.counts) or sum(self.counts) <= 0:
+            raise FedbeError(f"label prior: counts {list(self.counts)} must be >= 0 with at least one > 0")
+
+    def offsets(self, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, bias)``: the label tokens and a ``[vocab]`` bias, log frequency on them, 0 elsewhere.
+
+        A label the client lacks counts half an example (its logit is hardly pushed down, and no
+        offset is infinite).
+        """
+        counts = torch.tensor([max(c, 0.5) for c in self.counts], dtype=torch.float32)
+        ids = torch.tensor(self.token_ids, dtype=torch.long)
+        if int(ids.max()) >= vocab:
+            raise FedbeError(f"label prior: token id {int(ids.max())} outside the vocabulary of {vocab}")
+        bias = torch.zeros(vocab)
+        bias[ids] = torch.log(counts / counts.sum())
+        return ids.to(device), bias.to(device)
+
+
+def balanced_logits(logits: torch.Tensor, targets: torch.Tensor, prior: LabelPrior | None) -> torch.Tensor:
+    """``logits`` ``[n, vocab]`` (float) with the prior's log frequencies added where the target is a
+    label token; unchanged where it is not (the tokens after the label word) or without a prior."""
+    if prior is None:
+        return logits
+    ids, bias = prior.offsets(logits.shape[-1], logits.device)
+    at_label = torch.isin(targets, ids).unsqueeze(-1)
+    return logits + at_label * bias
+
+
+def causal_lm_loss(model: PreTrainedModel, batch: Batch, prior: LabelPrior | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens (labels != IGNORE_INDEX), as the model's own loss;
+    with ``prior``, balanced over the label words (:func:`balanced_logits`).
 
     Only the positions that predict a target are projected onto the vocabulary
     (``logits_to_keep``): the output layer and its softmax over ~50k tokens would otherwise run on
@@ -124,7 +182,8 @@ def causal_lm_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
         logits_to_keep=keep.to(device),
     ).logits
     targets = batch.labels[:, 1:][keep[:, :-1]].to(device)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return torch.nn.functional.cross_entropy(balanced_logits(flat, targets, prior), targets)
 
 
 def distill_positions(batch: Batch) -> torch.Tensor:
@@ -301,11 +360,13 @@ def train_blocks(
     on_step: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     base_cache: BaseCache | None = None,
+    label_prior: LabelPrior | None = None,
 ) -> TrainResult:
     """Train exactly ``block_ids`` for ``config.steps`` steps (cycling over ``batches``).
 
     With ``config.distill_top_k > 0`` pass the client's :class:`BaseCache` as ``base_cache`` to
-    keep the base's predictions across calls (a fresh one is used otherwise).
+    keep the base's predictions across calls (a fresh one is used otherwise); with
+    ``config.label_balance`` pass the client's :class:`LabelPrior`.
     """
     params = set_trainable(model, registry, block_ids)
     batch_list = list(batches)
@@ -326,6 +387,7 @@ def train_blocks(
         should_stop=should_stop,
         base_cache=base_cache,
         block_ids=tuple(sorted(block_ids)),
+        label_prior=label_prior,
     )
 
 
@@ -341,6 +403,7 @@ def train_parameters(
     should_stop: Callable[[], bool] | None = None,
     base_cache: BaseCache | None = None,
     block_ids: tuple[int, ...] = (),
+    label_prior: LabelPrior | None = None,
 ) -> TrainResult:
     """The optimisation loop behind :func:`train_blocks`, for any set of trainable ``params``.
 
@@ -349,6 +412,9 @@ def train_parameters(
     identity pull acts on. The caller sets train/eval modes and ``requires_grad``.
     """
     distill = config.distill_lambda > 0
+    if config.label_balance and label_prior is None:
+        raise FedbeError("label_balance needs the client's label counts (label_prior=LabelPrior(...))")
+    prior = label_prior if config.label_balance else None
     if distill and base is None:
         raise FedbeError("self-distillation needs a way to run the base model (base=...)")
     if distill and config.distill_top_k and (base_cache is None or base_cache.top_k != config.distill_top_k):
@@ -388,9 +454,9 @@ def train_parameters(
             if distill:
                 assert base is not None
                 seen = batch if pool is None else with_rehearsal(batch, pool, step, config.rehearsal_rows)
-                loss = _distill_step_loss(model, base, seen, config, base_cache, result)
+                loss = _distill_step_loss(model, base, seen, config, base_cache, result, prior)
             else:
-                loss = causal_lm_loss(model, batch)
+                loss = causal_lm_loss(model, batch, prior)
                 result.ce_losses.append(float(loss.detach()))
             if pulled:
                 loss = loss + config.identity_pull * sum((p.float() ** 2).sum() for p in pulled)
@@ -422,6 +488,7 @@ def _distill_step_loss(
     config: TrainConfig,
     cache: BaseCache | None,
     result: TrainResult,
+    prior: LabelPrior | None = None,
 ) -> torch.Tensor:
     positions = distill_positions(batch)  # [rows, width-1]
     targets = batch.labels[:, 1:] != IGNORE_INDEX
@@ -441,9 +508,16 @@ def _distill_step_loss(
         result.base_forwards += 1
     kept = sampled | targets
     # one vocabulary projection and one log-softmax, only where a loss term looks
-    logp = torch.log_softmax(_forward_logits(model, batch, _predicting(kept)).float(), dim=-1)
+    logits = _forward_logits(model, batch, _predicting(kept)).float()
+    logp = torch.log_softmax(logits, dim=-1)
     target_rows, distill_rows = targets[kept].to(logp.device), sampled[kept].to(logp.device)
-    ce = torch.nn.functional.nll_loss(logp[target_rows], batch.labels[:, 1:][targets].to(logp.device))
+    target_ids = batch.labels[:, 1:][targets].to(logp.device)
+    if prior is None:
+        ce = torch.nn.functional.nll_loss(logp[target_rows], target_ids)
+    else:  # the balanced CE needs its own softmax, over the (few) target rows only
+        ce = torch.nn.functional.cross_entropy(
+            balanced_logits(logits[target_rows], target_ids, prior), target_ids
+        )
     if not sampled.any():
         kl = logp.sum() * 0.0
     elif cache is None:

@@ -26,9 +26,11 @@ Methods (``--methods``):
 * ``fedbe-all-positions``: ``fedbe`` distilling every article position, not a sample (ablation)
 * ``fedbe-no-deadline``: ``fedbe`` with the deadline at the median client's all-blocks time (ablation)
 * ``fedbe-no-skew-limit``: ``fedbe`` with no bound on a block's label skew (ablation)
+* ``fedbe-balance`` / ``fedbe-no-balance``: ``fedbe`` with / without the label-balanced loss (ablation)
 * ``fedbe-random`` / ``fedbe-all``: random allocation / every client trains all blocks it can hold
 * ``fedit``: FedAvg of LoRA adapters (PEFT, r=16 on every linear layer of the base)
 * ``fedit-distill``: FedIT with the same self-distillation as ``fedbe`` (adapters disabled = base)
+* ``fedit-distill-balance``: ``fedit-distill`` with the label-balanced loss (is it FedBE's alone?)
 * ``ffa-lora``: LoRA with A frozen at its random init, only B trained and averaged
 * ``full-ft``: FedAvg of every weight; skipped (and said so) when its estimated time exceeds the budget
 * ``pos-bottom`` / ``pos-middle`` / ``pos-top``: one new block at that depth, plain CE (where forgetting happens)
@@ -57,10 +59,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PROFILES = ("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb", "jetson-xavier-nx")
 BLOCK_METHODS = (
     "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-all-positions",
-    "fedbe-no-deadline", "fedbe-no-skew-limit", "fedbe-random", "fedbe-all",
+    "fedbe-no-deadline", "fedbe-no-skew-limit", "fedbe-balance", "fedbe-no-balance", "fedbe-random", "fedbe-all",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
-LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora")
+LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
 ALL_METHODS = BLOCK_METHODS + LORA_METHODS + ("full-ft",) + POSITION_METHODS
 DEFAULT_METHODS = ("fedbe", "fedbe-plain", "fedbe-random", "fedbe-all", "fedit", "fedit-distill", "ffa-lora",
                    "full-ft")  # fmt: skip
@@ -104,6 +106,8 @@ class BenchSettings:
     # FedBE leaves a block untrained for a round when its trainers' pooled labels are farther than
     # this (Jensen-Shannon, 0-1) from the federation's (1.0 = no limit)
     max_block_divergence: float = 1.0
+    # balanced softmax over the label words with each client's own label frequencies (FedBE methods)
+    label_balance: bool = False
     full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
@@ -327,6 +331,19 @@ class Method:
         self.residuals: dict[str, Any] = {}
         self.caches: dict[str, Any] = {}
         self.peak_memory = 0
+        self.withdrawn: tuple[int, ...] = ()  # blocks the last allocation left out for label skew
+        self.priors: dict[str, Any] = {}  # client id -> LabelPrior, for the label-balanced loss
+
+    def label_priors(self) -> None:
+        """Each client's label counts on the label words' first tokens (as the evaluation scores them)."""
+        from edge_client.trainer import LabelPrior  # noqa: PLC0415
+
+        tok = self.world.tokenizer
+        ids = tuple(tok(" " + label, add_special_tokens=False)["input_ids"][0] for label in self.world.labels)
+        self.priors = {
+            c.client_id: LabelPrior(ids, tuple(float(c.histogram.get(k, 0.0)) for k in self.world.labels))
+            for c in self.world.clients
+        }
 
     def train_config(
         self,
@@ -400,6 +417,10 @@ class BlockMethod(Method):
             self.config = replace(self.config, rehearsal_rows=self.s.rehearsal_rows or 2)
         if name == "fedbe-all-positions":
             self.config = replace(self.config, distill_sample=0)
+        balance = {"fedbe-balance": True, "fedbe-no-balance": False}.get(name, self.s.label_balance)
+        if balance and name not in POSITION_METHODS:
+            self.config = replace(self.config, label_balance=True)
+            self.label_priors()
         self.strategy = {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe")
         self.last_trained: dict[int, int] = {}
 
@@ -428,6 +449,7 @@ class BlockMethod(Method):
         policy = allocation.AllocationPolicy(strategy=self.strategy, max_block_divergence=bound)  # type: ignore[arg-type]
         result = allocation.allocate(slots, caps, num_layers=n, last_trained=self.last_trained, round=round_,
                                      seed=self.world.seed * 100003 + round_, policy=policy)  # fmt: skip
+        self.withdrawn = result.withdrawn_blocks
         return {cid: b for cid, b in result.assignments.items() if b}
 
     def round(self, round_: int) -> list[ClientResult]:
@@ -458,7 +480,8 @@ class BlockMethod(Method):
                     )
                     self.model.requires_grad_(False)
                 result = train_blocks(self.model, self.registry, blocks, c.batches, self.config,
-                                      base_cache=self.caches.get(c.client_id))  # fmt: skip
+                                      base_cache=self.caches.get(c.client_id),
+                                      label_prior=self.priors.get(c.client_id))  # fmt: skip
                 trained = get_block_state(self.model, self.registry, blocks)
             delta, up = self.compress(c.client_id, block_delta(trained, sent))
             updates.append(ClientUpdate(c.client_id, delta, result.samples, 0))
@@ -506,8 +529,13 @@ class LoraMethod(Method):
             0: {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.names}
         }
         self.config = self.train_config(
-            distill=name == "fedit-distill", lr=self.s.lora_lr, distill_lambda=self.s.lora_distill_lambda
+            distill=name.startswith("fedit-distill"),
+            lr=self.s.lora_lr,
+            distill_lambda=self.s.lora_distill_lambda,
         )
+        if name == "fedit-distill-balance":
+            self.config = replace(self.config, label_balance=True)
+            self.label_priors()
 
     def _params(self) -> list[torch.nn.Parameter]:
         named = dict(self.model.named_parameters())
@@ -537,7 +565,7 @@ class LoraMethod(Method):
             torch.manual_seed(self.world.seed * 7919 + round_)
             result = train_parameters(
                 self.model, params, c.batches, self.config, base=self.model.disable_adapter,
-                base_cache=self.caches.get(c.client_id),
+                base_cache=self.caches.get(c.client_id), label_prior=self.priors.get(c.client_id),
             )  # fmt: skip
             trained = {
                 0: {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.names}
@@ -670,6 +698,7 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             "clients": len(results), "loss": statistics.fmean(x.loss for x in results) if results else float("nan"),
             "assignments": {x.client_id: list(x.blocks) for x in results},
             "base_forwards": sum(x.base_forwards for x in results),
+            "withdrawn_blocks": list(method.withdrawn),
             "seconds_per_step": sum(x.train_seconds for x in results) / max(1, len(results) * world.settings.steps),
         }  # fmt: skip
         record["rounds"].append(row)
@@ -677,6 +706,8 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             f"  {name} round {r}/{world.settings.rounds}: accuracy {scores['accuracy']:.3f}, definitions "
             f"{scores['definition_accuracy']:.3f}, perplexity {scores['perplexity']:.2f}, loss {row['loss']:.3f}, "
             f"{row['seconds_per_step']:.2f} s/step here, emulated round {round_seconds:.0f} s"
+            + (f"; blocks {list(method.withdrawn)} left untrained (label skew)" if method.withdrawn else "")
+            + ("; NO CLIENT TRAINED this round" if not results else "")
         )
     record["peak_client_memory_bytes"] = method.peak_memory
     record["seconds"] = time.perf_counter() - started
@@ -1111,6 +1142,14 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"trained by one label-skewed client learns its labels (1 = no limit; default {d.max_block_divergence})",
     )
     p.add_argument(
+        "--label-balance",
+        action=argparse.BooleanOptionalAction,
+        default=d.label_balance,
+        help="FedBE clients train with a label-balanced loss: at the label word, their own label "
+        "frequencies are added to the label words' logits (balanced softmax), so a client holding one "
+        f"label mostly does not teach the blocks that label's prior (default {'on' if d.label_balance else 'off'})",
+    )
+    p.add_argument(
         "--identity-pull",
         type=float,
         default=d.identity_pull,
@@ -1147,6 +1186,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
+        label_balance=args.label_balance,
         eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip
