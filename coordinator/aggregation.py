@@ -9,6 +9,12 @@ Three pure pieces, in the order a round uses them:
 * :func:`aggregate` averages, per block, the deltas of the clients that trained that block,
   weighted by ``num_samples * staleness_decay ** staleness``; a block nobody trained keeps its
   tensors exactly. The average is applied as is (FedAvg) or through a server optimizer.
+  ``block_average`` says what a block's average is over: ``"trainers"`` (the clients that trained
+  it) or ``"round"`` (every client of the round, one that did not train the block counting as a
+  zero delta). With ``"round"`` the global model moves by the sample-weighted mean of the clients'
+  own changes, each made through the blocks it trained -- FedAvg of the function, not of each
+  block -- so a client that trains more blocks than the others does not outweigh them; with
+  ``"trainers"`` a client that trains a block alone moves it by its whole delta.
 * :class:`FedAvgM` and :class:`FedAdam` are the server optimizers of Reddi et al. (2021),
   "Adaptive Federated Optimization": a frozen config with a ``step`` that takes and returns its
   state explicitly (:class:`FedAvgMState`, :class:`FedAdamState`), so the coordinator can
@@ -33,6 +39,7 @@ from fedbe.blocks import BlockState, apply_delta, weighted_average
 from fedbe.compression import layout_of, layout_problems
 from fedbe.errors import BlockStateError, FedbeError
 
+BLOCK_AVERAGES = ("trainers", "round")
 SCREEN_CODES = ("ok", "empty", "unassigned_block", "shape_mismatch", "non_finite", "norm_cap", "norm_outlier")
 
 
@@ -233,8 +240,10 @@ def aggregate(
     server_optimizer: ServerOptimizer | None = None,
     staleness_decay: float = 1.0,
     optimizer_state: OptimizerState | None = None,
+    block_average: str = "trainers",
 ) -> AggregationResult:
-    """Average each block over the clients that trained it and apply the result.
+    """Average each block over the clients that trained it (or, with ``block_average="round"``,
+    over every update, a missing block counting as zero) and apply the result.
 
     Weights are ``num_samples * staleness_decay ** staleness``, renormalised per block
     (:func:`fedbe.blocks.weighted_average`). Blocks no update holds (or whose trainers all weigh 0)
@@ -244,6 +253,8 @@ def aggregate(
     first: a layout mismatch here raises :class:`~fedbe.errors.BlockStateError`.
     """
     _check_real("staleness_decay", staleness_decay, low=0.0, high=1.0, low_open=True)
+    if block_average not in BLOCK_AVERAGES:
+        raise AggregationError(f"block_average {block_average!r}: choose one of {', '.join(BLOCK_AVERAGES)}")
     ids = [u.client_id for u in updates]
     if len(set(ids)) != len(ids):
         raise AggregationError(f"more than one update from a client: {sorted(ids)}")
@@ -251,7 +262,7 @@ def aggregate(
     unknown = sorted({b for u in updates for b in u.delta} - set(global_state))
     if unknown:
         raise AggregationError(f"updates hold block(s) {unknown} that the global state does not have")
-    avg = weighted_average([u.delta for u in updates], weights)
+    avg = weighted_average([u.delta for u in updates], weights, absent_as_zero=block_average == "round")
     if server_optimizer is None:
         new_state = apply_delta(global_state, avg)
         new_opt_state: OptimizerState | None = optimizer_state

@@ -43,7 +43,9 @@ Fields (``name: type = default``):
   none``, ``server_lr: float > 0`` (default 1.0, or 0.01 with fedadam), ``momentum: [0,1) = 0.9``
   (FedAvgM), ``beta1: [0,1) = 0.9``, ``beta2: [0,1) = 0.99``, ``tau: float > 0 = 1e-3`` (FedAdam),
   ``norm_bound_factor: float >= 1 = 10.0`` -- an update whose norm exceeds this times the median
-  norm of the round's other updates is rejected.
+  norm of the round's other updates is rejected; ``block_average: trainers|round = trainers`` --
+  average each block over its trainers, or over every accepted update of the round with a missing
+  block counting as zero (then a client that trains more blocks does not outweigh the others).
 * ``auto_expansion``: ``trainers_per_block: float > 0 = 2.0`` (``blocks: auto`` uses
   round(sum of the clients' trainable blocks / trainers_per_block) blocks),
   ``max_blocks: int >= 1 | null = null``, ``plateau_rounds: int >= 0 = 0`` (add a block after this
@@ -143,6 +145,7 @@ class AggregationConfig:
     beta2: float = 0.99
     tau: float = 1e-3
     norm_bound_factor: float = 10.0
+    block_average: str = "trainers"
 
 
 @dataclass(frozen=True)
@@ -474,6 +477,7 @@ def _aggregation(f: _Fields) -> AggregationConfig:
         beta2=f.real("beta2", 0.99, "[0, 1)"),
         tau=f.real("tau", 1e-3, "(0, inf)"),
         norm_bound_factor=f.real("norm_bound_factor", 10.0, "[1, inf)"),
+        block_average=f.choice("block_average", "trainers", ("trainers", "round")),
     )
 
 

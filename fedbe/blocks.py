@@ -130,11 +130,15 @@ def apply_delta(reference: BlockState, delta: BlockState, scale: float = 1.0) ->
     return out
 
 
-def weighted_average(deltas: Sequence[BlockState], weights: Sequence[float]) -> BlockState:
+def weighted_average(
+    deltas: Sequence[BlockState], weights: Sequence[float], absent_as_zero: bool = False
+) -> BlockState:
     """Per block, the weighted mean of the deltas that contain it (weights renormalised per block).
 
     A client that did not train a block contributes nothing to that block; a block no delta
-    contains is absent from the result (so its weights stay as they were).
+    contains is absent from the result (so its weights stay as they were). With
+    ``absent_as_zero`` a delta that lacks a block counts as a zero delta for it: every block is
+    divided by the total weight of all deltas, not only of those that hold it.
     """
     if len(deltas) != len(weights):
         raise BlockStateError(f"{len(deltas)} deltas but {len(weights)} weights")
@@ -149,6 +153,8 @@ def weighted_average(deltas: Sequence[BlockState], weights: Sequence[float]) -> 
         total = sum(w for _, w in members)
         if total == 0:
             continue
+        if absent_as_zero:
+            total = sum(float(w) for w in weights)
         first = members[0][0]
         names = set(first)
         for tensors, _ in members[1:]:

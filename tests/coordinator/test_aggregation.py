@@ -54,6 +54,24 @@ def test_each_block_is_averaged_over_its_trainers_only() -> None:
     assert result.optimizer_state is None
 
 
+def test_round_average_counts_a_missing_block_as_a_zero_delta() -> None:
+    # The same updates as above, averaged over the round: A (100) trained blocks 0 and 1, B (300)
+    # block 0 only. Block 0 is unchanged (both trained it); block 1 moves by 100 / 400 of A's delta,
+    # not by all of it: A's change counts for its share of the round's data, however many blocks it held.
+    a = ClientUpdate("A", state(b0=1.0, b1=2.0), num_samples=100)
+    b = ClientUpdate("B", state(b0=3.0), num_samples=300)
+    result = aggregate(GLOBAL, [a, b], block_average="round")
+    assert torch.equal(result.new_state[0]["w"], full(12.5))
+    assert torch.equal(result.new_state[1]["w"], full(20.5))
+    assert result.new_state[2]["w"] is GLOBAL[2]["w"]
+    assert (result.per_block[1].trainers, result.per_block[1].update_norm) == (
+        ("A",),
+        pytest.approx(0.5 * math.sqrt(2)),
+    )
+    with pytest.raises(AggregationError, match="block_average 'blocks'"):
+        aggregate(GLOBAL, [a, b], block_average="blocks")
+
+
 def test_staleness_discounts_late_updates() -> None:
     fresh = ClientUpdate("A", state(b0=1.0), num_samples=100)
     late = ClientUpdate("B", state(b0=3.0), num_samples=300, staleness=2)

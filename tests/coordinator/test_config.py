@@ -105,6 +105,7 @@ BAD_VALUES = [
     ("aggregation.beta2", 1),
     ("aggregation.tau", 0),
     ("aggregation.norm_bound_factor", 0.5),
+    ("aggregation.block_average", "blocks"),
     ("auto_expansion.trainers_per_block", 0),
     ("auto_expansion.max_blocks", 0),
     ("auto_expansion.plateau_rounds", -1),
@@ -279,6 +280,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             "beta2": 0.95,
             "tau": 0.01,
             "norm_bound_factor": 4,
+            "block_average": "round",
         },
         "auto_expansion": {
             "trainers_per_block": 3,
@@ -321,7 +323,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         eval_every=2,
         training=TrainingConfig(3, 1e-3, 2, 64, 0.5, distill_sample=16),
         allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0, 0.4),
-        aggregation=AggregationConfig(ServerOptimizer.FEDADAM, 0.5, 0.8, 0.7, 0.95, 0.01, 4.0),
+        aggregation=AggregationConfig(ServerOptimizer.FEDADAM, 0.5, 0.8, 0.7, 0.95, 0.01, 4.0, "round"),
         auto_expansion=AutoExpansionConfig(3.0, 5, 4, 0.0),
         broker=BrokerSettings(
             "mqtts://broker.lan:8883", "coord", tmp_path / "pw.txt", tmp_path / "ca.pem", True, 100000

@@ -19,7 +19,8 @@ def test_bad_settings_are_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match="alpha"):
         bench.BenchSettings(alpha=0.0)
     for name, value in (("deadline_factor", 0.0), ("distill_sample", -1), ("lora_distill_lambda", -1.0),
-                        ("distill_lambda", float("nan"))):  # fmt: skip
+                        ("distill_lambda", float("nan")), ("server_lr", 0.0), ("lr_decay", -0.5),
+                        ("block_average", "blocks"), ("max_block_divergence", float("nan"))):  # fmt: skip
         with pytest.raises(ConfigError, match=name):
             bench.BenchSettings(**{name: value})
     with pytest.raises(ConfigError, match="no device profile"):

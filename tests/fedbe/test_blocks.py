@@ -206,6 +206,15 @@ def test_weighted_average_by_hand() -> None:
     assert_states_equal(average, {0: {"b": t(1.0), "w": t(4.0, 5.0)}, 1: {"w": t(4.0, -4.0)}})
 
 
+def test_weighted_average_with_absent_blocks_as_zero() -> None:
+    client_a = {0: {"w": t(1.0, 2.0)}, 1: {"w": t(4.0, -4.0)}}
+    client_b = {0: {"w": t(5.0, 6.0)}}
+    average = weighted_average([client_a, client_b], [1, 3], absent_as_zero=True)
+    # block 0 as before, (1*[1,2] + 3*[5,6]) / 4; block 1: (1*[4,-4] + 3*0) / 4
+    assert_states_equal(average, {0: {"w": t(4.0, 5.0)}, 1: {"w": t(1.0, -1.0)}})
+    assert weighted_average([client_a], [0], absent_as_zero=True) == {}
+
+
 def test_weighted_average_edge_cases() -> None:
     delta = {0: {"w": t(2.0)}}
     assert weighted_average([], []) == {}
