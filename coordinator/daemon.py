@@ -664,7 +664,11 @@ class Coordinator:
             rlog.errors.append({"client": cid, "code": err.code, "reason": err.reason[:300]})
         rlog.rejected = collector.rejected
         result = aggregation.aggregate(
-            self.global_state, accepted, self.server_optimizer, self.cfg.staleness_decay, self.server_state,
+            self.global_state,
+            accepted,
+            self.server_optimizer,
+            self.cfg.staleness_decay,
+            self.server_state,
             block_average=self.cfg.aggregation.block_average,
         )
         self.global_state = result.new_state
