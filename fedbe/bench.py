@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator.aggregation import BLOCK_AVERAGES
 from fedbe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,10 @@ class BenchSettings:
             if not (math.isfinite(value) and value >= 0) or (positive and value == 0):
                 raise ConfigError(f"{name} must be a {'positive' if positive else 'non-negative'} number, "
                                   f"got {value}")  # fmt: skip
-        if self.block_average not in ("trainers", "round"):
-            raise ConfigError(f"block_average must be trainers or round, got {self.block_average!r}")
+        if self.block_average not in BLOCK_AVERAGES:
+            raise ConfigError(
+                f"block_average must be one of {', '.join(BLOCK_AVERAGES)}, got {self.block_average!r}"
+            )
         if not (0 <= self.max_block_divergence <= 1):
             raise ConfigError(f"max_block_divergence must be in [0, 1], got {self.max_block_divergence}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
@@ -352,9 +355,9 @@ class Method:
     def label_priors(self) -> None:
         """Each client's label counts on the label words' first tokens (as the evaluation scores them)."""
         from edge_client.trainer import LabelPrior  # noqa: PLC0415
+        from fedbe.evaluation import label_token_ids  # noqa: PLC0415
 
-        tok = self.world.tokenizer
-        ids = tuple(tok(" " + label, add_special_tokens=False)["input_ids"][0] for label in self.world.labels)
+        ids = tuple(tokens[0] for tokens in label_token_ids(self.world.tokenizer, self.world.labels))
         self.priors = {
             c.client_id: LabelPrior(ids, tuple(float(c.histogram.get(k, 0.0)) for k in self.world.labels))
             for c in self.world.clients
@@ -468,12 +471,13 @@ class BlockMethod(Method):
         return {cid: b for cid, b in result.assignments.items() if b}
 
     def round(self, round_: int) -> list[ClientResult]:
-        from coordinator.aggregation import ClientUpdate, aggregate  # noqa: PLC0415
+        from coordinator.aggregation import ClientUpdate, FedAvgM, aggregate  # noqa: PLC0415
         from edge_client.trainer import BaseCache, train_blocks  # noqa: PLC0415
         from fedbe.blocks import block_delta, get_block_state, set_block_state  # noqa: PLC0415
         from fedbe.expansion import bypassed  # noqa: PLC0415
 
         assignments = self.allocate(round_)
+        config = replace(self.config, lr=self.config.lr * self.s.lr_decay ** (round_ - 1))
         results, updates = [], []
         for c in self.world.clients:
             blocks = assignments.get(c.client_id)
@@ -494,7 +498,6 @@ class BlockMethod(Method):
                         self.peak_memory, step_memory_bytes(self.model, params, c.batches[0])
                     )
                     self.model.requires_grad_(False)
-                config = replace(self.config, lr=self.config.lr * self.s.lr_decay ** (round_ - 1))
                 result = train_blocks(self.model, self.registry, blocks, c.batches, config,
                                       base_cache=self.caches.get(c.client_id),
                                       label_prior=self.priors.get(c.client_id))  # fmt: skip
@@ -508,12 +511,10 @@ class BlockMethod(Method):
                 result.mean_loss, result.base_forwards, result.samples,
             ))  # fmt: skip
         if updates:
+            server = None if self.s.server_lr == 1.0 else FedAvgM(lr=self.s.server_lr, momentum=0.0)
             average = {"fedbe-avg-trainers": "trainers", "fedbe-avg-round": "round"}.get(
                 self.name, self.s.block_average
             )
-            from coordinator.aggregation import FedAvgM  # noqa: PLC0415
-
-            server = None if self.s.server_lr == 1.0 else FedAvgM(lr=self.s.server_lr, momentum=0.0)
             agg = aggregate(self.global_state, updates, server, block_average=average)
             self.global_state = agg.new_state
             for block_id, report in agg.per_block.items():
@@ -1165,7 +1166,7 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
     )
     p.add_argument(
         "--block-average",
-        choices=("trainers", "round"),
+        choices=BLOCK_AVERAGES,
         default=d.block_average,
         help="what FedBE averages each block over: its trainers, or every client of the round with a "
         "non-trainer counting as a zero delta (FedAvg of each client's change; a client that trains "

@@ -31,6 +31,11 @@ def _target_logprobs(
     return torch.log_softmax(logits, dim=-1).cpu()
 
 
+def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
+    """Each label word's tokens as it follows the prompt (with its leading space)."""
+    return [tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in labels]
+
+
 @torch.no_grad()
 def label_log_likelihoods(
     model: PreTrainedModel,
@@ -43,7 +48,7 @@ def label_log_likelihoods(
     """``[len(examples), len(labels)]`` summed log-probabilities of each label's target tokens."""
     model.eval()
     pad = pad_id(tokenizer)
-    label_ids = [tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in labels]
+    label_ids = label_token_ids(tokenizer, labels)
     first = torch.tensor([ids[0] for ids in label_ids])
     multi = [j for j, ids in enumerate(label_ids) if len(ids) > 1]
     scores = torch.empty(len(examples), len(labels))
