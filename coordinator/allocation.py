@@ -40,10 +40,11 @@ given a block whose risk exceeds ``max_unprotected_risk``.
 is mostly one label learns that label, and averaging can not undo it when nobody else trains the
 block (the benchmark's seed 2: the one fast client held 44 politics articles of 48, was the only one
 that could reach the lower blocks, and the global model collapsed toward "politics"). With a bound
-below 1, fill never adds a client that would push a block's divergence past the bound, and a block
-that coverage could only give to trainers past the bound is withdrawn for the round: it stays as it
-is (a fresh block is the identity) and the allocation is made again without it, so its trainers'
-capacity goes to other blocks. Every trained block then has divergence <= the bound.
+below 1 the allocation above is kept when every block it trains is within the bound; otherwise it
+is made again with a fill that never adds a client leaving a block past the bound (unless that
+lowers the block's divergence), and a block still past the bound is withdrawn for the round: it
+stays as it is (a fresh block is the identity) and the allocation is made again without it, so its
+trainers' capacity goes to other blocks. Every trained block then has divergence <= the bound.
 
 The ablations respect memory and deadline only: they ignore forgetting risk and labels.
 
@@ -336,30 +337,41 @@ class _Problem:
     # -- fedbe -----------------------------------------------------------------------------------
 
     def fedbe(self) -> dict[str, set[int]]:
-        """Coverage then fill; with ``max_block_divergence`` < 1, repeated without the most skewed block.
+        """Coverage then fill; with ``max_block_divergence`` < 1 and a block past it, bounded.
 
-        Fill never pushes a block past the bound, but coverage may have to give a block a single
-        skewed trainer; if fill can not bring it back under the bound, that block (the worst one) is
-        withdrawn from every client for this round and the allocation is made again without it, so the
-        capacity it held goes to other blocks. An untrained new block stays as it was (a fresh one is
-        the identity), which is safer than a block that learns one client's labels alone.
+        The unbounded allocation is kept when every block it trains is within the bound. Otherwise
+        coverage and fill run again with fill bounded (it never takes a pair that leaves a block past
+        the bound unless that lowers the block's divergence: coverage may have had to give a block a
+        single skewed trainer, and fill may bring it back). A block still past the bound (the worst
+        one) is withdrawn from every client for this round and the allocation is made again without
+        it, so the capacity it held goes to other blocks. An untrained new block stays as it was (a
+        fresh one is the identity), which is safer than a block that learns one client's labels alone.
         """
-        while True:
-            chosen: dict[str, set[int]] = {cid: set() for cid in self.clients}
-            trainers: dict[int, list[str]] = {
-                b: [c for c in self.clients if b in self.eligible[c]]
-                for b in self.slots
-                if b not in self.withdrawn
-            }
-            for block in sorted(trainers, key=self._staleness_key):
-                self._cover(block, chosen, trainers)
-            self._fill(chosen)
-            covered = sorted({b for blocks in chosen.values() for b in blocks})
-            divergence = {b: _js(self._mix(b, chosen), self.global_hist) for b in covered}
-            over = [b for b in covered if divergence[b] > self.policy.max_block_divergence]
-            if not over:
-                return chosen
-            self.withdrawn.add(max(over, key=lambda b: (divergence[b], -b)))  # the worst; ties: lowest id
+        chosen, bounded = self._cover_and_fill(1.0), False
+        while (worst := self._most_skewed(chosen)) is not None:
+            if bounded:
+                self.withdrawn.add(worst)
+            chosen, bounded = self._cover_and_fill(self.policy.max_block_divergence), True
+        return chosen
+
+    def _cover_and_fill(self, bound: float) -> dict[str, set[int]]:
+        chosen: dict[str, set[int]] = {cid: set() for cid in self.clients}
+        trainers: dict[int, list[str]] = {
+            b: [c for c in self.clients if b in self.eligible[c]]
+            for b in self.slots
+            if b not in self.withdrawn
+        }
+        for block in sorted(trainers, key=self._staleness_key):
+            self._cover(block, chosen, trainers)
+        self._fill(chosen, bound)
+        return chosen
+
+    def _most_skewed(self, chosen: dict[str, set[int]]) -> int | None:
+        """The trained block farthest past ``max_block_divergence`` (ties: the lowest id), if any."""
+        covered = sorted({b for blocks in chosen.values() for b in blocks})
+        divergence = {b: _js(self._mix(b, chosen), self.global_hist) for b in covered}
+        over = [b for b in covered if divergence[b] > self.policy.max_block_divergence]
+        return max(over, key=lambda b: (divergence[b], -b)) if over else None
 
     def _staleness_key(self, block: int) -> tuple[int, int, int]:
         when = self.last_trained.get(block)
@@ -412,12 +424,12 @@ class _Problem:
         fraction = added / capacity.deadline_seconds if capacity.deadline_seconds > 0 else 0.0
         return self.policy.cost_weight * fraction + self.policy.risk_weight * slot.forgetting_risk
 
-    def _fill(self, chosen: dict[str, set[int]]) -> None:
+    def _fill(self, chosen: dict[str, set[int]], bound: float) -> None:
         """Fill spare capacity greedily with the (client, block) pair of largest gain, until none fits.
 
         Gain = drop in the block's JS divergence from adding the client's labels, minus the penalty.
-        A pair that would leave the block's divergence above ``max_block_divergence`` is not taken,
-        nor is a withdrawn block. Heap entries carry the versions of their block and client; a stale
+        A pair that would leave the block's divergence above ``bound`` is not taken unless it lowers
+        that divergence, nor is a withdrawn block. Heap entries carry the versions of their block and client; a stale
         entry is skipped, and every pair touched by an addition is pushed again with its new gain.
         """
         mix = {b: self._mix(b, chosen) for b in self.slots}
@@ -432,7 +444,7 @@ class _Problem:
                 return
             joined = [m + h for m, h in zip(mix[block], self.hist[client], strict=True)]
             after = _js(joined, self.global_hist)
-            if after > self.policy.max_block_divergence:
+            if after > bound and after >= now[block]:
                 return
             gain = now[block] - after - self._penalty(client, block, chosen[client])
             entry = (-gain, self.rank[client], block, client, block_version[block], client_version[client])
