@@ -64,7 +64,7 @@ DEFAULT_PROFILES = ("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb", "jets
 BLOCK_METHODS = (
     "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-all-positions",
     "fedbe-no-deadline", "fedbe-no-skew-limit", "fedbe-balance", "fedbe-no-balance", "fedbe-avg-trainers",
-    "fedbe-avg-round", "fedbe-random", "fedbe-all",
+    "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
@@ -120,6 +120,9 @@ class BenchSettings:
     block_average: str = "round"
     server_lr: float = 1.0  # FedBE's server step on the averaged block deltas (1 = FedAvg)
     lr_decay: float = 1.0  # FedBE's client lr in round r is lr x lr_decay^(r-1)
+    # FedBE clients run every new block (the ones they do not train frozen, received in bf16) instead
+    # of bypassing the blocks they were not assigned, so they train inside the global model
+    context_blocks: bool = False
     full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
@@ -273,22 +276,34 @@ def evaluate(world: World, model: Any) -> dict[str, float]:
 
 def measure_capacities(world: World, say: Callable[[str], None]) -> None:
     """Memory budget and step costs of each client's profile (emulated), as ``fedbe-edge profile``
-    measures and announces them: at the profile's own base precision (nf4, bf16, ...). The bench
-    then trains every method over one shared base in ``settings.precision``."""
+    measures and announces them. The memory budget is the profile's own, at its own base precision
+    (nf4, fp16, ...). The step costs come from one measurement on this machine in the bench's
+    precision, times the profile's compute slowdown: that is how the bench trains every client (one
+    shared base in ``settings.precision``) and how it emulates their time, so the allocation plans
+    with the costs the round then has. Measuring each profile in its own precision here would plan
+    with this CPU's speed for that precision (fp16 matmuls on a CPU run ten times slower than bf16),
+    not the device's, and would let the load at the moment of each measurement reorder the clients."""
     from edge_client.profiler import build_report  # noqa: PLC0415
 
     s = world.settings
-    for c in world.clients:
-        report = build_report(
+
+    def report_for(c: Client, precision: str | None) -> Any:
+        return build_report(
             c.profile, s.model, n_blocks=world.blocks, batch_size=s.batch_size, max_tokens=s.max_tokens,
-            emulating=True, progress=lambda _m: None,
+            precision=precision, emulating=True, progress=lambda _m: None,
         )  # fmt: skip
-        c.max_blocks = report.max_trainable_blocks
-        layers = report.memory.num_layers
-        forward = report.cost.layer_forward_seconds * layers
+
+    shared: Any = None
+    for c in world.clients:
+        own = report_for(c, None)
+        c.max_blocks = own.max_trainable_blocks
+        if shared is None:
+            shared = report_for(c, s.precision).measured
+        layers = own.memory.num_layers
+        forward = shared.layer_forward_seconds * layers * c.slowdown
         c.forward_seconds = forward
         c.backward_seconds = max(
-            report.cost.block_step_seconds - forward, 1.5 * report.cost.layer_forward_seconds
+            shared.block_step_seconds * c.slowdown - forward, 1.5 * shared.layer_forward_seconds * c.slowdown
         )
         say(
             f"  {c.client_id} {c.profile.name}: slowdown {c.slowdown:.1f}, memory for {c.max_blocks} block(s), "
@@ -477,6 +492,7 @@ class BlockMethod(Method):
         from fedbe.expansion import bypassed  # noqa: PLC0415
 
         assignments = self.allocate(round_)
+        context = {"fedbe-context": True, "fedbe-bypass": False}.get(self.name, self.s.context_blocks)
         config = replace(self.config, lr=self.config.lr * self.s.lr_decay ** (round_ - 1))
         results, updates = [], []
         for c in self.world.clients:
@@ -485,7 +501,14 @@ class BlockMethod(Method):
                 continue
             sent = {b: self.global_state[b] for b in blocks}
             set_block_state(self.model, self.registry, self.global_state)
-            skipped = [b for b in self.registry.block_ids if b not in blocks]
+            skipped = [] if context else [b for b in self.registry.block_ids if b not in blocks]
+            down = _state_bytes(sent)
+            if context:  # the blocks it does not train arrive frozen in bf16 and run as they are
+                frozen = {b: {n: t.to(torch.bfloat16) for n, t in self.global_state[b].items()}
+                          for b in self.registry.block_ids if b not in blocks}  # fmt: skip
+                set_block_state(self.model, self.registry, {b: {n: t.float() for n, t in p.items()}
+                                                            for b, p in frozen.items()})  # fmt: skip
+                down += _state_bytes(frozen)
             if self.config.distill_top_k and self.config.distill_lambda:
                 self.caches.setdefault(c.client_id, BaseCache(self.config.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
@@ -504,7 +527,6 @@ class BlockMethod(Method):
                 trained = get_block_state(self.model, self.registry, blocks)
             delta, up = self.compress(c.client_id, block_delta(trained, sent))
             updates.append(ClientUpdate(c.client_id, delta, result.samples, 0))
-            down = _state_bytes(sent)
             results.append(ClientResult(
                 c.client_id, tuple(blocks), train_time(result),
                 client_seconds(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
@@ -1194,6 +1216,14 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"label mostly does not teach the blocks that label's prior (default {'on' if d.label_balance else 'off'})",
     )
     p.add_argument(
+        "--context-blocks",
+        action=argparse.BooleanOptionalAction,
+        default=d.context_blocks,
+        help="FedBE clients run every new block, training their assigned ones with the others frozen "
+        "(received in bf16, counted in the download), instead of bypassing the blocks they were not "
+        f"assigned (default {'on' if d.context_blocks else 'off'})",
+    )
+    p.add_argument(
         "--identity-pull",
         type=float,
         default=d.identity_pull,
@@ -1231,7 +1261,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
         label_balance=args.label_balance, block_average=args.block_average, server_lr=args.server_lr,
-        lr_decay=args.lr_decay,
+        lr_decay=args.lr_decay, context_blocks=args.context_blocks,
         eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip

@@ -227,3 +227,59 @@ def test_a_block_only_one_label_trains_is_left_out_unless_the_ablation_says_so()
     assert blocks_for("fedbe-no-skew-limit", 0.3) == both  # block 0: JS({a}, {a, b}) = 0.31
     with pytest.raises(ConfigError, match="max_block_divergence"):
         bench.BenchSettings(max_block_divergence=1.2)
+
+
+def _tiny_world(**overrides):
+    settings = bench.BenchSettings(
+        model="tiny:llama", clients=4, rounds=1, steps=1, examples_per_client=4, eval_examples=4,
+        probe_questions=4, probe_texts=2, max_tokens=32, blocks=2, **overrides,
+    )  # fmt: skip
+    world = bench.build_world(settings, 0, lambda _m: None)
+    bench.measure_capacities(world, lambda _m: None)
+    return world
+
+
+def test_clients_step_costs_are_one_measurement_in_the_bench_precision_times_their_slowdown() -> None:
+    """The default profiles run different base precisions (bf16, nf4, fp16); the bench trains them
+    all in one precision on this machine and emulates their time as that x slowdown, so the
+    allocation must plan with the same costs, not with this CPU's speed for each precision."""
+    world = _tiny_world()
+    assert {c.profile.precision for c in world.clients} != {world.settings.precision}
+    forward = {c.client_id: c.forward_seconds / c.slowdown for c in world.clients}
+    backward = {c.client_id: c.backward_seconds / c.slowdown for c in world.clients}
+    assert max(forward.values()) == pytest.approx(min(forward.values()), rel=1e-9), forward
+    assert max(backward.values()) == pytest.approx(min(backward.values()), rel=1e-9), backward
+    assert len({c.slowdown for c in world.clients}) > 1 and all(c.forward_seconds > 0 for c in world.clients)
+
+
+def test_context_blocks_run_the_blocks_a_client_does_not_train_frozen() -> None:
+    """fedbe-context: a client trains its blocks with the others present (bf16, counted in the
+    download); fedbe-bypass: with the others skipped. Only the trained blocks come back."""
+    import torch
+
+    world = _tiny_world(max_block_divergence=1.0)
+    runs = {}
+    for name in ("fedbe-context", "fedbe-bypass"):
+        method = bench.BlockMethod(name, world)
+        g = torch.Generator().manual_seed(1)
+        method.global_state = {
+            b: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in p.items()}
+            for b, p in method.global_state.items()
+        }
+        method.allocate = lambda round_: {"client-00": (1,)}  # type: ignore[method-assign]
+        before = {b: {n: t.clone() for n, t in p.items()} for b, p in method.global_state.items()}
+        (result,) = method.round(1)
+        runs[name] = (result, before, method.global_state)
+    for name, (result, before, after) in runs.items():
+        assert result.blocks == (1,)
+        assert all(torch.equal(before[0][n], after[0][n]) for n in before[0]), name  # block 0 not trained
+    fp32_block = sum(t.numel() * 4 for t in runs["fedbe-bypass"][1][1].values())
+    bf16_block = sum(t.numel() * 2 for t in runs["fedbe-bypass"][1][0].values())
+    assert runs["fedbe-bypass"][0].bytes_down == fp32_block
+    assert runs["fedbe-context"][0].bytes_down == fp32_block + bf16_block
+    # block 1 learned against a model with block 0 in place: a different update from the same start
+    moved = [
+        runs[name][2][1]["mlp.down_proj.weight"] - runs[name][1][1]["mlp.down_proj.weight"]
+        for name in ("fedbe-context", "fedbe-bypass")
+    ]
+    assert not torch.allclose(moved[0], moved[1])
