@@ -30,7 +30,9 @@ Fields (``name: type = default``):
   ``identity_pull: float >= 0 = 0`` (L2 pull of trained output projections towards zero),
   ``rehearsal_rows: int >= 0 = 0`` (rows of text each client samples once from the base and adds to
   every batch, distilled only; needs ``distill_lambda > 0``, ignored otherwise),
-  ``distill_sample: int >= 0 = 0`` (distillation positions drawn at random per step; 0 = all).
+  ``distill_sample: int >= 0 = 0`` (distillation positions drawn at random per step; 0 = all),
+  ``context_blocks: bool = false`` (send every client the weights of all new blocks: it trains its
+  assigned ones with the others in place, frozen, instead of bypassing them).
 * ``allocation`` (see :mod:`coordinator.allocation`): ``strategy: fedbe|random|all = fedbe``;
   ``top_risk: [0,1] = 1.0`` and ``interleaved_risk: [0,1] = 0.25`` -- forgetting risk of a block at the
   very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
@@ -123,6 +125,7 @@ class TrainingConfig:
     identity_pull: float = 0.0
     rehearsal_rows: int = 0
     distill_sample: int = 0
+    context_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -452,6 +455,7 @@ def _training(f: _Fields) -> TrainingConfig:
         identity_pull=f.real("identity_pull", 0.0, "[0, inf)"),
         rehearsal_rows=f.integer("rehearsal_rows", 0, 0),
         distill_sample=f.integer("distill_sample", 0, 0),
+        context_blocks=f.boolean("context_blocks", False),
     )
 
 

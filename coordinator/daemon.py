@@ -518,7 +518,9 @@ class Coordinator:
     def send_task(self, client_id: str, round_: int, blocks: tuple[int, ...], rlog: RoundLog, *,
                   evaluate: bool = False) -> None:  # fmt: skip
         t = self.cfg.training
-        weight_ids = self.registry.block_ids if evaluate else blocks
+        # a client runs the blocks it is sent and bypasses the others; with context_blocks it is sent
+        # all of them and trains its own inside the current global model
+        weight_ids = self.registry.block_ids if evaluate or t.context_blocks else blocks
         task = protocol.TaskMessage(
             round=round_, task_id=f"r{round_}-{'eval' if evaluate else 'train'}-{client_id}", client_id=client_id,
             block_ids=() if evaluate else blocks, weights_level=Level.FP32,

@@ -71,3 +71,31 @@ def test_a_task_with_rehearsal_rows_samples_the_pool_once_per_client() -> None:
         assert runner.base_cache is not None and runner.base_cache.rehearsal is not None
         pools.append(runner.base_cache.rehearsal)
     assert pools[0] is pools[1]
+
+
+def test_a_block_sent_but_not_assigned_runs_frozen_and_changes_what_the_assigned_block_learns() -> None:
+    """training.context_blocks: the task carries every block's weights and assigns one; the client
+    trains only that one, inside the model with the other block in place (not bypassed)."""
+    import torch
+
+    from fedbe.compression import decompress_state
+
+    g = torch.Generator().manual_seed(0)
+    _, start = _runner()
+    weights = {
+        b: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in p.items()} for b, p in start.items()
+    }
+    deltas = []
+    for sent in ((0, 1), (1,)):  # block 0 in place (context), then bypassed
+        runner, _ = _runner()
+        task = protocol.TaskMessage(
+            round=1, task_id="t1", client_id="c1", block_ids=(1,), weights_level=Level.FP32,
+            weights=compress_state({b: weights[b] for b in sent}, Level.FP32)[0], reply_level=Level.FP32,
+            steps=2, lr=1e-3, batch_size=4, max_tokens=32, deadline_seconds=0.0, seed=1,
+            distill_lambda=0.0, evaluate=False,
+        )  # fmt: skip
+        (reply,) = runner.run(protocol.decode(protocol.encode(task)), lambda: False)
+        assert isinstance(reply, protocol.UpdateMessage), reply
+        assert sorted(reply.blocks) == [1]  # the context block is not trained and not sent back
+        deltas.append(decompress_state(reply.blocks)[1]["mlp.down_proj.weight"])
+    assert not torch.allclose(deltas[0], deltas[1])
