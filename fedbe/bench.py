@@ -282,7 +282,7 @@ def measure_capacities(world: World, say: Callable[[str], None]) -> None:
     precision, times the profile's compute slowdown: that is how the bench trains every client (one
     shared base in ``settings.precision``) and how it emulates their time, so the allocation plans
     with the costs the round then has. Measuring each profile in its own precision here would plan
-    with this CPU's speed for that precision (fp16 matmuls on a CPU run ten times slower than bf16),
+    with this CPU's speed for that precision (fp16 matmuls on this CPU ran 14 times slower than bf16),
     not the device's, and would let the load at the moment of each measurement reorder the clients."""
     from edge_client.profiler import build_report  # noqa: PLC0415
 
