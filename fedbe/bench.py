@@ -284,6 +284,7 @@ def measure_capacities(world: World, say: Callable[[str], None]) -> None:
     with the costs the round then has. Measuring each profile in its own precision here would plan
     with this CPU's speed for that precision (fp16 matmuls on this CPU ran 14 times slower than bf16),
     not the device's, and would let the load at the moment of each measurement reorder the clients."""
+    from edge_client.capacity import CostModel  # noqa: PLC0415
     from edge_client.profiler import build_report  # noqa: PLC0415
 
     s = world.settings
@@ -294,18 +295,18 @@ def measure_capacities(world: World, say: Callable[[str], None]) -> None:
             precision=precision, emulating=True, progress=lambda _m: None,
         )  # fmt: skip
 
-    shared: Any = None
+    shared: Any = None  # the step costs here, in the bench's precision, before any slowdown
     for c in world.clients:
         own = report_for(c, None)
         c.max_blocks = own.max_trainable_blocks
         if shared is None:
-            shared = report_for(c, s.precision).measured
-        layers = own.memory.num_layers
-        forward = shared.layer_forward_seconds * layers * c.slowdown
+            measured = report_for(c, s.precision).measured
+            shared = CostModel(measured.block_step_seconds, measured.layer_forward_seconds,
+                               own.cost.top_layer_index)  # fmt: skip
+        cost = shared.slowed(c.slowdown)
+        forward = cost.layer_forward_seconds * own.memory.num_layers
         c.forward_seconds = forward
-        c.backward_seconds = max(
-            shared.block_step_seconds * c.slowdown - forward, 1.5 * shared.layer_forward_seconds * c.slowdown
-        )
+        c.backward_seconds = max(cost.block_step_seconds - forward, 1.5 * cost.layer_forward_seconds)
         say(
             f"  {c.client_id} {c.profile.name}: slowdown {c.slowdown:.1f}, memory for {c.max_blocks} block(s), "
             f"{len(c.examples)} articles {dict((k, int(v)) for k, v in c.histogram.items() if v)}"
@@ -495,21 +496,22 @@ class BlockMethod(Method):
         assignments = self.allocate(round_)
         context = {"fedbe-context": True, "fedbe-bypass": False}.get(self.name, self.s.context_blocks)
         config = replace(self.config, lr=self.config.lr * self.s.lr_decay ** (round_ - 1))
+        # with context blocks, the blocks a client does not train arrive frozen in bf16 and run as they are
+        as_bf16 = (
+            {b: {n: t.to(torch.bfloat16) for n, t in p.items()} for b, p in self.global_state.items()}
+            if context
+            else {}
+        )
         results, updates = [], []
         for c in self.world.clients:
             blocks = assignments.get(c.client_id)
             if not blocks:
                 continue
             sent = {b: self.global_state[b] for b in blocks}
-            set_block_state(self.model, self.registry, self.global_state)
+            frozen = {b: p for b, p in as_bf16.items() if b not in blocks}
+            set_block_state(self.model, self.registry, {**self.global_state, **frozen})
             skipped = [] if context else [b for b in self.registry.block_ids if b not in blocks]
-            down = _state_bytes(sent)
-            if context:  # the blocks it does not train arrive frozen in bf16 and run as they are
-                frozen = {b: {n: t.to(torch.bfloat16) for n, t in self.global_state[b].items()}
-                          for b in self.registry.block_ids if b not in blocks}  # fmt: skip
-                set_block_state(self.model, self.registry, {b: {n: t.float() for n, t in p.items()}
-                                                            for b, p in frozen.items()})  # fmt: skip
-                down += _state_bytes(frozen)
+            down = _state_bytes(sent) + _state_bytes(frozen)
             if self.config.distill_top_k and self.config.distill_lambda:
                 self.caches.setdefault(c.client_id, BaseCache(self.config.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
