@@ -32,7 +32,10 @@ Fields (``name: type = default``):
   every batch, distilled only; needs ``distill_lambda > 0``, ignored otherwise),
   ``distill_sample: int >= 0 = 0`` (distillation positions drawn at random per step; 0 = all),
   ``context_blocks: bool = false`` (send every client the weights of all new blocks: it trains its
-  assigned ones with the others in place, frozen, instead of bypassing them).
+  assigned ones with the others in place, frozen, instead of bypassing them),
+  ``task_weights_level: fp32|fp16|bf16|int8 = fp32`` (the precision block weights travel to clients in;
+  a client's update is its change from the weights it received, so the global state stays fp32;
+  int8 sends a quarter of fp32's bytes).
 * ``allocation`` (see :mod:`coordinator.allocation`): ``strategy: fedbe|random|all = fedbe``;
   ``top_risk: [0,1] = 1.0`` and ``interleaved_risk: [0,1] = 0.25`` -- forgetting risk of a block at the
   very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
@@ -126,6 +129,7 @@ class TrainingConfig:
     rehearsal_rows: int = 0
     distill_sample: int = 0
     context_blocks: bool = False
+    task_weights_level: Level = Level.FP32
 
 
 @dataclass(frozen=True)
@@ -456,6 +460,9 @@ def _training(f: _Fields) -> TrainingConfig:
         rehearsal_rows=f.integer("rehearsal_rows", 0, 0),
         distill_sample=f.integer("distill_sample", 0, 0),
         context_blocks=f.boolean("context_blocks", False),
+        task_weights_level=Level(
+            f.choice("task_weights_level", Level.FP32.value, tuple(lv.value for lv in Level))
+        ),
     )
 
 

@@ -89,8 +89,10 @@ class Inbox:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
 
-def encode_weights(state: BlockState, block_ids: list[int] | tuple[int, ...]) -> dict[int, Any]:
-    compressed, _ = compress_state({b: state[b] for b in block_ids}, Level.FP32)
+def encode_weights(
+    state: BlockState, block_ids: list[int] | tuple[int, ...], level: Level = Level.FP32
+) -> dict[int, Any]:
+    compressed, _ = compress_state({b: state[b] for b in block_ids}, level)
     return compressed
 
 
@@ -523,8 +525,9 @@ class Coordinator:
         weight_ids = self.registry.block_ids if evaluate or t.context_blocks else blocks
         task = protocol.TaskMessage(
             round=round_, task_id=f"r{round_}-{'eval' if evaluate else 'train'}-{client_id}", client_id=client_id,
-            block_ids=() if evaluate else blocks, weights_level=Level.FP32,
-            weights=encode_weights(self.global_state, list(weight_ids)), reply_level=self.cfg.update_level,
+            block_ids=() if evaluate else blocks, weights_level=t.task_weights_level,
+            weights=encode_weights(self.global_state, list(weight_ids), t.task_weights_level),
+            reply_level=self.cfg.update_level,
             steps=0 if evaluate else t.steps, lr=t.lr, batch_size=t.batch_size, max_tokens=t.max_tokens,
             deadline_seconds=self.cfg.round_deadline_seconds, seed=self.cfg.seed * 100003 + round_,
             distill_lambda=t.distill_lambda, evaluate=evaluate, distill_top_k=t.distill_top_k,

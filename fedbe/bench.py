@@ -19,7 +19,11 @@ Methods (``--methods``):
 
 * ``fedbe``: new blocks (lr 1e-3), our allocation with a deadline of 0.6 x the median client's
   all-blocks time, self-distillation (lambda 3, cached top-32 of the base, 128 positions a step),
-  each block averaged over every client of the round (a non-trainer counts as a zero delta)
+  blocks whose trainers' labels are farther than Jensen-Shannon 0.3 from the federation's left
+  untrained for the round, each block averaged over its trainers, and context blocks (a client runs
+  every new block, the ones it does not train frozen, received in bf16)
+* ``fedbe-context`` / ``fedbe-bypass``: ``fedbe`` with / without context blocks (ablation: without,
+  a client bypasses the blocks it was not given)
 * ``fedbe-plain``: the same without self-distillation (ablation)
 * ``fedbe-exact``: self-distillation with the exact KL and no cache (cost ablation)
 * ``fedbe-pull``: ``fedbe`` plus an identity pull on the output projections (ablation)
@@ -71,6 +75,7 @@ LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
 ALL_METHODS = BLOCK_METHODS + LORA_METHODS + ("full-ft",) + POSITION_METHODS
 DEFAULT_METHODS = ("fedbe", "fedbe-plain", "fedbe-random", "fedbe-all", "fedit", "fedit-distill", "ffa-lora",
                    "full-ft")  # fmt: skip
+DOWNLOAD_LEVELS = ("fp32", "bf16", "fp16", "int8")
 QUICK_METHODS = ("fedbe", "fedbe-random", "fedit", "ffa-lora", "full-ft")
 
 
@@ -124,6 +129,10 @@ class BenchSettings:
     # FedBE clients run every new block (the ones they do not train frozen, received in bf16) instead
     # of bypassing the blocks they were not assigned, so they train inside the global model
     context_blocks: bool = True
+    # the precision every method's clients receive the global trainable weights in (the blocks a FedBE
+    # client trains, LoRA adapters, full FT's weights); FedBE's frozen context blocks travel at this
+    # level too, never above bf16. A client's update is its change from the weights it received.
+    download_level: str = "fp32"
     full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
@@ -157,6 +166,10 @@ class BenchSettings:
             if not (math.isfinite(value) and value >= 0) or (positive and value == 0):
                 raise ConfigError(f"{name} must be a {'positive' if positive else 'non-negative'} number, "
                                   f"got {value}")  # fmt: skip
+        if self.download_level not in DOWNLOAD_LEVELS:
+            raise ConfigError(
+                f"download_level must be one of {', '.join(DOWNLOAD_LEVELS)}, got {self.download_level!r}"
+            )
         if self.block_average not in BLOCK_AVERAGES:
             raise ConfigError(
                 f"block_average must be one of {', '.join(BLOCK_AVERAGES)}, got {self.block_average!r}"
@@ -397,6 +410,14 @@ class Method:
             rehearsal_rows=self.s.rehearsal_rows if distill else 0, distill_sample=self.s.distill_sample,
         )  # fmt: skip
 
+    def download(self, state: Any, level: str | None = None) -> tuple[Any, dict[int, int]]:
+        """``state`` as a client receives it at ``level`` (default ``download_level``), and its bytes per block."""
+        from fedbe.compression import Level, compress_state, decompress_state  # noqa: PLC0415
+
+        compressed, _ = compress_state(state, Level(level or self.s.download_level))
+        nbytes = {b: sum(c.nbytes for c in params.values()) for b, params in compressed.items()}
+        return decompress_state(compressed), nbytes
+
     def compress(self, client_id: str, delta: Any) -> tuple[Any, int]:
         from fedbe.compression import Level, compress_state, decompress_state  # noqa: PLC0415
 
@@ -423,10 +444,6 @@ def train_time(result: Any) -> float:
 def client_seconds(result: Any) -> float:
     """What the client spends on the task here: :func:`train_time` plus a one-off rehearsal sampling."""
     return train_time(result) + result.rehearsal_seconds
-
-
-def _state_bytes(state: Any) -> int:
-    return sum(t.numel() * t.element_size() for params in state.values() for t in params.values())
 
 
 class BlockMethod(Method):
@@ -496,22 +513,21 @@ class BlockMethod(Method):
         assignments = self.allocate(round_)
         context = {"fedbe-context": True, "fedbe-bypass": False}.get(self.name, self.s.context_blocks)
         config = replace(self.config, lr=self.config.lr * self.s.lr_decay ** (round_ - 1))
-        # with context blocks, the blocks a client does not train arrive frozen in bf16 and run as they are
-        as_bf16 = (
-            {b: {n: t.to(torch.bfloat16) for n, t in p.items()} for b, p in self.global_state.items()}
-            if context
-            else {}
-        )
+        # a client trains from the weights as they arrive (download_level); with context blocks the
+        # blocks it does not train arrive frozen (at most bf16) and run as they are
+        received, received_bytes = self.download(self.global_state)
+        level = "bf16" if self.s.download_level == "fp32" else self.s.download_level
+        as_context, context_bytes = self.download(self.global_state, level) if context else ({}, {})
         results, updates = [], []
         for c in self.world.clients:
             blocks = assignments.get(c.client_id)
             if not blocks:
                 continue
-            sent = {b: self.global_state[b] for b in blocks}
-            frozen = {b: p for b, p in as_bf16.items() if b not in blocks}
-            set_block_state(self.model, self.registry, {**self.global_state, **frozen})
+            sent = {b: received[b] for b in blocks}
+            frozen = {b: p for b, p in as_context.items() if b not in blocks}
+            set_block_state(self.model, self.registry, {**self.global_state, **frozen, **sent})
             skipped = [] if context else [b for b in self.registry.block_ids if b not in blocks]
-            down = _state_bytes(sent) + _state_bytes(frozen)
+            down = sum(received_bytes[b] for b in sent) + sum(context_bytes[b] for b in frozen)
             if self.config.distill_top_k and self.config.distill_lambda:
                 self.caches.setdefault(c.client_id, BaseCache(self.config.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
@@ -601,8 +617,9 @@ class LoraMethod(Method):
         from fedbe.blocks import block_delta  # noqa: PLC0415
 
         results, updates = [], []
+        received, received_bytes = self.download(self.global_state)
         for c in self.world.clients:
-            self._load(self.global_state[0])
+            self._load(received[0])
             params = self._params()
             for p in params:
                 p.requires_grad_(True)
@@ -618,9 +635,9 @@ class LoraMethod(Method):
             trained = {
                 0: {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.names}
             }
-            delta, up = self.compress(c.client_id, block_delta(trained, self.global_state))
+            delta, up = self.compress(c.client_id, block_delta(trained, received))
             updates.append(ClientUpdate(c.client_id, delta, result.samples, 0))
-            down = _state_bytes(self.global_state)
+            down = received_bytes[0]
             results.append(ClientResult(
                 c.client_id, (), train_time(result),
                 client_seconds(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
@@ -666,9 +683,10 @@ class FullMethod(Method):
 
         results, updates = [], []
         named = dict(self.model.named_parameters())
+        received, received_bytes = self.download(self.global_state)
         for c in self.world.clients:
             with torch.no_grad():
-                for n, t in self.global_state[0].items():
+                for n, t in received[0].items():
                     named[n].copy_(t)
             params = list(named.values())
             for p in params:
@@ -676,9 +694,9 @@ class FullMethod(Method):
             torch.manual_seed(self.world.seed * 7919 + round_)
             result = train_parameters(self.model, params, c.batches, self.config)
             trained = {0: {n: p.detach().clone() for n, p in self.model.named_parameters()}}
-            delta, up = self.compress(c.client_id, block_delta(trained, self.global_state))
+            delta, up = self.compress(c.client_id, block_delta(trained, received))
             updates.append(ClientUpdate(c.client_id, delta, result.samples, 0))
-            down = _state_bytes(self.global_state)
+            down = received_bytes[0]
             results.append(ClientResult(
                 c.client_id, (), train_time(result),
                 client_seconds(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
@@ -1227,6 +1245,15 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"assigned (default {'on' if d.context_blocks else 'off'})",
     )
     p.add_argument(
+        "--download-level",
+        choices=DOWNLOAD_LEVELS,
+        default=d.download_level,
+        help="precision every method's clients receive the global trainable weights in (blocks, LoRA "
+        "adapters, full FT's weights; FedBE's frozen context blocks at this level but never above bf16); "
+        "a client's update is its change from what it received, so the server's copy stays fp32 "
+        f"(default {d.download_level}; the coordinator's training.task_weights_level)",
+    )
+    p.add_argument(
         "--identity-pull",
         type=float,
         default=d.identity_pull,
@@ -1264,7 +1291,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
         label_balance=args.label_balance, block_average=args.block_average, server_lr=args.server_lr,
-        lr_decay=args.lr_decay, context_blocks=args.context_blocks,
+        lr_decay=args.lr_decay, context_blocks=args.context_blocks, download_level=args.download_level,
         eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip

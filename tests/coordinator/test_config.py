@@ -92,6 +92,7 @@ BAD_VALUES = [
     ("training.distill_lambda", -0.1),
     ("training.distill_sample", -1),
     ("training.context_blocks", "yes"),
+    ("training.task_weights_level", "int4"),
     ("allocation.strategy", "greedy"),
     ("allocation.top_risk", 1.5),
     ("allocation.interleaved_risk", -0.1),
@@ -264,6 +265,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             "distill_lambda": 0.5,
             "distill_sample": 16,
             "context_blocks": True,
+            "task_weights_level": "int8",
         },
         "allocation": {
             "strategy": "random",
@@ -323,7 +325,9 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         update_level=Level.BF16,
         seed=11,
         eval_every=2,
-        training=TrainingConfig(3, 1e-3, 2, 64, 0.5, distill_sample=16, context_blocks=True),
+        training=TrainingConfig(
+            3, 1e-3, 2, 64, 0.5, distill_sample=16, context_blocks=True, task_weights_level=Level.INT8
+        ),
         allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0, 0.4),
         aggregation=AggregationConfig(ServerOptimizer.FEDADAM, 0.5, 0.8, 0.7, 0.95, 0.01, 4.0, "round"),
         auto_expansion=AutoExpansionConfig(3.0, 5, 4, 0.0),

@@ -99,3 +99,34 @@ def test_a_block_sent_but_not_assigned_runs_frozen_and_changes_what_the_assigned
         assert sorted(reply.blocks) == [1]  # the context block is not trained and not sent back
         deltas.append(decompress_state(reply.blocks)[1]["mlp.down_proj.weight"])
     assert not torch.allclose(deltas[0], deltas[1])
+
+
+def test_weights_sent_as_int8_train_and_the_update_is_the_change_from_what_arrived() -> None:
+    """training.task_weights_level int8: the client runs the dequantized weights it was sent, and its
+    update added to those weights gives exactly the block it trained (the server's fp32 copy never
+    reaches the client, so the update can not be measured from it)."""
+    import torch
+
+    from fedbe.blocks import get_block_state
+    from fedbe.compression import decompress_state
+
+    runner, weights = _runner()
+    g = torch.Generator().manual_seed(3)
+    weights = {
+        b: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in p.items()} for b, p in weights.items()
+    }
+    task = protocol.TaskMessage(
+        round=1, task_id="t1", client_id="c1", block_ids=(1,), weights_level=Level.INT8,
+        weights=compress_state(weights, Level.INT8)[0], reply_level=Level.FP32, steps=2, lr=1e-3,
+        batch_size=4, max_tokens=32, deadline_seconds=0.0, seed=1, distill_lambda=0.0, evaluate=False,
+    )  # fmt: skip
+    task = protocol.decode(protocol.encode(task))
+    arrived = decompress_state(task.weights)
+    (reply,) = runner.run(task, lambda: False)
+    assert isinstance(reply, protocol.UpdateMessage), reply
+    trained = get_block_state(runner.client.model, runner.client.registry, (1,))[1]
+    update = decompress_state(reply.blocks)[1]
+    for name, t in trained.items():
+        assert torch.allclose(arrived[1][name] + update[name], t, atol=1e-6), name
+    assert any(not torch.equal(arrived[1][n], weights[1][n]) for n in arrived[1])  # int8 rounded them
+    assert any(not torch.equal(update[n], torch.zeros_like(update[n])) for n in update)

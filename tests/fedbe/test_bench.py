@@ -283,3 +283,34 @@ def test_context_blocks_run_the_blocks_a_client_does_not_train_frozen() -> None:
         for name in ("fedbe-context", "fedbe-bypass")
     ]
     assert not torch.allclose(moved[0], moved[1])
+
+
+def test_clients_receive_weights_at_the_download_level_and_update_from_what_they_received() -> None:
+    """--download-level int8: every method's clients get the global weights as int8 (a quarter of fp32's
+    bytes plus one fp32 scale a row) and send their change from those weights, so a round that barely
+    trains leaves the server's fp32 state where it was, not moved to its int8 rounding."""
+    import torch
+
+    from fedbe.compression import Level, compress_state
+
+    world = _tiny_world(max_block_divergence=1.0, download_level="int8", lr=1e-12, lora_lr=1e-12)
+    g = torch.Generator().manual_seed(2)
+    for method in (bench.BlockMethod("fedbe-context", world), bench.LoraMethod("fedit", world)):
+        if isinstance(method, bench.BlockMethod):
+            method.allocate = lambda round_: {"client-00": (1,)}  # type: ignore[method-assign]
+        method.global_state = {
+            b: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in p.items()}
+            for b, p in method.global_state.items()
+        }
+        before = {b: {n: t.clone() for n, t in p.items()} for b, p in method.global_state.items()}
+        int8, _ = compress_state(before, Level.INT8)
+        int8_bytes = sum(c.nbytes for p in int8.values() for c in p.values())
+        fp32_bytes = sum(t.numel() * 4 for p in before.values() for t in p.values())
+        results = method.round(1)
+        assert results and all(r.bytes_down == int8_bytes for r in results), method.name
+        assert int8_bytes < 0.3 * fp32_bytes
+        for b, params in before.items():
+            for n, t in params.items():
+                rounding = (int8[b][n].data.float() * int8[b][n].scales.reshape(-1, *[1] * (t.dim() - 1))) - t
+                assert rounding.abs().max() > 1e-4, (method.name, n)  # int8 is not exact here
+                assert torch.allclose(method.global_state[b][n], t, atol=1e-7), (method.name, n)
