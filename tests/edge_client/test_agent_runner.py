@@ -37,16 +37,23 @@ def _runner() -> tuple[TaskRunner, dict]:
     return runner, weights
 
 
+def _task(
+    round_: int, blocks: tuple[int, ...], weights: dict, level: Level = Level.FP32, **overrides: Any
+) -> protocol.TaskMessage:
+    """A training task sending ``weights`` at ``level``, passed through the wire codec as a client gets it."""
+    fields: dict[str, Any] = dict(
+        round=round_, task_id=f"t{round_}", client_id="c1", block_ids=blocks, weights_level=level,
+        weights=compress_state(weights, level)[0], reply_level=Level.INT8, steps=1, lr=1e-3, batch_size=4,
+        max_tokens=32, deadline_seconds=0.0, seed=round_, distill_lambda=0.0, evaluate=False,
+    )  # fmt: skip
+    fields.update(overrides)
+    return protocol.decode(protocol.encode(protocol.TaskMessage(**fields)))
+
+
 def test_a_block_assigned_for_the_first_time_after_int8_rounds_of_another_block_trains() -> None:
     runner, weights = _runner()
     for round_, blocks in ((1, (1,)), (2, (0, 1)), (3, (0,))):  # the set of blocks changes every round
-        task = protocol.TaskMessage(
-            round=round_, task_id=f"t{round_}", client_id="c1", block_ids=blocks, weights_level=Level.FP32,
-            weights=compress_state({b: weights[b] for b in blocks}, Level.FP32)[0], reply_level=Level.INT8,
-            steps=1, lr=1e-3, batch_size=4, max_tokens=32, deadline_seconds=0.0, seed=round_,
-            distill_lambda=0.0, evaluate=False,
-        )  # fmt: skip
-        (reply,) = runner.run(task, lambda: False)
+        (reply,) = runner.run(_task(round_, blocks, {b: weights[b] for b in blocks}), lambda: False)
         assert isinstance(reply, protocol.UpdateMessage), reply
         assert sorted(reply.blocks) == list(blocks)
     assert sorted(runner.residual) == [0, 1]
@@ -58,13 +65,16 @@ def test_a_task_with_rehearsal_rows_samples_the_pool_once_per_client() -> None:
     runner, weights = _runner()
     pools = []
     for round_ in (1, 2):
-        task = protocol.TaskMessage(
-            round=round_, task_id=f"t{round_}", client_id="c1", block_ids=(0, 1), weights_level=Level.FP32,
-            weights=compress_state(weights, Level.FP32)[0], reply_level=Level.INT8, steps=2, lr=1e-3,
-            batch_size=4, max_tokens=32, deadline_seconds=0.0, seed=round_, distill_lambda=1.0, evaluate=False,
-            distill_top_k=8, rehearsal_rows=2, distill_sample=3,
-        )  # fmt: skip
-        task = protocol.decode(protocol.encode(task))
+        task = _task(
+            round_,
+            (0, 1),
+            weights,
+            steps=2,
+            distill_lambda=1.0,
+            distill_top_k=8,
+            rehearsal_rows=2,
+            distill_sample=3,
+        )
         assert task.rehearsal_rows == 2 and task.distill_sample == 3
         (reply,) = runner.run(task, lambda: False)
         assert isinstance(reply, protocol.UpdateMessage), reply
@@ -88,13 +98,8 @@ def test_a_block_sent_but_not_assigned_runs_frozen_and_changes_what_the_assigned
     deltas = []
     for sent in ((0, 1), (1,)):  # block 0 in place (context), then bypassed
         runner, _ = _runner()
-        task = protocol.TaskMessage(
-            round=1, task_id="t1", client_id="c1", block_ids=(1,), weights_level=Level.FP32,
-            weights=compress_state({b: weights[b] for b in sent}, Level.FP32)[0], reply_level=Level.FP32,
-            steps=2, lr=1e-3, batch_size=4, max_tokens=32, deadline_seconds=0.0, seed=1,
-            distill_lambda=0.0, evaluate=False,
-        )  # fmt: skip
-        (reply,) = runner.run(protocol.decode(protocol.encode(task)), lambda: False)
+        task = _task(1, (1,), {b: weights[b] for b in sent}, reply_level=Level.FP32, steps=2)
+        (reply,) = runner.run(task, lambda: False)
         assert isinstance(reply, protocol.UpdateMessage), reply
         assert sorted(reply.blocks) == [1]  # the context block is not trained and not sent back
         deltas.append(decompress_state(reply.blocks)[1]["mlp.down_proj.weight"])
@@ -115,12 +120,7 @@ def test_weights_sent_as_int8_train_and_the_update_is_the_change_from_what_arriv
     weights = {
         b: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in p.items()} for b, p in weights.items()
     }
-    task = protocol.TaskMessage(
-        round=1, task_id="t1", client_id="c1", block_ids=(1,), weights_level=Level.INT8,
-        weights=compress_state(weights, Level.INT8)[0], reply_level=Level.FP32, steps=2, lr=1e-3,
-        batch_size=4, max_tokens=32, deadline_seconds=0.0, seed=1, distill_lambda=0.0, evaluate=False,
-    )  # fmt: skip
-    task = protocol.decode(protocol.encode(task))
+    task = _task(1, (1,), weights, Level.INT8, reply_level=Level.FP32, steps=2)
     arrived = decompress_state(task.weights)
     (reply,) = runner.run(task, lambda: False)
     assert isinstance(reply, protocol.UpdateMessage), reply
