@@ -126,6 +126,7 @@ class BenchSettings:
     block_average: str = "trainers"
     server_lr: float = 1.0  # FedBE's server step on the averaged block deltas (1 = FedAvg)
     lr_decay: float = 1.0  # FedBE's client lr in round r is lr x lr_decay^(r-1)
+    lora_lr_decay: float = 1.0  # the same for the LoRA methods (lora_lr x lora_lr_decay^(r-1))
     # FedBE clients run every new block (the ones they do not train frozen, received in bf16) instead
     # of bypassing the blocks they were not assigned, so they train inside the global model
     context_blocks: bool = True
@@ -160,9 +161,10 @@ class BenchSettings:
             "deadline_factor",
             "server_lr",
             "lr_decay",
+            "lora_lr_decay",
         ):
             value = getattr(self, name)
-            positive = name.endswith("lr") or name in ("deadline_factor", "lr_decay")
+            positive = name.endswith("lr") or name in ("deadline_factor", "lr_decay", "lora_lr_decay")
             if not (math.isfinite(value) and value >= 0) or (positive and value == 0):
                 raise ConfigError(f"{name} must be a {'positive' if positive else 'non-negative'} number, "
                                   f"got {value}")  # fmt: skip
@@ -618,6 +620,7 @@ class LoraMethod(Method):
 
         results, updates = [], []
         received, received_bytes = self.download(self.global_state)
+        config = replace(self.config, lr=self.config.lr * self.s.lora_lr_decay ** (round_ - 1))
         for c in self.world.clients:
             self._load(received[0])
             params = self._params()
@@ -629,7 +632,7 @@ class LoraMethod(Method):
                 self.caches.setdefault(c.client_id, BaseCache(self.config.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
             result = train_parameters(
-                self.model, params, c.batches, self.config, base=self.model.disable_adapter,
+                self.model, params, c.batches, config, base=self.model.disable_adapter,
                 base_cache=self.caches.get(c.client_id), label_prior=self.priors.get(c.client_id),
             )  # fmt: skip
             trained = {
@@ -1222,6 +1225,12 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         help=f"FedBE clients train round r at lr x this^(r-1) (default {d.lr_decay:g}: a constant lr)",
     )
     p.add_argument(
+        "--lora-lr-decay",
+        type=float,
+        default=d.lora_lr_decay,
+        help=f"LoRA clients train round r at --lora-lr x this^(r-1) (default {d.lora_lr_decay:g}: a constant lr)",
+    )
+    p.add_argument(
         "--server-lr",
         type=float,
         default=d.server_lr,
@@ -1291,7 +1300,8 @@ def settings_from_args(args: Any) -> BenchSettings:
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
         label_balance=args.label_balance, block_average=args.block_average, server_lr=args.server_lr,
-        lr_decay=args.lr_decay, context_blocks=args.context_blocks, download_level=args.download_level,
+        lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay, context_blocks=args.context_blocks,
+        download_level=args.download_level,
         eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip

@@ -20,7 +20,8 @@ def test_bad_settings_are_refused_with_the_choices() -> None:
         bench.BenchSettings(alpha=0.0)
     for name, value in (("deadline_factor", 0.0), ("distill_sample", -1), ("lora_distill_lambda", -1.0),
                         ("distill_lambda", float("nan")), ("server_lr", 0.0), ("lr_decay", -0.5),
-                        ("block_average", "blocks"), ("max_block_divergence", float("nan"))):  # fmt: skip
+                        ("lora_lr_decay", 0.0), ("block_average", "blocks"),
+                        ("max_block_divergence", float("nan"))):  # fmt: skip
         with pytest.raises(ConfigError, match=name):
             bench.BenchSettings(**{name: value})
     with pytest.raises(ConfigError, match="no device profile"):
@@ -314,3 +315,34 @@ def test_clients_receive_weights_at_the_download_level_and_update_from_what_they
                 rounding = (int8[b][n].data.float() * int8[b][n].scales.reshape(-1, *[1] * (t.dim() - 1))) - t
                 assert rounding.abs().max() > 1e-4, (method.name, n)  # int8 is not exact here
                 assert torch.allclose(method.global_state[b][n], t, atol=1e-7), (method.name, n)
+
+
+def test_lr_decay_shrinks_each_later_round_for_fedbe_and_lora_alike() -> None:
+    """--lr-decay / --lora-lr-decay: round r trains at lr x decay^(r-1); with a vanishing decay round 2
+    leaves the global state where round 1 put it, with none it moves it."""
+    import torch
+
+    def change_in_round_2(method) -> float:
+        if isinstance(method, bench.BlockMethod):
+            method.allocate = lambda round_: {"client-00": (0, 1)}  # type: ignore[method-assign]
+        method.round(1)
+        after_1 = {b: {n: t.clone() for n, t in p.items()} for b, p in method.global_state.items()}
+        method.residuals = {}  # round 1's int8 rounding would come back in round 2's update
+        method.round(2)
+        return max(
+            float((method.global_state[b][n] - t).abs().max())
+            for b, p in after_1.items()
+            for n, t in p.items()
+        )
+
+    for decay in (1.0, 1e-9):
+        world = _tiny_world(max_block_divergence=1.0, lr_decay=decay, lora_lr_decay=decay)
+        torch.manual_seed(0)
+        moved = [
+            change_in_round_2(bench.BlockMethod("fedbe", world)),
+            change_in_round_2(bench.LoraMethod("fedit", world)),
+        ]
+        if decay == 1.0:
+            assert min(moved) > 1e-5, moved
+        else:
+            assert max(moved) < 1e-7, moved
