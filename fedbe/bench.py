@@ -198,13 +198,19 @@ class Client:
     client_id: str
     profile: Any
     examples: list[Any]
-    batches: list[Any]
+    batches: list[Any]  # round 1's (what the cost and memory measurements use)
     histogram: dict[str, float]
     slowdown: float
     link_bps: float
     max_blocks: int = 0
     forward_seconds: float = 0.0
     backward_seconds: float = 0.0
+    # one list of batches per round: the client's articles shuffled with the round's seed, as a
+    # fedbe-edge agent shuffles its data with the task's seed (the same for every method)
+    round_batches: tuple[list[Any], ...] = ()
+
+    def batches_for(self, round_: int) -> list[Any]:
+        return self.round_batches[(round_ - 1) % len(self.round_batches)] if self.round_batches else self.batches
 
 
 @dataclass
@@ -259,11 +265,16 @@ def build_world(settings: BenchSettings, seed: int, say: Callable[[str], None]) 
         random.Random(seed * 1000 + i).shuffle(local)
         local = local[: settings.examples_per_client]
         profile = load_profile(resolve_profile(settings.profiles[i % len(settings.profiles)]))
+        per_round = []
+        for round_ in range(1, settings.rounds + 1):
+            order = list(local)
+            np.random.default_rng(seed * 100003 + round_).shuffle(order)  # type: ignore[arg-type]
+            used = order[: settings.steps * settings.batch_size]
+            per_round.append(datasets.make_batches(tokenizer, used, settings.batch_size, settings.max_tokens))
         clients.append(Client(
-            client_id=f"client-{i:02d}", profile=profile, examples=local,
-            batches=datasets.make_batches(tokenizer, local, settings.batch_size, settings.max_tokens),
+            client_id=f"client-{i:02d}", profile=profile, examples=local, batches=per_round[0],
             histogram=label_histogram(local, labels), slowdown=profile.compute_slowdown(True),
-            link_bps=profile.link_bandwidth_bps(True),
+            link_bps=profile.link_bandwidth_bps(True), round_batches=tuple(per_round),
         ))  # fmt: skip
     probe = probes.GeneralProbe.build(settings.probe_questions, settings.probe_texts, settings.split, seed)
     say(
@@ -542,7 +553,7 @@ class BlockMethod(Method):
                         self.peak_memory, step_memory_bytes(self.model, params, c.batches[0])
                     )
                     self.model.requires_grad_(False)
-                result = train_blocks(self.model, self.registry, blocks, c.batches, config,
+                result = train_blocks(self.model, self.registry, blocks, c.batches_for(round_), config,
                                       base_cache=self.caches.get(c.client_id),
                                       label_prior=self.priors.get(c.client_id))  # fmt: skip
                 trained = get_block_state(self.model, self.registry, blocks)
@@ -632,7 +643,7 @@ class LoraMethod(Method):
                 self.caches.setdefault(c.client_id, BaseCache(self.config.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
             result = train_parameters(
-                self.model, params, c.batches, config, base=self.model.disable_adapter,
+                self.model, params, c.batches_for(round_), config, base=self.model.disable_adapter,
                 base_cache=self.caches.get(c.client_id), label_prior=self.priors.get(c.client_id),
             )  # fmt: skip
             trained = {
@@ -695,7 +706,7 @@ class FullMethod(Method):
             for p in params:
                 p.requires_grad_(True)
             torch.manual_seed(self.world.seed * 7919 + round_)
-            result = train_parameters(self.model, params, c.batches, self.config)
+            result = train_parameters(self.model, params, c.batches_for(round_), self.config)
             trained = {0: {n: p.detach().clone() for n, p in self.model.named_parameters()}}
             delta, up = self.compress(c.client_id, block_delta(trained, received))
             updates.append(ClientUpdate(c.client_id, delta, result.samples, 0))

@@ -231,10 +231,11 @@ def test_a_block_only_one_label_trains_is_left_out_unless_the_ablation_says_so()
 
 
 def _tiny_world(**overrides):
-    settings = bench.BenchSettings(
+    fields = dict(
         model="tiny:llama", clients=4, rounds=1, steps=1, examples_per_client=4, eval_examples=4,
-        probe_questions=4, probe_texts=2, max_tokens=32, blocks=2, **overrides,
+        probe_questions=4, probe_texts=2, max_tokens=32, blocks=2,
     )  # fmt: skip
+    settings = bench.BenchSettings(**{**fields, **overrides})
     world = bench.build_world(settings, 0, lambda _m: None)
     bench.measure_capacities(world, lambda _m: None)
     return world
@@ -346,3 +347,18 @@ def test_lr_decay_shrinks_each_later_round_for_fedbe_and_lora_alike() -> None:
             assert min(moved) > 1e-5, moved
         else:
             assert max(moved) < 1e-7, moved
+
+
+def test_each_round_trains_on_a_fresh_shuffle_of_the_clients_articles() -> None:
+    """As a fedbe-edge agent shuffles its data with each task's seed, a bench client trains round r on
+    its own articles shuffled for round r (the same batches for every method), not on the same first
+    steps x batch_size articles every round."""
+    import torch
+
+    world = _tiny_world(rounds=3, steps=1, batch_size=2)
+    for c in world.clients:
+        rows = [torch.cat([b.input_ids for b in c.batches_for(r)]) for r in (1, 2, 3)]
+        assert c.batches_for(1) is c.batches
+        assert all(len(b) == 1 for b in c.round_batches) and len(c.round_batches) == 3
+        seen = {tuple(row.tolist()) for r in rows for row in r}
+        assert len(seen) > 2, c.client_id  # more articles than one round's two
