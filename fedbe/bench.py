@@ -210,7 +210,9 @@ class Client:
     round_batches: tuple[list[Any], ...] = ()
 
     def batches_for(self, round_: int) -> list[Any]:
-        return self.round_batches[(round_ - 1) % len(self.round_batches)] if self.round_batches else self.batches
+        return (
+            self.round_batches[(round_ - 1) % len(self.round_batches)] if self.round_batches else self.batches
+        )
 
 
 @dataclass
