@@ -110,11 +110,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def setup(status: protocol.CoordinatorStatusMessage) -> tuple[TaskRunner, protocol.AnnounceMessage]:
         tokenizer = sources.load_tokenizer(args.model)
-        base = sources.load_model(args.model)
+        # the profiler measures on its own expanded, quantized copy and drops it before the base is
+        # loaded for training, so the device never holds both
         report = build_report(
             profile, args.model, n_blocks=len(status.new_layer_indices), emulating=args.emulate,
             progress=lambda m: log.info("profile: %s", m),
         )  # fmt: skip
+        base = sources.load_model(args.model)
         client = build_client_model(base, base_fingerprint(base), status, report.precision)
         slowdown = report.compute_slowdown
 
