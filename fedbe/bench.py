@@ -24,6 +24,8 @@ Methods (``--methods``):
   every new block, the ones it does not train frozen, received in bf16)
 * ``fedbe-context`` / ``fedbe-bypass``: ``fedbe`` with / without context blocks (ablation: without,
   a client bypasses the blocks it was not given)
+* ``fedbe-const-lr``: ``fedbe`` with a constant lr, the schedule's round-2 value (lr x lr_decay) (ablation)
+* ``fedbe-fp32-download``: ``fedbe`` receiving the blocks it trains in fp32 and the others in bf16 (ablation)
 * ``fedbe-plain``: the same without self-distillation (ablation)
 * ``fedbe-exact``: self-distillation with the exact KL and no cache (cost ablation)
 * ``fedbe-pull``: ``fedbe`` plus an identity pull on the output projections (ablation)
@@ -68,7 +70,8 @@ DEFAULT_PROFILES = ("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb", "jets
 BLOCK_METHODS = (
     "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-all-positions",
     "fedbe-no-deadline", "fedbe-no-skew-limit", "fedbe-balance", "fedbe-no-balance", "fedbe-avg-trainers",
-    "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all",
+    "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all", "fedbe-const-lr",
+    "fedbe-fp32-download",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
@@ -527,11 +530,15 @@ class BlockMethod(Method):
 
         assignments = self.allocate(round_)
         context = {"fedbe-context": True, "fedbe-bypass": False}.get(self.name, self.s.context_blocks)
-        config = replace(self.config, lr=self.config.lr * self.s.lr_decay ** (round_ - 1))
+        if self.name == "fedbe-const-lr":  # the schedule's round-2 lr in every round
+            config = replace(self.config, lr=self.config.lr * self.s.lr_decay)
+        else:
+            config = replace(self.config, lr=self.config.lr * self.s.lr_decay ** (round_ - 1))
         # a client trains from the weights as they arrive (download_level); with context blocks the
         # blocks it does not train arrive frozen (at most bf16) and run as they are
-        received, received_bytes = self.download(self.global_state)
-        level = "bf16" if self.s.download_level == "fp32" else self.s.download_level
+        download = "fp32" if self.name == "fedbe-fp32-download" else self.s.download_level
+        received, received_bytes = self.download(self.global_state, download)
+        level = "bf16" if download == "fp32" else download
         as_context, context_bytes = self.download(self.global_state, level) if context else ({}, {})
         results, updates = [], []
         for c in self.world.clients:

@@ -362,3 +362,21 @@ def test_each_round_trains_on_a_fresh_shuffle_of_the_clients_articles() -> None:
         assert all(len(b) == 1 for b in c.round_batches) and len(c.round_batches) == 3
         seen = {tuple(row.tolist()) for r in rows for row in r}
         assert len(seen) > 2, c.client_id  # more articles than one round's two
+
+
+def test_the_download_and_lr_ablations_keep_the_previous_defaults() -> None:
+    """fedbe-fp32-download: the trained block in fp32 and the context block in bf16 whatever
+    --download-level says; fedbe-const-lr: every round at lr x lr_decay (round 1 included)."""
+    world = _tiny_world(max_block_divergence=1.0, download_level="int8", lr_decay=1e-9)
+    moved = {}
+    for name in ("fedbe-fp32-download", "fedbe-const-lr", "fedbe"):
+        method = bench.BlockMethod(name, world)
+        method.allocate = lambda round_: {"client-00": (1,)}  # type: ignore[method-assign]
+        before = {n: t.clone() for n, t in method.global_state[1].items()}
+        (result,) = method.round(1)
+        moved[name] = max(float((method.global_state[1][n] - t).abs().max()) for n, t in before.items())
+        if name == "fedbe-fp32-download":
+            fp32_block = sum(t.numel() * 4 for t in method.global_state[1].values())
+            bf16_block = sum(t.numel() * 2 for t in method.global_state[0].values())
+            assert result.bytes_down == fp32_block + bf16_block
+    assert moved["fedbe-const-lr"] < 1e-7 < moved["fedbe"], moved
