@@ -17,11 +17,12 @@ full fine-tuning have no such knob: every client backpropagates through the whol
 
 Methods (``--methods``):
 
-* ``fedbe``: new blocks (lr 1e-3), our allocation with a deadline of 0.6 x the median client's
-  all-blocks time, self-distillation (lambda 3, cached top-32 of the base, 128 positions a step),
-  blocks whose trainers' labels are farther than Jensen-Shannon 0.3 from the federation's left
-  untrained for the round, each block averaged over its trainers, and context blocks (a client runs
-  every new block, the ones it does not train frozen, received in bf16)
+* ``fedbe``: new blocks (lr 2e-3 in round 1, halved every round), our allocation with a deadline
+  of 0.6 x the median client's all-blocks time, self-distillation (lambda 3, cached top-32 of the
+  base, 128 positions a step), blocks whose trainers' labels are farther than Jensen-Shannon 0.3
+  from the federation's left untrained for the round, each block averaged over its trainers, and
+  context blocks (a client runs every new block, the ones it does not train frozen); every
+  method's clients receive the global weights as int8 (--download-level)
 * ``fedbe-context`` / ``fedbe-bypass``: ``fedbe`` with / without context blocks (ablation: without,
   a client bypasses the blocks it was not given)
 * ``fedbe-const-lr``: ``fedbe`` with a constant lr, the schedule's round-2 value (lr x lr_decay) (ablation)
@@ -37,7 +38,7 @@ Methods (``--methods``):
 * ``fedbe-avg-trainers`` / ``fedbe-avg-round``: ``fedbe`` averaging each block over its trainers / over
   every client of the round (ablation)
 * ``fedbe-random`` / ``fedbe-all``: random allocation / every client trains all blocks it can hold
-* ``fedit``: FedAvg of LoRA adapters (PEFT, r=16 on every linear layer of the base)
+* ``fedit``: FedAvg of LoRA adapters (PEFT, r=16 on every linear layer of the base; the same lr schedule)
 * ``fedit-distill``: FedIT with the same self-distillation as ``fedbe`` (adapters disabled = base)
 * ``fedit-distill-balance``: ``fedit-distill`` with the label-balanced loss (is it FedBE's alone?)
 * ``ffa-lora``: LoRA with A frozen at its random init, only B trained and averaged
@@ -92,8 +93,10 @@ class BenchSettings:
     steps: int = 4
     batch_size: int = 4
     max_tokens: int = 128
-    lr: float = 1e-3  # chosen on --split validation (3e-4 / 1e-3 / 2e-3; see README)
-    lora_lr: float = 1e-3
+    # FedBE's lr in round 1, x lr_decay every round after (2e-3, 1e-3, 5e-4, 2.5e-4); chosen on
+    # --split validation against a constant 1e-3 (docs/validation-sweep.md, last section)
+    lr: float = 2e-3
+    lora_lr: float = 2e-3  # the LoRA methods', with lora_lr_decay: the same schedule, chosen the same way
     full_ft_lr: float = 3e-4
     lora_rank: int = 16
     blocks: int = 6
@@ -128,15 +131,15 @@ class BenchSettings:
     # mean final accuracy 0.92, every perplexity retention >= 1.0 (bypass + round: 0.83, 0.977)
     block_average: str = "trainers"
     server_lr: float = 1.0  # FedBE's server step on the averaged block deltas (1 = FedAvg)
-    lr_decay: float = 1.0  # FedBE's client lr in round r is lr x lr_decay^(r-1)
-    lora_lr_decay: float = 1.0  # the same for the LoRA methods (lora_lr x lora_lr_decay^(r-1))
-    # FedBE clients run every new block (the ones they do not train frozen, received in bf16) instead
+    lr_decay: float = 0.5  # FedBE's client lr in round r is lr x lr_decay^(r-1)
+    lora_lr_decay: float = 0.5  # the same for the LoRA methods (lora_lr x lora_lr_decay^(r-1))
+    # FedBE clients run every new block (the ones they do not train frozen) instead
     # of bypassing the blocks they were not assigned, so they train inside the global model
     context_blocks: bool = True
     # the precision every method's clients receive the global trainable weights in (the blocks a FedBE
     # client trains, LoRA adapters, full FT's weights); FedBE's frozen context blocks travel at this
     # level too, never above bf16. A client's update is its change from the weights it received.
-    download_level: str = "fp32"
+    download_level: str = "int8"
     full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
 
@@ -1270,8 +1273,8 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         action=argparse.BooleanOptionalAction,
         default=d.context_blocks,
         help="FedBE clients run every new block, training their assigned ones with the others frozen "
-        "(received in bf16, counted in the download), instead of bypassing the blocks they were not "
-        f"assigned (default {'on' if d.context_blocks else 'off'})",
+        "(received at --download-level, at most bf16, counted in the download), instead of bypassing the "
+        f"blocks they were not assigned (default {'on' if d.context_blocks else 'off'})",
     )
     p.add_argument(
         "--download-level",

@@ -259,7 +259,7 @@ def test_context_blocks_run_the_blocks_a_client_does_not_train_frozen() -> None:
     download); fedbe-bypass: with the others skipped. Only the trained blocks come back."""
     import torch
 
-    world = _tiny_world(max_block_divergence=1.0)
+    world = _tiny_world(max_block_divergence=1.0, download_level="fp32")
     runs = {}
     for name in ("fedbe-context", "fedbe-bypass"):
         method = bench.BlockMethod(name, world)
