@@ -381,6 +381,7 @@ class ClientResult:
     blocks: tuple[int, ...]
     train_seconds: float
     emulated_seconds: float
+    transfer_seconds: float
     bytes_up: int
     bytes_down: int
     loss: float
@@ -465,6 +466,13 @@ def train_time(result: Any) -> float:
 def client_seconds(result: Any) -> float:
     """What the client spends on the task here: :func:`train_time` plus a one-off rehearsal sampling."""
     return train_time(result) + result.rehearsal_seconds
+
+
+def emulated(client: Any, result: Any, up: int, down: int) -> tuple[float, float]:
+    """The client's emulated round seconds (its time here x its profile's slowdown, plus its transfer
+    over the profile's link) and the transfer part alone."""
+    transfer = 8 * (up + down) / client.link_bps
+    return client_seconds(result) * client.slowdown + transfer, transfer
 
 
 class BlockMethod(Method):
@@ -573,7 +581,7 @@ class BlockMethod(Method):
             updates.append(ClientUpdate(c.client_id, delta, result.samples, 0))
             results.append(ClientResult(
                 c.client_id, tuple(blocks), train_time(result),
-                client_seconds(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
+                *emulated(c, result, up, down), up, down,
                 result.mean_loss, result.base_forwards, result.samples,
             ))  # fmt: skip
         if updates:
@@ -666,7 +674,7 @@ class LoraMethod(Method):
             down = received_bytes[0]
             results.append(ClientResult(
                 c.client_id, (), train_time(result),
-                client_seconds(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
+                *emulated(c, result, up, down), up, down,
                 result.mean_loss, result.base_forwards, result.samples,
             ))  # fmt: skip
         self.global_state = aggregate(self.global_state, updates).new_state
@@ -725,7 +733,7 @@ class FullMethod(Method):
             down = received_bytes[0]
             results.append(ClientResult(
                 c.client_id, (), train_time(result),
-                client_seconds(result) * c.slowdown + 8 * (up + down) / c.link_bps, up, down,
+                *emulated(c, result, up, down), up, down,
                 result.mean_loss, 0, result.samples,
             ))  # fmt: skip
         self.global_state = aggregate(self.global_state, updates).new_state
@@ -789,6 +797,8 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             "bytes_down_per_client": statistics.fmean(x.bytes_down for x in results) if results else 0,
             "clients": len(results), "loss": statistics.fmean(x.loss for x in results) if results else float("nan"),
             "assignments": {x.client_id: list(x.blocks) for x in results},
+            "client_seconds": {x.client_id: [round(x.emulated_seconds, 2), round(x.transfer_seconds, 2)]
+                               for x in results},  # emulated round seconds, of which transfer
             "base_forwards": sum(x.base_forwards for x in results),
             "withdrawn_blocks": list(method.withdrawn),
             "seconds_per_step": sum(x.train_seconds for x in results) / max(1, len(results) * world.settings.steps),

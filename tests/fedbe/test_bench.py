@@ -89,6 +89,13 @@ def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None
             assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
             assert row["bytes_up_per_client"] > 0 and row["bytes_down_per_client"] > 0
             assert row["emulated_wall_seconds"] > 0
+            # per client: emulated seconds and their transfer part; the round lasts as long as the slowest
+            per_client = row["client_seconds"]
+            assert sorted(per_client) == sorted(row["assignments"])
+            assert all(0 < transfer < total for total, transfer in per_client.values())
+            assert max(total for total, _ in per_client.values()) == pytest.approx(
+                row["emulated_round_seconds"], abs=0.01
+            )
         assert rec["peak_client_memory_bytes"] > 0
     fedbe_rec, fedit_rec, ffa_rec = results["records"]
     # FFA-LoRA trains and sends only B: half of FedIT's adapter
