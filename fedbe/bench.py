@@ -797,7 +797,7 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             "bytes_down_per_client": statistics.fmean(x.bytes_down for x in results) if results else 0,
             "clients": len(results), "loss": statistics.fmean(x.loss for x in results) if results else float("nan"),
             "assignments": {x.client_id: list(x.blocks) for x in results},
-            "client_seconds": {x.client_id: [round(x.emulated_seconds, 2), round(x.transfer_seconds, 2)]
+            "client_seconds": {x.client_id: [round(x.emulated_seconds, 4), round(x.transfer_seconds, 4)]
                                for x in results},  # emulated round seconds, of which transfer
             "base_forwards": sum(x.base_forwards for x in results),
             "withdrawn_blocks": list(method.withdrawn),
