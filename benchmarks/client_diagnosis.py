@@ -1,0 +1,78 @@
+"""Which client decides the global model: every client's model right after its local training, and the average.
+
+Runs the first rounds of one ``fedbe bench`` method (same world, splits and defaults as the bench)
+and, after each client's local training, scores that client's model on the evaluation articles;
+after the round's aggregation it scores the global model. For each it prints the accuracy and how
+often each label is predicted, so a global model dragged toward one client's labels shows up.
+This is how ``docs/validation-sweep.md`` found that per-trainer block averaging lets the client
+that trains the most blocks decide FedBE's round 1.
+
+Run: ``.venv/bin/python benchmarks/client_diagnosis.py --seed 0 --method fedbe [--rounds 2]
+[--split validation] [--block-average round]`` (about 5 minutes a round here, 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+import edge_client.trainer as trainer
+from fedbe import bench
+from fedbe.evaluation import label_log_likelihoods
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="the bench seed (label split); default 0")
+    parser.add_argument("--method", default="fedbe", choices=bench.BLOCK_METHODS + bench.LORA_METHODS,
+                        help="a fedbe bench method; default fedbe")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=2, help="rounds to run (default 2)")
+    parser.add_argument("--split", default="validation", choices=("validation", "test"),
+                        help="evaluation articles (default validation: choices are made there)")  # fmt: skip
+    parser.add_argument("--block-average", choices=("trainers", "round"), default=None,
+                        help="override the bench's block averaging")  # fmt: skip
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    settings = bench.BenchSettings(split=args.split, seeds=(args.seed,), methods=(args.method,))
+    if args.block_average:
+        settings = replace(settings, block_average=args.block_average)
+    world = bench.build_world(settings, args.seed, print)
+    bench.measure_capacities(world, print)
+    method = bench.make_method(args.method, world)
+
+    def score(model: Any) -> str:
+        with torch.no_grad():
+            scores = label_log_likelihoods(
+                model, world.tokenizer, world.eval_examples, world.labels, settings.max_tokens
+            )
+        predicted = scores.argmax(1).tolist()
+        truth = [world.labels.index(e.label) for e in world.eval_examples]
+        accuracy = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
+        counts = collections.Counter(world.labels[p] for p in predicted)
+        return f"accuracy {accuracy:.2f}, predicts {dict(counts.most_common())}"
+
+    # the bench imports the trainer function at call time, so wrapping the module attribute reaches
+    # every client (only the method's own entry point: train_blocks itself calls train_parameters)
+    name = "train_blocks" if args.method in bench.BLOCK_METHODS else "train_parameters"
+    original = getattr(trainer, name)
+
+    def wrapped(model: Any, *rest: Any, **kw: Any) -> Any:
+        result = original(model, *rest, **kw)
+        print(f"    a client's local model: {score(model)}, mean loss {result.mean_loss:.3f}", flush=True)
+        return result
+
+    setattr(trainer, name, wrapped)
+    print("evaluation labels:", dict(collections.Counter(e.label for e in world.eval_examples)))
+    for round_ in range(1, args.rounds + 1):
+        results = method.round(round_)
+        print(f"round {round_}: " + ", ".join(f"{r.client_id} blocks {list(r.blocks)}" for r in results))
+        print(f"  global model: {score(method.eval_model())}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
