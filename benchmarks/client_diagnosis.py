@@ -25,8 +25,9 @@ from fedbe import bench
 from fedbe.evaluation import label_log_likelihoods
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model source (default smollm2-135m)")
     parser.add_argument("--seed", type=int, default=0, help="the bench seed (label split); default 0")
     parser.add_argument("--method", default="fedbe", choices=bench.BLOCK_METHODS + bench.LORA_METHODS,
                         help="a fedbe bench method; default fedbe")  # fmt: skip
@@ -35,10 +36,12 @@ def main() -> None:
                         help="evaluation articles (default validation: choices are made there)")  # fmt: skip
     parser.add_argument("--block-average", choices=("trainers", "round"), default=None,
                         help="override the bench's block averaging")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    settings = bench.BenchSettings(split=args.split, seeds=(args.seed,), methods=(args.method,))
+    settings = bench.BenchSettings(
+        model=args.model, split=args.split, seeds=(args.seed,), methods=(args.method,)
+    )
     if args.block_average:
         settings = replace(settings, block_average=args.block_average)
     world = bench.build_world(settings, args.seed, print)
