@@ -23,7 +23,8 @@ Fields (``name: type = default``):
 * ``staleness_decay: float in (0, 1] = 0.5``. ``update_level: fp32|fp16|bf16|int8 = int8`` -- how clients
   send updates. ``seed: int >= 0 = 0`` -- client sampling and allocation. ``eval_every: int >= 0 = 0`` --
   federated evaluation every N rounds (0 = never).
-* ``training``: ``steps: int >= 1 = 10``, ``lr: float > 0 = 3e-4``, ``batch_size: int >= 1 = 4``,
+* ``training``: ``steps: int >= 1 = 10``, ``lr: float > 0 = 3e-4``, ``lr_decay: float in (0, 1] = 1``
+  (round r's tasks carry ``lr x lr_decay^(r-1)``; 1 = constant), ``batch_size: int >= 1 = 4``,
   ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 = 1`` (weight of self-distillation
   towards the base model's predictions; 0 = off), ``distill_top_k: int >= 0 = 32`` (0: exact KL with
   one extra base forward per step; K: clients cache the base's top-K once per example),
@@ -130,6 +131,11 @@ class TrainingConfig:
     distill_sample: int = 0
     context_blocks: bool = False
     task_weights_level: Level = Level.FP32
+    lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
+
+    def round_lr(self, round_: int) -> float:
+        """The client lr of round ``round_`` (1-based): ``lr x lr_decay^(round_-1)``."""
+        return self.lr * self.lr_decay ** max(0, round_ - 1)
 
 
 @dataclass(frozen=True)
@@ -463,6 +469,7 @@ def _training(f: _Fields) -> TrainingConfig:
         task_weights_level=Level(
             f.choice("task_weights_level", Level.FP32.value, tuple(lv.value for lv in Level))
         ),
+        lr_decay=f.real("lr_decay", 1.0, "(0, 1]"),
     )
 
 

@@ -528,7 +528,7 @@ class Coordinator:
             block_ids=() if evaluate else blocks, weights_level=t.task_weights_level,
             weights=encode_weights(self.global_state, list(weight_ids), t.task_weights_level),
             reply_level=self.cfg.update_level,
-            steps=0 if evaluate else t.steps, lr=t.lr, batch_size=t.batch_size, max_tokens=t.max_tokens,
+            steps=0 if evaluate else t.steps, lr=t.round_lr(round_), batch_size=t.batch_size, max_tokens=t.max_tokens,
             deadline_seconds=self.cfg.round_deadline_seconds, seed=self.cfg.seed * 100003 + round_,
             distill_lambda=t.distill_lambda, evaluate=evaluate, distill_top_k=t.distill_top_k,
             identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if t.distill_lambda > 0 else 0,

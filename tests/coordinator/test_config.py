@@ -93,6 +93,9 @@ BAD_VALUES = [
     ("training.distill_sample", -1),
     ("training.context_blocks", "yes"),
     ("training.task_weights_level", "int4"),
+    ("training.lr_decay", 0),
+    ("training.lr_decay", 1.5),
+    ("training.lr_decay", True),
     ("allocation.strategy", "greedy"),
     ("allocation.top_risk", 1.5),
     ("allocation.interleaved_risk", -0.1),
@@ -266,6 +269,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             "distill_sample": 16,
             "context_blocks": True,
             "task_weights_level": "int8",
+            "lr_decay": 0.5,
         },
         "allocation": {
             "strategy": "random",
@@ -326,7 +330,15 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         seed=11,
         eval_every=2,
         training=TrainingConfig(
-            3, 1e-3, 2, 64, 0.5, distill_sample=16, context_blocks=True, task_weights_level=Level.INT8
+            3,
+            1e-3,
+            2,
+            64,
+            0.5,
+            distill_sample=16,
+            context_blocks=True,
+            task_weights_level=Level.INT8,
+            lr_decay=0.5,
         ),
         allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0, 0.4),
         aggregation=AggregationConfig(ServerOptimizer.FEDADAM, 0.5, 0.8, 0.7, 0.95, 0.01, 4.0, "round"),
@@ -435,3 +447,8 @@ def test_probe_counts_come_together(tmp_path: Path) -> None:
             parse_run_config({**BASE, "server_eval": one}, "p.yaml", tmp_path)
     cfg = parse_run_config({**BASE, "server_eval": {}}, "p.yaml", tmp_path)
     assert cfg.server_eval == ServerEvalConfig("bbc-news", 40, 0, 0, False, "fp32")  # old configs: unchanged
+
+
+def test_the_round_lr_decays_from_the_configured_lr_and_is_constant_by_default() -> None:
+    assert [TrainingConfig(lr=2e-3, lr_decay=0.5).round_lr(r) for r in (1, 2, 3)] == [2e-3, 1e-3, 5e-4]
+    assert {TrainingConfig(lr=3e-4).round_lr(r) for r in (1, 5, 40)} == {3e-4}
