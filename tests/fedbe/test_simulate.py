@@ -34,6 +34,15 @@ def test_defaults_give_heterogeneous_clients_and_a_valid_coordinator_config(tmp_
     assert cfg.server_eval is not None and cfg.server_eval.baseline and cfg.server_eval.probe_questions > 0
     # FedBE's default: clients self-distil against the base (cached top-K), so the top block is allowed
     assert cfg.training.distill_lambda == settings.distill_lambda > 0 and cfg.training.distill_top_k > 0
+    assert cfg.training.lr_decay == 1.0  # a constant lr unless --lr-decay says otherwise
+    decayed = simulate.run_config(
+        simulate.settings_from_args(_args(tmp_path, "--lr-decay", "0.5")),
+        "mqtt://127.0.0.1:1999",
+        tmp_path / "s",
+    )
+    assert parse_run_config(decayed, "simulate", tmp_path).training.round_lr(3) == pytest.approx(
+        settings.lr / 4
+    )
     command = simulate.edge_command(settings, specs[0], "mqtt://127.0.0.1:1999")
     assert "--emulate" in command and str(specs[0].profile) in command
     assert simulate.child_environment()["OMP_NUM_THREADS"] == "1"
@@ -60,6 +69,9 @@ def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
         (("--blocks", "many"), "--blocks must be a whole number or auto"),
         (("--probe-questions", "0"), "must both be 0 or both be at least 1"),
         (("--distill-lambda", "-1"), "--distill-lambda must be a number >= 0"),
+        (("--lr-decay", "0"), r"--lr-decay must be a number in \(0, 1\]"),
+        (("--lr-decay", "1.5"), r"--lr-decay must be a number in \(0, 1\]"),
+        (("--lr-decay", "nan"), r"--lr-decay must be a number in \(0, 1\]"),
     ],
 )
 def test_bad_settings_are_clear_errors(tmp_path: Path, extra: tuple[str, ...], message: str) -> None:
