@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 import edge_client.trainer as trainer
+from coordinator.aggregation import BLOCK_AVERAGES
 from fedbe import bench
+from fedbe.console import positive_int
 from fedbe.evaluation import label_log_likelihoods
 
 
@@ -31,14 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the bench seed (label split); default 0")
     parser.add_argument("--method", default="fedbe", choices=bench.BLOCK_METHODS + bench.LORA_METHODS,
                         help="a fedbe bench method; default fedbe")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=2, help="rounds to run (default 2)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="rounds to run (default 2)")
     parser.add_argument("--split", default="validation", choices=("validation", "test"),
                         help="evaluation articles (default validation: choices are made there)")  # fmt: skip
-    parser.add_argument("--block-average", choices=("trainers", "round"), default=None,
+    parser.add_argument("--block-average", choices=BLOCK_AVERAGES, default=None,
                         help="override the bench's block averaging")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     settings = bench.BenchSettings(
         model=args.model, split=args.split, seeds=(args.seed,), methods=(args.method,)
     )
