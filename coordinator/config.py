@@ -135,7 +135,13 @@ class TrainingConfig:
 
     def round_lr(self, round_: int) -> float:
         """The client lr of round ``round_`` (1-based): ``lr x lr_decay^(round_-1)``."""
-        return self.lr * self.lr_decay ** max(0, round_ - 1)
+        return round_lr(self.lr, self.lr_decay, round_)
+
+
+def round_lr(lr: float, decay: float, round_: int) -> float:
+    """The client lr of round ``round_`` (1-based) under a per-round decay: ``lr x decay^(round_-1)``
+    (the coordinator's tasks and ``fedbe bench`` share it)."""
+    return lr * decay ** max(0, round_ - 1)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from coordinator.aggregation import BLOCK_AVERAGES
+from coordinator.config import round_lr
 from fedbe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -545,9 +546,9 @@ class BlockMethod(Method):
         assignments = self.allocate(round_)
         context = {"fedbe-context": True, "fedbe-bypass": False}.get(self.name, self.s.context_blocks)
         if self.name == "fedbe-const-lr":  # the schedule's round-2 lr in every round
-            config = replace(self.config, lr=self.config.lr * self.s.lr_decay)
+            config = replace(self.config, lr=round_lr(self.config.lr, self.s.lr_decay, 2))
         else:
-            config = replace(self.config, lr=self.config.lr * self.s.lr_decay ** (round_ - 1))
+            config = replace(self.config, lr=round_lr(self.config.lr, self.s.lr_decay, round_))
         # a client trains from the weights as they arrive (download_level); with context blocks the
         # blocks it does not train arrive frozen (at most bf16) and run as they are
         download = "fp32" if self.name == "fedbe-fp32-download" else self.s.download_level
@@ -654,7 +655,7 @@ class LoraMethod(Method):
 
         results, updates = [], []
         received, received_bytes = self.download(self.global_state)
-        config = replace(self.config, lr=self.config.lr * self.s.lora_lr_decay ** (round_ - 1))
+        config = replace(self.config, lr=round_lr(self.config.lr, self.s.lora_lr_decay, round_))
         for c in self.world.clients:
             self._load(received[0])
             params = self._params()
