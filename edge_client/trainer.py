@@ -15,7 +15,10 @@ Retention mechanisms (each a :class:`TrainConfig` option, measured by ``fedbe be
   steps and rounds reuse them, so the extra forward disappears after the first pass over the data.
   ``distill_sample = N > 0`` distils a fresh random N of the batch's non-target positions per step
   instead of all of them (an unbiased estimate of the same KL), so the output projection runs on
-  N positions, not the whole article.
+  N positions, not the whole article. ``distill_rows = R > 0`` takes those positions from a fresh
+  random R of the batch's rows per step: the base then runs on (and the cache fills for) R rows,
+  not the whole batch, which is what a distilled step costs until the cache holds the client's
+  data (the first pass over it: in a short federation, every step).
 * **Identity pull** (``identity_pull > 0``): adds ``identity_pull * sum ||W||^2`` over the trained
   blocks' output projections, pulling each block back towards the identity it started as.
 
@@ -71,6 +74,9 @@ class TrainConfig:
     # estimate of the KL over all positions, and the vocabulary projection (the costly part of a
     # distilled step on a small model with a large vocabulary) then runs on the sample only.
     distill_sample: int = 0
+    # rows of the batch whose positions are distilled, drawn at random each step; 0 = every row. The
+    # base forward that fills the cache (or gives the exact KL) then runs on these rows only.
+    distill_rows: int = 0
     # balanced softmax over the label words at label positions (needs the client's LabelPrior)
     label_balance: bool = False
 
@@ -87,6 +93,8 @@ class TrainConfig:
             raise FedbeError(f"rehearsal_rows must be >= 0, got {self.rehearsal_rows}")
         if self.distill_sample < 0:
             raise FedbeError(f"distill_sample must be >= 0 (0 = every position), got {self.distill_sample}")
+        if self.distill_rows < 0:
+            raise FedbeError(f"distill_rows must be >= 0 (0 = every row), got {self.distill_rows}")
         if self.rehearsal_rows and not self.distill_lambda:
             raise FedbeError(
                 "rehearsal_rows needs self-distillation (distill_lambda > 0): the rows carry no labels"
@@ -219,8 +227,10 @@ class BaseCache:
             i.numel() * i.element_size() + p.numel() * p.element_size() for i, p in self._rows.values()
         )
 
-    def missing(self, batch: Batch) -> bool:
-        return any(_row_key(batch, r) not in self._rows for r in range(batch.size))
+    def missing(self, batch: Batch, rows: Sequence[int] | None = None) -> list[int]:
+        """The rows of ``batch`` (of ``rows``, default all) whose base predictions are not held yet."""
+        wanted = range(batch.size) if rows is None else rows
+        return [r for r in wanted if _row_key(batch, r) not in self._rows]
 
     def fill(self, batch: Batch, base_logits: torch.Tensor) -> None:
         """Store the top-K of ``base_logits``: ``[P, V]`` at the batch's distillation positions (mask order)."""
@@ -234,10 +244,11 @@ class BaseCache:
         for row, (idx, logp) in enumerate(zip(top_idx.split(counts), top_logp.split(counts), strict=True)):
             self._rows[_row_key(batch, row)] = (idx.to(torch.int32).cpu(), logp.cpu())
 
-    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices ``[P, K]`` and log-probabilities ``[P, K]`` for the batch's positions, in mask order."""
-        rows = [self._rows[_row_key(batch, r)] for r in range(batch.size)]
-        return torch.cat([i for i, _ in rows]).long(), torch.cat([p for _, p in rows])
+    def targets(self, batch: Batch, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices ``[P, K]`` and log-probabilities ``[P, K]`` for the positions of the batch's ``rows``
+        (default all), in mask order."""
+        held = [self._rows[_row_key(batch, r)] for r in (range(batch.size) if rows is None else rows)]
+        return torch.cat([i for i, _ in held]).long(), torch.cat([p for _, p in held])
 
 
 def kl_full(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -494,17 +505,27 @@ def _distill_step_loss(
     targets = batch.labels[:, 1:] != IGNORE_INDEX
     if not targets.any():
         raise FedbeError("a training batch has no target tokens (every label is ignored)")
+    rows = sample_rows(batch.size, config.distill_rows)  # the rows distilled this step, or None = all
+    if rows is not None:
+        chosen = torch.zeros(batch.size, dtype=torch.bool)
+        chosen[rows] = True
+        positions = positions & chosen[:, None]
     order = sample_positions(positions, config.distill_sample)  # indices into mask order, or None
     sampled = positions if order is None else _mask_of(positions, order)
     base_logits = None
-    if cache is not None and positions.any() and cache.missing(batch):
-        # the cache keeps every position (filled once per example); the step uses its sample
+    missing = cache.missing(batch, rows) if cache is not None and positions.any() else []
+    if missing:
+        # the cache keeps every position of a row (filled once per example); the step uses its sample
+        assert cache is not None
+        part = rows_of(batch, missing)
         with torch.no_grad(), base():
-            cache.fill(batch, _forward_logits(model, batch, _predicting(positions)))
+            cache.fill(part, _forward_logits(model, part, _predicting(distill_positions(part))))
         result.base_forwards += 1
     elif cache is None and sampled.any():
+        # the base runs only on the rows with a sampled position (rows with none add no logits)
+        used = [r for r in range(batch.size) if bool(sampled[r].any())]
         with torch.no_grad(), base():
-            base_logits = _forward_logits(model, batch, _predicting(sampled))
+            base_logits = _forward_logits(model, rows_of(batch, used), _predicting(sampled[used]))
         result.base_forwards += 1
     kept = sampled | targets
     # one vocabulary projection and one log-softmax, only where a loss term looks
@@ -524,14 +545,28 @@ def _distill_step_loss(
         assert base_logits is not None
         kl = _kl_full_logp(base_logits, logp[distill_rows])
     else:
-        top_idx, top_logp = cache.targets(batch)
+        top_idx, top_logp = cache.targets(batch, rows)
         if order is not None:
-            rows = order.to(top_idx.device)
-            top_idx, top_logp = top_idx[rows], top_logp[rows]
+            drawn = order.to(top_idx.device)
+            top_idx, top_logp = top_idx[drawn], top_logp[drawn]
         kl = _kl_top_k_logp(top_idx.to(logp.device), top_logp.to(logp.device), logp[distill_rows])
     result.ce_losses.append(float(ce.detach()))
     result.distill_losses.append(float(kl.detach()))
     return ce + config.distill_lambda * kl
+
+
+def sample_rows(size: int, n: int) -> list[int] | None:
+    """Sorted indices of ``n`` of a batch's ``size`` rows drawn without replacement, from torch's
+    global generator; ``None`` (and no draw) when ``n`` is 0 or covers them all."""
+    if n <= 0 or n >= size:
+        return None
+    return sorted(int(i) for i in torch.randperm(size)[:n])
+
+
+def rows_of(batch: Batch, rows: Sequence[int]) -> Batch:
+    """The sub-batch of ``batch``'s ``rows`` (same width; each row's tokens and labels unchanged)."""
+    index = torch.tensor(list(rows), dtype=torch.long)
+    return Batch(batch.input_ids[index], batch.attention_mask[index], batch.labels[index])
 
 
 def sample_positions(positions: torch.Tensor, n: int) -> torch.Tensor | None:

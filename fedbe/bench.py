@@ -117,6 +117,9 @@ class BenchSettings:
     # distillation positions per step (0 = all), for every distilling method; chosen on --split
     # validation (0 / 64 / 128: 128 keeps the retention of all positions at half the step cost)
     distill_sample: int = 128
+    # rows of each batch distilled per step (0 = all): the base forward that fills the cache runs
+    # on these rows only, for every distilling method
+    distill_rows: int = 0
     # FedBE's round deadline: this x the median client's time to train every new block (1.0: the
     # median client trains all it holds; lower: slow clients get only blocks near the output);
     # chosen on --split validation (1.0 / 0.6 / 0.4)
@@ -157,7 +160,7 @@ class BenchSettings:
                      "eval_examples", "probe_questions", "probe_texts", "lora_rank"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("rehearsal_rows", "distill_sample"):
+        for name in ("rehearsal_rows", "distill_sample", "distill_rows"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in (
@@ -434,6 +437,7 @@ class Method:
             steps=self.s.steps, lr=lr or self.s.lr, distill_lambda=lam if distill else 0.0,
             distill_top_k=0 if exact else self.s.distill_top_k, identity_pull=self.s.identity_pull if pull else 0.0,
             rehearsal_rows=self.s.rehearsal_rows if distill else 0, distill_sample=self.s.distill_sample,
+            distill_rows=self.s.distill_rows,
         )  # fmt: skip
 
     def download(self, state: Any, level: str | None = None) -> tuple[Any, dict[int, int]]:
@@ -1233,6 +1237,14 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"positions (0 = all; default {d.distill_sample})",
     )
     p.add_argument(
+        "--distill-rows",
+        type=int,
+        default=d.distill_rows,
+        help="rows of each batch whose positions are distilled, drawn at random per step (0 = all); the "
+        "base forward that fills the distillation cache runs on these rows only, which is most of a "
+        f"distilled step's extra cost until the cache holds the client's data (default {d.distill_rows})",
+    )
+    p.add_argument(
         "--deadline-factor",
         type=float,
         default=d.deadline_factor,
@@ -1334,7 +1346,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         seeds=seeds or (0,), split=args.split, distill_lambda=args.distill_lambda,
         lora_distill_lambda=args.lora_distill_lambda,
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
-        rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample,
+        rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample, distill_rows=args.distill_rows,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
         label_balance=args.label_balance, block_average=args.block_average, server_lr=args.server_lr,
         lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay, context_blocks=args.context_blocks,
