@@ -32,6 +32,8 @@ Fields (``name: type = default``):
   ``rehearsal_rows: int >= 0 = 0`` (rows of text each client samples once from the base and adds to
   every batch, distilled only; needs ``distill_lambda > 0``, ignored otherwise),
   ``distill_sample: int >= 0 = 0`` (distillation positions drawn at random per step; 0 = all),
+  ``distill_rows: int >= 0 = 0`` (rows of each batch distilled per step, drawn at random; 0 = all:
+  the base forward that fills a client's cache then runs on these rows only),
   ``context_blocks: bool = false`` (send every client the weights of all new blocks: it trains its
   assigned ones with the others in place, frozen, instead of bypassing them),
   ``task_weights_level: fp32|fp16|bf16|int8 = fp32`` (the precision block weights travel to clients in;
@@ -129,6 +131,7 @@ class TrainingConfig:
     identity_pull: float = 0.0
     rehearsal_rows: int = 0
     distill_sample: int = 0
+    distill_rows: int = 0
     context_blocks: bool = False
     task_weights_level: Level = Level.FP32
     lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
@@ -471,6 +474,7 @@ def _training(f: _Fields) -> TrainingConfig:
         identity_pull=f.real("identity_pull", 0.0, "[0, inf)"),
         rehearsal_rows=f.integer("rehearsal_rows", 0, 0),
         distill_sample=f.integer("distill_sample", 0, 0),
+        distill_rows=f.integer("distill_rows", 0, 0),
         context_blocks=f.boolean("context_blocks", False),
         task_weights_level=Level(
             f.choice("task_weights_level", Level.FP32.value, tuple(lv.value for lv in Level))

@@ -533,6 +533,7 @@ class Coordinator:
             distill_lambda=t.distill_lambda, evaluate=evaluate, distill_top_k=t.distill_top_k,
             identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if t.distill_lambda > 0 else 0,
             distill_sample=t.distill_sample,
+            distill_rows=t.distill_rows,
         )  # fmt: skip
         frame = protocol.encode(task, max_bytes=self.cfg.broker.max_message_bytes)
         self.conn.publish(self.topics.client(client_id, ClientTopic.TASK), frame, wait=30)

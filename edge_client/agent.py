@@ -191,6 +191,7 @@ class TaskRunner:
                     identity_pull=task.identity_pull,
                     rehearsal_rows=task.rehearsal_rows if task.distill_lambda > 0 else 0,
                     distill_sample=task.distill_sample,
+                    distill_rows=task.distill_rows,
                 )
                 result = train_blocks(
                     model,

@@ -33,6 +33,8 @@ Methods (``--methods``):
 * ``fedbe-pull``: ``fedbe`` plus an identity pull on the output projections (ablation)
 * ``fedbe-rehearsal``: ``fedbe`` plus 2 rows of base-sampled text distilled in every batch (ablation)
 * ``fedbe-all-positions``: ``fedbe`` distilling every article position, not a sample (ablation)
+* ``fedbe-all-rows``: ``fedbe`` distilling (and filling the base cache for) every row of each batch,
+  not ``distill_rows`` of them (cost ablation)
 * ``fedbe-no-deadline``: ``fedbe`` with the deadline at the median client's all-blocks time (ablation)
 * ``fedbe-no-skew-limit``: ``fedbe`` with no bound on a block's label skew (ablation)
 * ``fedbe-balance`` / ``fedbe-no-balance``: ``fedbe`` with / without the label-balanced loss (ablation)
@@ -74,7 +76,7 @@ BLOCK_METHODS = (
     "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-all-positions",
     "fedbe-no-deadline", "fedbe-no-skew-limit", "fedbe-balance", "fedbe-no-balance", "fedbe-avg-trainers",
     "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all", "fedbe-const-lr",
-    "fedbe-fp32-download",
+    "fedbe-fp32-download", "fedbe-all-rows",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
@@ -118,8 +120,9 @@ class BenchSettings:
     # validation (0 / 64 / 128: 128 keeps the retention of all positions at half the step cost)
     distill_sample: int = 128
     # rows of each batch distilled per step (0 = all): the base forward that fills the cache runs
-    # on these rows only, for every distilling method
-    distill_rows: int = 0
+    # on these rows only, for every distilling method; chosen on --split validation, seeds 0-2
+    # (docs/validation-sweep.md, last section): a third cheaper step, retention >= 0.991
+    distill_rows: int = 1
     # FedBE's round deadline: this x the median client's time to train every new block (1.0: the
     # median client trains all it holds; lower: slow clients get only blocks near the output);
     # chosen on --split validation (1.0 / 0.6 / 0.4)
@@ -506,6 +509,8 @@ class BlockMethod(Method):
             self.config = replace(self.config, rehearsal_rows=self.s.rehearsal_rows or 2)
         if name == "fedbe-all-positions":
             self.config = replace(self.config, distill_sample=0)
+        if name == "fedbe-all-rows":
+            self.config = replace(self.config, distill_rows=0)
         balance = {"fedbe-balance": True, "fedbe-no-balance": False}.get(name, self.s.label_balance)
         if balance and name not in POSITION_METHODS:
             self.config = replace(self.config, label_balance=True)

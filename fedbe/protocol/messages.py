@@ -138,6 +138,7 @@ class TaskMessage:
     identity_pull: float = 0.0  # L2 pull of the trained blocks' output projections towards zero
     rehearsal_rows: int = 0  # rows of base-sampled text added to each batch, distilled only
     distill_sample: int = 0  # distillation positions drawn per step (0 = every position)
+    distill_rows: int = 0  # rows of each batch distilled per step (0 = every row)
 
 
 TASK_ERROR_CODES = ("refused_memory", "invalid_task", "failed", "abandoned", "busy")
@@ -356,7 +357,7 @@ def _status_from_payload(payload: object) -> StatusMessage:
 _TASK_FIELDS = (
     "round", "task_id", "client_id", "block_ids", "weights_level", "weights", "reply_level", "steps", "lr",
     "batch_size", "max_tokens", "deadline_seconds", "seed", "distill_lambda", "evaluate",
-    "distill_top_k", "identity_pull", "rehearsal_rows", "distill_sample",
+    "distill_top_k", "identity_pull", "rehearsal_rows", "distill_sample", "distill_rows",
 )  # fmt: skip
 
 
@@ -383,6 +384,7 @@ def _task_to_payload(m: TaskMessage) -> dict[str, object]:
         "identity_pull": _as_real(m.identity_pull, "identity_pull", 0.0),
         "rehearsal_rows": _as_count(m.rehearsal_rows, "rehearsal_rows"),
         "distill_sample": _as_count(m.distill_sample, "distill_sample"),
+        "distill_rows": _as_count(m.distill_rows, "distill_rows"),
     }
 
 
@@ -409,6 +411,7 @@ def _task_from_payload(payload: object) -> TaskMessage:
         identity_pull=f.real("identity_pull", 0.0),
         rehearsal_rows=f.count("rehearsal_rows"),
         distill_sample=f.count("distill_sample"),
+        distill_rows=f.count("distill_rows"),
     )
 
 

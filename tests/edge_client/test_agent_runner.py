@@ -130,3 +130,15 @@ def test_weights_sent_as_int8_train_and_the_update_is_the_change_from_what_arriv
         assert torch.allclose(arrived[1][name] + update[name], t, atol=1e-6), name
     assert any(not torch.equal(arrived[1][n], weights[1][n]) for n in arrived[1])  # int8 rounded them
     assert any(not torch.equal(update[n], torch.zeros_like(update[n])) for n in update)
+
+
+def test_distill_rows_travels_in_the_task_and_limits_what_the_cache_fills() -> None:
+    """A task's distill_rows reaches the trainer: 2 steps of 4-row batches distilling 1 row each fill
+    the base cache for 2 articles, not 8."""
+    for rows, cached in ((1, 2), (0, 8)):
+        runner, weights = _runner()
+        task = _task(1, (0, 1), weights, steps=2, distill_lambda=1.0, distill_top_k=8, distill_rows=rows)
+        assert task.distill_rows == rows
+        (reply,) = runner.run(task, lambda: False)
+        assert isinstance(reply, protocol.UpdateMessage), reply
+        assert runner.base_cache is not None and len(runner.base_cache) == cached

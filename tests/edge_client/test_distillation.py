@@ -191,6 +191,71 @@ def test_a_distillation_sample_is_the_kl_at_exactly_the_sampled_positions(top_k:
     assert sample_positions(pos, int(pos.sum())) is None and sample_positions(pos, 0) is None
 
 
+@pytest.mark.parametrize("top_k", [0, 512])
+def test_distill_rows_distils_only_the_drawn_rows_and_runs_the_base_on_them_alone(top_k: int) -> None:
+    """``distill_rows``: the KL term is the KL over the drawn rows' positions only, the CE still covers
+    every row, and the base runs on (the cache fills for) the drawn rows alone."""
+    from edge_client.trainer import (  # noqa: PLC0415
+        TrainResult,
+        _distill_step_loss,
+        _forward_logits,
+        distill_positions,
+        sample_rows,
+    )
+
+    model, registry = _model()
+    train_blocks(model, registry, [0, 1], _batches(seed=3), TrainConfig(steps=3, lr=1e-2))
+    batch = _batches(1, seed=4)[0]
+    pos = distill_positions(batch)
+    with torch.no_grad():
+        with expansion.bypassed(model, registry):
+            base_full = _forward_logits(model, batch)
+        logits_full = _forward_logits(model, batch)
+    want_ce, want_all = _reference_losses(model, batch, base_full)
+    torch.manual_seed(5)
+    drawn = sample_rows(batch.size, 2)
+    assert drawn is not None and len(drawn) == 2 and drawn == sorted(set(drawn))
+    rows_pos = pos.clone()
+    rows_pos[[r for r in range(batch.size) if r not in drawn]] = False
+    want = float(kl_full(base_full[:, :-1][rows_pos], logits_full[:, :-1][rows_pos]))
+    assert abs(want - want_all) > 1e-4  # a real subset: the check can tell it from every row's KL
+    calls: list[int] = []
+
+    def base():  # counts the rows the base runs on
+        hook = model.get_input_embeddings().register_forward_hook(
+            lambda m, a, out: calls.append(a[0].shape[0])
+        )
+        ctx = expansion.bypassed(model, registry)
+
+        class Both:
+            def __enter__(self):
+                ctx.__enter__()
+
+            def __exit__(self, *exc):
+                hook.remove()
+                return ctx.__exit__(*exc)
+
+        return Both()
+
+    cache = BaseCache(top_k) if top_k else None
+    result = TrainResult(block_ids=(0, 1))
+    cfg = TrainConfig(steps=1, distill_lambda=0.5, distill_top_k=top_k, distill_rows=2)
+    torch.manual_seed(5)
+    _distill_step_loss(model, base, batch, cfg, cache, result)
+    assert result.distill_losses[0] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert result.ce_losses[0] == pytest.approx(want_ce, rel=1e-5)
+    assert calls == [2] and result.base_forwards == 1
+    if cache is not None:
+        assert len(cache) == 2 and cache.missing(batch) == [r for r in range(batch.size) if r not in drawn]
+        # the next step's draw of cached rows needs no base forward
+        torch.manual_seed(5)
+        _distill_step_loss(model, base, batch, cfg, cache, result)
+        assert calls == [2] and result.distill_losses[1] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert sample_rows(4, 4) is None and sample_rows(4, 0) is None
+    with pytest.raises(FedbeError, match="distill_rows"):
+        TrainConfig(distill_rows=-1)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_target_only_cross_entropy_is_the_models_own_loss(arch: str) -> None:
     from edge_client.trainer import causal_lm_loss  # noqa: PLC0415
