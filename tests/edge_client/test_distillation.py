@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -153,6 +155,23 @@ def test_projecting_only_the_needed_positions_gives_the_full_logit_losses(top_k:
     assert float(loss) == pytest.approx(want_ce + 0.5 * want_kl, rel=1e-5)
 
 
+def _trained_and_one_batch() -> tuple[
+    torch.nn.Module, expansion.BlockRegistry, Batch, torch.Tensor, torch.Tensor
+]:
+    """A tiny expanded model whose blocks trained a little, a fresh batch, and the base's and the
+    model's logits on it (``[rows, width, V]``)."""
+    from edge_client.trainer import _forward_logits  # noqa: PLC0415
+
+    model, registry = _model()
+    train_blocks(model, registry, [0, 1], _batches(seed=3), TrainConfig(steps=3, lr=1e-2))
+    batch = _batches(1, seed=4)[0]
+    with torch.no_grad():
+        with expansion.bypassed(model, registry):
+            base_full = _forward_logits(model, batch)
+        logits_full = _forward_logits(model, batch)
+    return model, registry, batch, base_full, logits_full
+
+
 @pytest.mark.parametrize("top_k", [0, 512])
 def test_a_distillation_sample_is_the_kl_at_exactly_the_sampled_positions(top_k: int) -> None:
     """``distill_sample``: the KL term is the exact (or cached) KL at the drawn positions, the CE is
@@ -160,19 +179,13 @@ def test_a_distillation_sample_is_the_kl_at_exactly_the_sampled_positions(top_k:
     from edge_client.trainer import (  # noqa: PLC0415
         TrainResult,
         _distill_step_loss,
-        _forward_logits,
         distill_positions,
         sample_positions,
     )
 
-    model, registry = _model()
-    train_blocks(model, registry, [0, 1], _batches(seed=3), TrainConfig(steps=3, lr=1e-2))
-    batch = _batches(1, seed=4)[0]
+    model, registry, batch, base_full, logits_full = _trained_and_one_batch()
     pos = distill_positions(batch)
-    with torch.no_grad():
-        with expansion.bypassed(model, registry):
-            base_full = _forward_logits(model, batch)
-        base, logits = base_full[:, :-1][pos], _forward_logits(model, batch)[:, :-1][pos]
+    base, logits = base_full[:, :-1][pos], logits_full[:, :-1][pos]
     want_ce, want_all = _reference_losses(model, batch, base_full)
     torch.manual_seed(11)
     order = sample_positions(pos, 5)
@@ -198,19 +211,12 @@ def test_distill_rows_distils_only_the_drawn_rows_and_runs_the_base_on_them_alon
     from edge_client.trainer import (  # noqa: PLC0415
         TrainResult,
         _distill_step_loss,
-        _forward_logits,
         distill_positions,
         sample_rows,
     )
 
-    model, registry = _model()
-    train_blocks(model, registry, [0, 1], _batches(seed=3), TrainConfig(steps=3, lr=1e-2))
-    batch = _batches(1, seed=4)[0]
+    model, registry, batch, base_full, logits_full = _trained_and_one_batch()
     pos = distill_positions(batch)
-    with torch.no_grad():
-        with expansion.bypassed(model, registry):
-            base_full = _forward_logits(model, batch)
-        logits_full = _forward_logits(model, batch)
     want_ce, want_all = _reference_losses(model, batch, base_full)
     torch.manual_seed(5)
     drawn = sample_rows(batch.size, 2)
@@ -221,21 +227,16 @@ def test_distill_rows_distils_only_the_drawn_rows_and_runs_the_base_on_them_alon
     assert abs(want - want_all) > 1e-4  # a real subset: the check can tell it from every row's KL
     calls: list[int] = []
 
-    def base():  # counts the rows the base runs on
+    @contextlib.contextmanager
+    def base():  # the bypassed base, counting the rows it runs on
         hook = model.get_input_embeddings().register_forward_hook(
             lambda m, a, out: calls.append(a[0].shape[0])
         )
-        ctx = expansion.bypassed(model, registry)
-
-        class Both:
-            def __enter__(self):
-                ctx.__enter__()
-
-            def __exit__(self, *exc):
-                hook.remove()
-                return ctx.__exit__(*exc)
-
-        return Both()
+        try:
+            with expansion.bypassed(model, registry):
+                yield
+        finally:
+            hook.remove()
 
     cache = BaseCache(top_k) if top_k else None
     result = TrainResult(block_ids=(0, 1))
