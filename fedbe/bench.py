@@ -163,7 +163,7 @@ class BenchSettings:
                      "eval_examples", "probe_questions", "probe_texts", "lora_rank"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("rehearsal_rows", "distill_sample", "distill_rows"):
+        for name in ("rehearsal_rows", "distill_sample", "distill_rows", "distill_top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in (

@@ -18,7 +18,8 @@ def test_bad_settings_are_refused_with_the_choices() -> None:
         bench.BenchSettings(split="train")
     with pytest.raises(ConfigError, match="alpha"):
         bench.BenchSettings(alpha=0.0)
-    for name, value in (("deadline_factor", 0.0), ("distill_sample", -1), ("lora_distill_lambda", -1.0),
+    for name, value in (("deadline_factor", 0.0), ("distill_sample", -1), ("distill_rows", -1),
+                        ("distill_top_k", -1), ("lora_distill_lambda", -1.0),
                         ("distill_lambda", float("nan")), ("server_lr", 0.0), ("lr_decay", -0.5),
                         ("lora_lr_decay", 0.0), ("block_average", "blocks"),
                         ("max_block_divergence", float("nan"))):  # fmt: skip
