@@ -64,6 +64,21 @@ def test_time_to_target_is_the_first_round_at_90_percent_of_the_best_final_accur
     assert "not reached" in md and "skipped: estimated 999 s" in md
 
 
+def test_mean_curves_average_each_round_over_the_seeds_and_cut_to_the_shortest(tmp_path) -> None:
+    one = _record("a", [0.6, 0.8, 0.9], [10, 20, 30]) | {"round0": {"accuracy": 0.5}}
+    two = _record("a", [0.8, 1.0], [30, 60]) | {"seed": 1, "round0": {"accuracy": 0.7}}
+    other = _record("b", [0.1, 0.1], [1, 2]) | {"round0": {"accuracy": 0.1}}
+    xs, ys = bench.mean_curves([one, two, other], "a", "accuracy")
+    assert xs == pytest.approx([0.0, 20.0, 40.0])  # round 3 only one seed has: dropped
+    assert ys == pytest.approx([0.6, 0.7, 0.9])
+    xs, ys = bench.mean_curves([one, two], "a", "perplexity_retention")
+    assert ys == pytest.approx([1.0, 1.0, 1.0])  # round 0 of a retention is 1 by definition
+    assert bench.mean_curves([one], "missing", "accuracy") == ([], [])
+    written = bench.plot_results([one, two, other], {"accuracy": 0.5}, tmp_path)
+    assert [p.name for p in written] == ["accuracy_retention.png", "accuracy_vs_time.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)
+
+
 def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None:
     settings = bench.BenchSettings(
         model="tiny:llama", methods=("fedbe", "fedit", "ffa-lora"), clients=3, rounds=2, steps=2,
