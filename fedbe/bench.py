@@ -1017,8 +1017,9 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("fedbe bench: downstream accuracy and general-ability retention per round (round 0 = base; "
-                 "faint lines: single seeds)")  # fmt: skip
+    several = any(n > 1 for n in seeds.values())
+    fig.suptitle("fedbe bench: downstream accuracy and general-ability retention per round (round 0 = base"
+                 + ("; faint lines: single seeds)" if several else ")"))  # fmt: skip
     fig.tight_layout()
     path = out / "accuracy_retention.png"
     fig.savefig(path, dpi=110)
