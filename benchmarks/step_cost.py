@@ -4,17 +4,20 @@ Builds the ``fedbe bench`` world (same model, seed, shards and defaults), takes 
 round-1 batches and times ``steps`` optimiser steps of each configuration on this machine:
 
 - FedBE with the given new blocks trained: plain cross-entropy; self-distilled with every row
-  of the batch distilled (``distill_rows 0``) and with ``--rows`` rows, each once while the base
-  cache fills (the base forward runs) and once with it full (no base forward);
-- FedIT-LoRA plain, and FedIT-LoRA self-distilled while the cache fills and with it full.
+  of the batch distilled (``distill_rows 0``) and with ``--rows`` rows, each for a first pass over
+  the batches while the base cache fills (the base forward runs) and a second pass over the same
+  batches (every row cached with ``distill_rows 0``; with fewer rows the second pass draws other
+  rows, some of them not yet cached, so it still runs a few base forwards: they are printed);
+- FedIT-LoRA plain, and FedIT-LoRA self-distilled with ``--rows`` rows (as ``fedbe bench``'s
+  fedit-distill), first and second pass.
 
 It prints the median step time of each and its ratio to plain FedIT-LoRA's, measured in this
-one run. This is how the README's step-cost figures (why a one-block FedBE client cost as much as
-a FedIT client, and what ``distill_rows`` saves) were measured. Use ``--threads 1`` to match a
+one run: the README's step costs per mechanism (what a one-block FedBE client's step costs against
+FedIT's, and what ``distill_rows`` saves; "Retention mechanisms", ``distill_rows``). Use ``--threads 1`` to match a
 ``fedbe bench --jobs 2`` worker.
 
 Run: ``.venv/bin/python benchmarks/step_cost.py --client 2 --blocks 4 [--blocks 3,4,5]
-[--rows 1] [--steps 4] [--threads 1]`` (about 3 minutes per block set here, 2 cores).
+[--rows 1] [--steps 4] [--threads 1]`` (about 6 minutes with two block sets here, 2 cores).
 """
 
 from __future__ import annotations
@@ -85,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     for p in params:
         p.requires_grad_(True)
     record("fedit, plain CE", train_parameters(lora.model, params, batches, config))
-    distilled = replace(config, distill_lambda=settings.lora_distill_lambda)
+    distilled = replace(config, distill_lambda=settings.lora_distill_lambda, distill_rows=args.rows)
     cache = BaseCache(distilled.distill_top_k)
-    for phase in ("cache filling", "cache full"):
-        record(f"fedit-distill, {phase}", train_parameters(
+    for phase in ("first pass (cache fills)", "second pass"):
+        record(f"fedit-distill, distilled {args.rows} row(s), {phase}", train_parameters(
             lora.model, params, batches, distilled, base=lora.model.disable_adapter, base_cache=cache
         ))  # fmt: skip
     del lora, params
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = replace(base_config, distill_rows=distill_rows)
             cache = BaseCache(cfg.distill_top_k)
             which = "every row" if distill_rows == 0 else f"{distill_rows} row(s)"
-            for phase in ("cache filling", "cache full"):
+            for phase in ("first pass (cache fills)", "second pass"):
                 record(f"fedbe blocks {name}, distilled {which}, {phase}",
                        train_blocks(blocks.model, blocks.registry, ids, batches, cfg, base_cache=cache))  # fmt: skip
 
