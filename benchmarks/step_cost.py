@@ -85,16 +85,20 @@ def main(argv: list[str] | None = None) -> None:
     lora = bench.LoraMethod("fedit", world)
     params = lora._params()
     config = replace(lora.config, steps=args.steps)
-    for p in params:
-        p.requires_grad_(True)
-    record("fedit, plain CE", train_parameters(lora.model, params, batches, config))
+
+    def trainable() -> list[torch.nn.Parameter]:
+        for p in params:  # train_parameters freezes the model when it returns
+            p.requires_grad_(True)
+        return params
+
+    record("fedit, plain CE", train_parameters(lora.model, trainable(), batches, config))
     distilled = replace(config, distill_lambda=settings.lora_distill_lambda, distill_rows=args.rows)
     cache = BaseCache(distilled.distill_top_k)
     for phase in ("first pass (cache fills)", "second pass"):
         record(f"fedit-distill, distilled {args.rows} row(s), {phase}", train_parameters(
-            lora.model, params, batches, distilled, base=lora.model.disable_adapter, base_cache=cache
+            lora.model, trainable(), batches, distilled, base=lora.model.disable_adapter, base_cache=cache
         ))  # fmt: skip
-    del lora, params
+    del lora, config, distilled  # free the LoRA model before the expanded one is built
 
     blocks = bench.BlockMethod("fedbe", world)
     known = blocks.registry.block_ids
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\nmedian s/step over {args.steps} steps, threads {torch.get_num_threads()}, client {args.client}:"
     )
     for label, seconds in rows:
-        print(f"  {label:<{width}}  {seconds:5.2f} s  {seconds / reference:4.2f}x fedit")
+        print(f"  {label:<{width}}  {seconds:6.3f} s  {seconds / reference:4.2f}x fedit")
 
 
 if __name__ == "__main__":
