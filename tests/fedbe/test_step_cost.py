@@ -32,7 +32,9 @@ def test_every_configuration_is_timed_against_fedit(capsys: pytest.CaptureFixtur
         assert float(seconds) > 0
         assert float(ratio) == pytest.approx(float(seconds) / float(rows[0][1]), rel=0.03, abs=0.01)
     # a first pass with every row distilled runs the base on each batch; the second pass on none
-    assert re.search(r"fedbe blocks 0, distilled every row, first pass \(cache fills\): .* base forwards 2", out)
+    assert re.search(
+        r"fedbe blocks 0, distilled every row, first pass \(cache fills\): .* base forwards 2", out
+    )
     assert re.search(r"fedbe blocks 0, distilled every row, second pass: .* base forwards 0", out)
 
 
