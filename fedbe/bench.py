@@ -830,19 +830,30 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
     return record
 
 
+def by_method(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The records of each method (its seeds), methods in order of first appearance."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        grouped.setdefault(rec["method"], []).append(rec)
+    return grouped
+
+
+def target_accuracy(records: list[dict[str, Any]]) -> float:
+    """The accuracy every method is timed to: 90% of the best mean final accuracy among the methods
+    whose every seed ran (NaN when none did)."""
+    finals = [
+        statistics.fmean(r["rounds"][-1]["accuracy"] for r in recs)
+        for recs in by_method(records).values()
+        if all(r["rounds"] for r in recs)
+    ]
+    return 0.9 * max(finals) if finals else float("nan")
+
+
 def summarise(records: list[dict[str, Any]], base: dict[str, float]) -> list[dict[str, Any]]:
     """One row per method: final figures (mean and spread over seeds) and time to 90% of the best."""
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for rec in records:
-        by_method.setdefault(rec["method"], []).append(rec)
-    finals = {
-        m: statistics.fmean(r["rounds"][-1]["accuracy"] for r in recs)
-        for m, recs in by_method.items()
-        if all(r["rounds"] for r in recs)
-    }
-    target = 0.9 * max(finals.values()) if finals else float("nan")
+    target = target_accuracy(records)
     rows = []
-    for m, recs in by_method.items():
+    for m, recs in by_method(records).items():
         if not all(r["rounds"] for r in recs):
             rows.append({"method": m, "skipped": recs[0].get("skipped", "no rounds")})
             continue
@@ -956,22 +967,27 @@ def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], sett
     return "\n".join(lines) + "\n"
 
 
+def seed_curve(record: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
+    """One seed's run: emulated wall-clock seconds and ``key`` after each round, round 0 (before
+    training) first: the base's accuracy, or 1 for a retention."""
+    first = float(record["round0"]["accuracy"]) if key == "accuracy" else 1.0
+    return (
+        [0.0] + [row["emulated_wall_seconds"] for row in record["rounds"]],
+        [first] + [row[key] for row in record["rounds"]],
+    )
+
+
 def mean_curves(records: list[dict[str, Any]], method: str, key: str) -> tuple[list[float], list[float]]:
     """One method's mean over its seeds, per round (round 0 = before training): ``key`` per round
     against the mean emulated wall-clock seconds, cut to the rounds every seed has."""
-    recs = [r for r in records if r["method"] == method and r["rounds"]]
-    if not recs:
+    curves = [seed_curve(r, key) for r in records if r["method"] == method and r["rounds"]]
+    if not curves:
         return [], []
-    n = min(len(r["rounds"]) for r in recs)
-
-    def first(r: dict[str, Any]) -> float:
-        return float(r["round0"]["accuracy"]) if key == "accuracy" else 1.0
-
-    xs = [0.0] + [statistics.fmean(r["rounds"][i]["emulated_wall_seconds"] for r in recs) for i in range(n)]
-    ys = [statistics.fmean(first(r) for r in recs)] + [
-        statistics.fmean(r["rounds"][i][key] for r in recs) for i in range(n)
-    ]
-    return xs, ys
+    n = min(len(xs) for xs, _ in curves)
+    return (
+        [statistics.fmean(xs[i] for xs, _ in curves) for i in range(n)],
+        [statistics.fmean(ys[i] for _, ys in curves) for i in range(n)],
+    )
 
 
 def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Path) -> list[Path]:
@@ -987,12 +1003,12 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
-    methods = list(dict.fromkeys(r["method"] for r in records if r["rounds"]))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    seeds = {m: sum(1 for r in records if r["method"] == m and r["rounds"]) for m in methods}
+    runs = by_method([r for r in records if r["rounds"]])
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(runs)}
+    several = any(len(recs) > 1 for recs in runs.values())
 
     def label(m: str) -> str:
-        return m if seeds[m] == 1 else f"{m} (mean of {seeds[m]} seeds)"
+        return m if len(runs[m]) == 1 else f"{m} (mean of {len(runs[m])} seeds)"
 
     written = []
     panels = [("accuracy", "BBC test accuracy", base["accuracy"]),
@@ -1000,15 +1016,11 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
               ("perplexity_retention", "perplexity retention (before / after)", 1.0)]  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, (key, title, ref) in zip(axes, panels, strict=True):
-        for m in methods:
-            recs = [r for r in records if r["method"] == m and r["rounds"]]
+        for m, recs in runs.items():
             if len(recs) > 1:
                 for rec in recs:
-                    xs = [0] + [row["round"] for row in rec["rounds"]]
-                    ys = [rec["round0"]["accuracy"] if key == "accuracy" else 1.0] + [
-                        row[key] for row in rec["rounds"]
-                    ]
-                    ax.plot(xs, ys, color=colours[m], alpha=0.2, lw=1)
+                    _, ys = seed_curve(rec, key)
+                    ax.plot(range(len(ys)), ys, color=colours[m], alpha=0.2, lw=1)
             _, ys = mean_curves(records, m, key)
             ax.plot(range(len(ys)), ys, marker="o", color=colours[m], label=label(m), lw=2)
         ax.axhline(ref, color="grey", lw=0.8, ls="--")
@@ -1017,7 +1029,6 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    several = any(n > 1 for n in seeds.values())
     fig.suptitle("fedbe bench: downstream accuracy and general-ability retention per round (round 0 = base"
                  + ("; faint lines: single seeds)" if several else ")"))  # fmt: skip
     fig.tight_layout()
@@ -1027,21 +1038,17 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
     written.append(path)
     fig, ax = plt.subplots(figsize=(8, 4.8))
     longest = 0.0
-    finals = []
-    for m in methods:
-        recs = [r for r in records if r["method"] == m and r["rounds"]]
+    for m, recs in runs.items():
         if len(recs) > 1:
             for rec in recs:
-                xs = [0.0] + [row["emulated_wall_seconds"] for row in rec["rounds"]]
-                ys = [rec["round0"]["accuracy"]] + [row["accuracy"] for row in rec["rounds"]]
+                xs, ys = seed_curve(rec, "accuracy")
                 ax.plot(xs, ys, color=colours[m], alpha=0.2, lw=1)
                 longest = max(longest, xs[-1])
         xs, ys = mean_curves(records, m, "accuracy")
         ax.plot(xs, ys, marker="o", color=colours[m], label=label(m), lw=2)
         longest = max(longest, xs[-1])
-        finals.append(statistics.fmean(r["rounds"][-1]["accuracy"] for r in recs))
-    if finals:
-        target = 0.9 * max(finals)
+    target = target_accuracy(records)
+    if math.isfinite(target):
         ax.axhline(
             target, color="black", lw=0.8, ls=":", label=f"target {target:.3f} (90% of the best mean final)"
         )
