@@ -32,6 +32,9 @@ from edge_client.trainer import BaseCache, TrainConfig, TrainResult, train_block
 from fedbe import bench
 from fedbe.console import positive_int
 
+# a distilled configuration runs twice over the same batches: while the base cache fills, then again
+PASSES = ("first pass (cache fills)", "second pass")
+
 
 def block_list(text: str) -> tuple[int, ...]:
     """``"3,4,5"`` -> (3, 4, 5), with a clear error for anything else."""
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     record("fedit, plain CE", train_parameters(lora.model, trainable(), batches, config))
     distilled = replace(config, distill_lambda=settings.lora_distill_lambda, distill_rows=args.rows)
     cache = BaseCache(distilled.distill_top_k)
-    for phase in ("first pass (cache fills)", "second pass"):
+    for phase in PASSES:
         record(f"fedit-distill, distilled {args.rows} row(s), {phase}", train_parameters(
             lora.model, trainable(), batches, distilled, base=lora.model.disable_adapter, base_cache=cache
         ))  # fmt: skip
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = replace(base_config, distill_rows=distill_rows)
             cache = BaseCache(cfg.distill_top_k)
             which = "every row" if distill_rows == 0 else f"{distill_rows} row(s)"
-            for phase in ("first pass (cache fills)", "second pass"):
+            for phase in PASSES:
                 record(f"fedbe blocks {name}, distilled {which}, {phase}",
                        train_blocks(blocks.model, blocks.registry, ids, batches, cfg, base_cache=cache))  # fmt: skip
 

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "client_diagnosis.py"
-
-
-def _load():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("client_diagnosis", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def test_every_client_and_the_global_model_are_scored(capsys: pytest.CaptureFixture[str]) -> None:
-    _load().main(["--model", "tiny:llama", "--method", "fedbe", "--rounds", "1"])
+    load_benchmark("client_diagnosis").main(["--model", "tiny:llama", "--method", "fedbe", "--rounds", "1"])
     out = capsys.readouterr().out
     # the bench's default federation has 4 clients; each trains in round 1 (FedBE: at least one block)
     assert out.count("a client's local model: accuracy") == 4
@@ -29,4 +18,4 @@ def test_every_client_and_the_global_model_are_scored(capsys: pytest.CaptureFixt
 
 def test_bad_rounds_are_refused() -> None:
     with pytest.raises(SystemExit):
-        _load().main(["--model", "tiny:llama", "--rounds", "0"])
+        load_benchmark("client_diagnosis").main(["--model", "tiny:llama", "--rounds", "0"])

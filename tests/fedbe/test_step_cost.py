@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step_cost.py"
-
-
-def _load():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("step_cost", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def test_every_configuration_is_timed_against_fedit(capsys: pytest.CaptureFixture[str]) -> None:
-    _load().main(["--model", "tiny:llama", "--blocks", "0", "--blocks", "0,1", "--steps", "2"])
+    load_benchmark("step_cost").main(
+        ["--model", "tiny:llama", "--blocks", "0", "--blocks", "0,1", "--steps", "2"]
+    )
     out = capsys.readouterr().out
     table = out.split("median s/step")[1]
     rows = re.findall(r"^  (.+?)\s+(\d+\.\d+) s\s+(\d+\.\d+)x fedit$", table, flags=re.M)
@@ -41,10 +33,10 @@ def test_every_configuration_is_timed_against_fedit(capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize("bad", [["--blocks", "x"], ["--blocks", "-1"], ["--steps", "0"]])
 def test_bad_flags_are_refused(bad: list[str]) -> None:
     with pytest.raises(SystemExit):
-        _load().main(["--model", "tiny:llama", *bad])
+        load_benchmark("step_cost").main(["--model", "tiny:llama", *bad])
 
 
 def test_unknown_blocks_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        _load().main(["--model", "tiny:llama", "--blocks", "99", "--steps", "1"])
+        load_benchmark("step_cost").main(["--model", "tiny:llama", "--blocks", "99", "--steps", "1"])
     assert "new blocks are" in capsys.readouterr().err

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from fedbe.broker import MosquittoBroker
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "load_bench.py"
+from tests.conftest import load_benchmark
 
 
 def test_fifty_fake_clients_finish_three_rounds_and_no_message_is_lost(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     # (the broker fixture only skips the test where mosquitto is missing; run_load starts its own)
-    spec = importlib.util.spec_from_file_location("load_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("load_bench")
     r = bench.run_load(50, 3, tmp_path, fleets=2, timeout=180)
     assert r["rounds"] == 3 and r["closed_by"] == ["all answered"]
     assert r["tasks_sent_by_coordinator"] == r["tasks_received_by_clients"] == 150
