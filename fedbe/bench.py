@@ -1183,9 +1183,18 @@ def run_bench_jobs(settings: BenchSettings, out: Path, jobs: int, command: str =
 
     out.mkdir(parents=True, exist_ok=True)
     digest = settings_digest(settings)
-    done = {m for m, _ in previous_records(out / "records.jsonl", digest)}
-    todo = [m for m in settings.methods if m not in done]
+    previous = previous_records(out / "records.jsonl", digest)
+    # a method is done when every requested seed of it is (a run extended to more seeds trains the new ones)
+    todo = [m for m in settings.methods if any((m, seed) not in previous for seed in settings.seeds)]
     parts = balanced_parts(todo, jobs)
+    for k, part in enumerate(parts if len(parts) > 1 else []):
+        # each worker resumes from its own folder: give it the finished seeds of its methods, whichever
+        # worker ran them before
+        job_records = out / f"job-{k}" / "records.jsonl"
+        mine = {**previous_records(job_records, digest),
+                **{key: rec for key, rec in previous.items() if key[0] in part}}  # fmt: skip
+        job_records.parent.mkdir(parents=True, exist_ok=True)
+        job_records.write_text("".join(json.dumps(rec) + "\n" for rec in mine.values()))
     threads = max(1, (os.cpu_count() or 1) // max(1, len(parts)))
     if len(parts) > 1:
         say(f"running {len(todo)} method(s) in {len(parts)} worker processes, {threads} thread(s) each: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -191,6 +192,28 @@ def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path
     # a second call finds every method done and only renders the table again
     again = bench.run_bench_jobs(settings, tmp_path, jobs=2, say=lambda _m: None)
     assert [r["rounds"] for r in again["records"]] == [r["rounds"] for r in results["records"]]
+
+
+def test_jobs_extended_to_a_new_seed_train_only_that_seed_in_the_workers(tmp_path) -> None:
+    settings = bench.BenchSettings(
+        model="tiny:llama", methods=("fedbe-plain", "fedit"), clients=2, rounds=1, steps=1, seeds=(0,),
+        examples_per_client=4, eval_examples=6, probe_questions=4, probe_texts=4, max_tokens=48,
+        profiles=("rtx-4090-24gb", "cpu-laptop"),
+    )  # fmt: skip
+    first = bench.run_bench_jobs(settings, tmp_path, jobs=2, say=lambda _m: None)
+    messages: list[str] = []
+    more = bench.run_bench_jobs(replace(settings, seeds=(0, 1)), tmp_path, jobs=2, say=messages.append)
+    assert any("2 worker processes" in m for m in messages)  # the new seed ran in the workers
+    for k, method in enumerate(("fedbe-plain", "fedit")):
+        lines = (tmp_path / f"job-{k}" / "records.jsonl").read_text().splitlines()
+        assert sorted((json.loads(x)["method"], json.loads(x)["seed"]) for x in lines) == [
+            (method, 0),
+            (method, 1),
+        ]
+    by_key = {(r["method"], r["seed"]): r for r in more["records"]}
+    assert sorted(by_key) == [("fedbe-plain", 0), ("fedbe-plain", 1), ("fedit", 0), ("fedit", 1)]
+    for r in first["records"]:  # seed 0 was kept, not trained again (its measured seconds are the same)
+        assert by_key[(r["method"], 0)]["rounds"] == r["rounds"]
 
 
 def test_a_tighter_deadline_gives_slow_clients_fewer_blocks_nearer_the_output() -> None:
