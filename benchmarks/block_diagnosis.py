@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     )
     if args.rounds:
         settings = replace(settings, rounds=args.rounds)
-    world = bench.build_world(settings, args.seed, print)
-    bench.measure_capacities(world, print)
-    method = bench.make_method(args.method, world)
+    world, method = bench.diagnosis_run(settings, args.method)
     initial = copy.deepcopy(method.global_state)
     with torch.no_grad():
         before = bench.evaluate(world, method.eval_model())

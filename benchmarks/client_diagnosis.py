@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.block_average:
         settings = replace(settings, block_average=args.block_average)
-    world = bench.build_world(settings, args.seed, print)
-    bench.measure_capacities(world, print)
-    method = bench.make_method(args.method, world)
+    world, method = bench.diagnosis_run(settings, args.method)
 
     def score(model: Any) -> str:
         with torch.no_grad():

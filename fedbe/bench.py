@@ -55,7 +55,9 @@ import json
 import logging
 import math
 import random
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -768,6 +770,16 @@ def make_method(name: str, world: World) -> Method:
     return FullMethod(name, world)
 
 
+def diagnosis_run(
+    settings: BenchSettings, name: str, say: Callable[[str], None] = print
+) -> tuple[World, Method]:
+    """The world of ``settings``' first seed with its capacities measured, and method ``name`` on it:
+    what the diagnosis scripts in ``benchmarks/`` start from, so they see exactly the bench's run."""
+    world = build_world(settings, settings.seeds[0], say)
+    measure_capacities(world, say)
+    return world, make_method(name, world)
+
+
 # -- the run ---------------------------------------------------------------------------------------
 def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str, Any]:
     started = time.perf_counter()
@@ -1161,6 +1173,10 @@ def balanced_parts(methods: Sequence[str], jobs: int) -> list[tuple[str, ...]]:
     return [tuple(m for m in methods if m in part) for part in parts if part]
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _job(settings: BenchSettings, out: Path, command: str, job: int, threads: int) -> None:
     """One worker of ``--jobs``: its share of the methods, with ``threads`` torch threads."""
     torch.set_num_threads(threads)
@@ -1206,13 +1222,21 @@ def run_bench_jobs(settings: BenchSettings, out: Path, jobs: int, command: str =
                                                   threads))  # fmt: skip
             proc.start()
             workers.append(proc)
+        # SIGTERM (kill, a service stop) ends the workers too, as Ctrl-C does, instead of orphaning them
+        on_main = threading.current_thread() is threading.main_thread()
+        old_handler = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
         try:
             for proc in workers:
                 proc.join()
         except KeyboardInterrupt:
             for proc in workers:
                 proc.terminate()
+            for proc in workers:
+                proc.join(10)
             raise
+        finally:
+            if on_main:
+                signal.signal(signal.SIGTERM, old_handler)
         failed = [k for k, proc in enumerate(workers) if proc.exitcode != 0]
         if failed:
             raise ConfigError(

@@ -216,6 +216,42 @@ def test_jobs_extended_to_a_new_seed_train_only_that_seed_in_the_workers(tmp_pat
         assert by_key[(r["method"], 0)]["rounds"] == r["rounds"]
 
 
+def test_a_terminated_jobs_run_ends_its_workers(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    # a run long enough to still be training when it is stopped
+    args = ["bench", "--model", "tiny:llama", "--methods", "fedbe-plain,fedit", "--jobs", "2", "--rounds", "500",
+            "--clients", "2", "--profiles", "rtx-4090-24gb,cpu-laptop", "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", "from fedbe.cli import main; main()", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 120
+        workers: list[psutil.Process] = []
+        while time.monotonic() < deadline:
+            workers = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+            if len(workers) == 2 and (tmp_path / "run" / "job-1").exists():
+                break
+            time.sleep(0.5)
+        assert len(workers) == 2, "the two workers never started"
+        time.sleep(2)
+        assert all(w.is_running() for w in workers)  # still training: the signal reaches a live run
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"workers left running after SIGTERM: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+
+
 def test_a_tighter_deadline_gives_slow_clients_fewer_blocks_nearer_the_output() -> None:
     import types
 
