@@ -229,10 +229,10 @@ def test_a_terminated_jobs_run_ends_its_workers(tmp_path) -> None:
             "--clients", "2", "--profiles", "rtx-4090-24gb,cpu-laptop", "--out", str(tmp_path / "run")]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", "from fedbe.cli import main; main()", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    workers: list[psutil.Process] = []
     try:
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 120
-        workers: list[psutil.Process] = []
         while time.monotonic() < deadline:
             workers = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
             if len(workers) == 2 and (tmp_path / "run" / "job-1").exists():
@@ -248,8 +248,9 @@ def test_a_terminated_jobs_run_ends_its_workers(tmp_path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-        for child in psutil.Process().children(recursive=True):
-            child.kill()
+        for worker in workers:  # orphaned workers are no longer our children
+            if worker.is_running():
+                worker.kill()
 
 
 def test_a_tighter_deadline_gives_slow_clients_fewer_blocks_nearer_the_output() -> None:
