@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,26 +52,16 @@ def interpolate(initial: Any, final: Any, scale: float) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="model source (default smollm2-135m)")
-    parser.add_argument("--seed", type=int, default=0, help="the bench seed (label split); default 0")
-    parser.add_argument("--method", default="fedbe", choices=bench.BLOCK_METHODS,
-                        help="a fedbe bench FedBE method; default fedbe")  # fmt: skip
+    bench.add_diagnosis_arguments(parser, bench.BLOCK_METHODS)
     parser.add_argument(
         "--rounds", type=positive_int, default=None, help="rounds to run (default: the bench's)"
     )
-    parser.add_argument("--split", default="validation", choices=("validation", "test"),
-                        help="evaluation data (default validation: choices are made there)")  # fmt: skip
     parser.add_argument("--scales", type=scales_arg, default=(0.9, 0.8, 0.7, 0.5),
                         help="interpolation factors toward the identity, comma-separated in [0, 1] "
                         "(default 0.9,0.8,0.7,0.5)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
-    settings = bench.BenchSettings(
-        model=args.model, split=args.split, seeds=(args.seed,), methods=(args.method,)
-    )
-    if args.rounds:
-        settings = replace(settings, rounds=args.rounds)
-    world, method = bench.diagnosis_run(settings, args.method)
+    settings, world, method = bench.diagnosis_run(args, **({"rounds": args.rounds} if args.rounds else {}))
     initial = copy.deepcopy(method.global_state)
     with torch.no_grad():
         before = bench.evaluate(world, method.eval_model())
@@ -80,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         results = method.round(round_)
         print(f"round {round_}: " + ", ".join(f"{r.client_id} blocks {list(r.blocks)}" for r in results)
               + (f"; withdrawn {sorted(method.withdrawn)}" if method.withdrawn else ""), flush=True)  # fmt: skip
-    final = copy.deepcopy(method.global_state)
+    final = method.global_state  # nothing changes it from here on (the scores copy weights into the model)
     model = method.eval_model()
     scores: dict[str, dict[str, float]] = {}
 
@@ -99,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for scale in args.scales:
         set_block_state(model, method.registry, interpolate(initial, final, scale))
         score(f"blocks scaled to {scale:g}")
-    set_block_state(model, method.registry, final)
+    method.eval_model()  # the trained blocks back in place
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"before": before, "scores": scores}, indent=1))

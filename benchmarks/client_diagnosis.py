@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,22 +28,13 @@ from fedbe.evaluation import label_log_likelihoods
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="model source (default smollm2-135m)")
-    parser.add_argument("--seed", type=int, default=0, help="the bench seed (label split); default 0")
-    parser.add_argument("--method", default="fedbe", choices=bench.BLOCK_METHODS + bench.LORA_METHODS,
-                        help="a fedbe bench method; default fedbe")  # fmt: skip
+    bench.add_diagnosis_arguments(parser, bench.BLOCK_METHODS + bench.LORA_METHODS)
     parser.add_argument("--rounds", type=positive_int, default=2, help="rounds to run (default 2)")
-    parser.add_argument("--split", default="validation", choices=("validation", "test"),
-                        help="evaluation articles (default validation: choices are made there)")  # fmt: skip
     parser.add_argument("--block-average", choices=BLOCK_AVERAGES, default=None,
                         help="override the bench's block averaging")  # fmt: skip
     args = parser.parse_args(argv)
-    settings = bench.BenchSettings(
-        model=args.model, split=args.split, seeds=(args.seed,), methods=(args.method,)
-    )
-    if args.block_average:
-        settings = replace(settings, block_average=args.block_average)
-    world, method = bench.diagnosis_run(settings, args.method)
+    overrides = {"block_average": args.block_average} if args.block_average else {}
+    settings, world, method = bench.diagnosis_run(args, **overrides)
 
     def score(model: Any) -> str:
         with torch.no_grad():

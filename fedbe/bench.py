@@ -770,14 +770,31 @@ def make_method(name: str, world: World) -> Method:
     return FullMethod(name, world)
 
 
+def add_diagnosis_arguments(parser: Any, methods: Sequence[str]) -> None:
+    """The flags the diagnosis scripts in ``benchmarks/`` share: model, seed, method and split."""
+    d = BenchSettings()
+    parser.add_argument("--model", default=d.model, help=f"model source (default {d.model})")
+    parser.add_argument("--seed", type=int, default=0, help="the bench seed (label split); default 0")
+    parser.add_argument(
+        "--method", default="fedbe", choices=methods, help="a fedbe bench method; default fedbe"
+    )
+    parser.add_argument("--split", default="validation", choices=("validation", "test"),
+                        help="evaluation data (default validation: choices are made there)")  # fmt: skip
+
+
 def diagnosis_run(
-    settings: BenchSettings, name: str, say: Callable[[str], None] = print
-) -> tuple[World, Method]:
-    """The world of ``settings``' first seed with its capacities measured, and method ``name`` on it:
-    what the diagnosis scripts in ``benchmarks/`` start from, so they see exactly the bench's run."""
-    world = build_world(settings, settings.seeds[0], say)
+    args: Any, say: Callable[[str], None] = print, **overrides: Any
+) -> tuple[BenchSettings, World, Method]:
+    """The bench's settings for the flags of :func:`add_diagnosis_arguments` (plus ``overrides``),
+    the world of that seed with its capacities measured, and the method on it: what the diagnosis
+    scripts in ``benchmarks/`` start from, so they see exactly the bench's run."""
+    settings = replace(
+        BenchSettings(model=args.model, split=args.split, seeds=(args.seed,), methods=(args.method,)),
+        **overrides,
+    )
+    world = build_world(settings, args.seed, say)
     measure_capacities(world, say)
-    return world, make_method(name, world)
+    return settings, world, make_method(args.method, world)
 
 
 # -- the run ---------------------------------------------------------------------------------------
