@@ -69,7 +69,7 @@ import torch
 
 from coordinator.aggregation import BLOCK_AVERAGES
 from coordinator.config import round_lr
-from fedbe.errors import ConfigError
+from fedbe.errors import ConfigError, ExpansionError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ class BenchSettings:
     full_ft_lr: float = 3e-4
     lora_rank: int = 16
     blocks: int = 6
+    # where FedBE's new blocks go: interleave (LLaMA Pro, after the last layer of each group; the top
+    # block after the last base layer), middle (after each group's middle layer) or base-layer indices
+    placement: str = "interleave"
     alpha: float = 0.5
     seeds: tuple[int, ...] = (0,)
     examples_per_client: int = 48
@@ -186,6 +189,15 @@ class BenchSettings:
             if not (math.isfinite(value) and value >= 0) or (positive and value == 0):
                 raise ConfigError(f"{name} must be a {'positive' if positive else 'non-negative'} number, "
                                   f"got {value}")  # fmt: skip
+        from fedbe.expansion import parse_placement  # noqa: PLC0415
+
+        try:
+            placement = parse_placement(self.placement)
+        except ExpansionError as e:
+            raise ConfigError(f"--placement: {e}") from None
+        if not isinstance(placement, str) and len(placement) != self.blocks:
+            raise ConfigError(f"--placement lists {len(placement)} base layers for {self.blocks} new blocks; "
+                              f"give {self.blocks} indices, or interleave / middle / top")  # fmt: skip
         if self.download_level not in DOWNLOAD_LEVELS:
             raise ConfigError(
                 f"download_level must be one of {', '.join(DOWNLOAD_LEVELS)}, got {self.download_level!r}"
@@ -500,7 +512,7 @@ class BlockMethod(Method):
             index = {"pos-bottom": 0, "pos-middle": layers // 2, "pos-top": layers - 1}[name]
             plan = expansion.plan_expansion(layers, None, (index,))
         else:
-            plan = expansion.plan_expansion(layers, world.blocks, "interleave")
+            plan = expansion.plan_expansion(layers, world.blocks, expansion.parse_placement(self.s.placement))
         self.registry = expansion.expand_model(model, plan)
         quantization.freeze_base(model, self.registry, self.s.precision)
         self.model = model
@@ -1104,6 +1116,8 @@ def settings_digest(settings: BenchSettings) -> str:
 
     data = asdict(settings)
     del data["methods"], data["seeds"]
+    if data["placement"] == "interleave":  # every run before the setting existed: keep their digest
+        del data["placement"]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -1428,6 +1442,13 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"(default {d.download_level}; the coordinator's training.task_weights_level)",
     )
     p.add_argument(
+        "--placement",
+        default=d.placement,
+        help="where FedBE's new blocks go: interleave (after the last layer of each of --blocks groups "
+        "of base layers, LLaMA Pro), middle (after the middle layer of each group, so base layers stay "
+        f"above the top new block) or comma-separated base-layer indices (default {d.placement})",
+    )
+    p.add_argument(
         "--identity-pull",
         type=float,
         default=d.identity_pull,
@@ -1466,7 +1487,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
         label_balance=args.label_balance, block_average=args.block_average, server_lr=args.server_lr,
         lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay, context_blocks=args.context_blocks,
-        download_level=args.download_level,
+        download_level=args.download_level, placement=args.placement,
         eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip

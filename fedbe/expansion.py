@@ -165,7 +165,7 @@ class ExpansionPlan:
         return BlockRegistry(self.base_num_layers, tuple(blocks))
 
 
-PLACEMENTS = ("interleave", "top")
+PLACEMENTS = ("interleave", "middle", "top")
 
 
 def plan_expansion(
@@ -175,6 +175,9 @@ def plan_expansion(
 
     * ``interleave``: the base layers are split into N groups whose sizes differ by at most one;
       a new block follows the last layer of each group (LLaMA Pro). Needs 1 <= N <= layers.
+    * ``middle``: the same groups, a new block after the middle layer of each (the lower one of two
+      middles), so base layers stay above the top new block: with 30 layers and 6 blocks, after
+      layers 2, 7, ..., 27 instead of 4, 9, ..., 29. Needs 1 <= N <= layers.
     * ``top``: N new blocks stacked after the last base layer. Needs 1 <= N <= layers.
     * explicit base-layer indices ``[i, j, ...]`` (0-based): a new block after each; no duplicates,
       each in range. ``n_blocks`` may be None or must equal the number of indices.
@@ -216,13 +219,18 @@ def plan_expansion(
         )
     if placement == "top":
         return ExpansionPlan(base_num_layers, (base_num_layers - 1,) * n_blocks)
-    # Group g covers base layers [floor(g*L/N), floor((g+1)*L/N)); the new block follows its last layer.
-    after = tuple((g + 1) * base_num_layers // n_blocks - 1 for g in range(n_blocks))
+    # Group g covers base layers [floor(g*L/N), floor((g+1)*L/N)); the new block follows its last
+    # layer (interleave) or its middle one (middle).
+    starts = [g * base_num_layers // n_blocks for g in range(n_blocks + 1)]
+    if placement == "middle":
+        after = tuple(lo + (hi - lo - 1) // 2 for lo, hi in zip(starts, starts[1:]))
+    else:
+        after = tuple(hi - 1 for hi in starts[1:])
     return ExpansionPlan(base_num_layers, after)
 
 
 def parse_placement(text: str) -> str | list[int]:
-    """Parse a --placement argument: ``interleave``, ``top`` or comma-separated base-layer indices."""
+    """Parse a --placement argument: ``interleave``, ``middle``, ``top`` or comma-separated base-layer indices."""
     text = text.strip()
     if text in PLACEMENTS:
         return text
@@ -230,7 +238,8 @@ def parse_placement(text: str) -> str | list[int]:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise ExpansionError(
-            f"invalid placement {text!r}: use 'interleave', 'top' or comma-separated base-layer indices like 4,9,14"
+            f"invalid placement {text!r}: use 'interleave', 'middle', 'top' or comma-separated base-layer "
+            "indices like 4,9,14"
         ) from None
 
 

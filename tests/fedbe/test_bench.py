@@ -28,6 +28,10 @@ def test_bad_settings_are_refused_with_the_choices() -> None:
             bench.BenchSettings(**{name: value})
     with pytest.raises(ConfigError, match="no device profile"):
         bench.resolve_profile("toaster-9000")
+    with pytest.raises(ConfigError, match="--placement: invalid placement 'bottom'"):
+        bench.BenchSettings(placement="bottom")
+    with pytest.raises(ConfigError, match="lists 2 base layers for 6 new blocks"):
+        bench.BenchSettings(placement="4,9")
 
 
 def _record(method: str, accs: list[float], seconds: list[float]) -> dict:
@@ -168,6 +172,30 @@ def test_an_interrupted_run_resumes_only_runs_of_the_same_settings(tmp_path) -> 
     done = bench.previous_records(tmp_path / "records.jsonl", digest)
     assert list(done) == [("fedbe", 0)]
     assert bench.previous_records(tmp_path / "missing.jsonl", digest) == {}
+
+
+def test_only_a_placement_other_than_interleave_changes_the_settings_digest() -> None:
+    """Runs from before --placement existed (all interleave) keep their digest and still resume."""
+    import hashlib
+    from dataclasses import asdict
+
+    data = asdict(bench.BenchSettings())
+    del data["methods"], data["seeds"], data["placement"]
+    before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert bench.settings_digest(bench.BenchSettings(placement="interleave")) == before
+    middle = bench.settings_digest(bench.BenchSettings(placement="middle"))
+    explicit = bench.settings_digest(bench.BenchSettings(placement="2,7,12,17,22,27"))
+    assert len({before, middle, explicit}) == 3
+
+
+def test_fedbe_puts_its_blocks_where_placement_says_and_positions_stay_single() -> None:
+    world = _tiny_world(blocks=2)  # 4 base layers: groups [0, 1] and [2, 3]
+    assert bench.BlockMethod("fedbe", world).registry.new_layer_indices == (2, 5)  # after 1 and 3
+    middle = replace(world, settings=replace(world.settings, placement="middle"))
+    assert bench.BlockMethod("fedbe", middle).registry.new_layer_indices == (1, 4)  # after 0 and 2
+    explicit = replace(world, settings=replace(world.settings, placement="1,2"))
+    assert bench.BlockMethod("fedbe-plain", explicit).registry.new_layer_indices == (2, 4)
+    assert bench.BlockMethod("pos-top", middle).registry.new_layer_indices == (4,)  # its own position
 
 
 def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path) -> None:

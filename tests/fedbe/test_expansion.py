@@ -47,10 +47,12 @@ PLACEMENTS: dict[str, tuple[Any, tuple[int, ...], tuple[int, ...], list[int]]] =
     # groups [0,1] [2,3]: a block after 1 and after 3
     "interleave": ("interleave", (2, 5), (1, 3), [0, 1, 1, 2, 3, 3]),
     "top": ("top", (4, 5), (3, 3), [0, 1, 2, 3, 3, 3]),
+    # the same groups, a block after the middle (lower) layer of each: after 0 and after 2
+    "middle": ("middle", (1, 4), (0, 2), [0, 0, 1, 2, 2, 3]),
     "explicit": ([2, 0], (1, 4), (0, 2), [0, 0, 1, 2, 2, 3]),
 }
 CASES = [(arch, "interleave") for arch in TINY_ARCHITECTURES] + [
-    (arch, placement) for arch in ("llama", "gemma3") for placement in ("top", "explicit")
+    (arch, placement) for arch in ("llama", "gemma3") for placement in ("top", "middle", "explicit")
 ]
 
 
@@ -134,6 +136,34 @@ def test_interleave_puts_a_block_after_each_group(layers: int, n_blocks: int, af
     assert plan.base_num_layers == layers
 
 
+@pytest.mark.parametrize(
+    ("layers", "n_blocks", "after"),
+    [
+        (30, 6, (2, 7, 12, 17, 22, 27)),  # SmolLM2-135M: groups of 5, the middle of each
+        (5, 2, (0, 3)),  # groups [0, 1] and [2, 3, 4]
+        (4, 4, (0, 1, 2, 3)),  # groups of one: the same as interleave
+        (10, 3, (1, 4, 7)),  # groups of 3, 3, 4: the lower middle of 6..9 is 7
+        (1, 1, (0,)),
+    ],
+)
+def test_middle_puts_a_block_after_the_middle_of_each_group(
+    layers: int, n_blocks: int, after: tuple[int, ...]
+) -> None:
+    assert plan_expansion(layers, n_blocks, "middle").after == after
+
+
+@given(st.integers(1, 64).flatmap(lambda layers: st.tuples(st.just(layers), st.integers(1, layers))))
+def test_middle_keeps_each_block_in_its_interleave_group(layers_and_blocks: tuple[int, int]) -> None:
+    layers, n_blocks = layers_and_blocks
+    middle = plan_expansion(layers, n_blocks, "middle").after
+    interleave = plan_expansion(layers, n_blocks, "interleave").after
+    assert list(middle) == sorted(set(middle))
+    # each block at or below its interleave position, and above the previous group's last layer
+    assert all(lo < m <= hi for lo, m, hi in zip((-1, *interleave), middle, interleave, strict=False))
+    # and at most half its group below the top of the group
+    assert all(hi - m <= (hi - lo) // 2 for lo, m, hi in zip((-1, *interleave), middle, interleave, strict=False))
+
+
 def test_top_stacks_every_block_after_the_last_layer() -> None:
     assert plan_expansion(4, 2, "top").after == (3, 3)
     assert plan_expansion(30, 3, "top").after == (29, 29, 29)
@@ -185,7 +215,8 @@ def test_registry_layer_indices(
         (4, 3, [0, 1], "disagrees"),
         (4, None, [], "no positions"),
         (4, None, "4,x", "invalid placement '4,x'"),
-        (4, None, "middle", "invalid placement 'middle'"),
+        (4, None, "centre", "invalid placement 'centre'"),
+        (4, 5, "middle", "choose 1..4"),
         (4, None, "1,,2", "invalid placement"),
         (0, 1, "interleave", "at least one layer"),
     ],
@@ -198,6 +229,7 @@ def test_bad_plans_are_rejected(layers: int, n_blocks: Any, placement: Any, mess
 def test_parse_placement() -> None:
     assert parse_placement(" interleave ") == "interleave"
     assert parse_placement("top") == "top"
+    assert parse_placement("middle") == "middle"
     assert parse_placement("4,9,14") == [4, 9, 14]
     with pytest.raises(ExpansionError, match="comma-separated"):
         parse_placement("4;9")
