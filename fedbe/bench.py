@@ -40,6 +40,7 @@ Methods (``--methods``):
 * ``fedbe-balance`` / ``fedbe-no-balance``: ``fedbe`` with / without the label-balanced loss (ablation)
 * ``fedbe-avg-trainers`` / ``fedbe-avg-round``: ``fedbe`` averaging each block over its trainers / over
   every client of the round (ablation)
+* ``fedbe-interleave``: ``fedbe`` with its blocks interleaved (LLaMA Pro) whatever ``--placement`` says (ablation)
 * ``fedbe-random`` / ``fedbe-all``: random allocation / every client trains all blocks it can hold
 * ``fedit``: FedAvg of LoRA adapters (PEFT, r=16 on every linear layer of the base; the same lr schedule)
 * ``fedit-distill``: FedIT with the same self-distillation as ``fedbe`` (adapters disabled = base)
@@ -78,7 +79,7 @@ BLOCK_METHODS = (
     "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-all-positions",
     "fedbe-no-deadline", "fedbe-no-skew-limit", "fedbe-balance", "fedbe-no-balance", "fedbe-avg-trainers",
     "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all", "fedbe-const-lr",
-    "fedbe-fp32-download", "fedbe-all-rows",
+    "fedbe-fp32-download", "fedbe-all-rows", "fedbe-interleave",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
@@ -512,7 +513,8 @@ class BlockMethod(Method):
             index = {"pos-bottom": 0, "pos-middle": layers // 2, "pos-top": layers - 1}[name]
             plan = expansion.plan_expansion(layers, None, (index,))
         else:
-            plan = expansion.plan_expansion(layers, world.blocks, expansion.parse_placement(self.s.placement))
+            placement = method_placement(self.s, name) or "interleave"
+            plan = expansion.plan_expansion(layers, world.blocks, expansion.parse_placement(placement))
         self.registry = expansion.expand_model(model, plan)
         quantization.freeze_base(model, self.registry, self.s.precision)
         self.model = model
@@ -1110,19 +1112,31 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
     return written
 
 
-def settings_digest(settings: BenchSettings) -> str:
-    """What a method run depends on (everything but the list of methods and seeds)."""
+def method_placement(settings: BenchSettings, method: str) -> str | None:
+    """The placement ``method`` expands the model with (None: it adds no interleaved blocks)."""
+    if method == "fedbe-interleave":
+        return "interleave"
+    return settings.placement if method in BLOCK_METHODS else None
+
+
+def settings_digest(settings: BenchSettings, method: str | None = None) -> str:
+    """What a method run depends on (everything but the list of methods and seeds).
+
+    The placement counts only where ``method`` uses it, and only when it is not interleave (every run
+    before the setting existed), so LoRA records and earlier interleave records keep their digest.
+    """
     import hashlib  # noqa: PLC0415
 
     data = asdict(settings)
-    del data["methods"], data["seeds"]
-    if data["placement"] == "interleave":  # every run before the setting existed: keep their digest
-        del data["placement"]
+    del data["methods"], data["seeds"], data["placement"]
+    placement = settings.placement if method is None else method_placement(settings, method)
+    if placement not in (None, "interleave"):
+        data["placement"] = placement
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def previous_records(path: Path, digest: str) -> dict[tuple[str, int], dict[str, Any]]:
-    """Method runs of the same settings from an interrupted earlier run in the same folder."""
+def previous_records(path: Path, settings: BenchSettings) -> dict[tuple[str, int], dict[str, Any]]:
+    """Method runs of the same settings (as each method depends on them) from an earlier run in the same folder."""
     if not path.is_file():
         return {}
     done = {}
@@ -1131,7 +1145,9 @@ def previous_records(path: Path, digest: str) -> dict[tuple[str, int], dict[str,
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and rec.get("settings_digest") == digest and "method" in rec:
+        if not (isinstance(rec, dict) and isinstance(rec.get("method"), str) and "seed" in rec):
+            continue
+        if rec.get("settings_digest") == settings_digest(settings, rec["method"]):
             done[(rec["method"], int(rec["seed"]))] = rec
     return done
 
@@ -1142,8 +1158,7 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     base_scores: dict[str, float] = {}
-    digest = settings_digest(settings)
-    done = previous_records(out / "records.jsonl", digest)
+    done = previous_records(out / "records.jsonl", settings)
     if done:
         say(f"resuming: {len(done)} method run(s) of these settings already in {out / 'records.jsonl'}")
     with (out / "records.jsonl").open("w") as handle:
@@ -1166,7 +1181,7 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
                     f"({time.perf_counter() - started:.0f} s elapsed)")  # fmt: skip
                 torch.manual_seed(seed)
                 rec = run_method(world, name, say)
-                rec["settings_digest"] = digest
+                rec["settings_digest"] = settings_digest(settings, name)
                 with (out / "records.jsonl").open("a") as handle:
                     handle.write(json.dumps(rec) + "\n")
             if not base_scores and rec.get("round0"):
@@ -1229,8 +1244,7 @@ def run_bench_jobs(settings: BenchSettings, out: Path, jobs: int, command: str =
     import os  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
-    digest = settings_digest(settings)
-    previous = previous_records(out / "records.jsonl", digest)
+    previous = previous_records(out / "records.jsonl", settings)
     # a method is done when every requested seed of it is (a run extended to more seeds trains the new ones)
     todo = [m for m in settings.methods if any((m, seed) not in previous for seed in settings.seeds)]
     parts = balanced_parts(todo, jobs)
@@ -1238,7 +1252,7 @@ def run_bench_jobs(settings: BenchSettings, out: Path, jobs: int, command: str =
         # each worker resumes from its own folder: give it the finished seeds of its methods, whichever
         # worker ran them before
         job_records = out / f"job-{k}" / "records.jsonl"
-        mine = {**previous_records(job_records, digest),
+        mine = {**previous_records(job_records, settings),
                 **{key: rec for key, rec in previous.items() if key[0] in part}}  # fmt: skip
         job_records.parent.mkdir(parents=True, exist_ok=True)
         job_records.write_text("".join(json.dumps(rec) + "\n" for rec in mine.values()))
@@ -1276,7 +1290,7 @@ def run_bench_jobs(settings: BenchSettings, out: Path, jobs: int, command: str =
             )
         with (out / "records.jsonl").open("a") as handle:
             for k in range(len(parts)):
-                for rec in previous_records(out / f"job-{k}" / "records.jsonl", digest).values():
+                for rec in previous_records(out / f"job-{k}" / "records.jsonl", settings).values():
                     handle.write(json.dumps(rec) + "\n")
     return run_bench(settings, out, command, say)
 

@@ -19,6 +19,7 @@ Three steps, kept apart:
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -223,7 +224,7 @@ def plan_expansion(
     # layer (interleave) or its middle one (middle).
     starts = [g * base_num_layers // n_blocks for g in range(n_blocks + 1)]
     if placement == "middle":
-        after = tuple(lo + (hi - lo - 1) // 2 for lo, hi in zip(starts, starts[1:]))
+        after = tuple(lo + (hi - lo - 1) // 2 for lo, hi in itertools.pairwise(starts))
     else:
         after = tuple(hi - 1 for hi in starts[1:])
     return ExpansionPlan(base_num_layers, after)

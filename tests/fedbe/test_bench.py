@@ -159,33 +159,48 @@ def test_a_client_given_a_block_it_never_trained_compresses_with_a_zero_residual
 
 
 def test_an_interrupted_run_resumes_only_runs_of_the_same_settings(tmp_path) -> None:
-    digest = bench.settings_digest(bench.BenchSettings())
+    settings = bench.BenchSettings()
+    digest = bench.settings_digest(settings)
     other = bench.settings_digest(bench.BenchSettings(rounds=9))
     assert digest != other
     assert digest == bench.settings_digest(bench.BenchSettings(methods=("fedit",), seeds=(3,)))
     lines = [
         json.dumps({"method": "fedbe", "seed": 0, "settings_digest": digest, "rounds": []}),
         json.dumps({"method": "fedit", "seed": 0, "settings_digest": other, "rounds": []}),
+        json.dumps({"seed": 1, "settings_digest": digest}),
         "{not json",
     ]
     (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
-    done = bench.previous_records(tmp_path / "records.jsonl", digest)
+    done = bench.previous_records(tmp_path / "records.jsonl", settings)
     assert list(done) == [("fedbe", 0)]
-    assert bench.previous_records(tmp_path / "missing.jsonl", digest) == {}
+    assert bench.previous_records(tmp_path / "missing.jsonl", settings) == {}
 
 
-def test_only_a_placement_other_than_interleave_changes_the_settings_digest() -> None:
-    """Runs from before --placement existed (all interleave) keep their digest and still resume."""
+def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path) -> None:
+    """Runs from before --placement existed (all interleave) keep their digest, and LoRA records
+    resume under any placement: a run with new blocks elsewhere retrains only the block methods."""
     import hashlib
     from dataclasses import asdict
 
     data = asdict(bench.BenchSettings())
     del data["methods"], data["seeds"], data["placement"]
     before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    middle = bench.BenchSettings(placement="middle")
     assert bench.settings_digest(bench.BenchSettings(placement="interleave")) == before
-    middle = bench.settings_digest(bench.BenchSettings(placement="middle"))
-    explicit = bench.settings_digest(bench.BenchSettings(placement="2,7,12,17,22,27"))
-    assert len({before, middle, explicit}) == 3
+    assert bench.settings_digest(bench.BenchSettings(), "fedbe") == before
+    assert bench.settings_digest(middle, "fedbe") != before
+    assert bench.settings_digest(middle, "fedbe") != bench.settings_digest(
+        bench.BenchSettings(placement="2,7,12,17,22,27"), "fedbe"
+    )
+    for method in ("fedit", "fedit-distill", "ffa-lora", "full-ft", "pos-top", "fedbe-interleave"):
+        assert bench.settings_digest(middle, method) == before, method
+    lines = [json.dumps({"method": m, "seed": 0, "settings_digest": before, "rounds": []})
+             for m in ("fedbe", "fedit", "fedbe-interleave")]  # fmt: skip
+    (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
+    assert list(bench.previous_records(tmp_path / "records.jsonl", middle)) == [
+        ("fedit", 0),
+        ("fedbe-interleave", 0),
+    ]
 
 
 def test_fedbe_puts_its_blocks_where_placement_says_and_positions_stay_single() -> None:
@@ -196,6 +211,7 @@ def test_fedbe_puts_its_blocks_where_placement_says_and_positions_stay_single() 
     explicit = replace(world, settings=replace(world.settings, placement="1,2"))
     assert bench.BlockMethod("fedbe-plain", explicit).registry.new_layer_indices == (2, 4)
     assert bench.BlockMethod("pos-top", middle).registry.new_layer_indices == (4,)  # its own position
+    assert bench.BlockMethod("fedbe-interleave", middle).registry.new_layer_indices == (2, 5)
 
 
 def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path) -> None:

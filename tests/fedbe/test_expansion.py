@@ -161,7 +161,9 @@ def test_middle_keeps_each_block_in_its_interleave_group(layers_and_blocks: tupl
     # each block at or below its interleave position, and above the previous group's last layer
     assert all(lo < m <= hi for lo, m, hi in zip((-1, *interleave), middle, interleave, strict=False))
     # and at most half its group below the top of the group
-    assert all(hi - m <= (hi - lo) // 2 for lo, m, hi in zip((-1, *interleave), middle, interleave, strict=False))
+    assert all(
+        hi - m <= (hi - lo) // 2 for lo, m, hi in zip((-1, *interleave), middle, interleave, strict=False)
+    )
 
 
 def test_top_stacks_every_block_after_the_last_layer() -> None:
