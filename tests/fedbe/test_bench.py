@@ -187,7 +187,8 @@ def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path
     before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     middle = bench.BenchSettings(placement="middle")
     assert bench.settings_digest(bench.BenchSettings(placement="interleave")) == before
-    assert bench.settings_digest(bench.BenchSettings(), "fedbe") == before
+    assert bench.settings_digest(bench.BenchSettings(placement="interleave"), "fedbe") == before
+    assert bench.settings_digest(bench.BenchSettings(), "fedbe") != before  # interleave-mid-top
     assert bench.settings_digest(middle, "fedbe") != before
     assert bench.settings_digest(middle, "fedbe") != bench.settings_digest(
         bench.BenchSettings(placement="2,7,12,17,22,27"), "fedbe"
@@ -205,7 +206,9 @@ def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path
 
 def test_fedbe_puts_its_blocks_where_placement_says_and_positions_stay_single() -> None:
     world = _tiny_world(blocks=2)  # 4 base layers: groups [0, 1] and [2, 3]
-    assert bench.BlockMethod("fedbe", world).registry.new_layer_indices == (2, 5)  # after 1 and 3
+    assert bench.BlockMethod("fedbe", world).registry.new_layer_indices == (2, 4)  # after 1 and 2
+    interleave = replace(world, settings=replace(world.settings, placement="interleave"))
+    assert bench.BlockMethod("fedbe", interleave).registry.new_layer_indices == (2, 5)  # after 1 and 3
     middle = replace(world, settings=replace(world.settings, placement="middle"))
     assert bench.BlockMethod("fedbe", middle).registry.new_layer_indices == (1, 4)  # after 0 and 2
     explicit = replace(world, settings=replace(world.settings, placement="1,2"))

@@ -47,12 +47,14 @@ PLACEMENTS: dict[str, tuple[Any, tuple[int, ...], tuple[int, ...], list[int]]] =
     # groups [0,1] [2,3]: a block after 1 and after 3
     "interleave": ("interleave", (2, 5), (1, 3), [0, 1, 1, 2, 3, 3]),
     "top": ("top", (4, 5), (3, 3), [0, 1, 2, 3, 3, 3]),
+    # interleave with the top group's block after its middle layer: after 1 and after 2
+    "interleave-mid-top": ("interleave-mid-top", (2, 4), (1, 2), [0, 1, 1, 2, 2, 3]),
     # the same groups, a block after the middle (lower) layer of each: after 0 and after 2
     "middle": ("middle", (1, 4), (0, 2), [0, 0, 1, 2, 2, 3]),
     "explicit": ([2, 0], (1, 4), (0, 2), [0, 0, 1, 2, 2, 3]),
 }
 CASES = [(arch, "interleave") for arch in TINY_ARCHITECTURES] + [
-    (arch, placement) for arch in ("llama", "gemma3") for placement in ("top", "middle", "explicit")
+    (arch, placement) for arch in ("llama", "gemma3") for placement in ("top", "middle", "interleave-mid-top", "explicit")
 ]
 
 
@@ -152,6 +154,23 @@ def test_middle_puts_a_block_after_the_middle_of_each_group(
     assert plan_expansion(layers, n_blocks, "middle").after == after
 
 
+@pytest.mark.parametrize(
+    ("layers", "n_blocks", "after"),
+    [
+        (30, 6, (4, 9, 14, 19, 24, 27)),  # SmolLM2-135M: only the top block moves, under layers 28-29
+        (4, 2, (1, 2)),  # groups [0, 1] and [2, 3]: the top block after 2
+        (4, 4, (0, 1, 2, 3)),  # groups of one: nowhere lower to go
+        (10, 3, (2, 5, 7)),  # groups of 3, 3, 4
+        (1, 1, (0,)),
+    ],
+)
+def test_interleave_mid_top_moves_only_the_top_block_to_its_groups_middle(
+    layers: int, n_blocks: int, after: tuple[int, ...]
+) -> None:
+    assert plan_expansion(layers, n_blocks, "interleave-mid-top").after == after
+    assert plan_expansion(layers, n_blocks, "interleave").after[:-1] == after[:-1]
+
+
 @given(st.integers(1, 64).flatmap(lambda layers: st.tuples(st.just(layers), st.integers(1, layers))))
 def test_middle_keeps_each_block_in_its_interleave_group(layers_and_blocks: tuple[int, int]) -> None:
     layers, n_blocks = layers_and_blocks
@@ -232,6 +251,7 @@ def test_parse_placement() -> None:
     assert parse_placement(" interleave ") == "interleave"
     assert parse_placement("top") == "top"
     assert parse_placement("middle") == "middle"
+    assert parse_placement("interleave-mid-top") == "interleave-mid-top"
     assert parse_placement("4,9,14") == [4, 9, 14]
     with pytest.raises(ExpansionError, match="comma-separated"):
         parse_placement("4;9")
