@@ -14,7 +14,8 @@ Fields (``name: type = default``):
 * ``model: str`` (required) -- base model source: ``smollm2-135m``, a HF folder, a ``.gguf`` file, ``tiny:<arch>``.
 * ``state_dir: path`` (required) -- checkpoints, pending updates and ``metrics.jsonl`` of this run.
 * ``blocks: int >= 1 | "auto" = "auto"`` -- new blocks; ``auto`` sizes from the announced clients.
-* ``placement: "interleave" | "top" | [int, ...] = "interleave"`` -- where new blocks go (base-layer indices).
+* ``placement: "interleave" | "interleave-mid-top" | "middle" | "top" | [int, ...] = "interleave"`` -- where
+  new blocks go (``fedbe.expansion.plan_expansion``; or base-layer indices).
 * ``rounds: int >= 1 = 20`` -- rounds to run. ``clients_per_round: int >= 1 = 4`` -- clients asked per round.
 * ``min_clients: int in [1, clients_per_round] = 2`` -- fewest updates that make a round count.
 * ``round_deadline_seconds: float > 0 = 600`` -- a round closes this long after its tasks go out.
@@ -393,7 +394,8 @@ def parse_run_config(mapping: object, source_name: str, base_dir: Path | None = 
     top.finish()
     plateau, field = config.auto_expansion.plateau_rounds, "auto_expansion.plateau_rounds"
     if plateau and not isinstance(config.placement, str):
-        top.fail(field, plateau, "adds blocks, so placement must be interleave or top", "Or set it to 0.")
+        top.fail(field, plateau, "adds blocks, so placement must be a named one (interleave, middle, ...), not a list",
+                  "Or set it to 0.")  # fmt: skip
     if plateau and config.server_eval is None and config.eval_every == 0:
         top.fail(
             field, plateau, "needs an accuracy to watch", "Enable server_eval or eval_every, or set it to 0."
@@ -426,7 +428,9 @@ def _state_dir(top: _Fields) -> Path:
 
 def _placement(top: _Fields) -> str | tuple[int, ...]:
     value = top.raw("placement", "interleave")
-    fix = "Use interleave, top, or a list of distinct base-layer indices such as [4, 9, 14]."
+    fix = (
+        "Use interleave, interleave-mid-top, middle, top, or distinct base-layer indices such as [4, 9, 14]."
+    )
     if isinstance(value, str):
         try:
             parsed = parse_placement(value)
@@ -436,7 +440,7 @@ def _placement(top: _Fields) -> str | tuple[int, ...]:
             return parsed
         value = parsed
     if not isinstance(value, list) or not value:
-        top.fail("placement", value, "must be interleave, top or a non-empty list of layer indices", fix)
+        top.fail("placement", value, "must be a placement name or a non-empty list of layer indices", fix)
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in value):
         top.fail("placement", value, "must list whole numbers >= 0 (0-based base-layer indices)", fix)
     if len(set(value)) != len(value):

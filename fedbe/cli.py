@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     expand.add_argument(
         "--placement",
         default="interleave",
-        help="interleave (one after each of N equal groups of layers, default), top (all after the last layer), "
+        help="interleave (one after each of N equal groups of layers, default), interleave-mid-top (the "
+        "same, but the top group's block after its middle layer, so base layers stay above every new "
+        "block), middle (every block after its group's middle layer), top (all after the last layer), "
         "or comma-separated 0-based base-layer indices, e.g. 4,9,14",
     )
     expand.add_argument("--out", required=True, type=Path, help="folder to write the expanded model to")
@@ -83,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", default="smollm2-135m", help="model source (default: smollm2-135m)")
     demo.add_argument("--blocks", type=positive_int, default=6, help="new blocks (default 6)")
-    demo.add_argument("--placement", default="interleave", help="interleave, top or base-layer indices")
+    demo.add_argument(
+        "--placement",
+        default="interleave",
+        help="interleave, interleave-mid-top, middle, top or base-layer indices",
+    )
     demo.add_argument(
         "--precision",
         default="nf4",

@@ -54,7 +54,9 @@ PLACEMENTS: dict[str, tuple[Any, tuple[int, ...], tuple[int, ...], list[int]]] =
     "explicit": ([2, 0], (1, 4), (0, 2), [0, 0, 1, 2, 2, 3]),
 }
 CASES = [(arch, "interleave") for arch in TINY_ARCHITECTURES] + [
-    (arch, placement) for arch in ("llama", "gemma3") for placement in ("top", "middle", "interleave-mid-top", "explicit")
+    (arch, placement)
+    for arch in ("llama", "gemma3")
+    for placement in ("top", "middle", "interleave-mid-top", "explicit")
 ]
 
 
