@@ -394,8 +394,8 @@ def parse_run_config(mapping: object, source_name: str, base_dir: Path | None = 
     top.finish()
     plateau, field = config.auto_expansion.plateau_rounds, "auto_expansion.plateau_rounds"
     if plateau and not isinstance(config.placement, str):
-        top.fail(field, plateau, "adds blocks, so placement must be a named one (interleave, middle, ...), not a list",
-                  "Or set it to 0.")  # fmt: skip
+        why = "adds blocks, so placement must be named (interleave, interleave-mid-top, middle, top), not a list"
+        top.fail(field, plateau, why, "Or set it to 0.")
     if plateau and config.server_eval is None and config.eval_every == 0:
         top.fail(
             field, plateau, "needs an accuracy to watch", "Enable server_eval or eval_every, or set it to 0."

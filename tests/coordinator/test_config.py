@@ -242,6 +242,12 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.min_clients <= cfg.clients_per_round and cfg.server_eval is None
 
 
+@pytest.mark.parametrize("name", ["interleave", "interleave-mid-top", "middle", "top"])
+def test_every_named_placement_is_accepted(tmp_path: Path, name: str) -> None:
+    assert load_run_config(write(tmp_path, {**BASE, "placement": name})).placement == name
+    assert load_run_config(write(tmp_path, {**BASE, "placement": f" {name} "})).placement == name
+
+
 def test_every_field_is_read(tmp_path: Path) -> None:
     """A config that sets every field to a non-default value comes back with exactly those values."""
     (tmp_path / "pw.txt").write_text("s3cret\nignored\n")
