@@ -92,7 +92,7 @@ import yaml
 
 from fedbe.compression import Level
 from fedbe.errors import ConfigError, ExpansionError
-from fedbe.expansion import parse_placement
+from fedbe.expansion import PLACEMENTS, parse_placement
 from fedbe.profiles import PRECISIONS
 from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES, check_name
 from fedbe.sources import SMOLLM2, TINY_PREFIX
@@ -394,7 +394,7 @@ def parse_run_config(mapping: object, source_name: str, base_dir: Path | None = 
     top.finish()
     plateau, field = config.auto_expansion.plateau_rounds, "auto_expansion.plateau_rounds"
     if plateau and not isinstance(config.placement, str):
-        why = "adds blocks, so placement must be named (interleave, interleave-mid-top, middle, top), not a list"
+        why = f"adds blocks, so placement must be named ({', '.join(PLACEMENTS)}), not a list"
         top.fail(field, plateau, why, "Or set it to 0.")
     if plateau and config.server_eval is None and config.eval_every == 0:
         top.fail(
@@ -428,9 +428,7 @@ def _state_dir(top: _Fields) -> Path:
 
 def _placement(top: _Fields) -> str | tuple[int, ...]:
     value = top.raw("placement", "interleave")
-    fix = (
-        "Use interleave, interleave-mid-top, middle, top, or distinct base-layer indices such as [4, 9, 14]."
-    )
+    fix = f"Use {', '.join(PLACEMENTS)}, or distinct base-layer indices such as [4, 9, 14]."
     if isinstance(value, str):
         try:
             parsed = parse_placement(value)

@@ -193,7 +193,7 @@ class BenchSettings:
             if not (math.isfinite(value) and value >= 0) or (positive and value == 0):
                 raise ConfigError(f"{name} must be a {'positive' if positive else 'non-negative'} number, "
                                   f"got {value}")  # fmt: skip
-        from fedbe.expansion import parse_placement  # noqa: PLC0415
+        from fedbe.expansion import PLACEMENTS, parse_placement  # noqa: PLC0415
 
         try:
             placement = parse_placement(self.placement)
@@ -201,7 +201,7 @@ class BenchSettings:
             raise ConfigError(f"--placement: {e}") from None
         if not isinstance(placement, str) and len(placement) != self.blocks:
             raise ConfigError(f"--placement lists {len(placement)} base layers for {self.blocks} new blocks; "
-                              f"give {self.blocks} indices, or interleave / middle / top")  # fmt: skip
+                              f"give {self.blocks} indices, or one of {', '.join(PLACEMENTS)}")  # fmt: skip
         if self.download_level not in DOWNLOAD_LEVELS:
             raise ConfigError(
                 f"download_level must be one of {', '.join(DOWNLOAD_LEVELS)}, got {self.download_level!r}"
@@ -516,8 +516,9 @@ class BlockMethod(Method):
             index = {"pos-bottom": 0, "pos-middle": layers // 2, "pos-top": layers - 1}[name]
             plan = expansion.plan_expansion(layers, None, (index,))
         else:
-            placement = method_placement(self.s, name) or "interleave"
-            plan = expansion.plan_expansion(layers, world.blocks, expansion.parse_placement(placement))
+            plan = expansion.plan_expansion(
+                layers, world.blocks, method_placement(self.s, name) or "interleave"
+            )
         self.registry = expansion.expand_model(model, plan)
         quantization.freeze_base(model, self.registry, self.s.precision)
         self.model = model
