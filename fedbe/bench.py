@@ -1371,6 +1371,13 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         "--probe-questions", type=int, default=d.probe_questions, help=f"default {d.probe_questions}"
     )
     p.add_argument(
+        "--probe-texts",
+        type=int,
+        default=d.probe_texts,
+        help="fortunes quotations the general perplexity is measured on (the split's first N in a fixed "
+        f"order; about 1,700 in each split; default {d.probe_texts})",
+    )
+    p.add_argument(
         "--rehearsal-rows",
         type=int,
         default=d.rehearsal_rows,
@@ -1509,7 +1516,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay, context_blocks=args.context_blocks,
         download_level=args.download_level, placement=args.placement,
         eval_examples=args.eval_examples,
-        probe_questions=args.probe_questions, full_ft_budget_seconds=args.full_ft_budget,
+        probe_questions=args.probe_questions, probe_texts=args.probe_texts, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip
     if args.quick:
         settings = quick(settings, methods_given=bool(args.methods))
