@@ -511,3 +511,27 @@ def test_the_download_and_lr_ablations_keep_the_previous_defaults() -> None:
             bf16_block = sum(t.numel() * 2 for t in method.global_state[0].values())
             assert result.bytes_down == fp32_block + bf16_block
     assert moved["fedbe-const-lr"] < 1e-7 < moved["fedbe"], moved
+
+
+def test_probe_texts_flag_reaches_the_settings_and_the_digest_of_every_method(tmp_path) -> None:
+    """A larger perplexity probe is a different measurement: no record of the default probe may
+    resume under it, whichever method it came from; a probe larger than the split is refused."""
+    from fedbe.cli import build_parser
+    from fedbe.errors import DataError
+    from fedbe.probes import general_texts
+
+    def settings(*extra: str) -> bench.BenchSettings:
+        args = build_parser().parse_args(["bench", "--out", str(tmp_path), *extra])
+        return bench.settings_from_args(args)
+
+    default, wide = settings(), settings("--probe-texts", "192")
+    assert default.probe_texts == 48 and wide.probe_texts == 192
+    for method in ("fedbe", "fedit", "fedit-distill", "ffa-lora"):
+        assert bench.settings_digest(wide, method) != bench.settings_digest(default, method), method
+    texts = general_texts(192, "validation")
+    assert texts[:48] == general_texts(48, "validation")  # the small probe is the large one's start
+    assert not set(texts) & set(general_texts(1600, "test"))
+    with pytest.raises(ConfigError, match="probe_texts must be >= 1"):
+        settings("--probe-texts", "0")
+    with pytest.raises(DataError, match="quotations in the validation split; ask for fewer"):
+        general_texts(10**6, "validation")
