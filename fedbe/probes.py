@@ -181,39 +181,73 @@ def perplexity(
     model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], max_tokens: int = 128, batch_size: int = 8
 ) -> float:
     """exp(mean next-token loss) over every token of ``texts`` (each cut to ``max_tokens``)."""
+    return perplexities(model, tokenizer, texts, (len(texts),), max_tokens, batch_size)[0]
+
+
+@torch.no_grad()
+def perplexities(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    texts: Sequence[str],
+    heads: Sequence[int],
+    max_tokens: int = 128,
+    batch_size: int = 8,
+) -> list[float]:
+    """:func:`perplexity` over the first ``n`` of ``texts`` for each ``n`` in ``heads``, from one pass."""
+    if any(not 0 < n <= len(texts) for n in heads):
+        raise ValueError(f"every head must be in 1..{len(texts)}, got {list(heads)}")
     model.eval()
     pad = pad_id(tokenizer)
-    rows = [_encode(tokenizer, t)[:max_tokens] for t in texts]
-    rows = [r for r in rows if len(r) >= 2]
-    if not rows:
-        return float("nan")
-    total, count = 0.0, 0
-    for begin in range(0, len(rows), batch_size):
-        picked, mask = _token_logprobs(model, rows[begin : begin + batch_size], pad)
-        total -= float((picked * mask).sum())
-        count += int(mask.sum())
-    return math.exp(total / count)
+    rows = [_encode(tokenizer, t)[:max_tokens] for t in texts[: max(heads, default=0)]]
+    nll = [0.0] * len(rows)  # summed next-token loss of each text (0 for a text under 2 tokens)
+    counts = [max(len(r) - 1, 0) for r in rows]
+    scored = [i for i, r in enumerate(rows) if len(r) >= 2]
+    for begin in range(0, len(scored), batch_size):
+        chunk = scored[begin : begin + batch_size]
+        picked, mask = _token_logprobs(model, [rows[i] for i in chunk], pad)
+        for j, i in enumerate(chunk):
+            nll[i] = -float((picked[j] * mask[j]).sum())
+    out = []
+    for n in heads:
+        count = sum(counts[:n])
+        out.append(math.exp(sum(nll[:n]) / count) if count else float("nan"))
+    return out
 
 
 @dataclass(frozen=True)
 class GeneralProbe:
-    """A fixed probe set: build once, score any model with :meth:`score`."""
+    """A fixed probe set: build once, score any model with :meth:`score`.
+
+    ``head`` (0 = none): also report the perplexity of the first ``head`` texts as
+    ``perplexity_head``, so a run on a larger probe can be compared with runs on the smaller one
+    (the first ``n`` texts of a split are the same for every ``n``)."""
 
     questions: tuple[DefinitionQuestion, ...]
     texts: tuple[str, ...]
     split: str
+    head: int = 0
 
     @classmethod
-    def build(cls, questions: int = 100, texts: int = 48, split: str = "test", seed: int = 0) -> GeneralProbe:
+    def build(
+        cls, questions: int = 100, texts: int = 48, split: str = "test", seed: int = 0, head: int = 0
+    ) -> GeneralProbe:
         return cls(
-            tuple(definition_questions(questions, split, seed)), tuple(general_texts(texts, split)), split
+            tuple(definition_questions(questions, split, seed)),
+            tuple(general_texts(texts, split)),
+            split,
+            head if 0 < head < texts else 0,
         )
 
     def score(self, model: PreTrainedModel, tokenizer: Any) -> dict[str, float]:
-        return {
+        heads = (len(self.texts), self.head) if self.head else (len(self.texts),)
+        ppl = perplexities(model, tokenizer, self.texts, heads)
+        scores = {
             "definition_accuracy": definition_accuracy(model, tokenizer, self.questions),
-            "perplexity": perplexity(model, tokenizer, self.texts),
+            "perplexity": ppl[0],
         }
+        if self.head:
+            scores["perplexity_head"] = ppl[1]
+        return scores
 
 
 def retention(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -223,4 +257,8 @@ def retention(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
         if before["definition_accuracy"]
         else float("nan"),
         "perplexity_retention": before["perplexity"] / after["perplexity"],
-    }
+    } | (
+        {"perplexity_head_retention": before["perplexity_head"] / after["perplexity_head"]}
+        if "perplexity_head" in before and "perplexity_head" in after
+        else {}
+    )

@@ -67,6 +67,15 @@ def test_time_to_target_is_the_first_round_at_90_percent_of_the_best_final_accur
     base = {"accuracy": 0.3, "definition_accuracy": 0.6, "perplexity": 40.0}
     md = bench.results_markdown(list(rows.values()), base, bench.BenchSettings(), "fedbe bench")
     assert "not reached" in md and "skipped: estimated 999 s" in md
+    assert "first 48 of the" not in md  # no record scored a head probe
+    a1, a2 = _record("a", [0.9], [10]), _record("a", [0.8], [10])
+    a2["seed"] = 1
+    a1["rounds"][-1]["perplexity_head_retention"], a2["rounds"][-1]["perplexity_head_retention"] = 0.99, 1.01
+    rows = bench.summarise([a1, a2, _record("b", [0.9], [10])], {})
+    assert rows[0]["perplexity_head_retention"] == pytest.approx((1.0, 0.01))
+    assert "perplexity_head_retention" not in rows[1]  # b's records have none
+    md = bench.results_markdown(rows, base, bench.BenchSettings(), "fedbe bench")
+    assert "first 48 of the 192 quotations" in md and "a 1.000 ± 0.010" in md and ", b " not in md
 
 
 def test_mean_curves_average_each_round_over_the_seeds_and_cut_to_the_shortest(tmp_path) -> None:
@@ -524,10 +533,10 @@ def test_probe_texts_flag_reaches_the_settings_and_the_digest_of_every_method(tm
         args = build_parser().parse_args(["bench", "--out", str(tmp_path), *extra])
         return bench.settings_from_args(args)
 
-    default, wide = settings(), settings("--probe-texts", "192")
-    assert default.probe_texts == 48 and wide.probe_texts == 192
+    default, small = settings(), settings("--probe-texts", "48")
+    assert default.probe_texts == 192 and small.probe_texts == 48
     for method in ("fedbe", "fedit", "fedit-distill", "ffa-lora"):
-        assert bench.settings_digest(wide, method) != bench.settings_digest(default, method), method
+        assert bench.settings_digest(small, method) != bench.settings_digest(default, method), method
     texts = general_texts(192, "validation")
     assert texts[:48] == general_texts(48, "validation")  # the small probe is the large one's start
     assert not set(texts) & set(general_texts(1600, "test"))

@@ -31,6 +31,11 @@ def test_retention_is_after_over_before_and_before_over_after() -> None:
         {"definition_accuracy": 0.6, "perplexity": 40.0}, {"definition_accuracy": 0.3, "perplexity": 80.0}
     )
     assert r == {"definition_retention": 0.5, "perplexity_retention": 0.5}
+    head = probes.retention(
+        {"definition_accuracy": 0.6, "perplexity": 40.0, "perplexity_head": 30.0},
+        {"definition_accuracy": 0.6, "perplexity": 50.0, "perplexity_head": 40.0},
+    )
+    assert head["perplexity_retention"] == 0.8 and head["perplexity_head_retention"] == 0.75
 
 
 def test_scores_respond_to_the_model() -> None:
@@ -46,3 +51,26 @@ def test_scores_respond_to_the_model() -> None:
             p.add_(torch.randn_like(p) * 0.5)
     after = probe.score(model, tokenizer)
     assert after["perplexity"] != pytest.approx(before["perplexity"], rel=1e-3)
+
+
+def test_a_probe_with_a_head_scores_its_first_texts_as_the_smaller_probe_does() -> None:
+    """A 12-text probe with head 5 reports, from one pass, the perplexity of all 12 and the one a
+    5-text probe of the same split gets; texts of different lengths make the two differ."""
+    torch.manual_seed(0)
+    model = sources.build_tiny_model("llama")
+    tokenizer = sources.load_tokenizer("tiny:llama")
+    wide = probes.GeneralProbe.build(questions=4, texts=12, split="validation", head=5).score(
+        model, tokenizer
+    )
+    small = probes.GeneralProbe.build(questions=4, texts=5, split="validation").score(model, tokenizer)
+    assert "perplexity_head" not in small
+    assert wide["perplexity_head"] == pytest.approx(small["perplexity"], rel=1e-5)
+    assert wide["perplexity"] != pytest.approx(small["perplexity"], rel=1e-3)
+    texts = probes.general_texts(12, "validation")
+    assert probes.perplexities(model, tokenizer, texts, (12, 5)) == pytest.approx(
+        [probes.perplexity(model, tokenizer, texts), probes.perplexity(model, tokenizer, texts[:5])], rel=1e-5
+    )
+    # a head no smaller than the probe is no head
+    assert probes.GeneralProbe.build(questions=4, texts=5, split="validation", head=5).head == 0
+    with pytest.raises(ValueError, match="every head must be in 1..12"):
+        probes.perplexities(model, tokenizer, texts, (13,))
