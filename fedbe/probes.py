@@ -180,7 +180,9 @@ def definition_accuracy(
 def perplexity(
     model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], max_tokens: int = 128, batch_size: int = 8
 ) -> float:
-    """exp(mean next-token loss) over every token of ``texts`` (each cut to ``max_tokens``)."""
+    """exp(mean next-token loss) over every token of ``texts`` (each cut to ``max_tokens``); NaN for none."""
+    if not texts:
+        return float("nan")
     return perplexities(model, tokenizer, texts, (len(texts),), max_tokens, batch_size)[0]
 
 
