@@ -1448,13 +1448,13 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         "--lr-decay",
         type=float,
         default=d.lr_decay,
-        help=f"FedBE clients train round r at lr x this^(r-1) (default {d.lr_decay:g}: a constant lr)",
+        help=f"FedBE clients train round r at lr x this^(r-1) (default {d.lr_decay:g}; 1 = a constant lr)",
     )
     p.add_argument(
         "--lora-lr-decay",
         type=float,
         default=d.lora_lr_decay,
-        help=f"LoRA clients train round r at --lora-lr x this^(r-1) (default {d.lora_lr_decay:g}: a constant lr)",
+        help=f"LoRA clients train round r at --lora-lr x this^(r-1) (default {d.lora_lr_decay:g}; 1 = a constant lr)",
     )
     p.add_argument(
         "--server-lr",
