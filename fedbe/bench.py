@@ -1145,11 +1145,24 @@ def method_placement(settings: BenchSettings, method: str) -> str | None:
     return settings.placement if method in BLOCK_METHODS else None
 
 
+# Settings that only the block methods (FedBE, its ablations, the position methods) read: the LoRA
+# methods and full FT train with lora_lr / full_ft_lr, lora_lr_decay and lora_distill_lambda, and
+# have no allocation, blocks or server step. In their digests these are pinned to fixed values (the
+# defaults of bench v10, so every record made with them keeps its digest), so a change of FedBE's
+# knobs retrains FedBE, not its baselines.
+BLOCK_ONLY_PINNED: dict[str, Any] = {
+    "lr": 2e-3, "lr_decay": 0.5, "distill_lambda": 3.0, "identity_pull": 1e-3, "deadline_factor": 0.6,
+    "max_block_divergence": 0.3, "label_balance": False, "block_average": "round", "server_lr": 1.0,
+    "context_blocks": True,
+}  # fmt: skip
+
+
 def settings_digest(settings: BenchSettings, method: str | None = None) -> str:
     """What a method run depends on (everything but the list of methods and seeds).
 
     The placement counts only where ``method`` uses it, and only when it is not interleave (every run
     before the setting existed), so LoRA records and earlier interleave records keep their digest.
+    The block-only settings (:data:`BLOCK_ONLY_PINNED`) count only for the block methods.
     """
     import hashlib  # noqa: PLC0415
 
@@ -1158,6 +1171,8 @@ def settings_digest(settings: BenchSettings, method: str | None = None) -> str:
     placement = settings.placement if method is None else method_placement(settings, method)
     if placement not in (None, "interleave"):
         data["placement"] = placement
+    if method is not None and method not in BLOCK_METHODS + POSITION_METHODS:
+        data.update(BLOCK_ONLY_PINNED)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -183,6 +184,37 @@ def test_an_interrupted_run_resumes_only_runs_of_the_same_settings(tmp_path) -> 
     done = bench.previous_records(tmp_path / "records.jsonl", settings)
     assert list(done) == [("fedbe", 0)]
     assert bench.previous_records(tmp_path / "missing.jsonl", settings) == {}
+
+
+def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> None:
+    """A change of FedBE's own knobs retrains FedBE, its ablations and the position methods, not
+    the LoRA baselines or full FT (which read lora_lr, lora_lr_decay, lora_distill_lambda instead)."""
+    default = bench.BenchSettings()
+    changes = {"lr": 1.5e-3, "lr_decay": 0.7, "distill_lambda": 6.0, "identity_pull": 1e-2,
+               "deadline_factor": 0.4, "max_block_divergence": 1.0, "label_balance": True,
+               "block_average": "trainers", "server_lr": 0.5, "context_blocks": False}  # fmt: skip
+    assert set(changes) == set(bench.BLOCK_ONLY_PINNED)
+    digest = bench.settings_digest
+    for field, value in changes.items():
+        changed = replace(default, **{field: value})
+        for method in ("fedbe", "fedbe-plain", "fedbe-interleave", "pos-top"):
+            assert digest(changed, method) != digest(default, method), (field, method)
+        for method in ("fedit", "fedit-distill", "ffa-lora", "full-ft"):
+            assert digest(changed, method) == digest(default, method), (field, method)
+    for field, value in {"lora_lr": 1e-3, "lora_lr_decay": 1.0, "lora_distill_lambda": 1.0}.items():
+        assert digest(replace(default, **{field: value}), "fedit-distill") != digest(default, "fedit-distill")
+
+
+def test_the_published_records_keep_their_digests() -> None:
+    """Every record in docs/bench-results.json still resumes under the settings it was run with: a
+    change of the digest's rules must not orphan the records a published table was built from."""
+    published = json.loads((Path(__file__).parents[2] / "docs" / "bench-results.json").read_text())
+    settings = bench.BenchSettings(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in published["settings"].items()
+    })  # fmt: skip
+    assert published["records"]
+    for rec in published["records"]:
+        assert rec["settings_digest"] == bench.settings_digest(settings, rec["method"]), rec["method"]
 
 
 def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path) -> None:
