@@ -83,6 +83,7 @@ BLOCK_METHODS = (
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
+NEW_BLOCK_METHODS = BLOCK_METHODS + POSITION_METHODS  # the methods BlockMethod runs (they train new blocks)
 ALL_METHODS = BLOCK_METHODS + LORA_METHODS + ("full-ft",) + POSITION_METHODS
 DEFAULT_METHODS = ("fedbe", "fedbe-plain", "fedbe-random", "fedbe-all", "fedit", "fedit-distill", "ffa-lora",
                    "full-ft")  # fmt: skip
@@ -786,7 +787,7 @@ class FullMethod(Method):
 
 
 def make_method(name: str, world: World) -> Method:
-    if name in BLOCK_METHODS or name in POSITION_METHODS:
+    if name in NEW_BLOCK_METHODS:
         return BlockMethod(name, world)
     if name in LORA_METHODS:
         return LoraMethod(name, world)
@@ -1171,7 +1172,7 @@ def settings_digest(settings: BenchSettings, method: str | None = None) -> str:
     placement = settings.placement if method is None else method_placement(settings, method)
     if placement not in (None, "interleave"):
         data["placement"] = placement
-    if method is not None and method not in BLOCK_METHODS + POSITION_METHODS:
+    if method is not None and method not in NEW_BLOCK_METHODS:
         data.update(BLOCK_ONLY_PINNED)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
