@@ -647,12 +647,13 @@ class LoraMethod(Method):
         super().__init__(name, world)
         from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
-        from fedbe import sources  # noqa: PLC0415
+        from fedbe import quantization, sources  # noqa: PLC0415
 
         base = sources.load_model(world.source)
         base.requires_grad_(False)
         if self.s.precision in ("bf16", "fp16"):
             base.to(torch.bfloat16 if self.s.precision == "bf16" else torch.float16)  # type: ignore[arg-type]
+            quantization.fp32_matmuls(base)  # float32 products where this CPU has no fast 16-bit matmul
         torch.manual_seed(world.seed)  # the same random A for every client (FedIT and FFA-LoRA alike)
         cfg = LoraConfig(r=self.s.lora_rank, lora_alpha=2 * self.s.lora_rank, lora_dropout=0.0,
                          target_modules="all-linear", bias="none")  # fmt: skip

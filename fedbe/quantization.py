@@ -9,6 +9,13 @@ The residual stream between blocks is float32. A 16-bit part of the base casts i
 own dtype and its output back (forward hooks), so a 16-bit base and float32 new blocks compose
 without autocast. bitsandbytes layers do that cast themselves.
 
+A CPU without native 16-bit matmuls (AVX2 only: no AVX512 or AMX) multiplies bf16 matrices 40-50
+times slower than float32 ones. There a 16-bit base keeps its 16-bit weights (the memory saving)
+but its linear layers multiply in float32 (:func:`fp32_matmuls`): inputs and weights are widened,
+multiplied with float32 accumulation and the product rounded back to 16 bits, which is what a
+native bf16 matmul does up to the order of the sums; bitsandbytes layers get a float32 compute
+dtype there for the same reason (:func:`default_compute_dtype`).
+
 Trap avoided (FACTS.md): on CPUs with AVX512-BF16, a bitsandbytes ``Linear4bit`` in eval mode that
 sees an input without grad repacks its weight in place for an inference path with no autograd,
 after which gradients through it are wrong. Every ``Linear4bit`` made here has that path disabled.
@@ -17,6 +24,7 @@ after which gradients through it are wrong. Every ``Linear4bit`` made here has t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,9 +93,105 @@ def half_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+HALF_MATMUL_ENV = "FEDBE_HALF_MATMUL"  # "native" or "fp32": overrides native_half_matmul's answer
+
+
+def native_half_matmul(dtype: torch.dtype, device: str = "cpu") -> bool:
+    """Whether ``device`` multiplies ``dtype`` (bf16 or fp16) matrices at native speed.
+
+    Always on CUDA. On a CPU, what oneDNN reports (AVX512 or AMX): without it PyTorch falls back to
+    a scalar 16-bit matmul (on an AVX2 EPYC, 47x slower than float32 for bf16). ``FEDBE_HALF_MATMUL``
+    set to ``native`` or ``fp32`` overrides the answer.
+    """
+    forced = os.environ.get(HALF_MATMUL_ENV, "").strip().lower()
+    if forced in ("native", "fp32"):
+        return forced == "native"
+    if forced:
+        raise QuantizationError(f"{HALF_MATMUL_ENV}={forced!r} is not understood: set it to native (16-bit "
+                                "matmuls) or fp32 (16-bit weights multiplied in float32), or unset it")  # fmt: skip
+    if torch.device(device).type != "cpu":
+        return True
+    return _cpu_native_half_matmul(dtype)
+
+
+@lru_cache(maxsize=4)
+def _cpu_native_half_matmul(dtype: torch.dtype) -> bool:
+    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    check = checks.get(dtype)
+    if check is None:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a torch without the check: assume the slow path
+        return False
+
+
 def default_compute_dtype(device: str | torch.device) -> torch.dtype:
-    """bitsandbytes compute dtype: bf16 where supported (fastest NF4 mode on AVX512-BF16 CPUs)."""
-    return half_dtype(device)
+    """bitsandbytes compute dtype: 16-bit where this device multiplies it natively (fastest NF4 mode on
+    AVX512-BF16 CPUs and GPUs), else float32 (16-bit matmuls would be the slow scalar path)."""
+    half = half_dtype(device)
+    return half if native_half_matmul(half, str(torch.device(device))) else torch.float32
+
+
+class _WideLinear(torch.autograd.Function):
+    """``linear(x, w, b)`` for 16-bit x and frozen 16-bit w, b, multiplied in float32.
+
+    Saves only the 16-bit weight for backward (no float32 copy lives between forward and backward),
+    and gives the input's gradient in the input's dtype, as a native 16-bit linear does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.input_dtype = x.dtype
+        wide_bias = None if bias is None else bias.float()
+        return nn.functional.linear(x.float(), weight.float(), wide_bias).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return (grad.float() @ weight.float()).to(ctx.input_dtype), None, None
+
+
+class Fp32MatmulLinear(nn.Linear):
+    """An ``nn.Linear`` with frozen 16-bit weights that multiplies in float32 (see :func:`fp32_matmuls`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's signature
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            return super().forward(input)
+        return _WideLinear.apply(input, self.weight, self.bias)
+
+
+class Fp32MatmulConv1D(Conv1D):
+    """GPT-2's ``Conv1D`` (weight stored in x out) with frozen 16-bit weights, multiplied in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            return super().forward(x)
+        return _WideLinear.apply(x, self.weight.t(), self.bias)
+
+
+def fp32_matmuls(module: nn.Module, device: str | torch.device = "cpu") -> int:
+    """Make the 16-bit linear layers in ``module`` multiply in float32 where ``device`` has no native
+    16-bit matmul (:func:`native_half_matmul`); a no-op elsewhere. Weights, names and state dicts are
+    unchanged (the layers keep their class's parameters; ``isinstance(m, nn.Linear)`` still holds).
+    Returns how many layers were switched."""
+    switched = 0
+    dev = str(torch.device(device))
+    for sub in module.modules():
+        kind = type(sub)
+        if kind not in (nn.Linear, Conv1D):
+            continue
+        weight = sub.weight
+        if not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.bfloat16, torch.float16):
+            continue
+        if native_half_matmul(weight.dtype, dev):
+            continue
+        sub.__class__ = Fp32MatmulLinear if kind is nn.Linear else Fp32MatmulConv1D
+        switched += 1
+    return switched
 
 
 @lru_cache(maxsize=16)
@@ -201,8 +305,12 @@ def freeze_base(
                 _quantize_linears(layer, actual, dev, compute)
             else:
                 layer.to(storage)
+                fp32_matmuls(layer, dev)
                 _add_dtype_boundary(layer, storage, cast_inputs=True)
         _store_outside_layers_in(model, storage)
+        head = model.get_output_embeddings()
+        if head is not None:
+            fp32_matmuls(head, dev)
     return FrozenBase(requested, actual, str(dev), storage, compute if actual.quantized else None, reason)
 
 

@@ -27,11 +27,17 @@ from fedbe.expansion import (
     plan_expansion,
 )
 from fedbe.quantization import (
+    HALF_MATMUL_ENV,
+    Fp32MatmulConv1D,
+    Fp32MatmulLinear,
     FrozenBase,
     Precision,
+    default_compute_dtype,
     dequantized_weight,
+    fp32_matmuls,
     freeze_base,
     module_bytes,
+    native_half_matmul,
     probe_precision,
 )
 from fedbe.sources import build_tiny_model
@@ -413,3 +419,68 @@ def test_falls_back_to_16_bits_with_a_warning(
     out = logits(model, ids)
     assert torch.isfinite(out).all()
     assert relative_error(out, logits(reference, ids)) < TOLERANCE["bf16"]
+
+
+# --- 16-bit weights multiplied in float32 (CPUs without native 16-bit matmuls) --------------------
+
+
+def _wide_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (Fp32MatmulLinear, Fp32MatmulConv1D))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fp32_matmuls_compute_what_native_16_bit_matmuls_do(
+    arch: str, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(HALF_MATMUL_ENV, "native")
+    native, registry, _ = frozen(arch, precision)
+    monkeypatch.setenv(HALF_MATMUL_ENV, "fp32")
+    wide, _, _ = frozen(arch, precision)
+    assert not _wide_modules(native)
+    # every projection of the 4 base layers, and the head
+    assert len(_wide_modules(wide)) == 4 * PROJECTIONS[arch] + 1
+    assert {k: (v.dtype, v.shape) for k, v in wide.state_dict().items()} == {
+        k: (v.dtype, v.shape) for k, v in native.state_dict().items()
+    }
+    ids = token_ids()
+    assert relative_error(logits(wide, ids), logits(native, ids)) < 1e-2
+    for name in ("q_proj", "c_attn"):  # still a plain Linear / Conv1D to PEFT and to isinstance checks
+        found = [m for n, m in wide.named_modules() if n.endswith(name)]
+        assert all(isinstance(m, (nn.Linear, Conv1D)) for m in found)
+    got = _block_gradients(wide, registry, [0, 1], ids)
+    want = _block_gradients(native, registry, [0, 1], ids)
+    assert max(relative_error(got[b], want[b]) for b in (0, 1)) < 2e-2
+    assert relative_error(copy.deepcopy(wide)(ids).logits.detach(), logits(wide, ids)) == 0.0
+
+
+def test_fp32_matmul_linear_trains_its_own_weight_the_usual_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(HALF_MATMUL_ENV, "fp32")
+    layer = nn.Linear(8, 4).to(torch.bfloat16)
+    assert fp32_matmuls(layer) == 1 and isinstance(layer, Fp32MatmulLinear)
+    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()  # weight requires grad: the native path, gradients for both
+    assert layer.weight.grad is not None and x.grad is not None
+    layer.requires_grad_(False)
+    x.grad = None
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    want = layer.weight.float().sum(0).expand(3, 8)  # d(sum(x W^T))/dx
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    assert relative_error(x.grad.float(), want) < 1e-2
+
+
+def test_half_matmul_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(HALF_MATMUL_ENV, "native")
+    assert native_half_matmul(torch.bfloat16) and default_compute_dtype("cpu") == torch.bfloat16
+    assert fp32_matmuls(nn.Linear(8, 4).to(torch.bfloat16)) == 0
+    monkeypatch.setenv(HALF_MATMUL_ENV, "fp32")
+    assert not native_half_matmul(torch.bfloat16) and default_compute_dtype("cpu") == torch.float32
+    assert fp32_matmuls(nn.Linear(8, 4)) == 0  # float32 layers are left alone
+    monkeypatch.setenv(HALF_MATMUL_ENV, "fast")
+    with pytest.raises(QuantizationError, match="FEDBE_HALF_MATMUL='fast'.*native.*fp32"):
+        native_half_matmul(torch.bfloat16)
+    monkeypatch.delenv(HALF_MATMUL_ENV)
+    # without the override: what oneDNN says about this CPU
+    assert native_half_matmul(torch.bfloat16) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
