@@ -173,7 +173,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "--eval-precision",
         default="bf16",
         choices=["nf4", "int8", "bf16", "fp16", "fp32"],
-        help="frozen base the coordinator evaluates on (default bf16: 5-10x faster than fp32 on AVX512-BF16 CPUs)",
+        help="frozen base the coordinator evaluates on (default bf16: 5-10x faster than fp32 on AVX512-BF16 CPUs; "
+        "on CPUs without native bf16 its weights are multiplied in fp32, about as fast as fp32)",
     )
     p.add_argument(
         "--deadline",
