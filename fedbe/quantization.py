@@ -155,11 +155,17 @@ class _WideLinear(torch.autograd.Function):
         return (grad.float() @ weight.float()).to(ctx.input_dtype), None, None
 
 
+def _trains_itself(layer: nn.Linear | Conv1D) -> bool:
+    """A layer whose own weight or bias trains takes its class's usual forward (``_WideLinear`` gives
+    gradients to the input only)."""
+    return layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad)
+
+
 class Fp32MatmulLinear(nn.Linear):
     """An ``nn.Linear`` with frozen 16-bit weights that multiplies in float32 (see :func:`fp32_matmuls`)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's signature
-        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+        if _trains_itself(self):
             return super().forward(input)
         return _WideLinear.apply(input, self.weight, self.bias)
 
@@ -168,7 +174,7 @@ class Fp32MatmulConv1D(Conv1D):
     """GPT-2's ``Conv1D`` (weight stored in x out) with frozen 16-bit weights, multiplied in float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+        if _trains_itself(self):
             return super().forward(x)
         return _WideLinear.apply(x, self.weight.t(), self.bias)
 
@@ -307,10 +313,7 @@ def freeze_base(
                 layer.to(storage)
                 fp32_matmuls(layer, dev)
                 _add_dtype_boundary(layer, storage, cast_inputs=True)
-        _store_outside_layers_in(model, storage)
-        head = model.get_output_embeddings()
-        if head is not None:
-            fp32_matmuls(head, dev)
+        _store_outside_layers_in(model, storage, dev)
     return FrozenBase(requested, actual, str(dev), storage, compute if actual.quantized else None, reason)
 
 
@@ -326,8 +329,9 @@ def _quantize_linears(
             _quantize_linears(child, precision, device, compute)
 
 
-def _store_outside_layers_in(model: PreTrainedModel, dtype: torch.dtype) -> None:
-    """Embeddings and head in ``dtype``; the residual stream they feed or read stays float32."""
+def _store_outside_layers_in(model: PreTrainedModel, dtype: torch.dtype, device: torch.device) -> None:
+    """Embeddings and head in ``dtype`` (the head multiplying in float32 where ``device`` has no native
+    ``dtype`` matmul); the residual stream they feed or read stays float32."""
     in_layers = {id(m) for m in decoder_layers(model).modules()}
     for module in model.modules():
         if id(module) not in in_layers and isinstance(module, nn.Embedding):
@@ -336,6 +340,7 @@ def _store_outside_layers_in(model: PreTrainedModel, dtype: torch.dtype) -> None
     head = model.get_output_embeddings()
     if head is not None:
         head.to(dtype)
+        fp32_matmuls(head, device)
         _add_dtype_boundary(head, dtype, cast_inputs=True)
 
 
