@@ -21,6 +21,15 @@ Retention mechanisms (each a :class:`TrainConfig` option, measured by ``fedbe be
   data (the first pass over it: in a short federation, every step).
 * **Identity pull** (``identity_pull > 0``): adds ``identity_pull * sum ||W||^2`` over the trained
   blocks' output projections, pulling each block back towards the identity it started as.
+* **Per-block gates** (``block_gate``): a scalar gate per trained block multiplies everything the
+  block adds to the residual stream (the outputs of its output projections). Each gate starts at 1
+  over the block as received (a new block's projections start at zero, so it starts as the
+  identity) and trains with the block, with no weight decay and outside the gradient clipping: one
+  parameter per block, which Adam moves by about ``lr`` a step, so a client can scale a whole block
+  down (or up) much faster than through its weights. At the end of local training each gate is
+  folded into its block's output projections (``W <- g W``, ``b <- g b``): the block computes what
+  it computed gated, and what is sent, aggregated and saved has no gate in it (every round starts
+  from gates of 1). The gates' final values are in :attr:`TrainResult.gates`.
 
 And one against label skew, which is what breaks a federation whose clients each hold one or two
 labels (not a retention mechanism, but it decides whether the blocks learn the task at all):
@@ -39,8 +48,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +88,9 @@ class TrainConfig:
     distill_rows: int = 0
     # balanced softmax over the label words at label positions (needs the client's LabelPrior)
     label_balance: bool = False
+    # a trainable scalar gate per trained block on what it adds to the residual stream, starting at
+    # 1 and folded into the block's output projections when local training ends (see the module doc)
+    block_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -116,6 +128,7 @@ class TrainResult:
     base_forwards: int = 0  # no-grad forwards of the base spent on distillation
     step_seconds: list[float] = field(default_factory=list)
     rehearsal_seconds: float = 0.0  # sampling the rehearsal pool from the base (first call only)
+    gates: dict[int, float] = field(default_factory=dict)  # block id -> its gate when folded (block_gate)
 
     @property
     def steps(self) -> int:
@@ -387,19 +400,70 @@ def train_blocks(
     model.eval()
     for block_id in registry.check_ids(block_ids):
         new_block_module(model, registry, block_id).train()
-    return train_parameters(
-        model,
-        params,
-        batch_list,
-        config,
-        base=lambda: bypassed(model, registry),
-        pulled=pulled,
-        on_step=on_step,
-        should_stop=should_stop,
-        base_cache=base_cache,
-        block_ids=tuple(sorted(block_ids)),
-        label_prior=label_prior,
+    gating: AbstractContextManager[dict[int, torch.nn.Parameter]] = (
+        block_gates(model, registry, block_ids) if config.block_gate else nullcontext({})
     )
+    with gating as gates:
+        result = train_parameters(
+            model,
+            params,
+            batch_list,
+            config,
+            base=lambda: bypassed(model, registry),
+            pulled=pulled,
+            gates=list(gates.values()),
+            on_step=on_step,
+            should_stop=should_stop,
+            base_cache=base_cache,
+            block_ids=tuple(sorted(block_ids)),
+            label_prior=label_prior,
+        )
+        result.gates = {block_id: float(gate.detach()) for block_id, gate in gates.items()}
+    return result
+
+
+@contextmanager
+def block_gates(
+    model: PreTrainedModel, registry: BlockRegistry, block_ids: Sequence[int]
+) -> Iterator[dict[int, torch.nn.Parameter]]:
+    """A scalar gate (starting at 1) per new block of ``block_ids`` on the outputs of its output
+    projections, i.e. on everything the block adds to the residual stream.
+
+    Yields ``{block id: gate}`` (fp32 scalars that require grad; give them to the optimizer). On exit,
+    however it is left, the hooks go and each gate is folded into its block's output projections
+    (``W <- g W``, ``b <- g b``), so the block computes what it computed gated and carries no gate.
+    """
+    arch = architecture_of(model)
+    gates: dict[int, torch.nn.Parameter] = {}
+    handles = []
+    try:
+        for block_id in registry.check_ids(block_ids):
+            block = new_block_module(model, registry, block_id)
+            device = next(block.parameters()).device
+            gate = torch.nn.Parameter(torch.ones((), dtype=torch.float32, device=device))
+            gates[block_id] = gate
+            for path in arch.output_projections:
+                handles.append(block.get_submodule(path).register_forward_hook(_gate_hook(gate)))
+        yield gates
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for block_id, gate in gates.items():
+                block = new_block_module(model, registry, block_id)
+                for path in arch.output_projections:
+                    projection = block.get_submodule(path)
+                    for name in ("weight", "bias"):
+                        tensor = getattr(projection, name, None)
+                        if tensor is not None:
+                            tensor.mul_(gate.detach().to(tensor.dtype))
+
+
+def _gate_hook(gate: torch.nn.Parameter) -> Callable[..., torch.Tensor]:
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * gate.to(output.dtype)
+
+    return hook
 
 
 def train_parameters(
@@ -410,6 +474,7 @@ def train_parameters(
     *,
     base: Callable[[], AbstractContextManager[Any]] | None = None,
     pulled: Sequence[torch.nn.Parameter] = (),
+    gates: Sequence[torch.nn.Parameter] = (),
     on_step: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     base_cache: BaseCache | None = None,
@@ -420,7 +485,8 @@ def train_parameters(
 
     ``base`` is a context in which ``model`` computes the frozen base (new blocks bypassed, or a
     PEFT model's adapters disabled): self-distillation needs it. ``pulled`` are the parameters the
-    identity pull acts on. The caller sets train/eval modes and ``requires_grad``.
+    identity pull acts on; ``gates`` are trained too, without weight decay and outside the gradient
+    clipping. The caller sets train/eval modes and ``requires_grad``.
     """
     distill = config.distill_lambda > 0
     if config.label_balance and label_prior is None:
@@ -432,7 +498,10 @@ def train_parameters(
         base_cache = BaseCache(config.distill_top_k)
     if not distill or not config.distill_top_k:
         base_cache = None
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": list(params)}]
+    if gates:
+        groups.append({"params": list(gates), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     result = TrainResult(block_ids=block_ids)
     start = time.perf_counter()
     pool = None

@@ -31,6 +31,8 @@ Methods (``--methods``):
 * ``fedbe-plain``: the same without self-distillation (ablation)
 * ``fedbe-exact``: self-distillation with the exact KL and no cache (cost ablation)
 * ``fedbe-pull``: ``fedbe`` plus an identity pull on the output projections (ablation)
+* ``fedbe-gate``: ``fedbe`` plus a trainable scalar gate per trained block, starting at 1 and folded
+  into the block when local training ends (``TrainConfig.block_gate``; ablation)
 * ``fedbe-rehearsal``: ``fedbe`` plus 2 rows of base-sampled text distilled in every batch (ablation)
 * ``fedbe-all-positions``: ``fedbe`` distilling every article position, not a sample (ablation)
 * ``fedbe-all-rows``: ``fedbe`` distilling (and filling the base cache for) every row of each batch,
@@ -79,7 +81,7 @@ BLOCK_METHODS = (
     "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-all-positions",
     "fedbe-no-deadline", "fedbe-no-skew-limit", "fedbe-balance", "fedbe-no-balance", "fedbe-avg-trainers",
     "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all", "fedbe-const-lr",
-    "fedbe-fp32-download", "fedbe-all-rows", "fedbe-interleave",
+    "fedbe-fp32-download", "fedbe-all-rows", "fedbe-interleave", "fedbe-gate",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
@@ -421,6 +423,7 @@ class ClientResult:
     loss: float
     base_forwards: int
     samples: int
+    gates: dict[int, float] = field(default_factory=dict)  # block id -> gate when folded (fedbe-gate)
 
 
 class Method:
@@ -537,6 +540,8 @@ class BlockMethod(Method):
             self.config = replace(self.config, distill_sample=0)
         if name == "fedbe-all-rows":
             self.config = replace(self.config, distill_rows=0)
+        if name == "fedbe-gate":
+            self.config = replace(self.config, block_gate=True)
         balance = {"fedbe-balance": True, "fedbe-no-balance": False}.get(name, self.s.label_balance)
         if balance and name not in POSITION_METHODS:
             self.config = replace(self.config, label_balance=True)
@@ -621,7 +626,7 @@ class BlockMethod(Method):
             results.append(ClientResult(
                 c.client_id, tuple(blocks), train_time(result),
                 *emulated(c, result, up, down), up, down,
-                result.mean_loss, result.base_forwards, result.samples,
+                result.mean_loss, result.base_forwards, result.samples, dict(result.gates),
             ))  # fmt: skip
         if updates:
             server = None if self.s.server_lr == 1.0 else FedAvgM(lr=self.s.server_lr, momentum=0.0)
@@ -857,7 +862,7 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
         from fedbe.probes import retention  # noqa: PLC0415
 
         scores.update(retention(before, scores))
-        row = {
+        row: dict[str, Any] = {
             "round": r, **scores, "emulated_round_seconds": round_seconds, "emulated_wall_seconds": wall,
             "train_seconds": sum(x.train_seconds for x in results),
             "bytes_up_per_client": statistics.fmean(x.bytes_up for x in results) if results else 0,
@@ -870,6 +875,8 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             "withdrawn_blocks": list(method.withdrawn),
             "seconds_per_step": sum(x.train_seconds for x in results) / max(1, len(results) * world.settings.steps),
         }  # fmt: skip
+        if any(x.gates for x in results):  # each client's gates when folded (fedbe-gate)
+            row["gates"] = {x.client_id: {str(b): round(g, 4) for b, g in x.gates.items()} for x in results}
         record["rounds"].append(row)
         say(
             f"  {name} round {r}/{world.settings.rounds}: accuracy {scores['accuracy']:.3f}, definitions "
