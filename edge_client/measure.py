@@ -4,7 +4,10 @@ Both run the real model at the training shape and are cached under
 ``<fedbe cache>/profiles/`` (JSON, one file per measurement) keyed by the model's shape
 (type, layers, new-block positions, hidden/intermediate/vocabulary sizes), the base precision,
 batch size, tokens, the device, torch's thread count and the torch version, so a second
-``fedbe-edge profile`` skips them; ``use_cache=False`` measures again and refreshes the entry.
+``fedbe-edge profile`` skips them; ``use_cache=False`` measures again and refreshes the entry. A
+compute timing taken while the machine was oversubscribed (1-minute load average above its cores,
+:func:`busy_reason`) is used but not cached, so one start on a crowded machine does not slow every
+later plan down.
 
 **Activations** (:func:`measure_activations`) are counted with
 :func:`torch.autograd.graph.saved_tensors_hooks`: one forward with only the top new block
@@ -255,9 +258,32 @@ def measure_compute(
             return ComputeMeasurement(**{name: float(hit[name]) for name in names}, cached=True)
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring malformed profile cache entry %s", _cache_path(key))
+    busy = busy_reason()
     measured = benchmark_compute(model, registry, batch_size, max_tokens, steps)
-    _cache_write(key, {k: v for k, v in asdict(measured).items() if k != "cached"})
+    busy = busy or busy_reason()
+    if busy is None:
+        _cache_write(key, {k: v for k, v in asdict(measured).items() if k != "cached"})
+    else:  # a timing taken on a crowded machine would slow every later start's plan down
+        log.warning(
+            "profile: compute timing not cached: the machine was busy while it ran (%s); the next "
+            "start measures again. Profile on an idle device to cache it (fedbe-edge profile).",
+            busy,
+        )
     return measured
+
+
+def busy_reason() -> str | None:
+    """Why a timing taken now must not be cached (more runnable threads than cores), or None.
+
+    The 1-minute load average is compared with the cores this process may run on: above it, a
+    step measured now is slower than the device's own, and a cached one would be kept for good.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform: nothing to go on
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return f"load average {load:.1f} on {cores} cores" if load > cores else None
 
 
 def saved_tensor_bytes(

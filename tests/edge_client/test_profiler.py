@@ -23,12 +23,14 @@ from fedbe.profiles import DeviceProfile, EmulationSettings
 from fedbe.protocol import AnnounceMessage, decode, encode
 
 JETSON = Path(__file__).resolve().parents[1] / "fixtures" / "jetson"
+REAL_BUSY_REASON = measure.busy_reason  # the autouse fixture below replaces it in every test
 
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Single-threaded torch (tiny ops on a shared 2-core box) and a private profile cache."""
     monkeypatch.setattr(measure, "profile_cache_dir", lambda: tmp_path / "profile-cache")
+    monkeypatch.setattr(measure, "busy_reason", lambda: None)  # the machine's own load: its own test
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -192,6 +194,31 @@ def test_measure_compute_is_positive_and_cached(tiny, monkeypatch: pytest.Monkey
         profiler.measure_compute(model, registry, 2, 16, "nf4", use_cache=False)
     with pytest.raises(AssertionError, match="ran the benchmark"):  # another shape is another key
         profiler.measure_compute(model, registry, 3, 16, "nf4")
+
+
+def test_a_timing_taken_on_a_busy_machine_is_used_but_not_cached(
+    tiny, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, registry = tiny
+    monkeypatch.setattr(measure, "busy_reason", lambda: "load average 9.0 on 2 cores")
+    with caplog.at_level("WARNING", logger=measure.log.name):
+        first = profiler.measure_compute(model, registry, 2, 16, "nf4")
+    assert not first.cached and first.block_step_seconds > 0
+    assert "not cached" in caplog.text and "load average 9.0 on 2 cores" in caplog.text
+    monkeypatch.setattr(measure, "busy_reason", lambda: None)
+    second = profiler.measure_compute(model, registry, 2, 16, "nf4")
+    assert not second.cached  # nothing was kept from the busy run: measured again, and now kept
+    assert profiler.measure_compute(model, registry, 2, 16, "nf4").cached
+
+
+@pytest.mark.parametrize(("load", "busy"), [(0.5, False), (2.0, False), (2.5, True)])
+def test_busy_means_more_load_than_cores(monkeypatch: pytest.MonkeyPatch, load: float, busy: bool) -> None:
+    monkeypatch.setattr(measure.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(measure.os, "sched_getaffinity", lambda _pid: {0, 1})
+    reason = REAL_BUSY_REASON()
+    assert (reason is not None) is busy
+    if busy:
+        assert reason == "load average 2.5 on 2 cores"
 
 
 def test_activation_memory_is_linear_in_depth_and_batch(tiny) -> None:
