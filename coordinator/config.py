@@ -14,7 +14,7 @@ Fields (``name: type = default``):
 * ``model: str`` (required) -- base model source: ``smollm2-135m``, a HF folder, a ``.gguf`` file, ``tiny:<arch>``.
 * ``state_dir: path`` (required) -- checkpoints, pending updates and ``metrics.jsonl`` of this run.
 * ``blocks: int >= 1 | "auto" = "auto"`` -- new blocks; ``auto`` sizes from the announced clients.
-* ``placement: "interleave" | "interleave-mid-top" | "middle" | "top" | [int, ...] = "interleave"`` -- where
+* ``placement: "interleave" | "interleave-mid-top" | "middle" | "top" | [int, ...] = "interleave-mid-top"`` -- where
   new blocks go (``fedbe.expansion.plan_expansion``; or base-layer indices).
 * ``rounds: int >= 1 = 20`` -- rounds to run. ``clients_per_round: int >= 1 = 4`` -- clients asked per round.
 * ``min_clients: int in [1, clients_per_round] = 2`` -- fewest updates that make a round count.
@@ -26,18 +26,18 @@ Fields (``name: type = default``):
   federated evaluation every N rounds (0 = never).
 * ``training``: ``steps: int >= 1 = 10``, ``lr: float > 0 = 3e-4``, ``lr_decay: float in (0, 1] = 1``
   (round r's tasks carry ``lr x lr_decay^(r-1)``; 1 = constant), ``batch_size: int >= 1 = 4``,
-  ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 = 1`` (weight of self-distillation
+  ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 = 3`` (weight of self-distillation
   towards the base model's predictions; 0 = off), ``distill_top_k: int >= 0 = 32`` (0: exact KL with
   one extra base forward per step; K: clients cache the base's top-K once per example),
   ``identity_pull: float >= 0 = 0`` (L2 pull of trained output projections towards zero),
   ``rehearsal_rows: int >= 0 = 0`` (rows of text each client samples once from the base and adds to
   every batch, distilled only; needs ``distill_lambda > 0``, ignored otherwise),
-  ``distill_sample: int >= 0 = 0`` (distillation positions drawn at random per step; 0 = all),
-  ``distill_rows: int >= 0 = 0`` (rows of each batch distilled per step, drawn at random; 0 = all:
+  ``distill_sample: int >= 0 = 128`` (distillation positions drawn at random per step; 0 = all),
+  ``distill_rows: int >= 0 = 1`` (rows of each batch distilled per step, drawn at random; 0 = all:
   the base forward that fills a client's cache then runs on these rows only),
-  ``context_blocks: bool = false`` (send every client the weights of all new blocks: it trains its
+  ``context_blocks: bool = true`` (send every client the weights of all new blocks: it trains its
   assigned ones with the others in place, frozen, instead of bypassing them),
-  ``task_weights_level: fp32|fp16|bf16|int8 = fp32`` (the precision block weights travel to clients in;
+  ``task_weights_level: fp32|fp16|bf16|int8 = int8`` (the precision block weights travel to clients in;
   a client's update is its change from the weights it received, so the global state stays fp32;
   int8 sends a quarter of fp32's bytes).
 * ``allocation`` (see :mod:`coordinator.allocation`): ``strategy: fedbe|random|all = fedbe``;
@@ -45,14 +45,14 @@ Fields (``name: type = default``):
   very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
   without self-distillation never gets a block riskier than this; ``cost_weight: float >= 0 = 0.1`` and
   ``risk_weight: float >= 0 = 0.2`` -- weights of time cost and of risk in the ``fedbe`` score;
-  ``max_block_divergence: [0,1] = 1.0`` -- a block whose trainers' pooled label histogram is farther
+  ``max_block_divergence: [0,1] = 0.3`` -- a block whose trainers' pooled label histogram is farther
   (Jensen-Shannon) than this from that of all the round's selected clients is left untrained that
   round (1 = no limit).
 * ``aggregation`` (see :mod:`coordinator.aggregation`): ``server_optimizer: none|fedavgm|fedadam =
   none``, ``server_lr: float > 0`` (default 1.0, or 0.01 with fedadam), ``momentum: [0,1) = 0.9``
   (FedAvgM), ``beta1: [0,1) = 0.9``, ``beta2: [0,1) = 0.99``, ``tau: float > 0 = 1e-3`` (FedAdam),
   ``norm_bound_factor: float >= 1 = 10.0`` -- an update whose norm exceeds this times the median
-  norm of the round's other updates is rejected; ``block_average: trainers|round = trainers`` --
+  norm of the round's other updates is rejected; ``block_average: trainers|round = round`` --
   average each block over its trainers, or over every accepted update of the round with a missing
   block counting as zero (then a client that trains more blocks does not outweigh the others).
 * ``auto_expansion``: ``trainers_per_block: float > 0 = 2.0`` (``blocks: auto`` uses
@@ -70,6 +70,9 @@ Fields (``name: type = default``):
   ``baseline: bool = false`` -- score the base model once before round 1 (a ``round: 0`` metrics line
   and ``state_dir/baseline.json``), the reference of the retention figures; ``precision:
   nf4|int8|bf16|fp16|fp32 = fp32`` -- the frozen base the coordinator evaluates on (new blocks fp32).
+
+The retention and aggregation defaults are the FedBE configuration ``fedbe bench`` chose on its
+validation split; ``steps``, ``lr`` and ``lr_decay`` depend on the run's length and are not the bench's.
 
 :func:`config_digest` hashes everything but ``state_dir`` and ``broker`` (where the run is stored and
 how it reaches the broker do not change what it trains), so a resume can check it is the same run.
@@ -127,14 +130,14 @@ class TrainingConfig:
     lr: float = 3e-4
     batch_size: int = 4
     max_tokens: int = 128
-    distill_lambda: float = 1.0
+    distill_lambda: float = 3.0
     distill_top_k: int = 32
     identity_pull: float = 0.0
     rehearsal_rows: int = 0
-    distill_sample: int = 0
-    distill_rows: int = 0
-    context_blocks: bool = False
-    task_weights_level: Level = Level.FP32
+    distill_sample: int = 128
+    distill_rows: int = 1
+    context_blocks: bool = True
+    task_weights_level: Level = Level.INT8
     lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
 
     def round_lr(self, round_: int) -> float:
@@ -156,7 +159,7 @@ class AllocationConfig:
     max_unprotected_risk: float = 0.5
     cost_weight: float = 0.1
     risk_weight: float = 0.2
-    max_block_divergence: float = 1.0
+    max_block_divergence: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ class AggregationConfig:
     beta2: float = 0.99
     tau: float = 1e-3
     norm_bound_factor: float = 10.0
-    block_average: str = "trainers"
+    block_average: str = "round"
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,7 @@ class RunConfig:
     state_dir: Path
     federation: str = "default"
     blocks: int | Literal["auto"] = "auto"
-    placement: str | tuple[int, ...] = "interleave"
+    placement: str | tuple[int, ...] = "interleave-mid-top"
     rounds: int = 20
     clients_per_round: int = 4
     min_clients: int = 2
@@ -427,7 +430,7 @@ def _state_dir(top: _Fields) -> Path:
 
 
 def _placement(top: _Fields) -> str | tuple[int, ...]:
-    value = top.raw("placement", "interleave")
+    value = top.raw("placement", RunConfig.placement)
     fix = f"Use {', '.join(PLACEMENTS)}, or distinct base-layer indices such as [4, 9, 14]."
     if isinstance(value, str):
         try:
@@ -466,22 +469,23 @@ def _blocks(top: _Fields, placement: str | tuple[int, ...]) -> int | Literal["au
 
 
 def _training(f: _Fields) -> TrainingConfig:
+    d = TrainingConfig()
     return TrainingConfig(
-        steps=f.integer("steps", 10, 1),
-        lr=f.real("lr", 3e-4, "(0, 1]"),
-        batch_size=f.integer("batch_size", 4, 1),
-        max_tokens=f.integer("max_tokens", 128, 8),
-        distill_lambda=f.real("distill_lambda", 1.0, "[0, inf)"),
-        distill_top_k=f.integer("distill_top_k", 32, 0),
-        identity_pull=f.real("identity_pull", 0.0, "[0, inf)"),
-        rehearsal_rows=f.integer("rehearsal_rows", 0, 0),
-        distill_sample=f.integer("distill_sample", 0, 0),
-        distill_rows=f.integer("distill_rows", 0, 0),
-        context_blocks=f.boolean("context_blocks", False),
+        steps=f.integer("steps", d.steps, 1),
+        lr=f.real("lr", d.lr, "(0, 1]"),
+        batch_size=f.integer("batch_size", d.batch_size, 1),
+        max_tokens=f.integer("max_tokens", d.max_tokens, 8),
+        distill_lambda=f.real("distill_lambda", d.distill_lambda, "[0, inf)"),
+        distill_top_k=f.integer("distill_top_k", d.distill_top_k, 0),
+        identity_pull=f.real("identity_pull", d.identity_pull, "[0, inf)"),
+        rehearsal_rows=f.integer("rehearsal_rows", d.rehearsal_rows, 0),
+        distill_sample=f.integer("distill_sample", d.distill_sample, 0),
+        distill_rows=f.integer("distill_rows", d.distill_rows, 0),
+        context_blocks=f.boolean("context_blocks", d.context_blocks),
         task_weights_level=Level(
-            f.choice("task_weights_level", Level.FP32.value, tuple(lv.value for lv in Level))
+            f.choice("task_weights_level", d.task_weights_level.value, tuple(lv.value for lv in Level))
         ),
-        lr_decay=f.real("lr_decay", 1.0, "(0, 1]"),
+        lr_decay=f.real("lr_decay", d.lr_decay, "(0, 1]"),
     )
 
 
@@ -493,7 +497,7 @@ def _allocation(f: _Fields) -> AllocationConfig:
         max_unprotected_risk=f.real("max_unprotected_risk", 0.5, "[0, 1]"),
         cost_weight=f.real("cost_weight", 0.1, "[0, inf)"),
         risk_weight=f.real("risk_weight", 0.2, "[0, inf)"),
-        max_block_divergence=f.real("max_block_divergence", 1.0, "[0, 1]"),
+        max_block_divergence=f.real("max_block_divergence", AllocationConfig.max_block_divergence, "[0, 1]"),
     )
 
 
@@ -507,7 +511,7 @@ def _aggregation(f: _Fields) -> AggregationConfig:
         beta2=f.real("beta2", 0.99, "[0, 1)"),
         tau=f.real("tau", 1e-3, "(0, inf)"),
         norm_bound_factor=f.real("norm_bound_factor", 10.0, "[1, inf)"),
-        block_average=f.choice("block_average", "trainers", ("trainers", "round")),
+        block_average=f.choice("block_average", AggregationConfig.block_average, ("trainers", "round")),
     )
 
 

@@ -95,7 +95,7 @@ class Settings:
     eval_precision: str
     deadline_seconds: float
     timeout_seconds: float
-    distill_lambda: float = 1.0
+    distill_lambda: float = 3.0
     distill_top_k: int = 32
     lr_decay: float = 1.0
 
@@ -145,8 +145,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "at 4 local steps, not validated at simulate's 8)",
     )  # fmt: skip
     p.add_argument(
-        "--distill-lambda", type=float, default=1.0,
-        help="weight of self-distillation towards the base on each client's own inputs (1.0; 0 = plain "
+        "--distill-lambda", type=float, default=3.0,
+        help="weight of self-distillation towards the base on each client's own inputs (3.0; 0 = plain "
         "cross-entropy, and then no client is given the top block: see allocation.max_unprotected_risk)",
     )  # fmt: skip
     p.add_argument(
@@ -269,7 +269,6 @@ def run_config(settings: Settings, broker_url: str, state_dir: Path) -> dict[str
         "model": settings.model,
         "state_dir": str(state_dir),
         "blocks": settings.blocks,
-        "placement": "interleave",
         "rounds": settings.rounds,
         "clients_per_round": settings.clients,
         "min_clients": settings.clients,
