@@ -3,7 +3,8 @@
 Both run the real model at the training shape and are cached under
 ``<fedbe cache>/profiles/`` (JSON, one file per measurement) keyed by the model's shape
 (type, layers, new-block positions, hidden/intermediate/vocabulary sizes), the base precision,
-batch size, tokens, the device, torch's thread count and the torch version, so a second
+batch size, tokens, the device, torch's thread count, the torch version, whether 16-bit matmuls run
+natively or in fp32 and :data:`CACHE_VERSION` (bumped when the measured step changes), so a second
 ``fedbe-edge profile`` skips them; ``use_cache=False`` measures again and refreshes the entry. A
 compute timing taken while the machine was oversubscribed (1-minute load average above its cores,
 :func:`busy_reason`) is used but not cached, so one start on a crowded machine does not slow every
@@ -69,6 +70,11 @@ class ActivationMeasurement:
     cached: bool = False
 
 
+# Bumped when the measured step changes for the same key (an entry of another version never matches):
+# 2 = 16-bit bases multiplied in fp32 on CPUs without native 16-bit matmuls (session 18).
+CACHE_VERSION = 2
+
+
 def profile_cache_dir() -> Path:
     return sources.cache_dir() / "profiles"
 
@@ -107,7 +113,17 @@ def _cache_key(
         "device": f"{_device_of(model).type}: {_device_name(model)}",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        # how this fedbe runs the step: a change of code path (16-bit matmuls native or in fp32,
+        # bitsandbytes' compute dtype) changes the timing, so entries from another path must not match
+        "version": CACHE_VERSION,
+        "half_matmul": _half_matmul_mode(_device_of(model)),
     }
+
+
+def _half_matmul_mode(device: torch.device) -> str:
+    from fedbe.quantization import half_dtype, native_half_matmul  # noqa: PLC0415
+
+    return "native" if native_half_matmul(half_dtype(device), str(device)) else "fp32"
 
 
 def _cache_path(key: dict[str, Any]) -> Path:

@@ -221,6 +221,22 @@ def test_busy_means_more_load_than_cores(monkeypatch: pytest.MonkeyPatch, load: 
         assert reason == "load average 2.5 on 2 cores"
 
 
+def test_a_timing_of_another_matmul_path_is_not_reused(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    # session 18 made 16-bit bases multiply in fp32 on CPUs without native 16-bit matmuls (14-47x
+    # faster there); timings cached before must not plan a run of the new path
+    model, registry = tiny
+    monkeypatch.setenv("FEDBE_HALF_MATMUL", "native")
+    native = profiler.measure_compute(model, registry, 2, 16, "nf4")
+    monkeypatch.setenv("FEDBE_HALF_MATMUL", "fp32")
+    assert not profiler.measure_compute(model, registry, 2, 16, "nf4").cached  # another key
+    assert profiler.measure_compute(model, registry, 2, 16, "nf4").cached
+    monkeypatch.setenv("FEDBE_HALF_MATMUL", "native")
+    again = profiler.measure_compute(model, registry, 2, 16, "nf4")
+    assert again.cached and again.block_step_seconds == native.block_step_seconds
+    key = measure._cache_key("compute", model, registry, "nf4", 2, 16)
+    assert key["half_matmul"] == "native" and key["version"] == measure.CACHE_VERSION == 2
+
+
 def test_activation_memory_is_linear_in_depth_and_batch(tiny) -> None:
     model, registry = tiny
     act = profiler.measure_activations(model, registry, 2, 16, "nf4", use_cache=False)
