@@ -195,7 +195,9 @@ def markdown(rounds: Sequence[RoundSummary], meta: Mapping[str, str], images: Se
         "Accuracy: the coordinator's global model on held-out BBC News test articles (5 classes, chance "
         "0.2); round 0 is the base model, zero-shot. Retention: WordNet definition accuracy after / before "
         "and quotation perplexity before / after, against round 0 (1.0 = nothing forgotten). Bytes are "
-        "MQTT payloads: tasks (fp32 weights of the assigned blocks) down, int8 updates up."
+        "MQTT payloads: tasks down (the block weights a client receives, at the run's "
+        "`training.task_weights_level`; with `training.context_blocks`, every block), updates up (at "
+        "`update_level`)."
     )
     if images:
         lines += ["", "## Plots", ""]
