@@ -576,3 +576,14 @@ def test_probe_texts_flag_reaches_the_settings_and_the_digest_of_every_method(tm
         settings("--probe-texts", "0")
     with pytest.raises(DataError, match="quotations in the validation split; ask for fewer"):
         general_texts(10**6, "validation")
+
+
+def test_fedbe_gate_trains_with_gates_and_reports_them_per_client() -> None:
+    """fedbe-gate: the clients' gates come back in their results; plain fedbe has none."""
+    world = _tiny_world(max_block_divergence=1.0, steps=3)
+    gated = bench.BlockMethod("fedbe-gate", world)
+    assert gated.config.block_gate and not bench.BlockMethod("fedbe", world).config.block_gate
+    gated.allocate = lambda round_: {"client-00": (0, 1)}  # type: ignore[method-assign]
+    (result,) = gated.round(1)
+    assert set(result.gates) == {0, 1} and all(0.5 < g < 1.5 for g in result.gates.values())
+    assert any(g != 1.0 for g in result.gates.values())  # a fresh block's gate moves after step 1
