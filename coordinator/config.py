@@ -490,28 +490,32 @@ def _training(f: _Fields) -> TrainingConfig:
 
 
 def _allocation(f: _Fields) -> AllocationConfig:
+    d = AllocationConfig()
     return AllocationConfig(
-        strategy=Strategy(f.choice("strategy", "fedbe", STRATEGIES)),
-        top_risk=f.real("top_risk", 1.0, "[0, 1]"),
-        interleaved_risk=f.real("interleaved_risk", 0.25, "[0, 1]"),
-        max_unprotected_risk=f.real("max_unprotected_risk", 0.5, "[0, 1]"),
-        cost_weight=f.real("cost_weight", 0.1, "[0, inf)"),
-        risk_weight=f.real("risk_weight", 0.2, "[0, inf)"),
-        max_block_divergence=f.real("max_block_divergence", AllocationConfig.max_block_divergence, "[0, 1]"),
+        strategy=Strategy(f.choice("strategy", d.strategy.value, STRATEGIES)),
+        top_risk=f.real("top_risk", d.top_risk, "[0, 1]"),
+        interleaved_risk=f.real("interleaved_risk", d.interleaved_risk, "[0, 1]"),
+        max_unprotected_risk=f.real("max_unprotected_risk", d.max_unprotected_risk, "[0, 1]"),
+        cost_weight=f.real("cost_weight", d.cost_weight, "[0, inf)"),
+        risk_weight=f.real("risk_weight", d.risk_weight, "[0, inf)"),
+        max_block_divergence=f.real("max_block_divergence", d.max_block_divergence, "[0, 1]"),
     )
 
 
 def _aggregation(f: _Fields) -> AggregationConfig:
-    optimizer = ServerOptimizer(f.choice("server_optimizer", "none", SERVER_OPTIMIZERS))
+    d = AggregationConfig()
+    optimizer = ServerOptimizer(f.choice("server_optimizer", d.server_optimizer.value, SERVER_OPTIMIZERS))
     return AggregationConfig(
         server_optimizer=optimizer,
-        server_lr=f.real("server_lr", 0.01 if optimizer is ServerOptimizer.FEDADAM else 1.0, "(0, inf)"),
-        momentum=f.real("momentum", 0.9, "[0, 1)"),
-        beta1=f.real("beta1", 0.9, "[0, 1)"),
-        beta2=f.real("beta2", 0.99, "[0, 1)"),
-        tau=f.real("tau", 1e-3, "(0, inf)"),
-        norm_bound_factor=f.real("norm_bound_factor", 10.0, "[1, inf)"),
-        block_average=f.choice("block_average", AggregationConfig.block_average, ("trainers", "round")),
+        server_lr=f.real(
+            "server_lr", 0.01 if optimizer is ServerOptimizer.FEDADAM else d.server_lr, "(0, inf)"
+        ),
+        momentum=f.real("momentum", d.momentum, "[0, 1)"),
+        beta1=f.real("beta1", d.beta1, "[0, 1)"),
+        beta2=f.real("beta2", d.beta2, "[0, 1)"),
+        tau=f.real("tau", d.tau, "(0, inf)"),
+        norm_bound_factor=f.real("norm_bound_factor", d.norm_bound_factor, "[1, inf)"),
+        block_average=f.choice("block_average", d.block_average, ("trainers", "round")),
     )
 
 

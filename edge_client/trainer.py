@@ -435,6 +435,7 @@ def block_gates(
     """
     arch = architecture_of(model)
     gates: dict[int, torch.nn.Parameter] = {}
+    gated: list[tuple[torch.nn.Parameter, torch.nn.Module]] = []  # (gate, projection it scales)
     handles = []
     try:
         for block_id in registry.check_ids(block_ids):
@@ -443,20 +444,19 @@ def block_gates(
             gate = torch.nn.Parameter(torch.ones((), dtype=torch.float32, device=device))
             gates[block_id] = gate
             for path in arch.output_projections:
-                handles.append(block.get_submodule(path).register_forward_hook(_gate_hook(gate)))
+                projection = block.get_submodule(path)
+                gated.append((gate, projection))
+                handles.append(projection.register_forward_hook(_gate_hook(gate)))
         yield gates
     finally:
         for handle in handles:
             handle.remove()
         with torch.no_grad():
-            for block_id, gate in gates.items():
-                block = new_block_module(model, registry, block_id)
-                for path in arch.output_projections:
-                    projection = block.get_submodule(path)
-                    for name in ("weight", "bias"):
-                        tensor = getattr(projection, name, None)
-                        if tensor is not None:
-                            tensor.mul_(gate.detach().to(tensor.dtype))
+            for gate, projection in gated:
+                for name in ("weight", "bias"):
+                    tensor = getattr(projection, name, None)
+                    if tensor is not None:
+                        tensor.mul_(gate.detach().to(tensor.dtype))
 
 
 def _gate_hook(gate: torch.nn.Parameter) -> Callable[..., torch.Tensor]:

@@ -146,9 +146,11 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "at 4 local steps, not validated at simulate's 8)",
     )  # fmt: skip
     p.add_argument(
-        "--distill-lambda", type=float, default=3.0,
-        help="weight of self-distillation towards the base on each client's own inputs (3.0; 0 = plain "
-        "cross-entropy, and then no client is given the top block: see allocation.max_unprotected_risk)",
+        "--distill-lambda", type=float, default=Settings.distill_lambda,
+        help="weight of self-distillation towards the base on each client's own inputs "
+        f"({Settings.distill_lambda}; 0 = plain cross-entropy: clients are then unprotected and get no "
+        "block riskier than allocation.max_unprotected_risk; with the default placement no block sits "
+        "at the very top, the riskiest place)",
     )  # fmt: skip
     p.add_argument(
         "--distill-top-k", type=int, default=32,

@@ -32,7 +32,7 @@ def test_defaults_give_heterogeneous_clients_and_a_valid_coordinator_config(tmp_
     cfg = parse_run_config(config, "simulate", tmp_path)  # the coordinator accepts what simulate writes
     assert cfg.rounds == settings.rounds and cfg.clients_per_round == cfg.min_clients == settings.clients
     assert cfg.server_eval is not None and cfg.server_eval.baseline and cfg.server_eval.probe_questions > 0
-    # FedBE's default: clients self-distil against the base (cached top-K), so the top block is allowed
+    # FedBE's default: clients self-distil against the base (cached top-K), so every client is protected
     assert cfg.training.distill_lambda == settings.distill_lambda > 0 and cfg.training.distill_top_k > 0
     assert cfg.training.lr_decay == 1.0  # a constant lr unless --lr-decay says otherwise
     decayed = simulate.run_config(
