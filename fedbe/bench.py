@@ -954,6 +954,84 @@ def summarise(records: list[dict[str, Any]], base: dict[str, float]) -> list[dic
     return rows
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (beyond the table: the normal's 1.96)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+PAIRED_KEYS = ("accuracy", "perplexity_retention", "definition_retention")
+
+
+def t_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (conservative between rows)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    rows = [d for d in T_975 if d <= df]
+    return T_975[max(rows)] if df <= max(T_975) else 1.96
+
+
+def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> list[dict[str, Any]]:
+    """``method`` against every other method, seed by seed (the runs share splits, profiles and
+    budgets per seed, so the per-seed difference removes what the seed does to both).
+
+    One row per other method with at least one seed in common: the seeds, and for each of
+    :data:`PAIRED_KEYS` (final round) the per-seed differences ``method - other``, their mean and the
+    half-width of a 95% t-interval of the mean (None with one seed). A difference whose interval
+    holds 0 is not resolved by these seeds. Empty when ``method`` has no finished run.
+    """
+    groups = by_method(records)
+    mine = {r["seed"]: r for r in groups.get(method, []) if r.get("rounds")}
+    rows: list[dict[str, Any]] = []
+    for other, recs in groups.items():
+        if other == method:
+            continue
+        theirs = {r["seed"]: r for r in recs if r.get("rounds")}
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"method": method, "against": other, "seeds": seeds}
+        for key in PAIRED_KEYS:
+            if not all(key in mine[s]["rounds"][-1] and key in theirs[s]["rounds"][-1] for s in seeds):
+                continue
+            diffs = [float(mine[s]["rounds"][-1][key]) - float(theirs[s]["rounds"][-1][key]) for s in seeds]
+            mean = statistics.fmean(diffs)
+            half = (
+                t_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+                if len(diffs) > 1
+                else None
+            )
+            row[key] = {"differences": diffs, "mean": mean, "ci95": half}
+        rows.append(row)
+    return rows
+
+
+def paired_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The lines of the results' seed-by-seed comparison (none without rows)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"{rows[0]['method']} minus each method, seed by seed (mean difference ± half-width of its 95% "
+        "t-interval; the per-seed differences in brackets; an interval that holds 0 is not resolved by "
+        "these seeds):",
+        "",
+        "| against | seeds | accuracy | perplexity retention | definitions retention |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(d: dict[str, Any] | None) -> str:
+        if d is None:
+            return "n/a"
+        spread = "" if d["ci95"] is None else f" ± {d['ci95']:.3f}"
+        each = " / ".join(f"{x:+.3f}" for x in d["differences"])
+        return f"{d['mean']:+.4f}{spread} ({each})"
+
+    for row in rows:
+        seeds = ",".join(str(s) for s in row["seeds"])
+        lines.append(
+            f"| {row['against']} | {seeds} | " + " | ".join(cell(row.get(k)) for k in PAIRED_KEYS) + " |"
+        )
+    return lines
+
+
 def position_risks(summary: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Allocation risks from the position ablation: each position's loss of general ability
     (1 - perplexity retention, averaged with 1 - definition retention) relative to the worst one.
@@ -984,7 +1062,7 @@ def _pm(v: tuple[float, float], fmt: str) -> str:
 
 
 def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], settings: BenchSettings,
-                     command: str) -> str:  # fmt: skip
+                     command: str, paired: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
     lines = [
         "# fedbe bench results", "",
         f"Command: `{command}`", "",
@@ -1033,6 +1111,7 @@ def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], sett
             f"For the coordinator: `allocation: {{top_risk: {risks['top_risk']}, interleaved_risk: "
             f"{risks['interleaved_risk']}}}`.",
         ]
+    lines += paired_markdown(paired or [])
     target = next((r["target_accuracy"] for r in summary if "target_accuracy" in r), float("nan"))
     lines += [
         "",
@@ -1238,11 +1317,12 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
                 base_scores = rec["round0"]
             records.append(rec)
     summary = summarise(records, base_scores)
+    paired = paired_differences(records, next((m for m in settings.methods if m in BLOCK_METHODS), "fedbe"))
     results = {"settings": asdict(settings), "command": command, "base": base_scores, "summary": summary,
-               "position_risks": position_risks(summary),
+               "paired": paired, "position_risks": position_risks(summary),
                "records": records, "seconds": time.perf_counter() - started}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    md = results_markdown(summary, base_scores, settings, command)
+    md = results_markdown(summary, base_scores, settings, command, paired)
     (out / "results.md").write_text(md)
     plot_results(records, base_scores, out)
     say(md)

@@ -587,3 +587,47 @@ def test_fedbe_gate_trains_with_gates_and_reports_them_per_client() -> None:
     (result,) = gated.round(1)
     assert set(result.gates) == {0, 1} and all(0.5 < g < 1.5 for g in result.gates.values())
     assert any(g != 1.0 for g in result.gates.values())  # a fresh block's gate moves after step 1
+
+
+def _final(method: str, seed: int, acc: float, ppl: float) -> dict:
+    rec = _record(method, [acc], [10])
+    rec["seed"] = seed
+    rec["rounds"][-1]["perplexity_retention"] = ppl
+    return rec
+
+
+def test_paired_differences_pair_seeds_and_give_a_t_interval() -> None:
+    records = [
+        _final("fedbe", 0, 0.90, 0.988), _final("fedbe", 1, 0.95, 0.998), _final("fedbe", 2, 0.97, 0.999),
+        _final("lora", 0, 0.85, 0.997), _final("lora", 1, 0.90, 0.992), _final("lora", 2, 0.99, 0.997),
+        _final("lora", 3, 0.10, 0.100),  # no fedbe seed 3: not paired
+        _final("solo", 5, 0.5, 0.5),  # no seed in common: no row
+        {"method": "full-ft", "seed": 0, "rounds": [], "skipped": "over budget"},
+    ]  # fmt: skip
+    rows = bench.paired_differences(records)
+    assert [r["against"] for r in rows] == ["lora"]
+    row = rows[0]
+    assert row["seeds"] == [0, 1, 2]
+    ppl = row["perplexity_retention"]
+    assert ppl["differences"] == pytest.approx([-0.009, 0.006, 0.002])
+    assert ppl["mean"] == pytest.approx(-1 / 3000)
+    sd = math.sqrt(sum((d + 1 / 3000) ** 2 for d in (-0.009, 0.006, 0.002)) / 2)
+    assert ppl["ci95"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert row["accuracy"]["mean"] == pytest.approx(0.08 / 3)  # +0.05 / +0.05 / -0.02
+    assert row["definition_retention"]["differences"] == [0.0, 0.0, 0.0]
+    md = "\n".join(bench.paired_markdown(rows))
+    assert "| lora | 0,1,2 |" in md and "-0.0003 ± 0.019 (-0.009 / +0.006 / +0.002)" in md
+    one = bench.paired_differences([_final("fedbe", 0, 0.9, 1.0), _final("lora", 0, 0.8, 0.9)])
+    assert one[0]["accuracy"]["ci95"] is None and "+0.1000 (+0.100)" in "\n".join(bench.paired_markdown(one))
+    assert bench.paired_differences(records, "missing") == [] and bench.paired_markdown([]) == []
+    full = bench.results_markdown(bench.summarise(records[:6], {}), {"accuracy": 0.5, "definition_accuracy": 0.6,
+                                  "perplexity": 40.0}, bench.BenchSettings(), "fedbe bench", rows)  # fmt: skip
+    assert "fedbe minus each method, seed by seed" in full
+
+
+def test_t_quantiles_are_students_and_conservative_between_table_rows() -> None:
+    assert bench.t_975(2) == pytest.approx(4.303)
+    assert bench.t_975(11) == bench.t_975(10) == pytest.approx(2.228)  # between rows: the smaller df's
+    assert bench.t_975(1000) == pytest.approx(1.96)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        bench.t_975(0)
