@@ -975,7 +975,8 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
     One row per other method with at least one seed in common: the seeds, and for each of
     :data:`PAIRED_KEYS` (final round) the per-seed differences ``method - other``, their mean and the
     half-width of a 95% t-interval of the mean (None with one seed). A difference whose interval
-    holds 0 is not resolved by these seeds. Empty when ``method`` has no finished run.
+    holds 0 is not resolved by these seeds (a mean of NaN, no interval, where a seed's value is not
+    finite). Empty when ``method`` has no finished run.
     """
     groups = by_method(records)
     mine = {r["seed"]: r for r in groups.get(method, []) if r.get("rounds")}
@@ -992,6 +993,9 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
             if not all(key in mine[s]["rounds"][-1] and key in theirs[s]["rounds"][-1] for s in seeds):
                 continue
             diffs = [float(mine[s]["rounds"][-1][key]) - float(theirs[s]["rounds"][-1][key]) for s in seeds]
+            if not all(math.isfinite(d) for d in diffs):  # e.g. a retention over a zero score
+                row[key] = {"differences": diffs, "mean": float("nan"), "ci95": None}
+                continue
             mean = statistics.fmean(diffs)
             half = (
                 t_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))

@@ -620,6 +620,16 @@ def test_paired_differences_pair_seeds_and_give_a_t_interval() -> None:
     one = bench.paired_differences([_final("fedbe", 0, 0.9, 1.0), _final("lora", 0, 0.8, 0.9)])
     assert one[0]["accuracy"]["ci95"] is None and "+0.1000 (+0.100)" in "\n".join(bench.paired_markdown(one))
     assert bench.paired_differences(records, "missing") == [] and bench.paired_markdown([]) == []
+    nan = _final("fedbe", 1, 0.9, 1.0)
+    nan["rounds"][-1]["definition_retention"] = float("nan")  # definitions at 0 before training
+    nan_row = bench.paired_differences([_final("fedbe", 0, 0.9, 1.0), nan, *records[3:5]])[0]
+    assert (
+        math.isnan(nan_row["definition_retention"]["mean"])
+        and nan_row["definition_retention"]["ci95"] is None
+    )
+    assert nan_row["accuracy"]["ci95"] is not None and "| +nan (+0.000 / +nan) |" in "\n".join(
+        bench.paired_markdown([nan_row])
+    )
     full = bench.results_markdown(bench.summarise(records[:6], {}), {"accuracy": 0.5, "definition_accuracy": 0.6,
                                   "perplexity": 40.0}, bench.BenchSettings(), "fedbe bench", rows)  # fmt: skip
     assert "fedbe minus each method, seed by seed" in full
