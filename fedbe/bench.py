@@ -961,11 +961,15 @@ PAIRED_KEYS = ("accuracy", "perplexity_retention", "definition_retention")
 
 
 def t_975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (conservative between rows)."""
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom: the table up to 30
+    (conservative between rows), beyond it the Cornish-Fisher expansion around the normal quantile
+    (within 0.0002 of the exact value from df 30 on; it never undercuts the normal 1.96)."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    rows = [d for d in T_975 if d <= df]
-    return T_975[max(rows)] if df <= max(T_975) else 1.96
+    if df <= max(T_975):
+        return T_975[max(d for d in T_975 if d <= df)]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> list[dict[str, Any]]:

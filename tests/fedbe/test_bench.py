@@ -638,6 +638,11 @@ def test_paired_differences_pair_seeds_and_give_a_t_interval() -> None:
 def test_t_quantiles_are_students_and_conservative_between_table_rows() -> None:
     assert bench.t_975(2) == pytest.approx(4.303)
     assert bench.t_975(11) == bench.t_975(10) == pytest.approx(2.228)  # between rows: the smaller df's
-    assert bench.t_975(1000) == pytest.approx(1.96)
+    # beyond the table: published quantiles (df 40, 60, 120), and towards the normal's 1.96
+    assert bench.t_975(40) == pytest.approx(2.021, abs=5e-4)
+    assert bench.t_975(60) == pytest.approx(2.000, abs=5e-4)
+    assert bench.t_975(120) == pytest.approx(1.980, abs=5e-4)
+    assert bench.t_975(31) < bench.t_975(30)
+    assert 1.96 < bench.t_975(100000) < 1.9601
     with pytest.raises(ValueError, match="degrees of freedom"):
         bench.t_975(0)
