@@ -963,7 +963,7 @@ PAIRED_KEYS = ("accuracy", "perplexity_retention", "definition_retention")
 def t_975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom: the table up to 30
     (conservative between rows), beyond it the Cornish-Fisher expansion around the normal quantile
-    (within 0.0002 of the exact value from df 30 on; it never undercuts the normal 1.96)."""
+    (within 0.0002 of the exact value from df 30 on, and above the normal quantile 1.959964)."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
     if df <= max(T_975):
