@@ -63,7 +63,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -1262,6 +1262,12 @@ def settings_digest(settings: BenchSettings, method: str | None = None) -> str:
     """
     import hashlib  # noqa: PLC0415
 
+    data = digested_settings(settings, method)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def digested_settings(settings: BenchSettings, method: str | None = None) -> dict[str, Any]:
+    """The settings :func:`settings_digest` hashes for ``method``."""
     data = asdict(settings)
     del data["methods"], data["seeds"], data["placement"]
     placement = settings.placement if method is None else method_placement(settings, method)
@@ -1269,7 +1275,7 @@ def settings_digest(settings: BenchSettings, method: str | None = None) -> str:
         data["placement"] = placement
     if method is not None and method not in NEW_BLOCK_METHODS:
         data.update(BLOCK_ONLY_PINNED)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return data
 
 
 def previous_records(path: Path, settings: BenchSettings) -> dict[tuple[str, int], dict[str, Any]]:
@@ -1324,6 +1330,14 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
             if not base_scores and rec.get("round0"):
                 base_scores = rec["round0"]
             records.append(rec)
+    return write_results(records, base_scores, settings, out, command, say, started)
+
+
+def write_results(records: list[dict[str, Any]], base_scores: dict[str, float], settings: BenchSettings,
+                  out: Path, command: str, say: Callable[[str], None] = print,
+                  started: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """results.json, results.md and the plots of finished method runs (``records``), to ``out``."""
+    started = time.perf_counter() if started is None else started
     summary = summarise(records, base_scores)
     paired = paired_differences(records, next((m for m in settings.methods if m in BLOCK_METHODS), "fedbe"))
     results = {"settings": asdict(settings), "command": command, "base": base_scores, "summary": summary,
@@ -1338,6 +1352,122 @@ def run_bench(settings: BenchSettings, out: Path, command: str = "fedbe bench",
         f"wrote {out / 'results.json'}, {out / 'results.md'} and plots in {time.perf_counter() - started:.0f} s"
     )
     return results
+
+
+# -- merging runs ----------------------------------------------------------------------------------
+def settings_from_dict(data: dict[str, Any], where: str) -> BenchSettings:
+    """The :class:`BenchSettings` a results.json was written with (lists back to tuples); a setting this
+    fedbe does not know is refused (the file was written by another version)."""
+    known = {f.name for f in fields(BenchSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown bench setting(s) {', '.join(unknown)}: written by another fedbe "
+                          "version; merge runs of one version")  # fmt: skip
+    try:
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return BenchSettings(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: its settings are not valid bench settings ({e})") from None
+
+
+def load_run(path: Path) -> tuple[BenchSettings, list[dict[str, Any]]]:
+    """Settings and finished method runs of one ``fedbe bench`` run: its ``--out`` folder or its results.json."""
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(
+            f"{path}: no results.json there; give a finished `fedbe bench --out` folder or its results.json "
+            "(a stopped run's records.jsonl become a results.json when the same bench command is run again: "
+            "it resumes and trains only what is missing)"
+        )
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: not readable as JSON ({e})") from None
+    if not (isinstance(data, dict) and isinstance(data.get("settings"), dict)
+            and isinstance(data.get("records"), list)):  # fmt: skip
+        raise ConfigError(f"{file}: not a fedbe bench results.json (it needs 'settings' and 'records')")
+    settings = settings_from_dict(data["settings"], str(file))
+    records = data["records"]
+    for i, rec in enumerate(records):
+        if not (isinstance(rec, dict) and isinstance(rec.get("method"), str) and isinstance(rec.get("seed"), int)
+                and isinstance(rec.get("rounds"), list)):  # fmt: skip
+            raise ConfigError(f"{file}: record {i} is not a method run (method, seed, rounds)")
+    return settings, records
+
+
+def merge_runs(runs: Sequence[tuple[str, BenchSettings, list[dict[str, Any]]]]
+               ) -> tuple[BenchSettings, list[dict[str, Any]]]:  # fmt: skip
+    """One run out of several ``(name, settings, records)`` runs of the same experiment, for example
+    seeds run side by side in separate folders: every record must carry its run's settings digest, each
+    method the same digest in every run (the settings that method depends on agree), and a
+    (method, seed) pair may come from one run only. The merged settings are those of the first run
+    that holds a block method (else the first run), with every method and seed.
+    """
+    if not runs:
+        raise ConfigError("nothing to merge: give at least one run")
+    digests: dict[str, tuple[str, str, BenchSettings]] = {}
+    seen: dict[tuple[str, int], str] = {}
+    merged: list[dict[str, Any]] = []
+    for name, settings, records in runs:
+        for rec in records:
+            method, seed = rec["method"], rec["seed"]
+            digest = settings_digest(settings, method)
+            if rec.get("settings_digest", digest) != digest:
+                raise ConfigError(f"{name}: the {method} run of seed {seed} was not made with the settings in "
+                                  "its results.json (its settings digest differs); the file was edited or "
+                                  "mixes runs, so it can not be merged")  # fmt: skip
+            if method in digests and digests[method][0] != digest:
+                first = digested_settings(digests[method][2], method)
+                other = digested_settings(settings, method)
+                differ = [k for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k)]
+                raise ConfigError(
+                    f"{method} ran under different settings in {digests[method][1]} and {name} ("
+                    + ", ".join(f"{k}: {first.get(k)!r} against {other.get(k)!r}" for k in differ)
+                    + "): their seeds are not one experiment; merge only runs of the same settings"
+                )
+            digests.setdefault(method, (digest, name, settings))
+            if (method, seed) in seen:
+                raise ConfigError(f"{method} seed {seed} is in both {seen[(method, seed)]} and {name}: "
+                                  "keep one of them (give the other run without it)")  # fmt: skip
+            seen[(method, seed)] = name
+            merged.append(rec)
+    methods = tuple(dict.fromkeys(rec["method"] for rec in merged))
+    seeds = tuple(sorted({rec["seed"] for rec in merged}))
+    lead = next((s for _, s, recs in runs if any(r["method"] in BLOCK_METHODS for r in recs)), runs[0][1])
+    merged.sort(key=lambda r: (r["seed"], methods.index(r["method"])))
+    return replace(lead, methods=methods, seeds=seeds), merged
+
+
+def merge_bench(paths: Sequence[Path], out: Path, command: str = "fedbe bench-merge",
+                say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+    """Load, check and merge finished bench runs (:func:`merge_runs`) and write them as one run to ``out``."""
+    for p in paths:
+        if (p if p.is_dir() else p.parent).resolve() == out.resolve():
+            raise ConfigError(
+                f"--out {out} is one of the runs to merge; write the merged run to a new folder"
+            )
+    runs = [(str(p), *load_run(p)) for p in paths]
+    settings, records = merge_runs(runs)
+    if not records:
+        raise ConfigError("the runs given hold no finished method runs; nothing to merge")
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "records.jsonl").open("w") as handle:
+        for rec in records:
+            handle.write(json.dumps(rec) + "\n")
+    base = next((r["round0"] for r in records if r.get("round0")), None)
+    if base is None:
+        raise ConfigError(
+            "no record holds the base model's scores (round0); were these runs written by fedbe bench?"
+        )
+    say(f"merged {len(records)} method run(s) from {len(runs)} run(s): methods {', '.join(settings.methods)}, "
+        f"seeds {', '.join(map(str, settings.seeds))}")  # fmt: skip
+    seeds_of = {m: sorted(r["seed"] for r in recs) for m, recs in by_method(records).items()}
+    if len({tuple(v) for v in seeds_of.values()}) > 1:
+        say("warning: the methods ran on different seeds ("
+            + "; ".join(f"{m} {','.join(map(str, v))}" for m, v in seeds_of.items())
+            + "): each row of the table averages its own seeds; the paired comparison uses the seeds "
+            "in common")  # fmt: skip
+    return write_results(records, base, settings, out, command, say)
 
 
 # relative run time of a method, roughly (fedbe = 1). In runs/bench-v3 every method of the
@@ -1443,6 +1573,31 @@ definition choice, perplexity on fortunes quotations). Writes results.json, resu
 records.jsonl and plots (accuracy_retention.png, accuracy_vs_time.png) to --out and prints the table.
 
 The default run takes about an hour on 2 CPU cores with SmolLM2-135M; --quick about 10 minutes."""
+
+
+MERGE_DESCRIPTION = """Merge finished `fedbe bench` runs into one: one table, one paired comparison, one set of plots.
+
+For seeds or methods run in separate folders (side by side, on several machines, or a run extended
+later): each RUN is a bench --out folder or its results.json. Every method must have run under the
+same settings in every RUN (the settings that method depends on: FedBE's own knobs do not matter for
+the LoRA baselines), and a method's seed may come from one RUN only; otherwise nothing is written and
+the message says which setting or seed is in the way. Settings are checked, the machine is not:
+emulated times compare only between methods of one seed that ran under the same conditions.
+
+Writes results.json, results.md, records.jsonl and the plots to --out, as `fedbe bench` does."""
+
+
+def add_merge_parser(sub: Any) -> None:
+    import argparse  # noqa: PLC0415
+
+    p = sub.add_parser("bench-merge", help="merge finished bench runs (seeds run in separate folders) into one",
+                       description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument(
+        "runs", nargs="+", type=Path, metavar="RUN", help="a fedbe bench --out folder or its results.json"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="folder for the merged results (not one of the RUNs)"
+    )
 
 
 def add_bench_parser(sub: Any, epilog: str) -> None:

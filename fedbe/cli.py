@@ -6,6 +6,8 @@ Subcommands:
           BBC News and print the loss going down and the accuracy before and after
   bench     FedBE against federated LoRA (FedIT, FFA-LoRA) and full fine-tuning on one federation:
           accuracy, general-ability retention, time to target, bytes and memory (fedbe/bench.py)
+  bench-merge  finished bench runs (seeds run in separate folders) as one run: table, paired
+          comparison, plots
   simulate  a whole federation on this machine: a broker, the coordinator and N emulated edge
           devices as real processes; writes metrics, a report and plots (fedbe/simulate.py)
 """
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedbe.bench import add_bench_parser  # noqa: PLC0415 - argparse only, stays light
 
     add_bench_parser(sub, EPILOG)
+    from fedbe.bench import add_merge_parser  # noqa: PLC0415
+
+    add_merge_parser(sub)
     return parser
 
 
@@ -254,6 +259,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_merge(args: argparse.Namespace) -> int:
+    from fedbe.bench import merge_bench  # noqa: PLC0415
+
+    merge_bench(args.runs, args.out, command="fedbe " + " ".join(sys.argv[1:]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -262,7 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     return dispatch(
-        "fedbe", args, {"expand": cmd_expand, "demo": cmd_demo, "simulate": cmd_simulate, "bench": cmd_bench}
+        "fedbe",
+        args,
+        {
+            "expand": cmd_expand,
+            "demo": cmd_demo,
+            "simulate": cmd_simulate,
+            "bench": cmd_bench,
+            "bench-merge": cmd_bench_merge,
+        },
     )
 
 

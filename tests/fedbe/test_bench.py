@@ -646,3 +646,81 @@ def test_t_quantiles_are_students_and_conservative_between_table_rows() -> None:
     assert 1.959964 < bench.t_975(100000) < 1.9601  # the normal quantile is 1.959964
     with pytest.raises(ValueError, match="degrees of freedom"):
         bench.t_975(0)
+
+
+def _run_folder(folder: Path, settings: bench.BenchSettings, records: list[dict]) -> Path:
+    """A finished bench --out folder: results.json with its settings and records (digests stamped)."""
+    folder.mkdir(parents=True)
+    for rec in records:
+        rec["settings_digest"] = bench.settings_digest(settings, rec["method"])
+        rec["round0"] = {"accuracy": 0.5, "definition_accuracy": 0.6, "perplexity": 40.0}
+    data = {"settings": json.loads(json.dumps(bench.asdict(settings))), "records": records}
+    (folder / "results.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_bench_merge_joins_seeds_run_in_separate_folders_into_one_paired_comparison(tmp_path) -> None:
+    from fedbe.cli import main
+
+    default = bench.BenchSettings(methods=("fedbe", "fedit-distill"))
+    ran = [((0, 1, 2), (0.988, 0.998, 0.999), (0.997, 0.992, 0.997)), ((4,), (0.990,), (0.985,))]
+    runs = []
+    for i, (seeds, mine, theirs) in enumerate(ran):
+        recs = [_final("fedbe", s, 0.9, p) for s, p in zip(seeds, mine, strict=True)]
+        recs += [_final("fedit-distill", s, 0.9, p) for s, p in zip(seeds, theirs, strict=True)]
+        runs.append(_run_folder(tmp_path / f"run{i}", replace(default, seeds=seeds), recs))
+    # a LoRA-only run may differ in FedBE's own knobs (they are not in fedit-distill's digest)
+    lora_only = replace(default, methods=("fedit-distill",), seeds=(5,), distill_lambda=6.0)
+    runs.append(_run_folder(tmp_path / "run2", lora_only, [_final("fedit-distill", 5, 0.9, 0.99)]))
+    assert (
+        main(
+            ["bench-merge", *map(str, runs[:2]), str(runs[2] / "results.json"), "--out", str(tmp_path / "m")]
+        )
+        == 0
+    )
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["settings"]["seeds"] == [0, 1, 2, 4, 5] and merged["settings"]["distill_lambda"] == 3.0
+    assert [(r["method"], r["seed"]) for r in merged["records"]][:2] == [("fedbe", 0), ("fedit-distill", 0)]
+    (row,) = merged["paired"]
+    assert row["against"] == "fedit-distill" and row["seeds"] == [0, 1, 2, 4]
+    assert row["perplexity_retention"]["differences"] == pytest.approx([-0.009, 0.006, 0.002, 0.005])
+    assert "seed by seed" in (tmp_path / "m" / "results.md").read_text()
+    assert len((tmp_path / "m" / "records.jsonl").read_text().splitlines()) == 9
+    assert (tmp_path / "m" / "accuracy_retention.png").is_file()
+
+
+def test_bench_merge_refuses_runs_that_are_not_one_experiment(tmp_path, capsys) -> None:
+    from fedbe.cli import main
+
+    default = bench.BenchSettings(methods=("fedbe",))
+    a = _run_folder(tmp_path / "a", replace(default, seeds=(0,)), [_final("fedbe", 0, 0.9, 0.99)])
+    other_lr = _run_folder(
+        tmp_path / "b", replace(default, seeds=(1,), lr=1e-3), [_final("fedbe", 1, 0.9, 0.99)]
+    )
+    same_seed = _run_folder(tmp_path / "c", replace(default, seeds=(0,)), [_final("fedbe", 0, 0.8, 0.98)])
+    out = tmp_path / "out"
+
+    def refused(*runs: str) -> str:
+        assert main(["bench-merge", *runs, "--out", str(out)]) != 0
+        assert not (out / "results.json").exists()  # nothing written
+        return capsys.readouterr().err
+
+    assert "lr: 0.002 against 0.001" in refused(str(a), str(other_lr))
+    assert "fedbe seed 0 is in both" in refused(str(a), str(same_seed))
+    assert "no results.json" in refused(str(a), str(tmp_path / "missing"))
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "not readable as JSON" in refused(str(a), str(tmp_path / "bad.json"))
+    (tmp_path / "list.json").write_text("[]")
+    assert "not a fedbe bench results.json" in refused(str(tmp_path / "list.json"))
+    newer = json.loads((a / "results.json").read_text())
+    newer["settings"]["warp_drive"] = 1
+    (tmp_path / "newer.json").write_text(json.dumps(newer))
+    assert "unknown bench setting(s) warp_drive" in refused(str(tmp_path / "newer.json"))
+    edited = json.loads((a / "results.json").read_text())
+    edited["settings"]["rounds"] = 9  # the records were run with 4
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    assert "was not made with the settings in its results.json" in refused(str(tmp_path / "edited.json"))
+    before = (a / "results.json").read_text()
+    assert main(["bench-merge", str(a), "--out", str(a)]) != 0
+    assert "is one of the runs to merge" in capsys.readouterr().err
+    assert (a / "results.json").read_text() == before  # the input is not overwritten
