@@ -1450,15 +1450,15 @@ def merge_bench(paths: Sequence[Path], out: Path, command: str = "fedbe bench-me
     settings, records = merge_runs(runs)
     if not records:
         raise ConfigError("the runs given hold no finished method runs; nothing to merge")
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "records.jsonl").open("w") as handle:
-        for rec in records:
-            handle.write(json.dumps(rec) + "\n")
     base = next((r["round0"] for r in records if r.get("round0")), None)
     if base is None:
         raise ConfigError(
             "no record holds the base model's scores (round0); were these runs written by fedbe bench?"
         )
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "records.jsonl").open("w") as handle:
+        for rec in records:
+            handle.write(json.dumps(rec) + "\n")
     say(f"merged {len(records)} method run(s) from {len(runs)} run(s): methods {', '.join(settings.methods)}, "
         f"seeds {', '.join(map(str, settings.seeds))}")  # fmt: skip
     seeds_of = {m: sorted(r["seed"] for r in recs) for m, recs in by_method(records).items()}

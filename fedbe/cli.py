@@ -111,11 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedbe.simulate import add_simulate_parser  # noqa: PLC0415 - argparse only, stays light
 
     add_simulate_parser(sub, EPILOG)
-    from fedbe.bench import add_bench_parser  # noqa: PLC0415 - argparse only, stays light
+    from fedbe.bench import add_bench_parser, add_merge_parser  # noqa: PLC0415 - argparse only, stays light
 
     add_bench_parser(sub, EPILOG)
-    from fedbe.bench import add_merge_parser  # noqa: PLC0415
-
     add_merge_parser(sub)
     return parser
 

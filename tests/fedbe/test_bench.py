@@ -209,9 +209,7 @@ def test_the_published_records_keep_their_digests() -> None:
     """Every record in docs/bench-results.json still resumes under the settings it was run with: a
     change of the digest's rules must not orphan the records a published table was built from."""
     published = json.loads((Path(__file__).parents[2] / "docs" / "bench-results.json").read_text())
-    settings = bench.BenchSettings(**{
-        k: tuple(v) if isinstance(v, list) else v for k, v in published["settings"].items()
-    })  # fmt: skip
+    settings = bench.settings_from_dict(published["settings"], "docs/bench-results.json")
     assert published["records"]
     for rec in published["records"]:
         assert rec["settings_digest"] == bench.settings_digest(settings, rec["method"]), rec["method"]
@@ -720,6 +718,11 @@ def test_bench_merge_refuses_runs_that_are_not_one_experiment(tmp_path, capsys) 
     edited["settings"]["rounds"] = 9  # the records were run with 4
     (tmp_path / "edited.json").write_text(json.dumps(edited))
     assert "was not made with the settings in its results.json" in refused(str(tmp_path / "edited.json"))
+    bare = json.loads((a / "results.json").read_text())
+    del bare["records"][0]["round0"]  # no base scores: nothing to report retention against
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    assert "no record holds the base model's scores" in refused(str(tmp_path / "bare.json"))
+    assert not out.exists()  # not even records.jsonl
     before = (a / "results.json").read_text()
     assert main(["bench-merge", str(a), "--out", str(a)]) != 0
     assert "is one of the runs to merge" in capsys.readouterr().err
