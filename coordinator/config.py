@@ -151,6 +151,15 @@ def round_lr(lr: float, decay: float, round_: int) -> float:
     return lr * decay ** max(0, round_ - 1)
 
 
+def round_value(schedule: float | tuple[float, ...], round_: int) -> float:
+    """Round ``round_``'s (1-based) value of a per-round schedule: a number holds in every round; a
+    list gives rounds 1, 2, ... their values and its last value holds after it (``(6, 3)``: 6 in
+    round 1, 3 from round 2 on). The coordinator's tasks and ``fedbe bench`` share it."""
+    if isinstance(schedule, tuple):
+        return float(schedule[min(max(round_, 1), len(schedule)) - 1])
+    return float(schedule)
+
+
 @dataclass(frozen=True)
 class AllocationConfig:
     strategy: Strategy = Strategy.FEDBE

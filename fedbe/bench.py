@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from coordinator.aggregation import BLOCK_AVERAGES
-from coordinator.config import round_lr
+from coordinator.config import round_lr, round_value
 from fedbe.errors import ConfigError, ExpansionError
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,9 @@ class BenchSettings:
     # the goal compares (about 0.003); the first PROBE_HEAD of them, v1-v9's probe, are scored apart too
     probe_texts: int = 192
     split: str = "test"  # "validation": choose settings here, never on test
-    distill_lambda: float = 3.0  # chosen on --split validation (1 / 3 at lr 1e-3)
+    # chosen on --split validation (1 / 3 at lr 1e-3). A tuple is a per-round schedule (rounds 1, 2,
+    # ...; its last value holds after it; coordinator.config.round_value), e.g. (6.0, 3.0)
+    distill_lambda: float | tuple[float, ...] = 3.0
     lora_distill_lambda: float = 3.0  # fedit-distill's own lambda, chosen on --split validation
     distill_top_k: int = 32
     identity_pull: float = 1e-3
@@ -181,11 +183,16 @@ class BenchSettings:
         for name in ("rehearsal_rows", "distill_sample", "distill_rows", "distill_top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        schedule = self.distill_lambda if isinstance(self.distill_lambda, tuple) else (self.distill_lambda,)
+        if not schedule or not all(
+            isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in schedule
+        ):
+            raise ConfigError(f"distill_lambda must be a non-negative number or a non-empty list of them (one per "
+                              f"round, the last holding after it), got {self.distill_lambda}")  # fmt: skip
         for name in (
             "lr",
             "lora_lr",
             "full_ft_lr",
-            "distill_lambda",
             "lora_distill_lambda",
             "identity_pull",
             "full_ft_budget_seconds",
@@ -462,7 +469,7 @@ class Method:
     ) -> Any:
         from edge_client.trainer import TrainConfig  # noqa: PLC0415
 
-        lam = self.s.distill_lambda if distill_lambda is None else distill_lambda
+        lam = round_value(self.s.distill_lambda, 1) if distill_lambda is None else distill_lambda
         return TrainConfig(
             steps=self.s.steps, lr=lr or self.s.lr, distill_lambda=lam if distill else 0.0,
             distill_top_k=0 if exact else self.s.distill_top_k, identity_pull=self.s.identity_pull if pull else 0.0,
@@ -589,6 +596,8 @@ class BlockMethod(Method):
             config = replace(self.config, lr=round_lr(self.config.lr, self.s.lr_decay, 2))
         else:
             config = replace(self.config, lr=round_lr(self.config.lr, self.s.lr_decay, round_))
+        if self.distill:  # the round's lambda of a --distill-lambda schedule
+            config = replace(config, distill_lambda=round_value(self.s.distill_lambda, round_))
         # a client trains from the weights as they arrive (download_level); with context blocks the
         # blocks it does not train arrive frozen (at most bf16) and run as they are
         download = "fp32" if self.name == "fedbe-fp32-download" else self.s.download_level
@@ -605,8 +614,8 @@ class BlockMethod(Method):
             set_block_state(self.model, self.registry, {**self.global_state, **frozen, **sent})
             skipped = [] if context else [b for b in self.registry.block_ids if b not in blocks]
             down = sum(received_bytes[b] for b in sent) + sum(context_bytes[b] for b in frozen)
-            if self.config.distill_top_k and self.config.distill_lambda:
-                self.caches.setdefault(c.client_id, BaseCache(self.config.distill_top_k))
+            if config.distill_top_k and config.distill_lambda:
+                self.caches.setdefault(c.client_id, BaseCache(config.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
             with bypassed(self.model, self.registry, skipped):
                 if self.peak_memory == 0 or len(blocks) == max(len(b) for b in assignments.values()):
@@ -704,8 +713,8 @@ class LoraMethod(Method):
                 p.requires_grad_(True)
             if self.peak_memory == 0:
                 self.peak_memory = step_memory_bytes(self.model, params, c.batches[0])
-            if self.config.distill_top_k and self.config.distill_lambda:
-                self.caches.setdefault(c.client_id, BaseCache(self.config.distill_top_k))
+            if config.distill_top_k and config.distill_lambda:
+                self.caches.setdefault(c.client_id, BaseCache(config.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
             result = train_parameters(
                 self.model, params, c.batches_for(round_), config, base=self.model.disable_adapter,
@@ -1646,7 +1655,10 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         help="evaluate on the test split (report) or the validation split (choose settings)",
     )
     p.add_argument(
-        "--distill-lambda", type=float, default=d.distill_lambda, help=f"default {d.distill_lambda}"
+        "--distill-lambda",
+        default=str(d.distill_lambda),
+        help=f"FedBE's self-distillation weight (default {d.distill_lambda}); a comma-separated list is a "
+        "per-round schedule whose last value holds after it (6,3: 6 in round 1, 3 from round 2 on)",
     )
     p.add_argument(
         "--lora-distill-lambda",
@@ -1790,13 +1802,19 @@ def settings_from_args(args: Any) -> BenchSettings:
         seeds = tuple(int(x) for x in csv(args.seeds))
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated whole numbers, got {args.seeds!r}") from None
+    try:
+        lambdas = tuple(float(x) for x in csv(args.distill_lambda))
+    except ValueError:
+        raise ConfigError(
+            f"--distill-lambda must be a number or comma-separated numbers (one per round), got {args.distill_lambda!r}"
+        ) from None
     d = BenchSettings()
     settings = BenchSettings(
         model=args.model, methods=csv(args.methods) if args.methods else d.methods,
         profiles=csv(args.profiles) if args.profiles else d.profiles, clients=args.clients, rounds=args.rounds,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr, alpha=args.alpha,
         full_ft_lr=args.full_ft_lr,
-        seeds=seeds or (0,), split=args.split, distill_lambda=args.distill_lambda,
+        seeds=seeds or (0,), split=args.split, distill_lambda=lambdas[0] if len(lambdas) == 1 else lambdas,
         lora_distill_lambda=args.lora_distill_lambda,
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample, distill_rows=args.distill_rows,

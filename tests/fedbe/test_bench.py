@@ -727,3 +727,49 @@ def test_bench_merge_refuses_runs_that_are_not_one_experiment(tmp_path, capsys) 
     assert main(["bench-merge", str(a), "--out", str(a)]) != 0
     assert "is one of the runs to merge" in capsys.readouterr().err
     assert (a / "results.json").read_text() == before  # the input is not overwritten
+
+
+def test_a_distill_lambda_schedule_gives_each_round_its_lambda_and_its_own_digest(
+    tmp_path, monkeypatch
+) -> None:
+    """--distill-lambda 6,3: FedBE's clients distil at 6 in round 1 and 3 from round 2 on (the last
+    value holds); a single number keeps the digest of the records made before schedules existed;
+    LoRA records do not depend on it; a bad list is refused with what to write."""
+    import edge_client.trainer as trainer
+    from fedbe.cli import build_parser
+
+    def settings(*extra: str) -> bench.BenchSettings:
+        args = build_parser().parse_args(["bench", "--out", str(tmp_path), *extra])
+        return bench.settings_from_args(args)
+
+    scheduled, constant = settings("--distill-lambda", "6,3"), settings("--distill-lambda", "3")
+    assert scheduled.distill_lambda == (6.0, 3.0) and constant.distill_lambda == 3.0
+    assert bench.settings_digest(constant, "fedbe") == bench.settings_digest(bench.BenchSettings(), "fedbe")
+    assert bench.settings_digest(scheduled, "fedbe") != bench.settings_digest(constant, "fedbe")
+    assert bench.settings_digest(scheduled, "fedit-distill") == bench.settings_digest(
+        constant, "fedit-distill"
+    )
+    for bad in ("6,x", ",", "6,-1"):
+        with pytest.raises(ConfigError, match="distill.lambda"):
+            settings("--distill-lambda", bad)
+
+    world = _tiny_world(max_block_divergence=1.0, distill_lambda=(6.0, 0.0, 3.0))
+    seen: list[tuple[int, float]] = []
+    real, now = trainer.train_blocks, [0]
+
+    def spy(model, registry, blocks, batches, config, **kwargs):
+        seen.append((now[0], config.distill_lambda))
+        return real(model, registry, blocks, batches, config, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_blocks", spy)
+    method = bench.BlockMethod("fedbe", world)
+    method.allocate = lambda round_: {"client-00": (0, 1)}  # type: ignore[method-assign]
+    for now[0] in (1, 2, 3, 4):
+        method.round(now[0])
+    assert seen == [(1, 6.0), (2, 0.0), (3, 3.0), (4, 3.0)]
+    plain = bench.BlockMethod("fedbe-plain", world)  # no distillation whatever the schedule
+    plain.allocate = method.allocate  # type: ignore[method-assign]
+    seen.clear()
+    now[0] = 1
+    plain.round(1)
+    assert seen == [(1, 0.0)]
