@@ -26,9 +26,11 @@ Fields (``name: type = default``):
   federated evaluation every N rounds (0 = never).
 * ``training``: ``steps: int >= 1 = 10``, ``lr: float > 0 = 3e-4``, ``lr_decay: float in (0, 1] = 1``
   (round r's tasks carry ``lr x lr_decay^(r-1)``; 1 = constant), ``batch_size: int >= 1 = 4``,
-  ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 = 3`` (weight of self-distillation
-  towards the base model's predictions; 0 = off), ``distill_top_k: int >= 0 = 32`` (0: exact KL with
-  one extra base forward per step; K: clients cache the base's top-K once per example),
+  ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 | [float >= 0, ...] = 3`` (weight of
+  self-distillation towards the base model's predictions; 0 = off; a list is a per-round schedule,
+  rounds 1, 2, ... with its last value holding after it, e.g. ``[6, 3]``), ``distill_top_k: int >= 0 =
+  32`` (0: exact KL with one extra base forward per step; K: clients cache the base's top-K once per
+  example),
   ``identity_pull: float >= 0 = 0`` (L2 pull of trained output projections towards zero),
   ``rehearsal_rows: int >= 0 = 0`` (rows of text each client samples once from the base and adds to
   every batch, distilled only; needs ``distill_lambda > 0``, ignored otherwise),
@@ -130,7 +132,7 @@ class TrainingConfig:
     lr: float = 3e-4
     batch_size: int = 4
     max_tokens: int = 128
-    distill_lambda: float = 3.0
+    distill_lambda: float | tuple[float, ...] = 3.0  # a tuple: per round, the last value holding after it
     distill_top_k: int = 32
     identity_pull: float = 0.0
     rehearsal_rows: int = 0
@@ -143,6 +145,10 @@ class TrainingConfig:
     def round_lr(self, round_: int) -> float:
         """The client lr of round ``round_`` (1-based): ``lr x lr_decay^(round_-1)``."""
         return round_lr(self.lr, self.lr_decay, round_)
+
+    def round_distill_lambda(self, round_: int) -> float:
+        """Round ``round_``'s (1-based) self-distillation weight (:func:`round_value` of ``distill_lambda``)."""
+        return round_value(self.distill_lambda, round_)
 
 
 def round_lr(lr: float, decay: float, round_: int) -> float:
@@ -300,6 +306,24 @@ class _Fields:
         if not (above and below):
             self.fail(name, value, f"must lie in {interval}", f"Choose a value in {interval}.")
         return float(value)
+
+    def real_or_list(
+        self, name: str, default: float | tuple[float, ...], interval: str
+    ) -> float | tuple[float, ...]:
+        """A number inside ``interval``, or a non-empty list of them (a per-round schedule)."""
+        value = self.raw(name, default)
+        if not isinstance(value, list | tuple):
+            return self.real(name, default, interval)
+        if not value:
+            self.fail(name, value, "is an empty list", "Give one number, or one per round such as [6, 3].")
+        low, high = (float(part) for part in interval[1:-1].split(","))
+        for i, item in enumerate(value):
+            ok = not isinstance(item, bool) and isinstance(item, int | float) and math.isfinite(item)
+            if not (ok and (low < item or (interval[0] == "[" and item == low))
+                    and (item < high or (interval[-1] == "]" and item == high))):  # fmt: skip
+                self.fail(name, value, f"has item {i + 1}, {item!r}, that is not a number in {interval}",
+                          "Give one number per round, each in that interval, such as [6, 3].")  # fmt: skip
+        return tuple(float(item) for item in value)
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         value = self.raw(name, default)
@@ -484,7 +508,7 @@ def _training(f: _Fields) -> TrainingConfig:
         lr=f.real("lr", d.lr, "(0, 1]"),
         batch_size=f.integer("batch_size", d.batch_size, 1),
         max_tokens=f.integer("max_tokens", d.max_tokens, 8),
-        distill_lambda=f.real("distill_lambda", d.distill_lambda, "[0, inf)"),
+        distill_lambda=f.real_or_list("distill_lambda", d.distill_lambda, "[0, inf)"),
         distill_top_k=f.integer("distill_top_k", d.distill_top_k, 0),
         identity_pull=f.real("identity_pull", d.identity_pull, "[0, inf)"),
         rehearsal_rows=f.integer("rehearsal_rows", d.rehearsal_rows, 0),

@@ -480,7 +480,7 @@ class Coordinator:
         self.publish_status("stopped")
         return 130
 
-    def capacities(self, selected: list[str]) -> list[Any]:
+    def capacities(self, selected: list[str], round_: int = 1) -> list[Any]:
         from coordinator.allocation import ClientCapacity  # noqa: PLC0415
 
         caps = []
@@ -494,7 +494,7 @@ class Coordinator:
                 client_id=cid, max_blocks=rec.max_blocks(), base_forward_seconds=forward,
                 layer_backward_seconds=backward, steps=self.cfg.training.steps,
                 deadline_seconds=self.cfg.round_deadline_seconds, label_histogram=dict(a.label_histogram),
-                protected=self.cfg.training.distill_lambda > 0,
+                protected=self.cfg.training.round_distill_lambda(round_) > 0,
             ))  # fmt: skip
         return caps
 
@@ -513,13 +513,14 @@ class Coordinator:
             max_block_divergence=a.max_block_divergence,
         )
         return allocation.allocate(
-            slots, self.capacities(selected), num_layers=self.registry.num_layers, last_trained=self.last_trained,
-            round=round_, seed=self.cfg.seed * 100003 + round_, policy=policy,
+            slots, self.capacities(selected, round_), num_layers=self.registry.num_layers,
+            last_trained=self.last_trained, round=round_, seed=self.cfg.seed * 100003 + round_, policy=policy,
         )  # fmt: skip
 
     def send_task(self, client_id: str, round_: int, blocks: tuple[int, ...], rlog: RoundLog, *,
                   evaluate: bool = False) -> None:  # fmt: skip
         t = self.cfg.training
+        lam = t.round_distill_lambda(round_)
         # a client runs the blocks it is sent and bypasses the others; with context_blocks it is sent
         # all of them and trains its own inside the current global model
         weight_ids = self.registry.block_ids if evaluate or t.context_blocks else blocks
@@ -530,8 +531,8 @@ class Coordinator:
             reply_level=self.cfg.update_level,
             steps=0 if evaluate else t.steps, lr=t.round_lr(round_), batch_size=t.batch_size, max_tokens=t.max_tokens,
             deadline_seconds=self.cfg.round_deadline_seconds, seed=self.cfg.seed * 100003 + round_,
-            distill_lambda=t.distill_lambda, evaluate=evaluate, distill_top_k=t.distill_top_k,
-            identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if t.distill_lambda > 0 else 0,
+            distill_lambda=lam, evaluate=evaluate, distill_top_k=t.distill_top_k,
+            identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if lam > 0 else 0,
             distill_sample=t.distill_sample,
             distill_rows=t.distill_rows,
         )  # fmt: skip

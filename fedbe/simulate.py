@@ -96,7 +96,7 @@ class Settings:
     eval_precision: str
     deadline_seconds: float
     timeout_seconds: float
-    distill_lambda: float = 3.0
+    distill_lambda: float | tuple[float, ...] = 3.0  # a tuple: per round, the last value holding after it
     distill_top_k: int = 32
     lr_decay: float = 1.0
 
@@ -146,11 +146,12 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "at 4 local steps, not validated at simulate's 8)",
     )  # fmt: skip
     p.add_argument(
-        "--distill-lambda", type=float, default=Settings.distill_lambda,
+        "--distill-lambda", default=str(Settings.distill_lambda),
         help="weight of self-distillation towards the base on each client's own inputs "
         f"({Settings.distill_lambda}; 0 = plain cross-entropy: clients are then unprotected and get no "
         "block riskier than allocation.max_unprotected_risk; with the default placement no block sits "
-        "at the very top, the riskiest place)",
+        "at the very top, the riskiest place); a comma-separated list is a per-round schedule whose "
+        "last value holds after it (6,3: 6 in round 1, 3 from round 2 on)",
     )  # fmt: skip
     p.add_argument(
         "--distill-top-k", type=int, default=32,
@@ -224,10 +225,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         or (args.probe_questions == 0) != (args.probe_texts == 0)
     ):
         raise ConfigError("--probe-questions and --probe-texts must both be 0 or both be at least 1")
-    if not (math.isfinite(args.distill_lambda) and args.distill_lambda >= 0) or args.distill_top_k < 0:
+    try:
+        lambdas = tuple(float(x) for x in str(args.distill_lambda).split(","))
+    except ValueError:
+        lambdas = ()
+    if not all(math.isfinite(v) and v >= 0 for v in lambdas) or not lambdas or args.distill_top_k < 0:
         raise ConfigError(
-            f"--distill-lambda must be a number >= 0 and --distill-top-k a whole number >= 0, got "
-            f"{args.distill_lambda} and {args.distill_top_k}"
+            f"--distill-lambda must be a number >= 0 (or comma-separated ones, one per round) and "
+            f"--distill-top-k a whole number >= 0, got {args.distill_lambda} and {args.distill_top_k}"
         )
     if not (math.isfinite(args.lr_decay) and 0 < args.lr_decay <= 1):
         raise ConfigError(
@@ -243,7 +248,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         probe_questions=args.probe_questions, probe_texts=args.probe_texts, eval_precision=args.eval_precision,
         deadline_seconds=args.deadline,
         timeout_seconds=args.timeout,
-        distill_lambda=args.distill_lambda,
+        distill_lambda=lambdas[0] if len(lambdas) == 1 else lambdas,
         distill_top_k=args.distill_top_k,
         lr_decay=args.lr_decay,
     )  # fmt: skip
@@ -285,7 +290,9 @@ def run_config(settings: Settings, broker_url: str, state_dir: Path) -> dict[str
             "lr_decay": settings.lr_decay,
             "batch_size": settings.batch_size,
             "max_tokens": settings.max_tokens,
-            "distill_lambda": settings.distill_lambda,
+            "distill_lambda": list(settings.distill_lambda)
+            if isinstance(settings.distill_lambda, tuple)
+            else settings.distill_lambda,
             "distill_top_k": settings.distill_top_k,
         },  # fmt: skip
         "broker": {"url": broker_url},

@@ -90,6 +90,10 @@ BAD_VALUES = [
     ("training.batch_size", 0),
     ("training.max_tokens", 4),
     ("training.distill_lambda", -0.1),
+    ("training.distill_lambda", []),
+    ("training.distill_lambda", [6, -1]),
+    ("training.distill_lambda", [6, "x"]),
+    ("training.distill_lambda", [True]),
     ("training.distill_sample", -1),
     ("training.distill_rows", -2),
     ("training.context_blocks", "yes"),
@@ -463,6 +467,16 @@ def test_probe_counts_come_together(tmp_path: Path) -> None:
             parse_run_config({**BASE, "server_eval": one}, "p.yaml", tmp_path)
     cfg = parse_run_config({**BASE, "server_eval": {}}, "p.yaml", tmp_path)
     assert cfg.server_eval == ServerEvalConfig("bbc-news", 40, 0, 0, False, "fp32")  # old configs: unchanged
+
+
+def test_a_distill_lambda_list_is_a_per_round_schedule_whose_last_value_holds(tmp_path: Path) -> None:
+    cfg = load_run_config(write(tmp_path, with_field("training.distill_lambda", [6, 3])))
+    assert cfg.training.distill_lambda == (6.0, 3.0)
+    assert [cfg.training.round_distill_lambda(r) for r in (1, 2, 3, 9)] == [6.0, 3.0, 3.0, 3.0]
+    assert [TrainingConfig(distill_lambda=2.5).round_distill_lambda(r) for r in (1, 5)] == [2.5, 2.5]
+    assert config_digest(cfg) != config_digest(
+        load_run_config(write(tmp_path, with_field("training.distill_lambda", 6)))
+    )
 
 
 def test_the_round_lr_decays_from_the_configured_lr_and_is_constant_by_default() -> None:

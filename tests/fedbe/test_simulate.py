@@ -43,6 +43,13 @@ def test_defaults_give_heterogeneous_clients_and_a_valid_coordinator_config(tmp_
     assert parse_run_config(decayed, "simulate", tmp_path).training.round_lr(3) == pytest.approx(
         settings.lr / 4
     )
+    scheduled = simulate.run_config(
+        simulate.settings_from_args(_args(tmp_path, "--distill-lambda", "6,3")),
+        "mqtt://127.0.0.1:1999",
+        tmp_path,
+    )
+    training = parse_run_config(scheduled, "simulate", tmp_path).training
+    assert [training.round_distill_lambda(r) for r in (1, 2, 3)] == [6.0, 3.0, 3.0]
     command = simulate.edge_command(settings, specs[0], "mqtt://127.0.0.1:1999")
     assert "--emulate" in command and str(specs[0].profile) in command
     assert simulate.child_environment()["OMP_NUM_THREADS"] == "1"
@@ -69,6 +76,8 @@ def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
         (("--blocks", "many"), "--blocks must be a whole number or auto"),
         (("--probe-questions", "0"), "must both be 0 or both be at least 1"),
         (("--distill-lambda", "-1"), "--distill-lambda must be a number >= 0"),
+        (("--distill-lambda", "6,x"), "--distill-lambda must be a number >= 0"),
+        (("--distill-lambda", "6,,3"), "--distill-lambda must be a number >= 0"),
         (("--lr-decay", "0"), r"--lr-decay must be a number in \(0, 1\]"),
         (("--lr-decay", "1.5"), r"--lr-decay must be a number in \(0, 1\]"),
         (("--lr-decay", "nan"), r"--lr-decay must be a number in \(0, 1\]"),

@@ -52,7 +52,7 @@ min_clients: {min_clients}
 round_deadline_seconds: {deadline}
 update_level: fp32
 seed: 7
-training: {{steps: 2, lr: 0.001, lr_decay: 0.5, batch_size: 4, max_tokens: 32}}
+training: {{steps: 2, lr: 0.001, lr_decay: 0.5, distill_lambda: [6, 3], batch_size: 4, max_tokens: 32}}
 broker: {{url: "{url}"}}
 {extra}
 """
@@ -137,6 +137,7 @@ class Spy:
     updates: list[tuple[int, str]] = field(default_factory=list)  # (round, client)
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # (round, client, code)
     lrs: dict[int, set[float]] = field(default_factory=dict)  # round -> the lrs its training tasks carried
+    lambdas: dict[int, set[float]] = field(default_factory=dict)  # round -> their distill_lambda values
 
     def drain(self) -> Spy:
         while not self.conn.inbox.empty():
@@ -150,6 +151,7 @@ class Spy:
                     if not task.evaluate:
                         self.tasks.append((task.round, cid, tuple(task.block_ids)))
                         self.lrs.setdefault(task.round, set()).add(task.lr)
+                        self.lambdas.setdefault(task.round, set()).add(task.distill_lambda)
                 elif kind is ClientTopic.UPDATE:
                     self.updates.append(
                         (protocol.decode(payload, expected_type=protocol.UpdateMessage).round, cid)
@@ -224,6 +226,8 @@ def test_client_killed_mid_round_is_left_out_then_rejoins_and_gets_work(
     assert spy.task_rounds("victim") == [1, 2, 3]
     # training.lr_decay 0.5: every task of round r carries lr x 0.5^(r-1)
     assert spy.lrs == {1: {1e-3}, 2: {5e-4}, 3: {2.5e-4}}
+    # training.distill_lambda [6, 3]: 6 in round 1, then the last value in every later round
+    assert spy.lambdas == {1: {6.0}, 2: {3.0}, 3: {3.0}}
     sent = Counter(spy.drain().updates)
     assert sent == accepted(metrics)  # every update on the broker was accepted, none twice
     expected = {(r, c) for r in (1, 2, 3) for c in ("c1", "c2", "victim")} - {(2, "victim")}
