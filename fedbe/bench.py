@@ -1450,15 +1450,41 @@ def merge_runs(runs: Sequence[tuple[str, BenchSettings, list[dict[str, Any]]]]
     return replace(lead, methods=methods, seeds=seeds), merged
 
 
-def merge_bench(paths: Sequence[Path], out: Path, command: str = "fedbe bench-merge",
+def split_run_argument(text: str | Path) -> tuple[Path, tuple[str, ...]]:
+    """``RUN`` or ``RUN::METHODS`` (comma-separated) of ``fedbe bench-merge``: the run and the methods to
+    take from it (empty: all)."""
+    path, sep, names = str(text).partition("::")
+    if not sep:
+        return Path(path), ()
+    methods = tuple(m.strip() for m in names.split(",") if m.strip())
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if not methods or unknown:
+        what = f"; unknown: {', '.join(unknown)}" if unknown else ""
+        raise ConfigError(f"{text}: after '::' give comma-separated bench methods to take from that run "
+                          f"({', '.join(ALL_METHODS)}){what}")  # fmt: skip
+    return Path(path), methods
+
+
+def merge_bench(paths: Sequence[Path | str], out: Path, command: str = "fedbe bench-merge",
                 say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
-    """Load, check and merge finished bench runs (:func:`merge_runs`) and write them as one run to ``out``."""
-    for p in paths:
+    """Load, check and merge finished bench runs (:func:`merge_runs`) and write them as one run to ``out``.
+    A path written ``RUN::METHODS`` contributes only those methods (:func:`split_run_argument`)."""
+    chosen = [split_run_argument(p) for p in paths]
+    for p, _ in chosen:
         if (p if p.is_dir() else p.parent).resolve() == out.resolve():
             raise ConfigError(
                 f"--out {out} is one of the runs to merge; write the merged run to a new folder"
             )
-    runs = [(str(p), *load_run(p)) for p in paths]
+    runs = []
+    for p, methods in chosen:
+        settings, records = load_run(p)
+        if methods:
+            missing = [m for m in methods if not any(r["method"] == m for r in records)]
+            if missing:
+                raise ConfigError(f"{p} holds no finished {', '.join(missing)} run; it has "
+                                  f"{', '.join(dict.fromkeys(r['method'] for r in records)) or 'none'}")  # fmt: skip
+            records = [r for r in records if r["method"] in methods]
+        runs.append((str(p), settings, records))
     settings, records = merge_runs(runs)
     if not records:
         raise ConfigError("the runs given hold no finished method runs; nothing to merge")
@@ -1595,6 +1621,8 @@ same settings in every RUN (the settings that method depends on: FedBE's own kno
 the LoRA baselines), and a method's seed may come from one RUN only; otherwise nothing is written and
 the message says which setting or seed is in the way. Settings are checked, the machine is not:
 emulated times compare only between methods of one seed that ran under the same conditions.
+RUN::METHODS (comma-separated) takes only those methods from RUN, for example a rerun of one
+method beside the other methods of an earlier run: `new-fedbe::fedbe old::fedit,fedit-distill`.
 
 Writes results.json, results.md, records.jsonl and the plots to --out, as `fedbe bench` does."""
 
@@ -1605,8 +1633,9 @@ def add_merge_parser(sub: Any) -> None:
     p = sub.add_parser("bench-merge", help="merge finished bench runs (seeds run in separate folders) into one",
                        description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument(
-        "runs", nargs="+", type=Path, metavar="RUN", help="a fedbe bench --out folder or its results.json"
-    )
+        "runs", nargs="+", metavar="RUN",
+        help="a fedbe bench --out folder or its results.json; RUN::METHODS takes only those methods from it",
+    )  # fmt: skip
     p.add_argument(
         "--out", required=True, type=Path, help="folder for the merged results (not one of the RUNs)"
     )

@@ -221,16 +221,18 @@ def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path
     import hashlib
     from dataclasses import asdict
 
-    data = asdict(bench.BenchSettings())
+    # the FedBE knobs at the values LoRA digests pin (bench v10's), so "before" is also a LoRA digest
+    v10 = replace(bench.BenchSettings(), **bench.BLOCK_ONLY_PINNED)
+    data = asdict(v10)
     del data["methods"], data["seeds"], data["placement"]
     before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    middle = bench.BenchSettings(placement="middle")
-    assert bench.settings_digest(bench.BenchSettings(placement="interleave")) == before
-    assert bench.settings_digest(bench.BenchSettings(placement="interleave"), "fedbe") == before
-    assert bench.settings_digest(bench.BenchSettings(), "fedbe") != before  # interleave-mid-top
+    middle = replace(v10, placement="middle")
+    assert bench.settings_digest(replace(v10, placement="interleave")) == before
+    assert bench.settings_digest(replace(v10, placement="interleave"), "fedbe") == before
+    assert bench.settings_digest(v10, "fedbe") != before  # interleave-mid-top
     assert bench.settings_digest(middle, "fedbe") != before
     assert bench.settings_digest(middle, "fedbe") != bench.settings_digest(
-        bench.BenchSettings(placement="2,7,12,17,22,27"), "fedbe"
+        replace(v10, placement="2,7,12,17,22,27"), "fedbe"
     )
     for method in ("fedit", "fedit-distill", "ffa-lora", "full-ft", "pos-top", "fedbe-interleave"):
         assert bench.settings_digest(middle, method) == before, method
@@ -677,7 +679,11 @@ def test_bench_merge_joins_seeds_run_in_separate_folders_into_one_paired_compari
         == 0
     )
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
-    assert merged["settings"]["seeds"] == [0, 1, 2, 4, 5] and merged["settings"]["distill_lambda"] == 3.0
+    assert merged["settings"]["seeds"] == [0, 1, 2, 4, 5] and merged["settings"]["distill_lambda"] == [
+        3.0,
+        3.0,
+        12.0,
+    ]
     assert [(r["method"], r["seed"]) for r in merged["records"]][:2] == [("fedbe", 0), ("fedit-distill", 0)]
     (row,) = merged["paired"]
     assert row["against"] == "fedit-distill" and row["seeds"] == [0, 1, 2, 4]
@@ -733,8 +739,9 @@ def test_a_distill_lambda_schedule_gives_each_round_its_lambda_and_its_own_diges
     tmp_path, monkeypatch
 ) -> None:
     """--distill-lambda 6,3: FedBE's clients distil at 6 in round 1 and 3 from round 2 on (the last
-    value holds); a single number keeps the digest of the records made before schedules existed;
-    LoRA records do not depend on it; a bad list is refused with what to write."""
+    value holds); a single number is a number (so records made before schedules existed keep their
+    digest: test_the_published_records_keep_their_digests); LoRA records do not depend on it; a bad
+    list is refused with what to write."""
     import edge_client.trainer as trainer
     from fedbe.cli import build_parser
 
@@ -744,7 +751,8 @@ def test_a_distill_lambda_schedule_gives_each_round_its_lambda_and_its_own_diges
 
     scheduled, constant = settings("--distill-lambda", "6,3"), settings("--distill-lambda", "3")
     assert scheduled.distill_lambda == (6.0, 3.0) and constant.distill_lambda == 3.0
-    assert bench.settings_digest(constant, "fedbe") == bench.settings_digest(bench.BenchSettings(), "fedbe")
+    assert bench.BenchSettings().distill_lambda == (3.0, 3.0, 12.0)  # the default since session 22
+    assert bench.settings_digest(constant, "fedbe") != bench.settings_digest(bench.BenchSettings(), "fedbe")
     assert bench.settings_digest(scheduled, "fedbe") != bench.settings_digest(constant, "fedbe")
     assert bench.settings_digest(scheduled, "fedit-distill") == bench.settings_digest(
         constant, "fedit-distill"
@@ -773,3 +781,30 @@ def test_a_distill_lambda_schedule_gives_each_round_its_lambda_and_its_own_diges
     now[0] = 1
     plain.round(1)
     assert seen == [(1, 0.0)]
+
+
+def test_bench_merge_takes_only_the_methods_named_after_a_run(tmp_path, capsys) -> None:
+    """RUN::METHODS: a rerun of one method merged with the other methods of an earlier run, which
+    also holds that method under other settings (unmergeable as a whole)."""
+    from fedbe.cli import main
+
+    old = bench.BenchSettings(methods=("fedbe", "fedit-distill"), seeds=(0,), distill_lambda=3.0)
+    new = bench.BenchSettings(methods=("fedbe",), seeds=(0,))
+    earlier = _run_folder(
+        tmp_path / "old", old, [_final("fedbe", 0, 0.9, 0.988), _final("fedit-distill", 0, 0.9, 0.997)]
+    )
+    rerun = _run_folder(tmp_path / "new", new, [_final("fedbe", 0, 0.95, 0.993)])
+    out = tmp_path / "m"
+    assert main(["bench-merge", str(rerun), str(earlier), "--out", str(out)]) != 0  # fedbe twice
+    assert "fedbe ran under different settings" in capsys.readouterr().err
+    assert main(["bench-merge", str(rerun), f"{earlier}::fedit-distill", "--out", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["perplexity_retention"]) for r in (
+        {"method": r["method"], "perplexity_retention": r["rounds"][-1]["perplexity_retention"]}
+        for r in merged["records"])] == [("fedbe", 0.993), ("fedit-distill", 0.997)]  # fmt: skip
+    assert merged["settings"]["distill_lambda"] == [3.0, 3.0, 12.0]  # the new FedBE run's
+    for bad, says in ((f"{earlier}::", "after '::' give"), (f"{earlier}::fedbe,warp", "unknown: warp"),
+                      (f"{rerun}::fedit", "holds no finished fedit run; it has fedbe")):  # fmt: skip
+        assert main(["bench-merge", bad, "--out", str(tmp_path / "x")]) != 0
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
