@@ -91,7 +91,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn, TypeVar
+from typing import Literal, NoReturn, TypeGuard, TypeVar
 
 import yaml
 
@@ -155,6 +155,37 @@ def round_lr(lr: float, decay: float, round_: int) -> float:
     """The client lr of round ``round_`` (1-based) under a per-round decay: ``lr x decay^(round_-1)``
     (the coordinator's tasks and ``fedbe bench`` share it)."""
     return lr * decay ** max(0, round_ - 1)
+
+
+def _is_real(value: object) -> TypeGuard[float]:
+    """A finite int or float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    """``value`` inside ``interval``, written like ``"(0, 1]"`` or ``"[0, inf)"``."""
+    low, high = (float(part) for part in interval[1:-1].split(","))
+    above = low < value or (interval[0] == "[" and value == low)
+    below = value < high or (interval[-1] == "]" and value == high)
+    return above and below
+
+
+def schedule_values(schedule: float | tuple[float, ...]) -> tuple[float, ...]:
+    """A per-round schedule's values: a number is a one-value schedule."""
+    return schedule if isinstance(schedule, tuple) else (schedule,)
+
+
+def parse_schedule(text: str, flag: str) -> float | tuple[float, ...]:
+    """A command line's per-round schedule: ``"3"`` -> 3.0, ``"3,3,12"`` -> (3.0, 3.0, 12.0), each value a
+    finite number >= 0 (``fedbe bench`` and ``fedbe simulate`` share it; :func:`round_value` reads it)."""
+    try:
+        values = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ConfigError(f"{flag} must be a number >= 0 or comma-separated ones (one per round, the last "
+                          f"holding after it, e.g. 3,3,12), got {text!r}")  # fmt: skip
+    return values[0] if len(values) == 1 else values
 
 
 def round_value(schedule: float | tuple[float, ...], round_: int) -> float:
@@ -298,12 +329,9 @@ class _Fields:
     def real(self, name: str, default: object, interval: str) -> float:
         """A number inside ``interval``, written like ``"(0, 1]"`` or ``"[0, inf)"``."""
         value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if not _is_real(value):
             self.fail(name, value, "must be a finite number", "Write a number such as 0.5 or 1e-4.")
-        low, high = (float(part) for part in interval[1:-1].split(","))
-        above = low < value or (interval[0] == "[" and value == low)
-        below = value < high or (interval[-1] == "]" and value == high)
-        if not (above and below):
+        if not _in_interval(value, interval):
             self.fail(name, value, f"must lie in {interval}", f"Choose a value in {interval}.")
         return float(value)
 
@@ -316,11 +344,8 @@ class _Fields:
             return self.real(name, default, interval)
         if not value:
             self.fail(name, value, "is an empty list", "Give one number, or one per round such as [6, 3].")
-        low, high = (float(part) for part in interval[1:-1].split(","))
         for i, item in enumerate(value):
-            ok = not isinstance(item, bool) and isinstance(item, int | float) and math.isfinite(item)
-            if not (ok and (low < item or (interval[0] == "[" and item == low))
-                    and (item < high or (interval[-1] == "]" and item == high))):  # fmt: skip
+            if not (_is_real(item) and _in_interval(item, interval)):
                 self.fail(name, value, f"has item {i + 1}, {item!r}, that is not a number in {interval}",
                           "Give one number per round, each in that interval, such as [6, 3].")  # fmt: skip
         return tuple(float(item) for item in value)

@@ -480,7 +480,7 @@ class Coordinator:
         self.publish_status("stopped")
         return 130
 
-    def capacities(self, selected: list[str], round_: int = 1) -> list[Any]:
+    def capacities(self, selected: list[str], round_: int) -> list[Any]:
         from coordinator.allocation import ClientCapacity  # noqa: PLC0415
 
         caps = []

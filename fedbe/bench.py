@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from coordinator.aggregation import BLOCK_AVERAGES
-from coordinator.config import round_lr, round_value
+from coordinator.config import parse_schedule, round_lr, round_value, schedule_values
 from fedbe.errors import ConfigError, ExpansionError
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class BenchSettings:
         for name in ("rehearsal_rows", "distill_sample", "distill_rows", "distill_top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        schedule = self.distill_lambda if isinstance(self.distill_lambda, tuple) else (self.distill_lambda,)
+        schedule = schedule_values(self.distill_lambda)
         if not schedule or not all(
             isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in schedule
         ):
@@ -1686,13 +1686,12 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         choices=["test", "validation"],
         help="evaluate on the test split (report) or the validation split (choose settings)",
     )
-    lambdas = d.distill_lambda if isinstance(d.distill_lambda, tuple) else (d.distill_lambda,)
+    lambdas = ",".join(f"{v:g}" for v in schedule_values(d.distill_lambda))
     p.add_argument(
         "--distill-lambda",
-        default=",".join(f"{v:g}" for v in lambdas),
+        default=lambdas,
         help="FedBE's self-distillation weight; a comma-separated list is a per-round schedule whose last "
-        f"value holds after it (default {','.join(f'{v:g}' for v in lambdas)}: 3 in rounds 1-2, 12 from "
-        "round 3 on; one number: every round)",
+        f"value holds after it (default {lambdas}: 3 in rounds 1-2, 12 from round 3 on; one number: every round)",
     )
     p.add_argument(
         "--lora-distill-lambda",
@@ -1836,19 +1835,13 @@ def settings_from_args(args: Any) -> BenchSettings:
         seeds = tuple(int(x) for x in csv(args.seeds))
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated whole numbers, got {args.seeds!r}") from None
-    try:
-        lambdas = tuple(float(x) for x in csv(args.distill_lambda))
-    except ValueError:
-        raise ConfigError(
-            f"--distill-lambda must be a number or comma-separated numbers (one per round), got {args.distill_lambda!r}"
-        ) from None
     d = BenchSettings()
     settings = BenchSettings(
         model=args.model, methods=csv(args.methods) if args.methods else d.methods,
         profiles=csv(args.profiles) if args.profiles else d.profiles, clients=args.clients, rounds=args.rounds,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr, alpha=args.alpha,
         full_ft_lr=args.full_ft_lr,
-        seeds=seeds or (0,), split=args.split, distill_lambda=lambdas[0] if len(lambdas) == 1 else lambdas,
+        seeds=seeds or (0,), split=args.split, distill_lambda=parse_schedule(args.distill_lambda, "--distill-lambda"),
         lora_distill_lambda=args.lora_distill_lambda,
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample, distill_rows=args.distill_rows,

@@ -225,15 +225,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         or (args.probe_questions == 0) != (args.probe_texts == 0)
     ):
         raise ConfigError("--probe-questions and --probe-texts must both be 0 or both be at least 1")
-    try:
-        lambdas = tuple(float(x) for x in str(args.distill_lambda).split(","))
-    except ValueError:
-        lambdas = ()
-    if not all(math.isfinite(v) and v >= 0 for v in lambdas) or not lambdas or args.distill_top_k < 0:
-        raise ConfigError(
-            f"--distill-lambda must be a number >= 0 (or comma-separated ones, one per round) and "
-            f"--distill-top-k a whole number >= 0, got {args.distill_lambda} and {args.distill_top_k}"
-        )
+    from coordinator.config import parse_schedule  # noqa: PLC0415
+
+    distill_lambda = parse_schedule(args.distill_lambda, "--distill-lambda")
+    if args.distill_top_k < 0:
+        raise ConfigError(f"--distill-top-k must be a whole number >= 0, got {args.distill_top_k}")
     if not (math.isfinite(args.lr_decay) and 0 < args.lr_decay <= 1):
         raise ConfigError(
             f"--lr-decay must be a number in (0, 1], got {args.lr_decay}; 1.0 keeps the lr constant"
@@ -248,7 +244,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         probe_questions=args.probe_questions, probe_texts=args.probe_texts, eval_precision=args.eval_precision,
         deadline_seconds=args.deadline,
         timeout_seconds=args.timeout,
-        distill_lambda=lambdas[0] if len(lambdas) == 1 else lambdas,
+        distill_lambda=distill_lambda,
         distill_top_k=args.distill_top_k,
         lr_decay=args.lr_decay,
     )  # fmt: skip
