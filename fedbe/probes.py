@@ -147,12 +147,12 @@ def _token_logprobs(
 
 
 @torch.no_grad()
-def definition_accuracy(
+def definition_answers(
     model: PreTrainedModel, tokenizer: Any, questions: Sequence[DefinitionQuestion], batch_size: int = 16
-) -> float:
-    """Fraction of ``questions`` whose right definition has the highest mean token log-probability."""
+) -> list[bool]:
+    """For each of ``questions``: does its right definition have the highest mean token log-probability?"""
     if not questions:
-        return float("nan")
+        return []
     model.eval()
     pad = pad_id(tokenizer)
     rows: list[list[int]] = []
@@ -173,7 +173,46 @@ def definition_accuracy(
             scores[begin + i] = (picked[i] * option_mask).sum() / option_mask.sum().clamp(min=1)
     chosen = scores.view(len(questions), -1).argmax(dim=1)
     truth = torch.tensor([q.answer for q in questions])
-    return float((chosen == truth).float().mean())
+    return [bool(x) for x in (chosen == truth).tolist()]
+
+
+def definition_accuracy(
+    model: PreTrainedModel, tokenizer: Any, questions: Sequence[DefinitionQuestion], batch_size: int = 16
+) -> float:
+    """Fraction of ``questions`` whose right definition has the highest mean token log-probability."""
+    answers = definition_answers(model, tokenizer, questions, batch_size)
+    return sum(answers) / len(answers) if answers else float("nan")
+
+
+def answer_string(answers: Sequence[bool]) -> str:
+    """Per-question answers as a compact record: ``"1"`` right, ``"0"`` wrong, in question order."""
+    return "".join("1" if a else "0" for a in answers)
+
+
+def answer_changes(before: str, after: str) -> tuple[int, int]:
+    """``(lost, gained)``: questions right in ``before`` and wrong in ``after``, and the reverse
+    (both :func:`answer_string` records of the same questions)."""
+    if len(before) != len(after) or set(before + after) - {"0", "1"}:
+        raise ValueError(
+            f"answer records must be strings of 0/1 over the same questions, got lengths {len(before)} "
+            f"and {len(after)}"
+        )
+    lost = sum(1 for b, a in zip(before, after, strict=True) if b == "1" and a == "0")
+    gained = sum(1 for b, a in zip(before, after, strict=True) if b == "0" and a == "1")
+    return lost, gained
+
+
+def mcnemar_p(lost: int, gained: int) -> float:
+    """Exact two-sided McNemar p-value of ``lost`` against ``gained`` changed answers: how likely a
+    split at least this uneven is when a changed answer is as likely lost as gained (1.0 for none)."""
+    if lost < 0 or gained < 0:
+        raise ValueError(f"counts must be >= 0, got {lost} and {gained}")
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    k = min(lost, gained)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 @torch.no_grad()
@@ -241,15 +280,20 @@ class GeneralProbe:
         )
 
     def score(self, model: PreTrainedModel, tokenizer: Any) -> dict[str, float]:
+        return self.score_with_answers(model, tokenizer)[0]
+
+    def score_with_answers(self, model: PreTrainedModel, tokenizer: Any) -> tuple[dict[str, float], str]:
+        """:meth:`score` and the per-question answers (:func:`answer_string`), from one pass."""
         heads = (len(self.texts), self.head) if self.head else (len(self.texts),)
         ppl = perplexities(model, tokenizer, self.texts, heads)
+        answers = definition_answers(model, tokenizer, self.questions)
         scores = {
-            "definition_accuracy": definition_accuracy(model, tokenizer, self.questions),
+            "definition_accuracy": sum(answers) / len(answers) if answers else float("nan"),
             "perplexity": ppl[0],
         }
         if self.head:
             scores["perplexity_head"] = ppl[1]
-        return scores
+        return scores, answer_string(answers)
 
 
 def retention(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -112,12 +112,25 @@ def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None
         assert (tmp_path / name).stat().st_size > 0, name
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in on_disk["summary"]] == ["fedbe", "fedit", "ffa-lora"]
+    assert all(r["definition_questions"] == 8 for r in on_disk["summary"])
+    assert (
+        "Definition questions lost / gained against the method's own model"
+        in (tmp_path / "results.md").read_text()
+    )
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 3
     for rec in results["records"]:
         assert [row["round"] for row in rec["rounds"]] == [1, 2]  # one line per round
         for row in rec["rounds"]:
             for key in ("accuracy", "definition_accuracy"):
                 assert 0.0 <= row[key] <= 1.0
+            # per-question answers: their mean is the accuracy, and lost / gained count the changes from round 0
+            answers, first = row["definition_answers"], rec["round0"]["definition_answers"]
+            assert len(answers) == len(first) == 8
+            assert answers.count("1") / 8 == pytest.approx(row["definition_accuracy"])
+            lost = sum(a == "1" and b == "0" for a, b in zip(first, answers, strict=True))
+            gained = sum(a == "0" and b == "1" for a, b in zip(first, answers, strict=True))
+            assert (row["definitions_lost"], row["definitions_gained"]) == (lost, gained)
+            assert first.count("1") - lost + gained == answers.count("1")
             assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
             assert row["bytes_up_per_client"] > 0 and row["bytes_down_per_client"] > 0
             assert row["emulated_wall_seconds"] > 0
@@ -278,7 +291,9 @@ def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path
     assert [r["method"] for r in results["summary"]] == ["fedbe-plain", "fedit", "ffa-lora"]
     # both workers built the same world: the same untrained model scores
     round0 = [r["round0"] for r in results["records"]]
+    answers = [r.pop("definition_answers") for r in round0]
     assert all(r == pytest.approx(round0[0], rel=1e-4) for r in round0)
+    assert len(set(answers)) == 1
     # a second call finds every method done and only renders the table again
     again = bench.run_bench_jobs(settings, tmp_path, jobs=2, say=lambda _m: None)
     assert [r["rounds"] for r in again["records"]] == [r["rounds"] for r in results["records"]]

@@ -53,6 +53,35 @@ def test_scores_respond_to_the_model() -> None:
     assert after["perplexity"] != pytest.approx(before["perplexity"], rel=1e-3)
 
 
+def test_per_question_answers_agree_with_the_accuracy_and_count_changes() -> None:
+    torch.manual_seed(0)
+    model = sources.build_tiny_model("llama")
+    tokenizer = sources.load_tokenizer("tiny:llama")
+    probe = probes.GeneralProbe.build(questions=12, texts=3, split="validation")
+    scores, answers = probe.score_with_answers(model, tokenizer)
+    assert scores == probe.score(model, tokenizer)
+    assert len(answers) == 12 and set(answers) <= {"0", "1"}
+    assert answers.count("1") / 12 == pytest.approx(scores["definition_accuracy"])
+    assert answers == probes.answer_string(probes.definition_answers(model, tokenizer, probe.questions))
+    assert probes.answer_changes("1100", "1010") == (1, 1)
+    assert probes.answer_changes("1111", "0001") == (3, 0)
+    with pytest.raises(ValueError, match="same questions"):
+        probes.answer_changes("110", "1100")
+    with pytest.raises(ValueError, match="0/1"):
+        probes.answer_changes("11x", "110")
+
+
+def test_mcnemar_p_is_the_exact_two_sided_binomial_tail() -> None:
+    assert probes.mcnemar_p(0, 0) == 1.0
+    assert probes.mcnemar_p(3, 3) == 1.0
+    assert probes.mcnemar_p(0, 5) == pytest.approx(2 / 32)  # just above 0.05: five of five is not enough
+    assert probes.mcnemar_p(6, 0) == pytest.approx(2 / 64)
+    assert probes.mcnemar_p(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+    assert probes.mcnemar_p(9, 1) == probes.mcnemar_p(1, 9)
+    with pytest.raises(ValueError, match=">= 0"):
+        probes.mcnemar_p(-1, 2)
+
+
 def test_a_probe_with_a_head_scores_its_first_texts_as_the_smaller_probe_does() -> None:
     """A 12-text probe with head 5 reports, from one pass, the perplexity of all 12 and the one a
     5-text probe of the same split gets; texts of different lengths make the two differ."""
