@@ -218,11 +218,11 @@ def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> No
         assert digest(replace(default, **{field: value}), "fedit-distill") != digest(default, "fedit-distill")
 
 
-@pytest.mark.parametrize("name", ["bench-results.json", "bench-results-v11.json"])
+@pytest.mark.parametrize("name", ["bench-results.json", "bench-results-v11.json", "bench-results-v12.json"])
 def test_the_published_records_keep_their_digests(name: str) -> None:
-    """Every record of a published run (v10, and v11 with the lambda schedule) still resumes under the
-    settings it was run with: a change of the digest's rules must not orphan the records a published
-    table was built from."""
+    """Every record of a published run (v10, v11 with the lambda schedule, v12 with 400 questions)
+    still resumes under the settings it was run with: a change of the digest's rules must not orphan
+    the records a published table was built from."""
     published = json.loads((Path(__file__).parents[2] / "docs" / name).read_text())
     settings = bench.settings_from_dict(published["settings"], f"docs/{name}")
     assert published["records"]
