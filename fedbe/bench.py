@@ -1135,7 +1135,7 @@ def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], sett
             + ", ".join(f"{r['method']} {_pm(r['perplexity_head_retention'], '.3f')}" for r in heads)
             + ".",
         ]
-    changes = [r for r in summary if "definitions_lost" in r]
+    changes = [r for r in summary if r.get("definition_questions")]  # none without questions
     if changes:
         from fedbe.probes import mcnemar_p  # noqa: PLC0415
 

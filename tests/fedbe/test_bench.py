@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbe import bench
+from fedbe import bench, probes
 from fedbe.errors import ConfigError
 
 
@@ -77,6 +77,38 @@ def test_time_to_target_is_the_first_round_at_90_percent_of_the_best_final_accur
     assert "perplexity_head_retention" not in rows[1]  # b's records have none
     md = bench.results_markdown(rows, base, bench.BenchSettings(), "fedbe bench")
     assert "first 48 of the 192 quotations" in md and "a 1.000 ± 0.010" in md and ", b " not in md
+
+
+def test_lost_and_gained_questions_are_summed_over_seeds_and_reported_with_mcnemar() -> None:
+    def rec(seed: int, method: str, before: str, after: str) -> dict:
+        r = _record(method, [0.9], [10]) | {"seed": seed, "round0": {"definition_answers": before}}
+        lost, gained = probes.answer_changes(before, after)
+        r["rounds"][-1] |= {
+            "definition_answers": after,
+            "definitions_lost": lost,
+            "definitions_gained": gained,
+        }
+        return r
+
+    records = [
+        rec(0, "a", "1100", "0101"),
+        rec(1, "a", "0000", "1111"),
+        rec(0, "b", "", ""),
+        rec(1, "b", "", ""),
+    ]
+    rows = {r["method"]: r for r in bench.summarise(records, {})}
+    assert (rows["a"]["definitions_lost"], rows["a"]["definitions_gained"]) == ([1, 0], [1, 4])
+    assert rows["a"]["definition_questions"] == 8 and rows["b"]["definition_questions"] == 0
+    base = {"accuracy": 0.3, "definition_accuracy": 0.6, "perplexity": 40.0}
+    md = bench.results_markdown(list(rows.values()), base, bench.BenchSettings(), "fedbe bench")
+    p = probes.mcnemar_p(1, 5)
+    assert "over 8 question-seeds" in md and f"a 1 / 5 (p {p:.2f}; by seed 1/1, 0/4)" in md
+    assert "; b " not in md  # a probe without questions has nothing to report
+    # records from before v12 carry no answers: no line
+    md = bench.results_markdown(
+        bench.summarise([_record("a", [0.9], [10])], {}), base, bench.BenchSettings(), "x"
+    )
+    assert "lost / gained" not in md
 
 
 def test_mean_curves_average_each_round_over_the_seeds_and_cut_to_the_shortest(tmp_path) -> None:
