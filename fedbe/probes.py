@@ -180,7 +180,10 @@ def definition_accuracy(
     model: PreTrainedModel, tokenizer: Any, questions: Sequence[DefinitionQuestion], batch_size: int = 16
 ) -> float:
     """Fraction of ``questions`` whose right definition has the highest mean token log-probability."""
-    answers = definition_answers(model, tokenizer, questions, batch_size)
+    return _fraction_right(definition_answers(model, tokenizer, questions, batch_size))
+
+
+def _fraction_right(answers: Sequence[bool]) -> float:
     return sum(answers) / len(answers) if answers else float("nan")
 
 
@@ -288,7 +291,7 @@ class GeneralProbe:
         ppl = perplexities(model, tokenizer, self.texts, heads)
         answers = definition_answers(model, tokenizer, self.questions)
         scores = {
-            "definition_accuracy": sum(answers) / len(answers) if answers else float("nan"),
+            "definition_accuracy": _fraction_right(answers),
             "perplexity": ppl[0],
         }
         if self.head:
