@@ -32,7 +32,6 @@ from fedbe import bench
 from fedbe.blocks import set_block_state
 from fedbe.console import positive_int
 from fedbe.expansion import bypassed
-from fedbe.probes import retention
 
 
 def scales_arg(text: str) -> tuple[float, ...]:
@@ -74,11 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     scores: dict[str, dict[str, float]] = {}
 
     def score(label: str) -> None:
-        with torch.no_grad():
-            s = bench.evaluate(world, model)
-        s.update(retention(before, s))
+        s = bench.evaluate_against(world, model, before)
+        del s["definition_answers"]  # the counts against `before` stay
         scores[label] = s
-        print(f"{label:>22}: accuracy {s['accuracy']:.2f}, definitions {s['definition_accuracy']:.2f}, "
+        print(f"{label:>22}: accuracy {s['accuracy']:.2f}, definitions {s['definition_accuracy']:.2f} "
+              f"(-{s['definitions_lost']} +{s['definitions_gained']} questions), "
               f"perplexity {s['perplexity']:.2f} (retention {s['perplexity_retention']:.4f})", flush=True)  # fmt: skip
 
     score("as trained")

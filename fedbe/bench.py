@@ -362,6 +362,21 @@ def evaluate(world: World, model: Any) -> dict[str, Any]:
     return scores
 
 
+def evaluate_against(world: World, model: Any, before: dict[str, Any]) -> dict[str, Any]:
+    """:func:`evaluate` with the retention against ``before`` (an :func:`evaluate` of the model before
+    training) and the definition questions answered differently from it (``definitions_lost``,
+    ``definitions_gained``)."""
+    from fedbe.probes import answer_changes, retention  # noqa: PLC0415
+
+    with torch.no_grad():
+        scores = evaluate(world, model)
+    scores.update(retention(before, scores))
+    scores["definitions_lost"], scores["definitions_gained"] = answer_changes(
+        before["definition_answers"], scores["definition_answers"]
+    )
+    return scores
+
+
 def measure_capacities(world: World, say: Callable[[str], None]) -> None:
     """Memory budget and step costs of each client's profile (emulated), as ``fedbe-edge profile``
     measures and announces them. The memory budget is the profile's own, at its own base precision
@@ -876,15 +891,7 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
         results = method.round(r)
         round_seconds = max((x.emulated_seconds for x in results), default=0.0)
         wall += round_seconds
-        with torch.no_grad():
-            scores = evaluate(world, method.eval_model())
-        from fedbe.probes import answer_changes, retention  # noqa: PLC0415
-
-        scores.update(retention(before, scores))
-        # which definition questions this round's model answers differently from round 0's
-        scores["definitions_lost"], scores["definitions_gained"] = answer_changes(
-            before["definition_answers"], scores["definition_answers"]
-        )
+        scores = evaluate_against(world, method.eval_model(), before)
         row: dict[str, Any] = {
             "round": r, **scores, "emulated_round_seconds": round_seconds, "emulated_wall_seconds": wall,
             "train_seconds": sum(x.train_seconds for x in results),

@@ -25,6 +25,10 @@ def test_every_block_is_bypassed_and_scale_zero_is_the_base(
     base = json.loads(out.read_text())["before"]
     assert scores["blocks scaled to 0"]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-5)
     assert scores["blocks scaled to 0"]["perplexity_retention"] == pytest.approx(1.0, rel=1e-5)
+    # ... which answers every definition question as before training
+    back = scores["blocks scaled to 0"]
+    assert (back["definitions_lost"], back["definitions_gained"]) == (0, 0)
+    assert len(base["definition_answers"]) > 0 and "(-0 +0 questions)" in printed
     # training moved the model, so the trained model is not the base
     assert scores["as trained"]["perplexity"] != pytest.approx(base["perplexity"], rel=1e-5)
 
