@@ -154,6 +154,10 @@ class BenchSettings:
     # this (Jensen-Shannon, 0-1) from the federation's (1.0 = no limit); chosen on --split validation
     # with context blocks and per-trainer averaging (see block_average)
     max_block_divergence: float = 0.3
+    # before a block is left untrained for label skew, offer it to clients that reach it only by
+    # running fewer local steps, down to this fraction of --steps (coordinator.allocation, "Short
+    # runs"); 1.0 = never shorten a client's run
+    min_steps_fraction: float = 1.0
     # balanced softmax over the label words with each client's own label frequencies (FedBE methods)
     label_balance: bool = False
     # what a block's aggregate averages over: "trainers" (its trainers) or "round" (every client of
@@ -231,6 +235,10 @@ class BenchSettings:
             )
         if not (0 <= self.max_block_divergence <= 1):
             raise ConfigError(f"max_block_divergence must be in [0, 1], got {self.max_block_divergence}")
+        if not (0 < self.min_steps_fraction <= 1):
+            raise ConfigError(
+                f"min_steps_fraction must be in (0, 1] (1 = never shorten a run), got {self.min_steps_fraction}"
+            )
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha}")
 
@@ -471,6 +479,8 @@ class Method:
         self.caches: dict[str, Any] = {}
         self.peak_memory = 0
         self.withdrawn: tuple[int, ...] = ()  # blocks the last allocation left out for label skew
+        self.client_steps: dict[str, int] = {}  # local steps of each client in the last allocation
+        self.short_run_blocks: tuple[int, ...] = ()  # blocks it gave to clients with short runs
         self.priors: dict[str, Any] = {}  # client id -> LabelPrior, for the label-balanced loss
 
     def label_priors(self) -> None:
@@ -603,10 +613,16 @@ class BlockMethod(Method):
         ]  # fmt: skip
         slots = allocation.slots_from_registry(self.registry)
         bound = 1.0 if self.name == "fedbe-no-skew-limit" else self.s.max_block_divergence
-        policy = allocation.AllocationPolicy(strategy=self.strategy, max_block_divergence=bound)  # type: ignore[arg-type]
+        policy = allocation.AllocationPolicy(
+            strategy=self.strategy,  # type: ignore[arg-type]
+            max_block_divergence=bound,
+            min_steps_fraction=self.s.min_steps_fraction,
+        )
         result = allocation.allocate(slots, caps, num_layers=n, last_trained=self.last_trained, round=round_,
                                      seed=self.world.seed * 100003 + round_, policy=policy)  # fmt: skip
         self.withdrawn = result.withdrawn_blocks
+        self.client_steps = dict(result.steps)
+        self.short_run_blocks = result.short_run_blocks
         return {cid: b for cid, b in result.assignments.items() if b}
 
     def round(self, round_: int) -> list[ClientResult]:
@@ -642,6 +658,8 @@ class BlockMethod(Method):
             if config.distill_top_k and config.distill_lambda:
                 self.caches.setdefault(c.client_id, BaseCache(config.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
+            # a short run (the allocation's "Short runs"): fewer steps, on the round's first batches
+            own = replace(config, steps=self.client_steps.get(c.client_id, config.steps))
             with bypassed(self.model, self.registry, skipped):
                 if self.peak_memory == 0 or len(blocks) == max(len(b) for b in assignments.values()):
                     from fedbe.blocks import set_trainable  # noqa: PLC0415
@@ -651,7 +669,7 @@ class BlockMethod(Method):
                         self.peak_memory, step_memory_bytes(self.model, params, c.batches[0])
                     )
                     self.model.requires_grad_(False)
-                result = train_blocks(self.model, self.registry, blocks, c.batches_for(round_), config,
+                result = train_blocks(self.model, self.registry, blocks, c.batches_for(round_), own,
                                       base_cache=self.caches.get(c.client_id),
                                       label_prior=self.priors.get(c.client_id))  # fmt: skip
                 trained = get_block_state(self.model, self.registry, blocks)
@@ -903,7 +921,11 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
                                for x in results},  # emulated round seconds, of which transfer
             "base_forwards": sum(x.base_forwards for x in results),
             "withdrawn_blocks": list(method.withdrawn),
-            "seconds_per_step": sum(x.train_seconds for x in results) / max(1, len(results) * world.settings.steps),
+            **({"short_runs": {cid: n for cid, n in method.client_steps.items() if n < world.settings.steps},
+                "short_run_blocks": list(method.short_run_blocks)}
+               if getattr(method, "short_run_blocks", ()) else {}),
+            "seconds_per_step": sum(x.train_seconds for x in results)
+            / max(1, sum(getattr(method, "client_steps", {}).get(x.client_id, world.settings.steps) for x in results)),
         }  # fmt: skip
         if any(x.gates for x in results):  # each client's gates when folded (fedbe-gate)
             row["gates"] = {x.client_id: {str(b): round(g, 4) for b, g in x.gates.items()} for x in results}
@@ -919,6 +941,12 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             + f", loss {row['loss']:.3f}, {row['seconds_per_step']:.2f} s/step here, "
             f"emulated round {round_seconds:.0f} s"
             + (f"; blocks {list(method.withdrawn)} left untrained (label skew)" if method.withdrawn else "")
+            + (
+                f"; blocks {list(method.short_run_blocks)} trained with short runs "
+                f"({', '.join(f'{c} {n} steps' for c, n in row['short_runs'].items())})"
+                if "short_runs" in row
+                else ""
+            )
             + ("; NO CLIENT TRAINED this round" if not results else "")
         )
     record["peak_client_memory_bytes"] = method.peak_memory
@@ -1327,6 +1355,8 @@ def digested_settings(settings: BenchSettings, method: str | None = None) -> dic
         data["placement"] = placement
     if method is not None and method not in NEW_BLOCK_METHODS:
         data.update(BLOCK_ONLY_PINNED)
+    if data["min_steps_fraction"] == 1.0 or (method is not None and method not in NEW_BLOCK_METHODS):
+        del data["min_steps_fraction"]  # added later: off (1.0) keeps every earlier record's digest
     return data
 
 
@@ -1793,6 +1823,14 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"trained by one label-skewed client learns its labels (1 = no limit; default {d.max_block_divergence})",
     )
     p.add_argument(
+        "--min-steps-fraction",
+        type=float,
+        default=d.min_steps_fraction,
+        help="before FedBE leaves a block untrained for label skew, offer it to clients that reach it only "
+        "by running fewer local steps, down to this fraction of --steps, so that slower clients with other "
+        f"labels can join a lone skewed trainer (1 = never shorten a run; default {d.min_steps_fraction})",
+    )
+    p.add_argument(
         "--block-average",
         choices=BLOCK_AVERAGES,
         default=d.block_average,
@@ -1890,6 +1928,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample, distill_rows=args.distill_rows,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
+        min_steps_fraction=args.min_steps_fraction,
         label_balance=args.label_balance, block_average=args.block_average, server_lr=args.server_lr,
         lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay, context_blocks=args.context_blocks,
         download_level=args.download_level, placement=args.placement,
