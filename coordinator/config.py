@@ -49,7 +49,9 @@ Fields (``name: type = default``):
   ``risk_weight: float >= 0 = 0.2`` -- weights of time cost and of risk in the ``fedbe`` score;
   ``max_block_divergence: [0,1] = 0.3`` -- a block whose trainers' pooled label histogram is farther
   (Jensen-Shannon) than this from that of all the round's selected clients is left untrained that
-  round (1 = no limit).
+  round (1 = no limit); ``min_steps_fraction: (0,1] = 1.0`` -- before such a block is left untrained,
+  offer it to the clients that reach it by the deadline only with fewer local steps, down to this
+  fraction of ``training.steps`` (their task then asks for that many steps; 1 = never shorten a run).
 * ``aggregation`` (see :mod:`coordinator.aggregation`): ``server_optimizer: none|fedavgm|fedadam =
   none``, ``server_lr: float > 0`` (default 1.0, or 0.01 with fedadam), ``momentum: [0,1) = 0.9``
   (FedAvgM), ``beta1: [0,1) = 0.9``, ``beta2: [0,1) = 0.99``, ``tau: float > 0 = 1e-3`` (FedAdam),
@@ -206,6 +208,7 @@ class AllocationConfig:
     cost_weight: float = 0.1
     risk_weight: float = 0.2
     max_block_divergence: float = 0.3
+    min_steps_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -557,6 +560,7 @@ def _allocation(f: _Fields) -> AllocationConfig:
         cost_weight=f.real("cost_weight", d.cost_weight, "[0, inf)"),
         risk_weight=f.real("risk_weight", d.risk_weight, "[0, inf)"),
         max_block_divergence=f.real("max_block_divergence", d.max_block_divergence, "[0, 1]"),
+        min_steps_fraction=f.real("min_steps_fraction", d.min_steps_fraction, "(0, 1]"),
     )
 
 

@@ -54,6 +54,7 @@ class RoundLog:
     round: int
     selected: list[str] = field(default_factory=list)
     assignments: dict[str, list[int]] = field(default_factory=dict)
+    short_runs: dict[str, int] = field(default_factory=dict)  # client -> steps, where below training.steps
     updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -511,6 +512,7 @@ class Coordinator:
             risk_weight=a.risk_weight,
             cost_weight=a.cost_weight,
             max_block_divergence=a.max_block_divergence,
+            min_steps_fraction=a.min_steps_fraction,
         )
         return allocation.allocate(
             slots, self.capacities(selected, round_), num_layers=self.registry.num_layers,
@@ -518,7 +520,8 @@ class Coordinator:
         )  # fmt: skip
 
     def send_task(self, client_id: str, round_: int, blocks: tuple[int, ...], rlog: RoundLog, *,
-                  evaluate: bool = False) -> None:  # fmt: skip
+                  evaluate: bool = False, steps: int | None = None) -> None:  # fmt: skip
+        """Publish a client's task; ``steps`` (default ``training.steps``) is fewer for a short run."""
         t = self.cfg.training
         lam = t.round_distill_lambda(round_)
         # a client runs the blocks it is sent and bypasses the others; with context_blocks it is sent
@@ -529,7 +532,8 @@ class Coordinator:
             block_ids=() if evaluate else blocks, weights_level=t.task_weights_level,
             weights=encode_weights(self.global_state, list(weight_ids), t.task_weights_level),
             reply_level=self.cfg.update_level,
-            steps=0 if evaluate else t.steps, lr=t.round_lr(round_), batch_size=t.batch_size, max_tokens=t.max_tokens,
+            steps=0 if evaluate else (steps or t.steps), lr=t.round_lr(round_), batch_size=t.batch_size,
+            max_tokens=t.max_tokens,
             deadline_seconds=self.cfg.round_deadline_seconds, seed=self.cfg.seed * 100003 + round_,
             distill_lambda=lam, evaluate=evaluate, distill_top_k=t.distill_top_k,
             identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if lam > 0 else 0,
@@ -548,6 +552,10 @@ class Coordinator:
         alloc = self.allocate(rlog.selected, round_)
         assignments = {c: b for c, b in alloc.assignments.items() if b}
         rlog.assignments = {c: list(b) for c, b in alloc.assignments.items()}
+        rlog.short_runs = {c: n for c, n in alloc.steps.items() if n < self.cfg.training.steps}
+        if rlog.short_runs:
+            log.info("round %d: blocks %s offered to clients that reach them only with short runs: %s", round_,
+                     list(alloc.short_run_blocks), rlog.short_runs)  # fmt: skip
         if not assignments:
             log.warning("round %d: no selected client can train any block: %s", round_, alloc.reasons)
         if alloc.withdrawn_blocks:
@@ -567,7 +575,7 @@ class Coordinator:
         self.pump.stashed_updates.clear()
         for cid, blocks in assignments.items():
             if cid not in collector.updates:
-                self.send_task(cid, round_, blocks, rlog)
+                self.send_task(cid, round_, blocks, rlog, steps=rlog.short_runs.get(cid))
         rlog.closed_by = self.collect(collector, started)
         self.close_round(round_, collector, rlog)
         if self.cfg.eval_every and round_ % self.cfg.eval_every == 0:
@@ -622,7 +630,7 @@ class Coordinator:
     def close_round(self, round_: int, collector: RoundCollector, rlog: RoundLog) -> None:
         from coordinator import aggregation  # noqa: PLC0415
 
-        max_samples = self.cfg.training.steps * self.cfg.training.batch_size
+        batch = self.cfg.training.batch_size
         # In client-id order, not arrival order: the float sums (and so the weights) do not depend on
         # which update came first, so a resumed run aggregates exactly as an uninterrupted one.
         deltas = {cid: deltas_of(collector.updates[cid]) for cid in sorted(collector.updates)}
@@ -639,7 +647,8 @@ class Coordinator:
             msg = collector.updates[cid]
             # The weight is what the client claims, capped at what its task allowed (steps x batch):
             # a client can not buy a larger share of the average by inflating num_samples.
-            accepted.append(aggregation.ClientUpdate(cid, delta, min(msg.num_samples, max_samples), 0))
+            allowed = rlog.short_runs.get(cid, self.cfg.training.steps) * batch
+            accepted.append(aggregation.ClientUpdate(cid, delta, min(msg.num_samples, allowed), 0))
             predicted = self.clients.clients[cid].predicted_step_seconds(
                 self.registry.num_layers, min(self.registry.block(b).layer_index for b in msg.blocks)
             )
@@ -662,7 +671,8 @@ class Coordinator:
                 if not verdict.accepted:
                     collector.reject(msg.client_id, verdict.code, "late update: " + verdict.reason)
                 elif msg.client_id in self.clients.clients and msg.client_id not in rlog.updates:
-                    weight = min(msg.num_samples, max_samples)
+                    # its task's steps are an earlier round's: capped at the most any task asks for
+                    weight = min(msg.num_samples, self.cfg.training.steps * batch)
                     accepted.append(
                         aggregation.ClientUpdate(msg.client_id, late_delta, weight, round_ - msg.round)
                     )

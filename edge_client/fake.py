@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +65,8 @@ class FakeClient:
     conn: Connection
     histogram: dict[str, float]
     max_blocks: int
+    block_step_seconds: float = 0.01  # what the announce claims (the coordinator's step model)
+    layer_forward_seconds: float = 0.001
     status_key: tuple[object, ...] | None = None
     announced_at: float | None = None
     announce_rtt: list[float] = field(default_factory=list)
@@ -87,7 +89,11 @@ class FakeFleet:
         credentials: dict[str, str] | None = None,
         tls_ca: str | None = None,
         require_tls: bool = False,
+        histograms: Mapping[str, Mapping[str, float]] | None = None,
+        step_seconds: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
+        """``histograms`` and ``step_seconds`` (block step, layer forward) replace, per client id, the
+        label histogram and the speeds every client announces by default."""
         self.topics = Topics(federation)
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.delay_seconds = delay_seconds
@@ -112,7 +118,10 @@ class FakeFleet:
             ), will=will, birth=birth)  # fmt: skip
             conn.inbox = self.inbox  # one worker handles every client's messages
             hist = {label: float(1 + (i + k) % 5) for k, label in enumerate(labels)}
-            self.clients[cid] = FakeClient(cid, conn, hist, max_blocks)
+            if histograms and cid in histograms:
+                hist = {label: float(n) for label, n in histograms[cid].items()}
+            block_step, layer_forward = (step_seconds or {}).get(cid, (0.01, 0.001))
+            self.clients[cid] = FakeClient(cid, conn, hist, max_blocks, block_step, layer_forward)
         self._worker = threading.Thread(target=self._work, name="fake-fleet", daemon=True)
 
     # -- life ----------------------------------------------------------------------------------
@@ -218,8 +227,9 @@ class FakeFleet:
         msg = protocol.AnnounceMessage(
             client_id=c.client_id, profile_name="fake", device_kind="cpu", device_name="fake trainer",
             precision="fp32", memory_budget_bytes=1 << 30, base_memory_bytes=1 << 20, block_memory_bytes=1 << 20,
-            activation_bytes_per_layer=1 << 16, max_trainable_blocks=c.max_blocks, block_step_seconds=0.01,
-            layer_forward_seconds=0.001, link_bandwidth_bps=1e9, batch_size=4, max_tokens=32, num_examples=40,
+            activation_bytes_per_layer=1 << 16, max_trainable_blocks=c.max_blocks,
+            block_step_seconds=c.block_step_seconds, layer_forward_seconds=c.layer_forward_seconds,
+            link_bandwidth_bps=1e9, batch_size=4, max_tokens=32, num_examples=40,
             label_histogram=dict(c.histogram), base_fingerprint=status.base_fingerprint,
         )  # fmt: skip
         c.announced_at = time.monotonic()

@@ -108,6 +108,8 @@ BAD_VALUES = [
     ("allocation.cost_weight", -0.5),
     ("allocation.risk_weight", -1),
     ("allocation.max_block_divergence", 1.5),
+    ("allocation.min_steps_fraction", 0),
+    ("allocation.min_steps_fraction", 1.2),
     ("aggregation.server_optimizer", "sgd"),
     ("aggregation.server_lr", 0),
     ("aggregation.momentum", 1.0),
@@ -298,6 +300,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             "cost_weight": 0.4,
             "risk_weight": 2,
             "max_block_divergence": 0.4,
+            "min_steps_fraction": 0.5,
         },
         "aggregation": {
             "server_optimizer": "fedadam",
@@ -360,7 +363,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             task_weights_level=Level.FP16,
             lr_decay=0.5,
         ),
-        allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0, 0.4),
+        allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0, 0.4, 0.5),
         aggregation=AggregationConfig(ServerOptimizer.FEDADAM, 0.5, 0.8, 0.7, 0.95, 0.01, 4.0, "trainers"),
         auto_expansion=AutoExpansionConfig(3.0, 5, 4, 0.0),
         broker=BrokerSettings(
