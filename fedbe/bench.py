@@ -1680,7 +1680,10 @@ accuracy on held-out BBC articles, and general ability on text never used for tr
 definition choice, perplexity on fortunes quotations). Writes results.json, results.md,
 records.jsonl and plots (accuracy_retention.png, accuracy_vs_time.png) to --out and prints the table.
 
-The default run takes about an hour on 2 CPU cores with SmolLM2-135M; --quick about 10 minutes."""
+On 2 CPU cores with SmolLM2-135M a method takes 10-20 minutes a seed (v12: FedBE, FedIT, FFA-LoRA and
+FedIT + distillation, 63 minutes a seed with three seeds side by side), so the default eight methods
+take well over an hour (not timed end to end); --jobs N and side-by-side seeds (bench-merge) shorten it.
+--quick is a smoke run (3 clients, 2 rounds x 3 steps, a few evaluation items)."""
 
 
 MERGE_DESCRIPTION = """Merge finished `fedbe bench` runs into one: one table, one paired comparison, one set of plots.
