@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -429,8 +430,10 @@ def test_a_block_only_one_label_trains_is_left_out_unless_the_ablation_says_so()
     layers = model.config.num_hidden_layers
     registry = expansion.expand_model(model, expansion.plan_expansion(layers, 2, "interleave"))
 
-    def blocks_for(name: str, bound: float) -> dict[str, tuple[int, ...]]:
-        settings = bench.BenchSettings(deadline_factor=0.5, blocks=2, max_block_divergence=bound)
+    def method_for(name: str, bound: float, fraction: float = 1.0) -> Any:
+        settings = bench.BenchSettings(
+            deadline_factor=0.5, blocks=2, max_block_divergence=bound, min_steps_fraction=fraction
+        )
         # only the fast clients reach block 0, and both hold label "a" alone; the slow ones hold "b"
         clients = [
             types.SimpleNamespace(client_id=cid, max_blocks=2, forward_seconds=0.1, backward_seconds=slow,
@@ -442,14 +445,27 @@ def test_a_block_only_one_label_trains_is_left_out_unless_the_ablation_says_so()
         method.name, method.s, method.registry, method.distill = name, settings, registry, True
         method.world = types.SimpleNamespace(clients=clients, seed=0)  # type: ignore[assignment]
         method.strategy, method.last_trained = "fedbe", {}
-        return method.allocate(1)
+        method.assignments = method.allocate(1)
+        return method
 
     both = {"fast": (0, 1), "fast2": (0, 1), "slow": (1,), "slow2": (1,)}
-    assert blocks_for("fedbe", 1.0) == both
-    assert blocks_for("fedbe", 0.3) == {"fast": (1,), "fast2": (1,), "slow": (1,), "slow2": (1,)}
-    assert blocks_for("fedbe-no-skew-limit", 0.3) == both  # block 0: JS({a}, {a, b}) = 0.31
+    assert method_for("fedbe", 1.0).assignments == both
+    tops = {"fast": (1,), "fast2": (1,), "slow": (1,), "slow2": (1,)}
+    bounded = method_for("fedbe", 0.3)
+    assert bounded.assignments == tops and bounded.client_steps == {c: 4 for c in both}
+    assert method_for("fedbe-no-skew-limit", 0.3).assignments == both  # block 0: JS({a}, {a, b}) = 0.31
+    # Short runs: the slow clients reach block 0 in 2 of their 4 steps (deadline 0.5 x 4 x 0.9 s = 1.8 s,
+    # a step down to block 0 0.9 s), so with min_steps_fraction 0.5 they join the fast ones there.
+    short = method_for("fedbe", 0.3, 0.5)
+    assert short.assignments == {c: (0, 1) for c in both}
+    assert short.client_steps == {"fast": 4, "fast2": 4, "slow": 2, "slow2": 2}
+    assert short.short_run_blocks == (0,) and short.withdrawn == ()
+    # at least 3 steps (2.7 s): block 0 is withdrawn again
+    assert method_for("fedbe", 0.3, 0.75).assignments == tops
     with pytest.raises(ConfigError, match="max_block_divergence"):
         bench.BenchSettings(max_block_divergence=1.2)
+    with pytest.raises(ConfigError, match="min_steps_fraction"):
+        bench.BenchSettings(min_steps_fraction=0.0)
 
 
 def _tiny_world(**overrides):
@@ -626,6 +642,22 @@ def test_probe_texts_flag_reaches_the_settings_and_the_digest_of_every_method(tm
         settings("--probe-texts", "0")
     with pytest.raises(DataError, match="quotations in the validation split; ask for fewer"):
         general_texts(10**6, "validation")
+
+
+def test_a_short_run_trains_fewer_steps_and_weighs_in_with_its_samples() -> None:
+    """The allocation's steps per client reach the trainer: a short run trains fewer steps (and fewer
+    samples, its weight in the average); the round's row names it."""
+    world = _tiny_world(max_block_divergence=1.0, steps=3)
+    method = bench.BlockMethod("fedbe", world)
+
+    def allocate(round_: int) -> dict[str, tuple[int, ...]]:
+        method.client_steps, method.short_run_blocks = {"client-00": 3, "client-01": 1}, (0,)
+        return {"client-00": (0, 1), "client-01": (0,)}
+
+    method.allocate = allocate  # type: ignore[method-assign]
+    full, short = method.round(1)
+    assert (full.client_id, short.client_id) == ("client-00", "client-01")
+    assert full.samples == 3 * short.samples > 0
 
 
 def test_fedbe_gate_trains_with_gates_and_reports_them_per_client() -> None:
