@@ -159,17 +159,23 @@ class LabelPrior:
             raise FedbeError(f"label prior: counts {list(self.counts)} must be >= 0 with at least one > 0")
 
     def offsets(self, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids, bias)``: the label tokens and a ``[vocab]`` bias, log frequency on them, 0 elsewhere.
+        """``(ids, bias)``: the label tokens and a ``[vocab]`` bias, 0 elsewhere: on label i,
+        ``log(K * f_i)`` with ``f_i`` the client's frequency of label i among its K labels.
 
-        A label the client lacks counts half an example (its logit is hardly pushed down, and no
-        offset is infinite).
+        Relative to the uniform mix: a client with every label equally often gets no offsets (its
+        loss is plain CE), and for a model that ranks the labels equally the offsets leave the label
+        words' total probability against the rest of the vocabulary unchanged
+        (``logsumexp(z + log(K f)) = z + log K``). Plain log frequencies (all negative) made the
+        model raise every label word over the rest of the vocabulary, a push on general text that
+        a balanced client paid too. A label the client lacks counts half an example (its logit is
+        hardly pushed down, and no offset is infinite).
         """
         counts = torch.tensor([max(c, 0.5) for c in self.counts], dtype=torch.float32)
         ids = torch.tensor(self.token_ids, dtype=torch.long)
         if int(ids.max()) >= vocab:
             raise FedbeError(f"label prior: token id {int(ids.max())} outside the vocabulary of {vocab}")
         bias = torch.zeros(vocab)
-        bias[ids] = torch.log(counts / counts.sum())
+        bias[ids] = torch.log(counts / counts.sum() * len(self.token_ids))
         return ids.to(device), bias.to(device)
 
 

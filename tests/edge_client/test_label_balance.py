@@ -47,7 +47,7 @@ def test_offsets_are_log_frequencies_on_label_rows_only() -> None:
     logits = torch.randn(3, 32)
     targets = torch.tensor([7, 3, 11])  # a label row, an end-token row, a label row
     out = balanced_logits(logits, targets, prior)
-    share = torch.log(torch.tensor([6.0, 2.0, 0.5]) / 8.5)
+    share = torch.log(torch.tensor([6.0, 2.0, 0.5]) / 8.5 * 3)  # relative to the uniform mix of 3
     for row in (0, 2):
         assert torch.allclose(out[row, list(LABELS)], logits[row, list(LABELS)] + share)
         others = [t for t in range(32) if t not in LABELS]
@@ -65,7 +65,7 @@ def test_balanced_cross_entropy_is_the_reference_on_full_logits() -> None:
     targets = batch.labels[:, 1:].reshape(-1)
     keep = targets != -100
     bias = torch.zeros(vocab)
-    bias[list(LABELS)] = torch.log(torch.tensor([3.0, 1.0, 0.5]) / 4.5)
+    bias[list(LABELS)] = torch.log(torch.tensor([3.0, 1.0, 0.5]) / 4.5 * 3)
     adjusted = logits[keep] + torch.isin(targets[keep], torch.tensor(LABELS)).unsqueeze(-1) * bias
     want = torch.nn.functional.cross_entropy(adjusted, targets[keep])
     plain = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
@@ -80,6 +80,22 @@ def test_balanced_cross_entropy_is_the_reference_on_full_logits() -> None:
     assert balanced.ce_losses[0] == pytest.approx(float(want), rel=1e-5)
     assert result.ce_losses[0] == pytest.approx(float(plain), rel=1e-5)
     assert balanced.distill_losses == result.distill_losses
+
+
+def test_a_client_with_every_label_equally_often_trains_plain_ce() -> None:
+    # Offsets relative to the uniform mix: none for a balanced client, so its balanced loss is its
+    # plain loss and it does not learn to raise the label words over the rest of the vocabulary.
+    logits = torch.randn(4, 32)
+    targets = torch.tensor([7, 9, 11, 3])
+    assert torch.allclose(balanced_logits(logits, targets, LabelPrior(LABELS, (4.0, 4.0, 4.0))), logits)
+    # A skewed client's offsets keep the label words' total mass where every label scores the same.
+    flat = torch.zeros(1, 32)
+    flat[0, list(LABELS)] = 2.0
+    out = balanced_logits(flat, torch.tensor([7]), LabelPrior(LABELS, (10.0, 1.0, 0.0)))
+    assert float(out[0, list(LABELS)].logsumexp(0)) == pytest.approx(
+        float(flat[0, list(LABELS)].logsumexp(0))
+    )
+    assert float(out[0, 7]) > 2.0 > float(out[0, 9])
 
 
 def test_on_a_label_uniform_model_only_plain_ce_pushes_towards_the_majority_label() -> None:
