@@ -159,7 +159,10 @@ class BenchSettings:
     # runs"); 1.0 = never shorten a client's run
     min_steps_fraction: float = 1.0
     # balanced softmax over the label words with each client's own label frequencies (FedBE methods)
-    label_balance: bool = False
+    # (offsets relative to the uniform label mix since session 24); chosen on --split validation, seeds
+    # 0-2 at alpha 0.5 and 0.1 (docs/validation-sweep.md, last section): final accuracy 0.960 / 0.863
+    # against 0.940 / 0.843 at perplexity retention 1.0011 / 1.0003 against 1.0017 / 1.0004
+    label_balance: bool = True
     # what a block's aggregate averages over: "trainers" (its trainers) or "round" (every client of
     # the round, a non-trainer counting as a zero delta, so each client's change enters with its data
     # share however many blocks it trains); see coordinator.aggregation. Chosen on --split
