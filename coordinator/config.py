@@ -39,6 +39,8 @@ Fields (``name: type = default``):
   the base forward that fills a client's cache then runs on these rows only),
   ``context_blocks: bool = true`` (send every client the weights of all new blocks: it trains its
   assigned ones with the others in place, frozen, instead of bypassing them),
+  ``label_balance: bool = true`` (training tasks carry the labels of every announced client, and a
+  client with labelled data trains with a loss balanced over them by its own label counts);
   ``task_weights_level: fp32|fp16|bf16|int8 = int8`` (the precision block weights travel to clients in;
   a client's update is its change from the weights it received, so the global state stays fp32;
   int8 sends a quarter of fp32's bytes).
@@ -143,6 +145,7 @@ class TrainingConfig:
     context_blocks: bool = True
     task_weights_level: Level = Level.INT8
     lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
+    label_balance: bool = True  # tasks carry the federation's labels: clients train a label-balanced loss
 
     def round_lr(self, round_: int) -> float:
         """The client lr of round ``round_`` (1-based): ``lr x lr_decay^(round_-1)``."""
@@ -547,6 +550,7 @@ def _training(f: _Fields) -> TrainingConfig:
             f.choice("task_weights_level", d.task_weights_level.value, tuple(lv.value for lv in Level))
         ),
         lr_decay=f.real("lr_decay", d.lr_decay, "(0, 1]"),
+        label_balance=f.boolean("label_balance", d.label_balance),
     )
 
 

@@ -36,6 +36,7 @@ from fedbe.compression import Level, compress_state, decompress_state
 from fedbe.errors import CodecError
 from fedbe.expansion import BlockRegistry
 from fedbe.protocol import ClientTopic, Topics
+from fedbe.protocol.messages import MAX_LABELS
 from fedbe.transport import Connection
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,7 @@ class Coordinator:
         self.baseline: dict[str, Any] | None = None  # the base model's server evaluation (round 0)
         self.topics = Topics(cfg.federation)
         self.inbox = Inbox(conn, self.topics)
+        self._warned_labels = False  # too many labels for label_balance: warned once
 
     # -- set-up and resume -------------------------------------------------------------------
     def setup(self) -> None:
@@ -519,6 +521,25 @@ class Coordinator:
             last_trained=self.last_trained, round=round_, seed=self.cfg.seed * 100003 + round_, policy=policy,
         )  # fmt: skip
 
+    def federation_labels(self) -> tuple[str, ...]:
+        """Every label an accepted client announced (sorted): what a label-balanced loss balances over.
+
+        Empty (plain cross-entropy) when there are more than a task may carry: the union of many
+        clients' histograms can pass the per-client limit, and a task that can not be encoded would
+        stop the round.
+        """
+        labels = sorted({
+            label for rec in self.clients.clients.values() if rec.announce is not None and rec.refused is None
+            for label in rec.announce.label_histogram
+        })  # fmt: skip
+        if len(labels) > MAX_LABELS:
+            if not self._warned_labels:
+                log.warning("training.label_balance: the clients announced %d labels, more than a task carries "
+                            "(%d); training plain cross-entropy", len(labels), MAX_LABELS)  # fmt: skip
+                self._warned_labels = True
+            return ()
+        return tuple(labels)
+
     def send_task(self, client_id: str, round_: int, blocks: tuple[int, ...], rlog: RoundLog, *,
                   evaluate: bool = False, steps: int | None = None) -> None:  # fmt: skip
         """Publish a client's task; ``steps`` (default ``training.steps``) is fewer for a short run."""
@@ -539,6 +560,7 @@ class Coordinator:
             identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if lam > 0 else 0,
             distill_sample=t.distill_sample,
             distill_rows=t.distill_rows,
+            balance_labels=self.federation_labels() if t.label_balance and not evaluate else (),
         )  # fmt: skip
         frame = protocol.encode(task, max_bytes=self.cfg.broker.max_message_bytes)
         self.conn.publish(self.topics.client(client_id, ClientTopic.TASK), frame, wait=30)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from edge_client.trainer import BaseCache, TrainConfig, evaluate_loss, train_blocks
+from edge_client.trainer import BaseCache, LabelPrior, TrainConfig, evaluate_loss, train_blocks
 from fedbe import protocol
 from fedbe.blocks import block_delta, block_layout, get_block_state, set_block_state
 from fedbe.compression import BlockState, compress_state, decompress_state
@@ -117,6 +117,7 @@ class TaskRunner:
         evaluate: Callable[[PreTrainedModel, int], tuple[int, float, float]],
         capacity: Capacity,
         slowdown: float = 1.0,
+        label_prior: Callable[[tuple[str, ...]], LabelPrior | None] | None = None,
     ) -> None:
         self.client = client
         self.client_id = client_id
@@ -124,6 +125,8 @@ class TaskRunner:
         self.evaluate = evaluate  # (model, max_tokens) -> (examples, loss, accuracy)
         self.capacity = capacity
         self.slowdown = slowdown  # emulating a slower device: each step is stretched by this factor
+        # the federation's labels -> this client's label prior (None: no labelled data, or unusable)
+        self.label_prior = label_prior
         self.residual: BlockState = {}
         # The base's cached predictions for self-distillation: valid for this model and data only
         # (a new TaskRunner is built when the expansion or the base changes).
@@ -182,6 +185,11 @@ class TaskRunner:
                 top_k = task.distill_top_k if task.distill_lambda > 0 else 0
                 if top_k and (self.base_cache is None or self.base_cache.top_k != top_k):
                     self.base_cache = BaseCache(top_k)
+                prior = (
+                    self.label_prior(task.balance_labels)
+                    if task.balance_labels and self.label_prior
+                    else None
+                )
                 config = TrainConfig(
                     steps=task.steps,
                     lr=task.lr,
@@ -192,6 +200,7 @@ class TaskRunner:
                     rehearsal_rows=task.rehearsal_rows if task.distill_lambda > 0 else 0,
                     distill_sample=task.distill_sample,
                     distill_rows=task.distill_rows,
+                    label_balance=prior is not None,
                 )
                 result = train_blocks(
                     model,
@@ -201,6 +210,7 @@ class TaskRunner:
                     config,
                     should_stop=should_stop,
                     base_cache=self.base_cache,
+                    label_prior=prior,
                 )
                 if result.stopped_early:
                     return [

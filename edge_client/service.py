@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedbe.console import stop_on_signals
-from fedbe.errors import ConfigError
+from fedbe.errors import ConfigError, FedbeError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             accuracy, len(held_out),
         )  # fmt: skip
         runner = TaskRunner(client, client_id, batches, evaluator, Capacity(report.to_announce_fields(), fits),
-                            slowdown=slowdown)  # fmt: skip
+                            slowdown=slowdown,
+                            label_prior=label_prior_for(tokenizer, train if labels else []))  # fmt: skip
         announce = protocol.AnnounceMessage(
             client_id=client_id, profile_name=profile.name, num_examples=len(train), label_histogram=histogram,
             base_fingerprint=client.fingerprint, **report.to_announce_fields(),  # type: ignore[arg-type]
@@ -152,3 +154,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     code = EdgeAgent(conn, topics, client_id, setup, stop).run(max_tasks=args.max_tasks)
     log.info("%s stopped after %.0f s", client_id, time.monotonic() - started)
     return code
+
+
+def label_prior_for(tokenizer: Any, train: Sequence[Any]) -> Callable[[tuple[str, ...]], Any]:
+    """The federation's labels (a task's ``balance_labels``) -> this client's :class:`LabelPrior`:
+    the labels' first tokens as they follow the prompt, with this client's own training counts (the
+    true ones, never sent; a label it lacks counts 0). None, with a warning once, where the data is
+    not labelled or two labels share a first token (the client then trains plain cross-entropy)."""
+    from edge_client import data as local_data  # noqa: PLC0415
+    from edge_client.trainer import LabelPrior  # noqa: PLC0415
+    from fedbe.evaluation import label_token_ids  # noqa: PLC0415
+
+    counts = local_data.label_histogram(train) if train else {}
+    built: dict[tuple[str, ...], Any] = {}
+
+    def prior(labels: tuple[str, ...]) -> Any:
+        if labels not in built:
+            built[labels] = None
+            if not counts:
+                log.warning("the task asks for a label-balanced loss but this client's data has no labels; "
+                            "training plain cross-entropy")  # fmt: skip
+            else:
+                ids = tuple(tokens[0] for tokens in label_token_ids(tokenizer, labels))
+                try:
+                    built[labels] = LabelPrior(ids, tuple(float(counts.get(k, 0.0)) for k in labels))
+                except FedbeError as exc:
+                    log.warning("label-balanced loss not used, training plain cross-entropy: %s", exc)
+        return built[labels]
+
+    return prior

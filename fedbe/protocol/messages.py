@@ -139,6 +139,9 @@ class TaskMessage:
     rehearsal_rows: int = 0  # rows of base-sampled text added to each batch, distilled only
     distill_sample: int = 0  # distillation positions drawn per step (0 = every position)
     distill_rows: int = 0  # rows of each batch distilled per step (0 = every row)
+    # the federation's labels: train with the label-balanced loss over them, with the client's own
+    # counts (a label it lacks counts 0); empty = plain cross-entropy
+    balance_labels: tuple[str, ...] = ()
 
 
 TASK_ERROR_CODES = ("refused_memory", "invalid_task", "failed", "abandoned", "busy")
@@ -357,7 +360,7 @@ def _status_from_payload(payload: object) -> StatusMessage:
 _TASK_FIELDS = (
     "round", "task_id", "client_id", "block_ids", "weights_level", "weights", "reply_level", "steps", "lr",
     "batch_size", "max_tokens", "deadline_seconds", "seed", "distill_lambda", "evaluate",
-    "distill_top_k", "identity_pull", "rehearsal_rows", "distill_sample", "distill_rows",
+    "distill_top_k", "identity_pull", "rehearsal_rows", "distill_sample", "distill_rows", "balance_labels",
 )  # fmt: skip
 
 
@@ -385,6 +388,7 @@ def _task_to_payload(m: TaskMessage) -> dict[str, object]:
         "rehearsal_rows": _as_count(m.rehearsal_rows, "rehearsal_rows"),
         "distill_sample": _as_count(m.distill_sample, "distill_sample"),
         "distill_rows": _as_count(m.distill_rows, "distill_rows"),
+        "balance_labels": list(_label_list(list(m.balance_labels))),
     }
 
 
@@ -412,7 +416,20 @@ def _task_from_payload(payload: object) -> TaskMessage:
         rehearsal_rows=f.count("rehearsal_rows"),
         distill_sample=f.count("distill_sample"),
         distill_rows=f.count("distill_rows"),
+        balance_labels=_label_list(f.raw("balance_labels")),
     )
+
+
+def _label_list(value: object) -> tuple[str, ...]:
+    """A task's ``balance_labels``: distinct label names, at most :data:`MAX_LABELS`."""
+    if not isinstance(value, list):
+        raise CodecError(f"balance_labels must be a list of label names, got {_kind(value)}")
+    if len(value) > MAX_LABELS:
+        raise CodecError(f"balance_labels has {len(value)} labels; at most {MAX_LABELS}")
+    labels = tuple(_as_text(v, "balance_labels label") for v in value)
+    if len(set(labels)) != len(labels):
+        raise CodecError(f"balance_labels repeats a label: {sorted(labels)}")
+    return labels
 
 
 _TASK_ERROR_FIELDS = ("round", "task_id", "client_id", "code", "reason")

@@ -142,3 +142,46 @@ def test_distill_rows_travels_in_the_task_and_limits_what_the_cache_fills() -> N
         (reply,) = runner.run(task, lambda: False)
         assert isinstance(reply, protocol.UpdateMessage), reply
         assert runner.base_cache is not None and len(runner.base_cache) == cached
+
+
+def test_the_label_prior_is_the_clients_own_counts_on_the_labels_first_tokens(caplog: Any) -> None:
+    from edge_client.service import label_prior_for
+    from fedbe.evaluation import label_token_ids
+
+    smollm2 = sources.load_tokenizer(sources.resolve_source("smollm2-135m"))
+    train = [Example(f"text number {i}", "sport" if i % 4 else "tech") for i in range(8)]
+    labels = ("business", "sport", "tech")
+    prior = label_prior_for(smollm2, train)(labels)
+    assert prior is not None and prior.counts == (0.0, 6.0, 2.0)  # its own counts; business absent
+    assert prior.token_ids == tuple(t[0] for t in label_token_ids(smollm2, labels))
+    assert len(set(prior.token_ids)) == 3
+    assert label_prior_for(smollm2, [])(labels) is None  # unlabelled data: plain cross-entropy
+    # the byte tokenizer of the tiny models starts every " label" with the space byte: no prior
+    assert label_prior_for(sources.load_tokenizer("tiny:llama"), train)(labels) is None
+    assert "share a first token" in caplog.text
+
+
+def test_a_task_with_balance_labels_trains_the_label_balanced_loss() -> None:
+    """The task's labels reach the trainer through the runner's prior factory; without labels in the
+    task, or without a prior, the loss is plain cross-entropy."""
+    from edge_client.trainer import LabelPrior
+
+    seen: list[tuple[str, ...]] = []
+
+    def factory(labels: tuple[str, ...]) -> LabelPrior:
+        seen.append(labels)
+        # the tiny byte tokenizer: " sport" is the space byte (35), then "s" (118); the runner's examples
+        # are all "sport", so offsets on the space byte change the loss of every label position
+        return LabelPrior((35, 120, 121), (8.0, 0.0, 0.0))
+
+    losses = {}
+    for name, task_labels, prior in (("plain", (), factory), ("balanced", ("a", "b", "c"), factory),
+                                     ("no prior", ("a", "b", "c"), None)):  # fmt: skip
+        runner, weights = _runner()
+        runner.label_prior = prior
+        (reply,) = runner.run(_task(1, (0, 1), weights, balance_labels=task_labels), lambda: False)
+        assert isinstance(reply, protocol.UpdateMessage), reply
+        losses[name] = reply.mean_loss
+    assert seen == [("a", "b", "c")]
+    assert losses["no prior"] == losses["plain"]
+    assert abs(losses["balanced"] - losses["plain"]) > 1e-4

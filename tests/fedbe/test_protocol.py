@@ -34,6 +34,7 @@ from fedbe.protocol import (
     BodyCompression,
     MessageCodec,
     MessageType,
+    TaskMessage,
     UpdateMessage,
     decode,
     encode,
@@ -512,3 +513,32 @@ def _update_like_payloads(draw: st.DrawFn) -> dict[str, Any]:
 @given(_VALUES | _update_like_payloads(), st.sampled_from(list(BodyCompression)))
 def test_random_payloads_in_valid_frames_never_escape(payload: Any, c: BodyCompression) -> None:
     _decodes_or_codec_error(_frame_of(payload, c))
+
+
+def _task(**overrides: Any) -> TaskMessage:
+    fields: dict[str, Any] = dict(
+        round=2, task_id="t", client_id="c", block_ids=(0,), weights_level=Level.FP32,
+        weights=compress_state({0: {"w": torch.ones(3)}}, Level.FP32)[0], reply_level=Level.INT8, steps=4,
+        lr=1e-3, batch_size=4, max_tokens=32, deadline_seconds=60.0, seed=1, distill_lambda=3.0, evaluate=False,
+    )  # fmt: skip
+    fields.update(overrides)
+    return TaskMessage(**fields)
+
+
+def test_a_task_carries_the_labels_to_balance_over() -> None:
+    for labels in ((), ("business", "politics", "sport")):
+        got = decode(encode(_task(balance_labels=labels)), expected_type=TaskMessage)
+        assert got.balance_labels == labels and got.steps == 4
+    good = _payload(encode(_task(balance_labels=("a", "b"))))
+    for value, message in (
+        ("a,b", "balance_labels must be a list of label names, got str"),
+        (["a", "a"], "balance_labels repeats a label"),
+        (["a", 3], "balance_labels label must be a string"),
+        (["x"] * 1025, "at most 1024"),
+    ):
+        payload = {**good, "balance_labels": value}
+        frame = pack_frame(MessageType.TASK, msgpack.packb(payload, use_bin_type=True))
+        with pytest.raises(CodecError, match=message):
+            decode(frame)
+    with pytest.raises(CodecError, match="repeats a label"):
+        encode(_task(balance_labels=("a", "a")))
