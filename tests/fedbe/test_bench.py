@@ -251,7 +251,10 @@ def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> No
         assert digest(replace(default, **{field: value}), "fedit-distill") != digest(default, "fedit-distill")
 
 
-@pytest.mark.parametrize("name", ["bench-results.json", "bench-results-v11.json", "bench-results-v12.json"])
+@pytest.mark.parametrize(
+    "name",
+    ["bench-results.json", "bench-results-v11.json", "bench-results-v12.json", "bench-results-v13.json"],
+)
 def test_the_published_records_keep_their_digests(name: str) -> None:
     """Every record of a published run (v10, v11 with the lambda schedule, v12 with 400 questions)
     still resumes under the settings it was run with: a change of the digest's rules must not orphan

@@ -67,6 +67,8 @@ broker: {{url: "{broker.url}"}}
         task = protocol.decode(spy.inbox.get()[1], expected_type=protocol.TaskMessage)
         if task.block_ids:
             steps[task.client_id] = task.steps
+            # training.label_balance (default on): every task carries the federation's labels
+            assert task.balance_labels == ("a", "b", "c"), task.balance_labels
     (metrics,) = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
     return metrics, steps
 
