@@ -72,7 +72,7 @@ import torch
 
 from coordinator.aggregation import BLOCK_AVERAGES
 from coordinator.config import parse_schedule, round_lr, round_value, schedule_values
-from fedbe.errors import ConfigError, ExpansionError
+from fedbe.errors import ConfigError, ExpansionError, FedbeError
 
 log = logging.getLogger(__name__)
 
@@ -486,16 +486,24 @@ class Method:
         self.short_run_blocks: tuple[int, ...] = ()  # blocks it gave to clients with short runs
         self.priors: dict[str, Any] = {}  # client id -> LabelPrior, for the label-balanced loss
 
-    def label_priors(self) -> None:
-        """Each client's label counts on the label words' first tokens (as the evaluation scores them)."""
+    def label_priors(self) -> bool:
+        """Each client's label counts on the label words' first tokens (as the evaluation scores them);
+        False, with a warning, where two labels share a first token (a byte tokenizer starts every
+        " label" with the space): the clients then train plain cross-entropy, as an edge agent does."""
         from edge_client.trainer import LabelPrior  # noqa: PLC0415
         from fedbe.evaluation import label_token_ids  # noqa: PLC0415
 
         ids = tuple(tokens[0] for tokens in label_token_ids(self.world.tokenizer, self.world.labels))
-        self.priors = {
-            c.client_id: LabelPrior(ids, tuple(float(c.histogram.get(k, 0.0)) for k in self.world.labels))
-            for c in self.world.clients
-        }
+        try:
+            self.priors = {
+                c.client_id: LabelPrior(ids, tuple(float(c.histogram.get(k, 0.0)) for k in self.world.labels))
+                for c in self.world.clients
+            }
+        except FedbeError as exc:
+            log.warning("%s: label-balanced loss not used (%s)", self.name, exc)
+            self.priors = {}
+            return False
+        return True
 
     def train_config(
         self,
@@ -588,9 +596,8 @@ class BlockMethod(Method):
         if name == "fedbe-gate":
             self.config = replace(self.config, block_gate=True)
         balance = {"fedbe-balance": True, "fedbe-no-balance": False}.get(name, self.s.label_balance)
-        if balance and name not in POSITION_METHODS:
+        if balance and name not in POSITION_METHODS and self.label_priors():
             self.config = replace(self.config, label_balance=True)
-            self.label_priors()
         self.strategy = {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe")
         self.last_trained: dict[int, int] = {}
 
@@ -730,9 +737,8 @@ class LoraMethod(Method):
             lr=self.s.lora_lr,
             distill_lambda=self.s.lora_distill_lambda,
         )
-        if name == "fedit-distill-balance":
+        if name == "fedit-distill-balance" and self.label_priors():
             self.config = replace(self.config, label_balance=True)
-            self.label_priors()
 
     def _params(self) -> list[torch.nn.Parameter]:
         named = dict(self.model.named_parameters())
