@@ -133,18 +133,22 @@ class ClientCapacity:
         for label, count in self.label_histogram.items():
             _check(_nonneg(count), f"{who}: label {label!r} has count {count!r}; counts must be finite, >= 0")
 
+    def step_seconds(self, lowest_layer: int, num_layers: int) -> float:
+        """Seconds for one training step when the lowest trained block is at ``lowest_layer``."""
+        return self.base_forward_seconds + self.layer_backward_seconds * (num_layers - lowest_layer)
+
     def round_seconds(self, lowest_layer: int, num_layers: int) -> float:
         """Seconds for ``steps`` training steps when the lowest trained block is at ``lowest_layer``."""
-        step = self.base_forward_seconds + self.layer_backward_seconds * (num_layers - lowest_layer)
-        return self.steps * step
+        return self.steps * self.step_seconds(lowest_layer, num_layers)
 
     def can_reach(self, layer_index: int, num_layers: int) -> bool:
         """Whether a set whose lowest block is at ``layer_index`` finishes by the deadline."""
         return self.round_seconds(layer_index, num_layers) <= self.deadline_seconds
 
     def steps_within(self, lowest_layer: int, num_layers: int) -> int:
-        """The most steps (at most ``steps``) that finish by the deadline with the lowest block there."""
-        step = self.base_forward_seconds + self.layer_backward_seconds * (num_layers - lowest_layer)
+        """The most steps (at most ``steps``) that finish by the deadline with the lowest block there:
+        ``steps`` itself wherever :meth:`can_reach` holds."""
+        step = self.step_seconds(lowest_layer, num_layers)
         if step <= 0:
             return self.steps
         return max(0, min(self.steps, math.floor(self.deadline_seconds / step * (1 + 1e-12))))
@@ -348,13 +352,16 @@ class _Problem:
     def _eligible(self, client: ClientCapacity) -> tuple[int, ...]:
         if client.max_blocks == 0:
             return ()
-        capped = self.policy.strategy == "fedbe" and not client.protected
         return tuple(
             b
             for b, s in self.slots.items()
-            if client.can_reach(s.layer_index, self.num_layers)
-            and not (capped and s.forgetting_risk > self.policy.max_unprotected_risk)
+            if client.can_reach(s.layer_index, self.num_layers) and not self._too_risky(client, s)
         )
+
+    def _too_risky(self, client: ClientCapacity, slot: BlockSlot) -> bool:
+        """``fedbe`` only: a client without self-distillation is kept off blocks past the risk cap."""
+        capped = self.policy.strategy == "fedbe" and not client.protected
+        return capped and slot.forgetting_risk > self.policy.max_unprotected_risk
 
     # -- ablations -------------------------------------------------------------------------------
 
@@ -402,9 +409,7 @@ class _Problem:
         self.stretched.add(block)
         slot, added = self.slots[block], False
         for cid, client in self.clients.items():
-            if block in self.eligible[cid] or client.max_blocks == 0:
-                continue
-            if not client.protected and slot.forgetting_risk > self.policy.max_unprotected_risk:
+            if block in self.eligible[cid] or client.max_blocks == 0 or self._too_risky(client, slot):
                 continue
             if client.steps_within(slot.layer_index, self.num_layers) >= self.policy.min_steps(client.steps):
                 self.eligible[cid] = tuple(sorted((*self.eligible[cid], block)))
@@ -553,11 +558,8 @@ class _Problem:
 
     def _steps(self, client: str, blocks: set[int]) -> int:
         """The steps ``client`` runs on ``blocks``: all of them, or as many as reach the lowest by the deadline."""
-        capacity = self.clients[client]
         lowest = min(self.slots[b].layer_index for b in blocks)
-        if capacity.can_reach(lowest, self.num_layers):
-            return capacity.steps
-        return capacity.steps_within(lowest, self.num_layers)
+        return self.clients[client].steps_within(lowest, self.num_layers)
 
     def _reason(self, client: ClientCapacity, blocks: set[int]) -> str:
         if not self.slots:
@@ -583,7 +585,7 @@ class _Problem:
             return f"not_chosen: {len(self.eligible[client.client_id])} blocks allowed, none chosen{why}"
         lowest = min(self.slots[b].layer_index for b in blocks)
         steps = self._steps(client.client_id, blocks)
-        spent = client.round_seconds(lowest, self.num_layers) * steps / client.steps
+        spent = steps * client.step_seconds(lowest, self.num_layers)
         short = f", a short run of {steps} of {client.steps} steps" if steps < client.steps else ""
         return (
             f"assigned: {len(blocks)} of max {client.max_blocks} blocks {sorted(blocks)} "
