@@ -163,7 +163,6 @@ def label_prior_for(tokenizer: Any, train: Sequence[Any]) -> Callable[[tuple[str
     not labelled or two labels share a first token (the client then trains plain cross-entropy)."""
     from edge_client import data as local_data  # noqa: PLC0415
     from edge_client.trainer import LabelPrior  # noqa: PLC0415
-    from fedbe.evaluation import label_token_ids  # noqa: PLC0415
 
     counts = local_data.label_histogram(train) if train else {}
     built: dict[tuple[str, ...], Any] = {}
@@ -175,9 +174,8 @@ def label_prior_for(tokenizer: Any, train: Sequence[Any]) -> Callable[[tuple[str
                 log.warning("the task asks for a label-balanced loss but this client's data has no labels; "
                             "training plain cross-entropy")  # fmt: skip
             else:
-                ids = tuple(tokens[0] for tokens in label_token_ids(tokenizer, labels))
                 try:
-                    built[labels] = LabelPrior(ids, tuple(float(counts.get(k, 0.0)) for k in labels))
+                    built[labels] = LabelPrior.for_labels(tokenizer, labels, counts)
                 except FedbeError as exc:
                     log.warning("label-balanced loss not used, training plain cross-entropy: %s", exc)
         return built[labels]

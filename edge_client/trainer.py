@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +59,7 @@ from transformers import PreTrainedModel
 from fedbe.blocks import set_trainable
 from fedbe.datasets import IGNORE_INDEX, Batch
 from fedbe.errors import FedbeError
+from fedbe.evaluation import label_token_ids
 from fedbe.expansion import BlockRegistry, architecture_of, bypassed, new_block_module
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,14 @@ class LabelPrior:
 
     token_ids: tuple[int, ...]
     counts: tuple[float, ...]
+
+    @classmethod
+    def for_labels(cls, tokenizer: Any, labels: Sequence[str], counts: Mapping[str, float]) -> LabelPrior:
+        """The prior over ``labels`` with ``counts`` (a label absent counts 0), each label's token the
+        first of the label word as it follows the prompt (as the evaluation scores it). Raises
+        :class:`FedbeError` where two labels share that token (a byte tokenizer's leading space)."""
+        ids = tuple(tokens[0] for tokens in label_token_ids(tokenizer, labels))
+        return cls(ids, tuple(float(counts.get(k, 0.0)) for k in labels))
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.counts) or not self.token_ids:

@@ -491,12 +491,10 @@ class Method:
         False, with a warning, where two labels share a first token (a byte tokenizer starts every
         " label" with the space): the clients then train plain cross-entropy, as an edge agent does."""
         from edge_client.trainer import LabelPrior  # noqa: PLC0415
-        from fedbe.evaluation import label_token_ids  # noqa: PLC0415
 
-        ids = tuple(tokens[0] for tokens in label_token_ids(self.world.tokenizer, self.world.labels))
         try:
             self.priors = {
-                c.client_id: LabelPrior(ids, tuple(float(c.histogram.get(k, 0.0)) for k in self.world.labels))
+                c.client_id: LabelPrior.for_labels(self.world.tokenizer, self.world.labels, c.histogram)
                 for c in self.world.clients
             }
         except FedbeError as exc:
