@@ -541,8 +541,10 @@ class Coordinator:
         return tuple(labels)
 
     def send_task(self, client_id: str, round_: int, blocks: tuple[int, ...], rlog: RoundLog, *,
-                  evaluate: bool = False, steps: int | None = None) -> None:  # fmt: skip
-        """Publish a client's task; ``steps`` (default ``training.steps``) is fewer for a short run."""
+                  evaluate: bool = False, steps: int | None = None,
+                  balance_labels: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """Publish a client's task; ``steps`` (default ``training.steps``) is fewer for a short run, and
+        ``balance_labels`` (the round's :meth:`federation_labels`) asks for the label-balanced loss."""
         t = self.cfg.training
         lam = t.round_distill_lambda(round_)
         # a client runs the blocks it is sent and bypasses the others; with context_blocks it is sent
@@ -560,7 +562,7 @@ class Coordinator:
             identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if lam > 0 else 0,
             distill_sample=t.distill_sample,
             distill_rows=t.distill_rows,
-            balance_labels=self.federation_labels() if t.label_balance and not evaluate else (),
+            balance_labels=() if evaluate else balance_labels,
         )  # fmt: skip
         frame = protocol.encode(task, max_bytes=self.cfg.broker.max_message_bytes)
         self.conn.publish(self.topics.client(client_id, ClientTopic.TASK), frame, wait=30)
@@ -595,9 +597,13 @@ class Coordinator:
         for cid, frame in self.pump.stashed_updates:
             collector.offer_update(cid, frame)
         self.pump.stashed_updates.clear()
+        # the labels once a round (they scan every registered client), for every task of the round
+        labels = self.federation_labels() if self.cfg.training.label_balance else ()
         for cid, blocks in assignments.items():
             if cid not in collector.updates:
-                self.send_task(cid, round_, blocks, rlog, steps=rlog.short_runs.get(cid))
+                self.send_task(
+                    cid, round_, blocks, rlog, steps=rlog.short_runs.get(cid), balance_labels=labels
+                )
         rlog.closed_by = self.collect(collector, started)
         self.close_round(round_, collector, rlog)
         if self.cfg.eval_every and round_ % self.cfg.eval_every == 0:

@@ -930,9 +930,9 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             "withdrawn_blocks": list(method.withdrawn),
             **({"short_runs": {cid: n for cid, n in method.client_steps.items() if n < world.settings.steps},
                 "short_run_blocks": list(method.short_run_blocks)}
-               if getattr(method, "short_run_blocks", ()) else {}),
+               if method.short_run_blocks else {}),
             "seconds_per_step": sum(x.train_seconds for x in results)
-            / max(1, sum(getattr(method, "client_steps", {}).get(x.client_id, world.settings.steps) for x in results)),
+            / max(1, sum(method.client_steps.get(x.client_id, world.settings.steps) for x in results)),
         }  # fmt: skip
         if any(x.gates for x in results):  # each client's gates when folded (fedbe-gate)
             row["gates"] = {x.client_id: {str(b): round(g, 4) for b, g in x.gates.items()} for x in results}
