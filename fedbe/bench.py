@@ -125,6 +125,10 @@ class BenchSettings:
     # the three seeds could not say whether a method lost or gained on the probe (v11: FedIT-LoRA 1.016 ±
     # 0.026); the per-question answers are recorded, so lost and gained questions are counted too
     probe_questions: int = 400
+    # more definition questions (disjoint from those), scored on each method's model before training and
+    # after the last round only, together with the per-round ones: since session 25, when 400 a seed
+    # could not say whether FedBE and FedIT + distillation differ on the probe (-0.005 ± 0.016); 0 = none
+    final_probe_questions: int = 1600
     # 192 quotations (about 6,000 tokens) since v10: 48 could not resolve the retention differences
     # the goal compares (about 0.003); the first PROBE_HEAD of them, v1-v9's probe, are scored apart too
     probe_texts: int = 192
@@ -193,7 +197,13 @@ class BenchSettings:
                      "eval_examples", "probe_questions", "probe_texts", "lora_rank"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("rehearsal_rows", "distill_sample", "distill_rows", "distill_top_k"):
+        for name in (
+            "rehearsal_rows",
+            "distill_sample",
+            "distill_rows",
+            "distill_top_k",
+            "final_probe_questions",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         schedule = schedule_values(self.distill_lambda)
@@ -251,7 +261,7 @@ def quick(settings: BenchSettings, methods_given: bool = False) -> BenchSettings
     return replace(
         settings, methods=settings.methods if methods_given else QUICK_METHODS,
         clients=3, rounds=2, steps=3, examples_per_client=24, eval_examples=40, probe_questions=40,
-        probe_texts=24, profiles=settings.profiles[:3],
+        final_probe_questions=0, probe_texts=24, profiles=settings.profiles[:3],
         full_ft_budget_seconds=min(settings.full_ft_budget_seconds, 120.0),
     )  # fmt: skip
 
@@ -291,6 +301,8 @@ class World:
     probe: Any
     blocks: int  # new blocks: settings.blocks, at most the base's layers
     base_scores: dict[str, float] = field(default_factory=dict)
+    # the final probe's extra definition questions (settings.final_probe_questions, none asked by probe)
+    final_questions: tuple[Any, ...] = ()
 
 
 def resolve_profile(name: str) -> Path:
@@ -351,10 +363,17 @@ def build_world(settings: BenchSettings, seed: int, say: Callable[[str], None]) 
         f"{len(eval_examples)} {settings.split} articles, {len(probe.questions)} definition questions, "
         f"{len(probe.texts)} quotations"
     )
+    final = probes.definition_questions(
+        settings.final_probe_questions, settings.split, seed, exclude=probe.questions
+    ) if settings.final_probe_questions else []  # fmt: skip
+    if final:
+        say(f"seed {seed}: final probe: the {len(probe.questions)} definition questions and {len(final)} more, "
+            "before training and after the last round")  # fmt: skip
     layers = int(sources.load_model(source).config.num_hidden_layers)
     return World(
-        settings, seed, source, tokenizer, labels, clients, eval_examples, probe, min(settings.blocks, layers)
-    )
+        settings, seed, source, tokenizer, labels, clients, eval_examples, probe, min(settings.blocks, layers),
+        final_questions=tuple(final),
+    )  # fmt: skip
 
 
 def evaluate(world: World, model: Any) -> dict[str, Any]:
@@ -386,6 +405,33 @@ def evaluate_against(world: World, model: Any, before: dict[str, Any]) -> dict[s
         before["definition_answers"], scores["definition_answers"]
     )
     return scores
+
+
+def final_probe(world: World, model: Any, scores: dict[str, Any], before: dict[str, Any] | None = None
+                ) -> dict[str, Any]:  # fmt: skip
+    """The final probe's scores for ``model`` (empty when the world has no final questions): its
+    answers to the per-round questions (from ``scores``, an :func:`evaluate` of it) followed by the
+    final questions', under ``final_definition_answers``, and their accuracy; with ``before`` (the same
+    for the model before training), the retention and the questions lost and gained."""
+    from fedbe.probes import answer_changes, answer_string, definition_answers  # noqa: PLC0415
+
+    if not world.final_questions:
+        return {}
+    with torch.no_grad():
+        extra = definition_answers(model, world.tokenizer, world.final_questions)
+    answers = scores["definition_answers"] + answer_string(extra)
+    out: dict[str, Any] = {
+        "final_definition_answers": answers, "final_definition_accuracy": answers.count("1") / len(answers),
+    }  # fmt: skip
+    if before is not None:
+        first = before["final_definition_accuracy"]
+        out["final_definition_retention"] = (
+            out["final_definition_accuracy"] / first if first else float("nan")
+        )
+        out["final_definitions_lost"], out["final_definitions_gained"] = answer_changes(
+            before["final_definition_answers"], answers
+        )
+    return out
 
 
 def measure_capacities(world: World, say: Callable[[str], None]) -> None:
@@ -906,6 +952,7 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
     # the base at this precision); retention is measured against it.
     with torch.no_grad():
         before = evaluate(world, method.eval_model())
+    before.update(final_probe(world, method.eval_model(), before))
     record["round0"] = before
     if not world.base_scores:
         world.base_scores = before
@@ -917,6 +964,8 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
         round_seconds = max((x.emulated_seconds for x in results), default=0.0)
         wall += round_seconds
         scores = evaluate_against(world, method.eval_model(), before)
+        if r == world.settings.rounds:
+            scores.update(final_probe(world, method.eval_model(), scores, before))
         row: dict[str, Any] = {
             "round": r, **scores, "emulated_round_seconds": round_seconds, "emulated_wall_seconds": wall,
             "train_seconds": sum(x.train_seconds for x in results),
@@ -956,6 +1005,10 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             )
             + ("; NO CLIENT TRAINED this round" if not results else "")
         )
+        if "final_definition_retention" in scores:
+            say(f"  {name} final probe: definitions {scores['final_definition_accuracy']:.4f} of "
+                f"{len(scores['final_definition_answers'])} (retention {scores['final_definition_retention']:.4f}; "
+                f"{scores['final_definitions_lost']} lost, {scores['final_definitions_gained']} gained)")  # fmt: skip
     record["peak_client_memory_bytes"] = method.peak_memory
     record["seconds"] = time.perf_counter() - started
     del method
@@ -1020,13 +1073,27 @@ def summarise(records: list[dict[str, Any]], base: dict[str, float]) -> list[dic
             rows[-1]["definitions_lost"] = [int(r["rounds"][-1]["definitions_lost"]) for r in recs]
             rows[-1]["definitions_gained"] = [int(r["rounds"][-1]["definitions_gained"]) for r in recs]
             rows[-1]["definition_questions"] = sum(len(r["round0"]["definition_answers"]) for r in recs)
+        if all("final_definition_retention" in r["rounds"][-1] for r in recs):  # runs since session 25
+            rows[-1]["final_definition_retention"] = stat("final_definition_retention")
+            rows[-1]["final_definitions_lost"] = [
+                int(r["rounds"][-1]["final_definitions_lost"]) for r in recs
+            ]
+            rows[-1]["final_definitions_gained"] = [
+                int(r["rounds"][-1]["final_definitions_gained"]) for r in recs
+            ]
+            rows[-1]["final_definition_questions"] = sum(
+                len(r["round0"]["final_definition_answers"]) for r in recs
+            )
     return rows
 
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (beyond the table: the normal's 1.96)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
          10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
-PAIRED_KEYS = ("accuracy", "perplexity_retention", "definition_retention")
+PAIRED_KEYS = ("accuracy", "perplexity_retention", "definition_retention", "final_definition_retention")
+PAIRED_COLUMNS = {"accuracy": "accuracy", "perplexity_retention": "perplexity retention",
+                  "definition_retention": "definitions retention",
+                  "final_definition_retention": "definitions retention, final probe"}  # fmt: skip
 
 
 def t_975(df: int) -> float:
@@ -1049,8 +1116,13 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
     :data:`PAIRED_KEYS` (final round) the per-seed differences ``method - other``, their mean and the
     half-width of a 95% t-interval of the mean (None with one seed). A difference whose interval
     holds 0 is not resolved by these seeds (a mean of NaN, no interval, where a seed's value is not
-    finite). Empty when ``method`` has no finished run.
+    finite). Where both ran the final probe on every common seed, ``final_definition_answers``
+    compares their final models question by question: per seed the questions only ``method`` got
+    right and those only the other got right, and the exact McNemar p of the totals. Empty when
+    ``method`` has no finished run.
     """
+    from fedbe.probes import mcnemar_p  # noqa: PLC0415
+
     groups = by_method(records)
     mine = {r["seed"]: r for r in groups.get(method, []) if r.get("rounds")}
     rows: list[dict[str, Any]] = []
@@ -1076,6 +1148,15 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
                 else None
             )
             row[key] = {"differences": diffs, "mean": mean, "ci95": half}
+        answers = [(mine[s]["rounds"][-1].get("final_definition_answers"),
+                    theirs[s]["rounds"][-1].get("final_definition_answers")) for s in seeds]  # fmt: skip
+        if all(a and b and len(a) == len(b) for a, b in answers):  # the same questions (same seed)
+            only_mine = [sum(x == "1" and y == "0" for x, y in zip(a, b, strict=True)) for a, b in answers]
+            only_theirs = [sum(x == "0" and y == "1" for x, y in zip(a, b, strict=True)) for a, b in answers]
+            row["final_definition_answers"] = {
+                "only_mine": only_mine, "only_theirs": only_theirs,
+                "p": mcnemar_p(sum(only_mine), sum(only_theirs)), "questions": sum(len(a) for a, _ in answers),
+            }  # fmt: skip
         rows.append(row)
     return rows
 
@@ -1084,14 +1165,15 @@ def paired_markdown(rows: list[dict[str, Any]]) -> list[str]:
     """The lines of the results' seed-by-seed comparison (none without rows)."""
     if not rows:
         return []
+    keys = [k for k in PAIRED_KEYS if any(k in row for row in rows)]
     lines = [
         "",
         f"{rows[0]['method']} minus each method, seed by seed (mean difference ± half-width of its 95% "
         "t-interval; the per-seed differences in brackets; an interval that holds 0 is not resolved by "
         "these seeds):",
         "",
-        "| against | seeds | accuracy | perplexity retention | definitions retention |",
-        "|---|---|---|---|---|",
+        "| against | seeds | " + " | ".join(PAIRED_COLUMNS[k] for k in keys) + " |",
+        "|---|---|" + "---|" * len(keys),
     ]
 
     def cell(d: dict[str, Any] | None) -> str:
@@ -1103,9 +1185,23 @@ def paired_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
     for row in rows:
         seeds = ",".join(str(s) for s in row["seeds"])
-        lines.append(
-            f"| {row['against']} | {seeds} | " + " | ".join(cell(row.get(k)) for k in PAIRED_KEYS) + " |"
-        )
+        lines.append(f"| {row['against']} | {seeds} | " + " | ".join(cell(row.get(k)) for k in keys) + " |")
+    both = [row for row in rows if "final_definition_answers" in row]
+    if both:
+
+        def split(row: dict[str, Any]) -> str:
+            d = row["final_definition_answers"]
+            each = ", ".join(f"{a}/{b}" for a, b in zip(d["only_mine"], d["only_theirs"], strict=True))
+            return (f"against {row['against']} {sum(d['only_mine'])} / {sum(d['only_theirs'])} of "
+                    f"{d['questions']} (p {d['p']:.2f}; by seed {each})")  # fmt: skip
+
+        lines += [
+            "",
+            f"Final probe, question by question (the same questions, each method's final model): right under "
+            f"{rows[0]['method']} only / under the other only, exact McNemar p (below 0.05 one is resolved ahead): "
+            + "; ".join(split(row) for row in both)
+            + ".",
+        ]
     return lines
 
 
@@ -1194,6 +1290,27 @@ def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], sett
             f"{changes[0]['definition_questions']} question-seeds (exact McNemar p: how likely a split at least "
             "this uneven is if a changed answer is as likely lost as gained; below 0.05, the loss or gain "
             "is resolved): " + "; ".join(changed(r) for r in changes) + ".",
+        ]
+    finals = [r for r in summary if r.get("final_definition_questions")]
+    if finals:
+        from fedbe.probes import mcnemar_p  # noqa: PLC0415
+
+        def final(r: dict[str, Any]) -> str:
+            lost, gained = sum(r["final_definitions_lost"]), sum(r["final_definitions_gained"])
+            each = ", ".join(
+                f"{a}/{b}"
+                for a, b in zip(r["final_definitions_lost"], r["final_definitions_gained"], strict=True)
+            )
+            return (f"{r['method']} {_pm(r['final_definition_retention'], '.4f')}, {lost} / {gained} "
+                    f"(p {mcnemar_p(lost, gained):.2f}; by seed {each})")  # fmt: skip
+
+        lines += [
+            "",
+            f"Final probe (the definition questions above and {settings.final_probe_questions} more a seed, "
+            f"{finals[0]['final_definition_questions']} question-seeds, scored before training and after the "
+            "last round): definitions retention, questions lost / gained: "
+            + "; ".join(final(r) for r in finals)
+            + ".",
         ]
     risks = position_risks(summary)
     if risks is not None:
@@ -1364,6 +1481,8 @@ def digested_settings(settings: BenchSettings, method: str | None = None) -> dic
         data.update(BLOCK_ONLY_PINNED)
     if data["min_steps_fraction"] == 1.0 or (method is not None and method not in NEW_BLOCK_METHODS):
         del data["min_steps_fraction"]  # added later: off (1.0) keeps every earlier record's digest
+    if data["final_probe_questions"] == 0:
+        del data["final_probe_questions"]  # added later: none keeps every earlier record's digest
     return data
 
 
@@ -1454,6 +1573,7 @@ def settings_from_dict(data: dict[str, Any], where: str) -> BenchSettings:
                           "version; merge runs of one version")  # fmt: skip
     try:
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        values.setdefault("final_probe_questions", 0)  # runs before session 25 had no final probe
         return BenchSettings(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: its settings are not valid bench settings ({e})") from None
@@ -1789,6 +1909,15 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         "per evaluation on one core of this machine for SmolLM2)",
     )
     p.add_argument(
+        "--final-probe-questions",
+        type=int,
+        default=d.final_probe_questions,
+        help="more definition questions (none of them among the --probe-questions ones), scored with those on "
+        "each method's model before training and after the last round only, so the final definitions "
+        "retention and the methods' question-by-question comparison rest on both sets (default "
+        f"{d.final_probe_questions}; about 3 minutes per model here for SmolLM2; 0 = none)",
+    )
+    p.add_argument(
         "--probe-texts",
         type=int,
         default=d.probe_texts,
@@ -1943,7 +2072,8 @@ def settings_from_args(args: Any) -> BenchSettings:
         lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay, context_blocks=args.context_blocks,
         download_level=args.download_level, placement=args.placement,
         eval_examples=args.eval_examples,
-        probe_questions=args.probe_questions, probe_texts=args.probe_texts, full_ft_budget_seconds=args.full_ft_budget,
+        probe_questions=args.probe_questions, final_probe_questions=args.final_probe_questions,
+        probe_texts=args.probe_texts, full_ft_budget_seconds=args.full_ft_budget,
     )  # fmt: skip
     if args.quick:
         settings = quick(settings, methods_given=bool(args.methods))

@@ -77,13 +77,25 @@ def _wordnet_definitions() -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def definition_questions(n: int, split: str = "test", seed: int = 0) -> list[DefinitionQuestion]:
-    """``n`` four-way definition questions from ``split``, the same for the same arguments."""
+def definition_questions(
+    n: int, split: str = "test", seed: int = 0, exclude: Sequence[DefinitionQuestion] = ()
+) -> list[DefinitionQuestion]:
+    """``n`` four-way definition questions from ``split``, the same for the same arguments.
+
+    With ``exclude``, none of the ``n`` asks for the word of a question there (a second, disjoint set
+    of the same split and seed: the bench's final probe); their distractors come from the whole split.
+    """
     pool = [p for p in _wordnet_definitions() if _in_split(p[0], split)]
-    if len(pool) < n + 3:
-        raise DataError(f"only {len(pool)} WordNet nouns in the {split} split; ask for fewer questions")
-    rng = random.Random(f"definitions-{split}-{seed}")
-    chosen = rng.sample(pool, n)
+    taken = {q.word for q in exclude}
+    candidates = [p for p in pool if p[0] not in taken]
+    if len(candidates) < n or len(pool) < n + 3:
+        raise DataError(
+            f"only {len(candidates)} WordNet nouns in the {split} split"
+            + (f" beyond the {len(taken)} already asked" if taken else "")
+            + "; ask for fewer questions"
+        )
+    rng = random.Random(f"definitions-{split}-{seed}" + (f"-beyond-{len(taken)}" if taken else ""))
+    chosen = rng.sample(candidates, n)
     questions = []
     for word, definition in chosen:
         distractors: list[str] = []

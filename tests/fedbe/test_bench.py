@@ -131,7 +131,8 @@ def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None
     settings = bench.BenchSettings(
         model="tiny:llama", methods=("fedbe", "fedit", "ffa-lora"), clients=3, rounds=2, steps=2,
         distill_rows=0,  # every row distilled: the cache check below counts whole batches
-        examples_per_client=8, eval_examples=10, probe_questions=8, probe_texts=6, max_tokens=64,
+        examples_per_client=8, eval_examples=10, probe_questions=8, final_probe_questions=6, probe_texts=6,
+        max_tokens=64,
         profiles=("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb"),
     )  # fmt: skip
     results = bench.run_bench(settings, tmp_path, say=lambda _m: None)
@@ -146,6 +147,11 @@ def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in on_disk["summary"]] == ["fedbe", "fedit", "ffa-lora"]
     assert all(r["definition_questions"] == 8 for r in on_disk["summary"])
+    assert all(r["final_definition_questions"] == 14 for r in on_disk["summary"])
+    assert (
+        "Final probe (the definition questions above and 6 more a seed, 14 question-seeds"
+        in (tmp_path / "results.md").read_text()
+    )
     assert (
         "Definition questions lost / gained against the method's own model"
         in (tmp_path / "results.md").read_text()
@@ -175,6 +181,18 @@ def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None
                 row["emulated_round_seconds"], abs=0.01
             )
         assert rec["peak_client_memory_bytes"] > 0
+        # the final probe: round 0 and the last round, the per-round answers followed by 6 more questions
+        first, last = rec["round0"]["final_definition_answers"], rec["rounds"][-1]["final_definition_answers"]
+        assert len(first) == len(last) == 8 + 6 and "final_definition_answers" not in rec["rounds"][0]
+        assert (
+            first[:8] == rec["round0"]["definition_answers"]
+            and last[:8] == rec["rounds"][-1]["definition_answers"]
+        )
+        assert rec["rounds"][-1]["final_definition_accuracy"] == pytest.approx(last.count("1") / 14)
+        assert (
+            rec["rounds"][-1]["final_definitions_lost"],
+            rec["rounds"][-1]["final_definitions_gained"],
+        ) == (probes.answer_changes(first, last))
     fedbe_rec, fedit_rec, ffa_rec = results["records"]
     # FFA-LoRA trains and sends only B: half of FedIT's adapter
     assert ffa_rec["trainable_parameters"] * 2 == fedit_rec["trainable_parameters"]
@@ -313,8 +331,8 @@ def test_fedbe_puts_its_blocks_where_placement_says_and_positions_stay_single() 
 def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path) -> None:
     settings = bench.BenchSettings(
         model="tiny:llama", methods=("fedbe-plain", "fedit", "ffa-lora"), clients=2, rounds=1, steps=1,
-        examples_per_client=4, eval_examples=6, probe_questions=4, probe_texts=4, max_tokens=48,
-        profiles=("rtx-4090-24gb", "cpu-laptop"),
+        examples_per_client=4, eval_examples=6, probe_questions=4, final_probe_questions=3, probe_texts=4,
+        max_tokens=48, profiles=("rtx-4090-24gb", "cpu-laptop"),
     )  # fmt: skip
     results = bench.run_bench_jobs(settings, tmp_path, jobs=2, say=lambda _m: None)
     parts = [
@@ -328,9 +346,9 @@ def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path
     assert [r["method"] for r in results["summary"]] == ["fedbe-plain", "fedit", "ffa-lora"]
     # both workers built the same world: the same untrained model scores
     round0 = [r["round0"] for r in results["records"]]
-    answers = [r.pop("definition_answers") for r in round0]
+    answers = [r.pop("definition_answers") + r.pop("final_definition_answers") for r in round0]
     assert all(r == pytest.approx(round0[0], rel=1e-4) for r in round0)
-    assert len(set(answers)) == 1
+    assert len(set(answers)) == 1 and len(answers[0]) == 4 + 4 + 3
     # a second call finds every method done and only renders the table again
     again = bench.run_bench_jobs(settings, tmp_path, jobs=2, say=lambda _m: None)
     assert [r["rounds"] for r in again["records"]] == [r["rounds"] for r in results["records"]]
@@ -339,7 +357,8 @@ def test_jobs_split_the_methods_over_workers_and_report_them_as_one_run(tmp_path
 def test_jobs_extended_to_a_new_seed_train_only_that_seed_in_the_workers(tmp_path) -> None:
     settings = bench.BenchSettings(
         model="tiny:llama", methods=("fedbe-plain", "fedit"), clients=2, rounds=1, steps=1, seeds=(0,),
-        examples_per_client=4, eval_examples=6, probe_questions=4, probe_texts=4, max_tokens=48,
+        examples_per_client=4, eval_examples=6, probe_questions=4, final_probe_questions=0, probe_texts=4,
+        max_tokens=48,
         profiles=("rtx-4090-24gb", "cpu-laptop"),
     )  # fmt: skip
     first = bench.run_bench_jobs(settings, tmp_path, jobs=2, say=lambda _m: None)
@@ -474,7 +493,7 @@ def test_a_block_only_one_label_trains_is_left_out_unless_the_ablation_says_so()
 def _tiny_world(**overrides):
     fields = dict(
         model="tiny:llama", clients=4, rounds=1, steps=1, examples_per_client=4, eval_examples=4,
-        probe_questions=4, probe_texts=2, max_tokens=32, blocks=2,
+        probe_questions=4, final_probe_questions=0, probe_texts=2, max_tokens=32, blocks=2,
     )  # fmt: skip
     settings = bench.BenchSettings(**{**fields, **overrides})
     world = bench.build_world(settings, 0, lambda _m: None)
@@ -718,6 +737,71 @@ def test_paired_differences_pair_seeds_and_give_a_t_interval() -> None:
     full = bench.results_markdown(bench.summarise(records[:6], {}), {"accuracy": 0.5, "definition_accuracy": 0.6,
                                   "perplexity": 40.0}, bench.BenchSettings(), "fedbe bench", rows)  # fmt: skip
     assert "fedbe minus each method, seed by seed" in full
+
+
+def test_the_final_probe_is_summed_over_seeds_and_compared_question_by_question() -> None:
+    def rec(method: str, seed: int, before: str, after: str) -> dict:
+        r = _final(method, seed, 0.9, 1.0) | {"round0": {"final_definition_answers": before}}
+        lost, gained = probes.answer_changes(before, after)
+        right = before.count("1")
+        r["rounds"][-1] |= {
+            "final_definition_answers": after, "final_definitions_lost": lost, "final_definitions_gained": gained,
+            "final_definition_retention": after.count("1") / right,
+        }  # fmt: skip
+        return r
+
+    records = [
+        rec("fedbe", 0, "110010", "110011"), rec("fedbe", 1, "1111", "1110"),
+        rec("fd", 0, "110010", "010110"), rec("fd", 1, "1111", "1111"),
+        _final("old", 0, 0.9, 1.0),  # a run without the final probe: no comparison with it
+    ]  # fmt: skip
+    rows = {r["method"]: r for r in bench.summarise(records, {})}
+    assert rows["fedbe"]["final_definitions_lost"] == [0, 1] and rows["fedbe"][
+        "final_definitions_gained"
+    ] == [1, 0]
+    assert (
+        rows["fedbe"]["final_definition_questions"] == 10 and "final_definition_questions" not in rows["old"]
+    )
+    assert rows["fedbe"]["final_definition_retention"][0] == pytest.approx((4 / 3 + 3 / 4) / 2)
+    paired = {r["against"]: r for r in bench.paired_differences(records)}
+    # seed 0: fedbe 110011 against fd 010110: right only under fedbe at 0 and 5, only under fd at 3
+    # seed 1: 1110 against 1111: only fd at 3
+    split = paired["fd"]["final_definition_answers"]
+    assert (split["only_mine"], split["only_theirs"]) == ([2, 0], [1, 1]) and split["questions"] == 10
+    assert split["p"] == pytest.approx(probes.mcnemar_p(2, 2))
+    assert paired["fd"]["final_definition_retention"]["differences"] == pytest.approx([4 / 3 - 1, 3 / 4 - 1])
+    assert (
+        "final_definition_answers" not in paired["old"] and "final_definition_retention" not in paired["old"]
+    )
+    md = "\n".join(bench.paired_markdown(list(paired.values())))
+    assert "| definitions retention, final probe |" in md and "| old | 0 |" in md
+    assert "against fd 2 / 2 of 10 (p 1.00; by seed 2/1, 0/1)" in md
+    # runs before the final probe: no column, no line
+    old = "\n".join(
+        bench.paired_markdown(bench.paired_differences([_final("fedbe", 0, 0.9, 1.0), records[-1]]))
+    )
+    assert "final probe" not in old.lower()
+    summary_md = bench.results_markdown(
+        list(rows.values()), {"accuracy": 0.5, "definition_accuracy": 0.6, "perplexity": 40.0},
+        replace(bench.BenchSettings(), final_probe_questions=3), "fedbe bench",
+    )  # fmt: skip
+    assert "Final probe (the definition questions above and 3 more a seed, 10 question-seeds" in summary_md
+    assert "fedbe 1.0417 ± 0.2917, 1 / 1 (p 1.00; by seed 0/1, 1/0)" in summary_md
+
+
+def test_the_final_probe_leaves_earlier_digests_and_results_alone() -> None:
+    """Runs from before the final probe (no such setting in their results.json) read as 0 questions,
+    and 0 keeps every earlier record's digest; any other number is a new digest for every method."""
+    none = bench.BenchSettings(final_probe_questions=0)
+    data = bench.asdict(none)
+    del data["final_probe_questions"]
+    assert bench.settings_from_dict(json.loads(json.dumps(data)), "x").final_probe_questions == 0
+    assert "final_probe_questions" not in bench.digested_settings(none, "fedbe")
+    for method in ("fedbe", "fedit-distill"):
+        assert bench.settings_digest(bench.BenchSettings(), method) != bench.settings_digest(none, method)
+    assert bench.quick(bench.BenchSettings()).final_probe_questions == 0
+    with pytest.raises(ConfigError, match="final_probe_questions must be >= 0"):
+        bench.BenchSettings(final_probe_questions=-1)
 
 
 def test_t_quantiles_are_students_and_conservative_between_table_rows() -> None:

@@ -26,6 +26,20 @@ def test_definition_questions_are_fixed_well_formed_and_split() -> None:
         probes.definition_questions(3, "train")
 
 
+def test_a_second_question_set_asks_none_of_the_first_sets_words() -> None:
+    first = probes.definition_questions(400, "test", seed=2)
+    more = probes.definition_questions(1600, "test", seed=2, exclude=first)
+    assert len(more) == 1600 and len({q.word for q in more}) == 1600
+    assert not {q.word for q in first} & {q.word for q in more}
+    assert more == probes.definition_questions(1600, "test", seed=2, exclude=first)  # fixed too
+    assert probes.definition_questions(400, "test", seed=2) == first  # the first set is unchanged by it
+    for q in more:
+        assert len(set(q.options)) == 4 and 0 <= q.answer < 4
+    pool = len([w for w, _ in probes._wordnet_definitions() if probes._in_split(w, "test")])
+    with pytest.raises(DataError, match="beyond the 400 already asked; ask for fewer"):
+        probes.definition_questions(pool - 399, "test", seed=2, exclude=first)
+
+
 def test_retention_is_after_over_before_and_before_over_after() -> None:
     r = probes.retention(
         {"definition_accuracy": 0.6, "perplexity": 40.0}, {"definition_accuracy": 0.3, "perplexity": 80.0}
