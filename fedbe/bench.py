@@ -1643,6 +1643,17 @@ def merge_runs(runs: Sequence[tuple[str, BenchSettings, list[dict[str, Any]]]]
     methods = tuple(dict.fromkeys(rec["method"] for rec in merged))
     seeds = tuple(sorted({rec["seed"] for rec in merged}))
     lead = next((s for _, s, recs in runs if any(r["method"] in BLOCK_METHODS for r in recs)), runs[0][1])
+    # the merged results.json holds one set of settings: every method must have run under them, or the
+    # merged run could not be read back (nor merged again, nor resumed)
+    for method, (digest, name, settings) in digests.items():
+        if settings_digest(lead, method) != digest:
+            mine, theirs = digested_settings(settings, method), digested_settings(lead, method)
+            differ = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+            raise ConfigError(
+                f"{method} in {name} ran under other settings than the merged run's ("
+                + ", ".join(f"{k}: {mine.get(k)!r} against {theirs.get(k)!r}" for k in differ)
+                + "), settings every method depends on; merge only runs that agree on them"
+            )
     merged.sort(key=lambda r: (r["seed"], methods.index(r["method"])))
     return replace(lead, methods=methods, seeds=seeds), merged
 
@@ -1915,7 +1926,8 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         help="more definition questions (none of them among the --probe-questions ones), scored with those on "
         "each method's model before training and after the last round only, so the final definitions "
         "retention and the methods' question-by-question comparison rest on both sets (default "
-        f"{d.final_probe_questions}; about 3 minutes per model here for SmolLM2; 0 = none)",
+        f"{d.final_probe_questions}; 3-6 minutes per model for SmolLM2 with three runs sharing this machine's two "
+        "cores; 0 = none)",
     )
     p.add_argument(
         "--probe-texts",

@@ -271,7 +271,13 @@ def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> No
 
 @pytest.mark.parametrize(
     "name",
-    ["bench-results.json", "bench-results-v11.json", "bench-results-v12.json", "bench-results-v13.json"],
+    [
+        "bench-results.json",
+        "bench-results-v11.json",
+        "bench-results-v12.json",
+        "bench-results-v13.json",
+        "bench-results-v14.json",
+    ],
 )
 def test_the_published_records_keep_their_digests(name: str) -> None:
     """Every record of a published run (v10, v11 with the lambda schedule, v12 with 400 questions)
@@ -879,6 +885,17 @@ def test_bench_merge_refuses_runs_that_are_not_one_experiment(tmp_path, capsys) 
         return capsys.readouterr().err
 
     assert "lr: 0.002 against 0.001" in refused(str(a), str(other_lr))
+    # each method agrees with itself, but a LoRA run without the final probe would not be a run of the
+    # merged settings (its digest counts the probe): the merged results.json could not be read back
+    lora = _run_folder(
+        tmp_path / "lora",
+        replace(default, methods=("fedit",), final_probe_questions=0),
+        [_final("fedit", 0, 0.9, 0.8)],
+    )
+    assert (
+        "fedit in " in (err := refused(str(a), str(lora)))
+        and "final_probe_questions: None against 1600" in err
+    )
     assert "fedbe seed 0 is in both" in refused(str(a), str(same_seed))
     assert "no results.json" in refused(str(a), str(tmp_path / "missing"))
     (tmp_path / "bad.json").write_text("{not json")
