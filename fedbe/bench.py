@@ -366,9 +366,6 @@ def build_world(settings: BenchSettings, seed: int, say: Callable[[str], None]) 
     final = probes.definition_questions(
         settings.final_probe_questions, settings.split, seed, exclude=probe.questions
     ) if settings.final_probe_questions else []  # fmt: skip
-    if final:
-        say(f"seed {seed}: final probe: the {len(probe.questions)} definition questions and {len(final)} more, "
-            "before training and after the last round")  # fmt: skip
     layers = int(sources.load_model(source).config.num_hidden_layers)
     return World(
         settings, seed, source, tokenizer, labels, clients, eval_examples, probe, min(settings.blocks, layers),
@@ -951,21 +948,25 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
     # Round 0: this method's model before training (the expanded model, or LoRA with B = 0, is exactly
     # the base at this precision); retention is measured against it.
     with torch.no_grad():
-        before = evaluate(world, method.eval_model())
-    before.update(final_probe(world, method.eval_model(), before))
+        untrained = method.eval_model()
+        before = evaluate(world, untrained)
+    before.update(final_probe(world, untrained, before))
     record["round0"] = before
     if not world.base_scores:
         world.base_scores = before
+    final = (f" (final probe {before['final_definition_accuracy']:.4f} of {len(before['final_definition_answers'])})"
+             if "final_definition_answers" in before else "")  # fmt: skip
     say(f"  {name} before training: accuracy {before['accuracy']:.3f}, definitions "
-        f"{before['definition_accuracy']:.3f}, perplexity {before['perplexity']:.2f}")  # fmt: skip
+        f"{before['definition_accuracy']:.3f}{final}, perplexity {before['perplexity']:.2f}")  # fmt: skip
     wall = 0.0
     for r in range(1, world.settings.rounds + 1):
         results = method.round(r)
         round_seconds = max((x.emulated_seconds for x in results), default=0.0)
         wall += round_seconds
-        scores = evaluate_against(world, method.eval_model(), before)
+        model = method.eval_model()
+        scores = evaluate_against(world, model, before)
         if r == world.settings.rounds:
-            scores.update(final_probe(world, method.eval_model(), scores, before))
+            scores.update(final_probe(world, model, scores, before))
         row: dict[str, Any] = {
             "round": r, **scores, "emulated_round_seconds": round_seconds, "emulated_wall_seconds": wall,
             "train_seconds": sum(x.train_seconds for x in results),

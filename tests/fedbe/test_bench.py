@@ -135,7 +135,11 @@ def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None
         max_tokens=64,
         profiles=("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb"),
     )  # fmt: skip
-    results = bench.run_bench(settings, tmp_path, say=lambda _m: None)
+    messages: list[str] = []
+    results = bench.run_bench(settings, tmp_path, say=messages.append)
+    # progress names the final probe before training and after the last round, for every method
+    assert sum("before training" in m and "(final probe " in m and " of 14)" in m for m in messages) == 3
+    assert sum("final probe: definitions" in m and " of 14 (retention " in m for m in messages) == 3
     for name in (
         "results.json",
         "results.md",
