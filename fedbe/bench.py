@@ -1070,21 +1070,17 @@ def summarise(records: list[dict[str, Any]], base: dict[str, float]) -> list[dic
         })  # fmt: skip
         if all("perplexity_head_retention" in r["rounds"][-1] for r in recs):
             rows[-1]["perplexity_head_retention"] = stat("perplexity_head_retention")
-        if all("definitions_lost" in r["rounds"][-1] for r in recs):  # records before v12 lack them
-            rows[-1]["definitions_lost"] = [int(r["rounds"][-1]["definitions_lost"]) for r in recs]
-            rows[-1]["definitions_gained"] = [int(r["rounds"][-1]["definitions_gained"]) for r in recs]
-            rows[-1]["definition_questions"] = sum(len(r["round0"]["definition_answers"]) for r in recs)
-        if all("final_definition_retention" in r["rounds"][-1] for r in recs):  # runs since session 25
+        # questions lost / gained on the per-round probe (records before v12 lack them) and on the final
+        # probe (runs since session 25, which also carry its retention)
+        for probe in ("", "final_"):
+            if all(f"{probe}definitions_lost" in r["rounds"][-1] for r in recs):
+                for key in (f"{probe}definitions_lost", f"{probe}definitions_gained"):
+                    rows[-1][key] = [int(r["rounds"][-1][key]) for r in recs]
+                rows[-1][f"{probe}definition_questions"] = sum(
+                    len(r["round0"][f"{probe}definition_answers"]) for r in recs
+                )
+        if all("final_definition_retention" in r["rounds"][-1] for r in recs):
             rows[-1]["final_definition_retention"] = stat("final_definition_retention")
-            rows[-1]["final_definitions_lost"] = [
-                int(r["rounds"][-1]["final_definitions_lost"]) for r in recs
-            ]
-            rows[-1]["final_definitions_gained"] = [
-                int(r["rounds"][-1]["final_definitions_gained"]) for r in recs
-            ]
-            rows[-1]["final_definition_questions"] = sum(
-                len(r["round0"]["final_definition_answers"]) for r in recs
-            )
     return rows
 
 
@@ -1122,7 +1118,7 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
     right and those only the other got right, and the exact McNemar p of the totals. Empty when
     ``method`` has no finished run.
     """
-    from fedbe.probes import mcnemar_p  # noqa: PLC0415
+    from fedbe.probes import answer_changes, mcnemar_p  # noqa: PLC0415
 
     groups = by_method(records)
     mine = {r["seed"]: r for r in groups.get(method, []) if r.get("rounds")}
@@ -1152,8 +1148,10 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
         answers = [(mine[s]["rounds"][-1].get("final_definition_answers"),
                     theirs[s]["rounds"][-1].get("final_definition_answers")) for s in seeds]  # fmt: skip
         if all(a and b and len(a) == len(b) for a, b in answers):  # the same questions (same seed)
-            only_mine = [sum(x == "1" and y == "0" for x, y in zip(a, b, strict=True)) for a, b in answers]
-            only_theirs = [sum(x == "0" and y == "1" for x, y in zip(a, b, strict=True)) for a, b in answers]
+            # answer_changes(mine, theirs): right under mine only ("lost" by theirs), right under theirs only
+            only_mine, only_theirs = (
+                list(c) for c in zip(*(answer_changes(a, b) for a, b in answers), strict=True)
+            )
             row["final_definition_answers"] = {
                 "only_mine": only_mine, "only_theirs": only_theirs,
                 "p": mcnemar_p(sum(only_mine), sum(only_theirs)), "questions": sum(len(a) for a, _ in answers),
@@ -1274,36 +1272,29 @@ def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], sett
             + ", ".join(f"{r['method']} {_pm(r['perplexity_head_retention'], '.3f')}" for r in heads)
             + ".",
         ]
+    from fedbe.probes import mcnemar_p  # noqa: PLC0415
+
+    def changed(r: dict[str, Any], probe: str = "") -> str:
+        """``lost / gained (p; by seed)`` of ``probe`` ("" the per-round one, "final_" the final one)."""
+        lost_each, gained_each = r[f"{probe}definitions_lost"], r[f"{probe}definitions_gained"]
+        lost, gained = sum(lost_each), sum(gained_each)
+        each = ", ".join(f"{a}/{b}" for a, b in zip(lost_each, gained_each, strict=True))
+        return f"{lost} / {gained} (p {mcnemar_p(lost, gained):.2f}; by seed {each})"
+
     changes = [r for r in summary if r.get("definition_questions")]  # none without questions
     if changes:
-        from fedbe.probes import mcnemar_p  # noqa: PLC0415
-
-        def changed(r: dict[str, Any]) -> str:
-            lost, gained = sum(r["definitions_lost"]), sum(r["definitions_gained"])
-            each = ", ".join(
-                f"{a}/{b}" for a, b in zip(r["definitions_lost"], r["definitions_gained"], strict=True)
-            )
-            return f"{r['method']} {lost} / {gained} (p {mcnemar_p(lost, gained):.2f}; by seed {each})"
-
         lines += [
             "",
             "Definition questions lost / gained against the method's own model before training, over "
             f"{changes[0]['definition_questions']} question-seeds (exact McNemar p: how likely a split at least "
             "this uneven is if a changed answer is as likely lost as gained; below 0.05, the loss or gain "
-            "is resolved): " + "; ".join(changed(r) for r in changes) + ".",
+            "is resolved): " + "; ".join(f"{r['method']} {changed(r)}" for r in changes) + ".",
         ]
     finals = [r for r in summary if r.get("final_definition_questions")]
     if finals:
-        from fedbe.probes import mcnemar_p  # noqa: PLC0415
 
         def final(r: dict[str, Any]) -> str:
-            lost, gained = sum(r["final_definitions_lost"]), sum(r["final_definitions_gained"])
-            each = ", ".join(
-                f"{a}/{b}"
-                for a, b in zip(r["final_definitions_lost"], r["final_definitions_gained"], strict=True)
-            )
-            return (f"{r['method']} {_pm(r['final_definition_retention'], '.4f')}, {lost} / {gained} "
-                    f"(p {mcnemar_p(lost, gained):.2f}; by seed {each})")  # fmt: skip
+            return f"{r['method']} {_pm(r['final_definition_retention'], '.4f')}, {changed(r, 'final_')}"
 
         lines += [
             "",
