@@ -1596,6 +1596,13 @@ def load_run(path: Path) -> tuple[BenchSettings, list[dict[str, Any]]]:
     return settings, records
 
 
+def settings_differences(first: BenchSettings, other: BenchSettings, method: str) -> str:
+    """``"key: first against other, ..."`` for each setting ``method``'s digest holds that differs."""
+    a, b = digested_settings(first, method), digested_settings(other, method)
+    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {a.get(k)!r} against {b.get(k)!r}" for k in differ)
+
+
 def merge_runs(runs: Sequence[tuple[str, BenchSettings, list[dict[str, Any]]]]
                ) -> tuple[BenchSettings, list[dict[str, Any]]]:  # fmt: skip
     """One run out of several ``(name, settings, records)`` runs of the same experiment, for example
@@ -1618,12 +1625,9 @@ def merge_runs(runs: Sequence[tuple[str, BenchSettings, list[dict[str, Any]]]]
                                   "its results.json (its settings digest differs); the file was edited or "
                                   "mixes runs, so it can not be merged")  # fmt: skip
             if method in digests and digests[method][0] != digest:
-                first = digested_settings(digests[method][2], method)
-                other = digested_settings(settings, method)
-                differ = [k for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k)]
                 raise ConfigError(
                     f"{method} ran under different settings in {digests[method][1]} and {name} ("
-                    + ", ".join(f"{k}: {first.get(k)!r} against {other.get(k)!r}" for k in differ)
+                    + settings_differences(digests[method][2], settings, method)
                     + "): their seeds are not one experiment; merge only runs of the same settings"
                 )
             digests.setdefault(method, (digest, name, settings))
@@ -1639,11 +1643,9 @@ def merge_runs(runs: Sequence[tuple[str, BenchSettings, list[dict[str, Any]]]]
     # merged run could not be read back (nor merged again, nor resumed)
     for method, (digest, name, settings) in digests.items():
         if settings_digest(lead, method) != digest:
-            mine, theirs = digested_settings(settings, method), digested_settings(lead, method)
-            differ = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
             raise ConfigError(
                 f"{method} in {name} ran under other settings than the merged run's ("
-                + ", ".join(f"{k}: {mine.get(k)!r} against {theirs.get(k)!r}" for k in differ)
+                + settings_differences(settings, lead, method)
                 + "), settings every method depends on; merge only runs that agree on them"
             )
     merged.sort(key=lambda r: (r["seed"], methods.index(r["method"])))
