@@ -49,11 +49,12 @@ Fields (``name: type = default``):
   very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
   without self-distillation never gets a block riskier than this; ``cost_weight: float >= 0 = 0.1`` and
   ``risk_weight: float >= 0 = 0.2`` -- weights of time cost and of risk in the ``fedbe`` score;
-  ``max_block_divergence: [0,1] = 0.3`` -- a block whose trainers' pooled label histogram is farther
+  ``max_block_divergence: [0,1] = 1.0`` -- a block whose trainers' pooled label histogram is farther
   (Jensen-Shannon) than this from that of all the round's selected clients is left untrained that
-  round (1 = no limit); ``min_steps_fraction: (0,1] = 1.0`` -- before such a block is left untrained,
-  offer it to the clients that reach it by the deadline only with fewer local steps, down to this
-  fraction of ``training.steps`` (their task then asks for that many steps; 1 = never shorten a run).
+  round (1 = no limit, the default since session 26); ``min_steps_fraction: (0,1] = 1.0`` -- before
+  such a block is left untrained, offer it to the clients that reach it by the deadline only with
+  fewer local steps, down to this fraction of ``training.steps`` (their task then asks for that many
+  steps; 1 = never shorten a run).
 * ``aggregation`` (see :mod:`coordinator.aggregation`): ``server_optimizer: none|fedavgm|fedadam =
   none``, ``server_lr: float > 0`` (default 1.0, or 0.01 with fedadam), ``momentum: [0,1) = 0.9``
   (FedAvgM), ``beta1: [0,1) = 0.9``, ``beta2: [0,1) = 0.99``, ``tau: float > 0 = 1e-3`` (FedAdam),
@@ -210,7 +211,7 @@ class AllocationConfig:
     max_unprotected_risk: float = 0.5
     cost_weight: float = 0.1
     risk_weight: float = 0.2
-    max_block_divergence: float = 0.3
+    max_block_divergence: float = 1.0
     min_steps_fraction: float = 1.0
 
 

@@ -252,7 +252,7 @@ def test_defaults(tmp_path: Path) -> None:
     t = cfg.training
     assert (t.distill_lambda, t.distill_top_k, t.distill_sample, t.distill_rows) == (3.0, 32, 128, 1)
     assert t.context_blocks and t.task_weights_level is Level.INT8 and t.identity_pull == 0
-    assert cfg.allocation.max_block_divergence == 0.3 and cfg.aggregation.block_average == "round"
+    assert cfg.allocation.max_block_divergence == 1.0 and cfg.aggregation.block_average == "round"
 
 
 @pytest.mark.parametrize("name", ["interleave", "interleave-mid-top", "middle", "top"])

@@ -259,7 +259,7 @@ def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> No
     the LoRA baselines or full FT (which read lora_lr, lora_lr_decay, lora_distill_lambda instead)."""
     default = bench.BenchSettings()
     changes = {"lr": 1.5e-3, "lr_decay": 0.7, "distill_lambda": 6.0, "identity_pull": 1e-2,
-               "deadline_factor": 0.4, "max_block_divergence": 1.0, "label_balance": False,
+               "deadline_factor": 0.4, "max_block_divergence": 0.3, "label_balance": False,
                "block_average": "trainers", "server_lr": 0.5, "context_blocks": False}  # fmt: skip
     assert set(changes) == set(bench.BLOCK_ONLY_PINNED)
     digest = bench.settings_digest
@@ -486,6 +486,8 @@ def test_a_block_only_one_label_trains_is_left_out_unless_the_ablation_says_so()
     bounded = method_for("fedbe", 0.3)
     assert bounded.assignments == tops and bounded.client_steps == {c: 4 for c in both}
     assert method_for("fedbe-no-skew-limit", 0.3).assignments == both  # block 0: JS({a}, {a, b}) = 0.31
+    assert method_for("fedbe-skew-limit", 1.0).assignments == tops  # the bound at SKEW_LIMIT 0.3
+    assert bench.BenchSettings().max_block_divergence == 1.0  # no bound by default (session 26)
     # Short runs: the slow clients reach block 0 in 2 of their 4 steps (deadline 0.5 x 4 x 0.9 s = 1.8 s,
     # a step down to block 0 0.9 s), so with min_steps_fraction 0.5 they join the fast ones there.
     short = method_for("fedbe", 0.3, 0.5)
