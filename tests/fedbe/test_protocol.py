@@ -68,7 +68,7 @@ def _tiny_update(level: Level = Level.FP32) -> UpdateMessage:
     return _update(level, blocks, client_id="c", task_id="t")
 
 
-def _seal(message_type: int, flags: int, body: bytes, *, version: int = 1, reserved: int = 0) -> bytes:
+def _seal(message_type: int, flags: int, body: bytes, *, version: int = 2, reserved: int = 0) -> bytes:
     """A frame built from the documented layout, independently of pack_frame."""
     head = MAGIC + struct.pack("<BBBBI", version, message_type, flags, reserved, len(body))
     return head + struct.pack("<I", zlib.crc32(head + body)) + body
@@ -181,7 +181,11 @@ def test_frame_layout_is_as_documented() -> None:
     ("mutate", "message"),
     [
         (lambda f: b"XXXX" + f[4:], "not a fedbe frame"),
-        (lambda f: f[:4] + b"\x02" + f[5:], r"unsupported protocol version 2; this build supports \[1\]"),
+        (
+            lambda f: f[:4] + b"\x01" + f[5:],
+            r"unsupported protocol version 1; this build supports \[2\]: run the same",
+        ),
+        (lambda f: f[:4] + b"\x03" + f[5:], r"unsupported protocol version 3; this build supports \[2\]"),
         (lambda f: f[:-1] + bytes([f[-1] ^ 0x40]), "frame corrupted in transit"),
         (lambda f: f[:12] + b"\0\0\0\0" + f[16:], "frame corrupted in transit"),
         (lambda f: f + b"\0", "truncated or padded"),
