@@ -41,6 +41,9 @@ Fields (``name: type = default``):
   assigned ones with the others in place, frozen, instead of bypassing them),
   ``label_balance: bool = true`` (training tasks carry the labels of every announced client, and a
   client with labelled data trains with a loss balanced over them by its own label counts);
+  ``labels: [str] = []`` (the federation's labels, if known: tasks carry exactly these, and a client
+  announcing any other label is refused with a notice naming it, so one client can not add labels
+  that every client's balanced loss then counts; empty = the labels of every accepted client);
   ``task_weights_level: fp32|fp16|bf16|int8 = int8`` (the precision block weights travel to clients in;
   a client's update is its change from the weights it received, so the global state stays fp32;
   int8 sends a quarter of fp32's bytes).
@@ -101,10 +104,10 @@ from typing import Literal, NoReturn, TypeGuard, TypeVar
 import yaml
 
 from fedbe.compression import Level
-from fedbe.errors import ConfigError, ExpansionError
+from fedbe.errors import CodecError, ConfigError, ExpansionError
 from fedbe.expansion import PLACEMENTS, parse_placement
 from fedbe.profiles import PRECISIONS
-from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES, check_name
+from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES, check_labels, check_name
 from fedbe.sources import SMOLLM2, TINY_PREFIX
 from fedbe.transport import BrokerConfig
 
@@ -147,6 +150,9 @@ class TrainingConfig:
     task_weights_level: Level = Level.INT8
     lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
     label_balance: bool = True  # tasks carry the federation's labels: clients train a label-balanced loss
+    # the federation's labels, when the operator knows them: tasks carry these, and a client announcing
+    # a label outside them is refused; empty = every label an accepted client announced
+    labels: tuple[str, ...] = ()
 
     def round_lr(self, round_: int) -> float:
         """The client lr of round ``round_`` (1-based): ``lr x lr_decay^(round_-1)``."""
@@ -375,6 +381,16 @@ class _Fields:
             self.fail(name, value, "must be a non-empty string", "Quote it if YAML reads it otherwise.")
         return value.strip()
 
+    def labels(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """Distinct label names a task can carry (:func:`fedbe.protocol.check_labels`), sorted."""
+        value = self.raw(name, list(default))
+        try:
+            return tuple(sorted(check_labels(value)))
+        except CodecError as exc:
+            self.fail(name, value, f"is not a list of labels a task can carry ({exc})",
+                      "Write a list of distinct label names such as [business, sports, tech], or [] to take "
+                      "the labels the clients announce")  # fmt: skip
+
     def optional_string(self, name: str) -> str | None:
         return None if self.raw(name, None) is None else self.string(name, None)
 
@@ -552,6 +568,7 @@ def _training(f: _Fields) -> TrainingConfig:
         ),
         lr_decay=f.real("lr_decay", d.lr_decay, "(0, 1]"),
         label_balance=f.boolean("label_balance", d.label_balance),
+        labels=f.labels("labels", d.labels),
     )
 
 

@@ -323,7 +323,7 @@ class Coordinator:
                     "blocks: auto — provisional expansion with %d blocks until the clients have announced", n
                 )
         self._install_expansion(model)
-        self.clients = ClientRegistry(self.fingerprint)
+        self.clients = ClientRegistry(self.fingerprint, cfg.training.labels)
         self.rng = random.Random(cfg.seed)
         self.last_trained: dict[int, int] = {}
         self.server_state: Any = None
@@ -522,12 +522,15 @@ class Coordinator:
         )  # fmt: skip
 
     def federation_labels(self) -> tuple[str, ...]:
-        """Every label an accepted client announced (sorted): what a label-balanced loss balances over.
+        """What a label-balanced loss balances over: ``training.labels`` if configured (a client
+        announcing others is refused), else every label an accepted client announced (sorted).
 
         Empty (plain cross-entropy) when there are more than a task may carry: the union of many
         clients' histograms can pass the per-client limit, and a task that can not be encoded would
         stop the round.
         """
+        if self.cfg.training.labels:
+            return self.cfg.training.labels
         labels = sorted({
             label for rec in self.clients.clients.values() if rec.announce is not None and rec.refused is None
             for label in rec.announce.label_histogram

@@ -94,8 +94,12 @@ def check_announce(msg: AnnounceMessage) -> str | None:
 
 
 class ClientRegistry:
-    def __init__(self, base_fingerprint: str) -> None:
+    """Who announced what; ``labels`` (the configured ``training.labels``, empty = any) are the only
+    labels a client may announce."""
+
+    def __init__(self, base_fingerprint: str, labels: tuple[str, ...] = ()) -> None:
         self.base_fingerprint = base_fingerprint
+        self.labels = frozenset(labels)
         self.clients: dict[str, ClientRecord] = {}
 
     def record(self, client_id: str) -> ClientRecord:
@@ -110,6 +114,21 @@ class ClientRegistry:
             rec.refused = (
                 f"your base model {msg.base_fingerprint} differs from the federation's {self.base_fingerprint}; "
                 "blocks trained on different bases can not be averaged: install the federation's base model"
+            )
+            log.warning("refusing %s: %s", msg.client_id, rec.refused)
+            return NoticeMessage(msg.client_id, "refused", rec.refused)
+        others = sorted(set(msg.label_histogram) - self.labels) if self.labels else []
+        if others:
+            shown = ", ".join(repr(x) for x in others[:5]) + (
+                f" and {len(others) - 5} more" if len(others) > 5 else ""
+            )
+            rec.announce, rec.refused = (
+                None,
+                (
+                    f"your data has labels {shown} that are not the federation's ({', '.join(sorted(self.labels))}; "
+                    "the coordinator's training.labels): train on the federation's dataset, or ask the operator "
+                    "to add the labels"
+                ),
             )
             log.warning("refusing %s: %s", msg.client_id, rec.refused)
             return NoticeMessage(msg.client_id, "refused", rec.refused)

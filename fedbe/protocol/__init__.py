@@ -36,6 +36,7 @@ from fedbe.protocol.messages import (
     TaskErrorMessage,
     TaskMessage,
     UpdateMessage,
+    check_labels,
     decode,
     encode,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "TaskMessage",
     "Topics",
     "UpdateMessage",
+    "check_labels",
     "check_name",
     "decode",
     "encode",

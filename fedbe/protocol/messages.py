@@ -388,7 +388,7 @@ def _task_to_payload(m: TaskMessage) -> dict[str, object]:
         "rehearsal_rows": _as_count(m.rehearsal_rows, "rehearsal_rows"),
         "distill_sample": _as_count(m.distill_sample, "distill_sample"),
         "distill_rows": _as_count(m.distill_rows, "distill_rows"),
-        "balance_labels": list(_label_list(list(m.balance_labels))),
+        "balance_labels": list(check_labels(list(m.balance_labels))),
     }
 
 
@@ -416,12 +416,14 @@ def _task_from_payload(payload: object) -> TaskMessage:
         rehearsal_rows=f.count("rehearsal_rows"),
         distill_sample=f.count("distill_sample"),
         distill_rows=f.count("distill_rows"),
-        balance_labels=_label_list(f.raw("balance_labels")),
+        balance_labels=check_labels(f.raw("balance_labels")),
     )
 
 
-def _label_list(value: object) -> tuple[str, ...]:
-    """A task's ``balance_labels``: distinct label names, at most :data:`MAX_LABELS`."""
+def check_labels(value: object) -> tuple[str, ...]:
+    """A task's ``balance_labels``: distinct label names (1 to MAX_TEXT_BYTES bytes), at most
+    :data:`MAX_LABELS`; :class:`CodecError` saying what is wrong otherwise (also what the coordinator
+    checks its configured ``training.labels`` with, so a list it accepts always encodes)."""
     if not isinstance(value, list):
         raise CodecError(f"balance_labels must be a list of label names, got {_kind(value)}")
     if len(value) > MAX_LABELS:

@@ -29,6 +29,22 @@ def test_a_client_with_another_base_is_refused_with_a_readable_reason() -> None:
     assert [r.client_id for r in reg.eligible()] == ["c2"]
 
 
+def test_with_configured_labels_a_client_announcing_others_is_refused_naming_them() -> None:
+    reg = ClientRegistry("llama-6L-abc", labels=("a", "b", "c"))
+    notice = reg.on_announce(announce("c1", label_histogram={"a": 3.0, "zz": 1.0}))
+    assert notice.code == "refused" and "'zz'" in notice.reason and "a, b, c" in notice.reason
+    assert reg.eligible() == [] and reg.record("c1").announce is None
+    assert reg.on_announce(announce("c2", label_histogram={"a": 3.0, "c": 1.0})).code == "accepted"
+    # the refused client comes in once it announces the federation's labels only
+    assert reg.on_announce(announce("c1", label_histogram={"b": 4.0})).code == "accepted"
+    assert [r.client_id for r in reg.eligible()] == ["c1", "c2"]
+    # without configured labels any label is accepted (as before)
+    assert (
+        ClientRegistry("llama-6L-abc").on_announce(announce("c3", label_histogram={"zz": 1.0})).code
+        == "accepted"
+    )
+
+
 def test_offline_clients_are_not_eligible_and_come_back_on_status() -> None:
     reg = ClientRegistry("llama-6L-abc")
     reg.on_announce(announce("c1"))

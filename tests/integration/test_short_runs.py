@@ -28,8 +28,11 @@ SPEEDS = {"pol": (0.01, 0.001), "rest": (3.6, 0.1)}
 DEADLINE = 30.0
 
 
-def run(tmp_path: Path, broker: MosquittoBroker, fraction: float) -> tuple[dict[str, Any], dict[str, int]]:
-    """Round 1 of a 1-round federation of the two fake clients: its metrics and each task's steps."""
+def run(
+    tmp_path: Path, broker: MosquittoBroker, fraction: float, labels: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Round 1 of a 1-round federation of the two fake clients: its metrics and each task's steps;
+    ``labels``: the coordinator's ``training.labels`` (empty: the clients' labels, a, b and c)."""
     state = tmp_path / f"state-{fraction}"
     config = tmp_path / f"run-{fraction}.yaml"
     config.write_text(f"""
@@ -44,7 +47,7 @@ min_clients: 2
 round_deadline_seconds: {DEADLINE}
 update_level: fp32
 allocation: {{max_block_divergence: 0.1, min_steps_fraction: {fraction}, cost_weight: 0, risk_weight: 0}}
-training: {{steps: 4, lr: 0.001, batch_size: 4, max_tokens: 48}}
+training: {{steps: 4, lr: 0.001, batch_size: 4, max_tokens: 48, labels: [{", ".join(labels)}]}}
 broker: {{url: "{broker.url}"}}
 """)
     spy = Connection(BrokerConfig(url=broker.url, client_id=f"spy-{fraction}"))
@@ -67,8 +70,9 @@ broker: {{url: "{broker.url}"}}
         task = protocol.decode(spy.inbox.get()[1], expected_type=protocol.TaskMessage)
         if task.block_ids:
             steps[task.client_id] = task.steps
-            # training.label_balance (default on): every task carries the federation's labels
-            assert task.balance_labels == ("a", "b", "c"), task.balance_labels
+            # training.label_balance (default on): every task carries the federation's labels, the
+            # configured ones if any
+            assert task.balance_labels == (labels or ("a", "b", "c")), task.balance_labels
     (metrics,) = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
     return metrics, steps
 
@@ -78,7 +82,7 @@ def test_a_block_only_a_skewed_client_reaches_is_shared_by_a_short_run(
 ) -> None:
     pooled = {k: HIST["pol"].get(k, 0.0) + HIST["rest"].get(k, 0.0) for k in "abc"}
     assert jensen_shannon(HIST["pol"], pooled) > 0.1  # pol alone is past the bound
-    off, off_steps = run(tmp_path, broker, 1.0)
+    off, off_steps = run(tmp_path, broker, 1.0, labels=("a", "b", "c", "d"))
     assert off["assignments"] == {"pol": [1], "rest": [1]}, off  # block 0 withdrawn
     assert off["short_runs"] == {} and off_steps == {"pol": 4, "rest": 4}
 
