@@ -262,8 +262,11 @@ def client_specs(settings: Settings, shards: Sequence[Path]) -> list[ClientSpec]
     return specs
 
 
-def run_config(settings: Settings, broker_url: str, state_dir: Path) -> dict[str, Any]:
-    """The coordinator's run config: every client every round, server-side evaluation with a baseline."""
+def run_config(
+    settings: Settings, broker_url: str, state_dir: Path, labels: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The coordinator's run config: every client every round, server-side evaluation with a baseline;
+    ``labels``, the dataset's, become ``training.labels`` (a client announcing others is refused)."""
     server_eval: dict[str, Any] = {"dataset": settings.dataset, "examples": settings.eval_examples,
                                    "baseline": True, "precision": settings.eval_precision}  # fmt: skip
     if settings.probe_questions:
@@ -290,6 +293,7 @@ def run_config(settings: Settings, broker_url: str, state_dir: Path) -> dict[str
             if isinstance(settings.distill_lambda, tuple)
             else settings.distill_lambda,
             "distill_top_k": settings.distill_top_k,
+            "labels": list(labels),
         },  # fmt: skip
         "broker": {"url": broker_url},
         "server_eval": server_eval,
@@ -422,6 +426,7 @@ class Simulation:
     def run(self) -> int:
         from edge_client.data import write_bbc_client_shards  # noqa: PLC0415
         from fedbe.broker import MosquittoBroker  # noqa: PLC0415
+        from fedbe.datasets import label_names, load_bbc_news  # noqa: PLC0415
 
         s, out = self.settings, self.out
         for noisy in ("fedbe.transport", "matplotlib", "edge_client.data"):  # it prints its own lines
@@ -443,7 +448,8 @@ class Simulation:
                     f"{s.rounds} rounds of {s.steps} steps x {s.batch_size} articles on {s.model}; out {out}"
                 )
                 config = out / "run.yaml"
-                config.write_text(_yaml(run_config(s, broker.url, state_dir)))
+                labels = label_names(load_bbc_news())
+                config.write_text(_yaml(run_config(s, broker.url, state_dir, labels)))
                 env = child_environment()
                 # The coordinator keeps the machine's threads: it evaluates while the clients wait.
                 coord_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")

@@ -34,6 +34,11 @@ def test_defaults_give_heterogeneous_clients_and_a_valid_coordinator_config(tmp_
     assert cfg.server_eval is not None and cfg.server_eval.baseline and cfg.server_eval.probe_questions > 0
     # FedBE's default: clients self-distil against the base (cached top-K), so every client is protected
     assert cfg.training.distill_lambda == settings.distill_lambda > 0 and cfg.training.distill_top_k > 0
+    assert cfg.training.labels == ()  # no labels given: the clients' announced labels
+    labelled = simulate.run_config(
+        settings, "mqtt://127.0.0.1:1999", tmp_path / "state", ["tech", "business"]
+    )
+    assert parse_run_config(labelled, "simulate", tmp_path).training.labels == ("business", "tech")
     assert cfg.training.lr_decay == 1.0  # a constant lr unless --lr-decay says otherwise
     decayed = simulate.run_config(
         simulate.settings_from_args(_args(tmp_path, "--lr-decay", "0.5")),
