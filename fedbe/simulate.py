@@ -61,7 +61,7 @@ SIMULATE_DESCRIPTION = (
     "The coordinator scores the base model first (round 0: zero-shot accuracy, probes) and the "
     "global model after every round. Defaults: 3 clients on 3 different profiles, 3 rounds, "
     "SmolLM2-135M, and the coordinator's defaults for the rest (the FedBE configuration fedbe "
-    "bench chose: see docs/coordinator-config.md); measured 8 minutes on 2 AVX2 CPU cores. "
+    "bench chose: see docs/coordinator-config.md); measured 3 minutes on 2 cores with AVX512-BF16, 8 on 2 AVX2 cores. "
     "Ctrl-C or SIGTERM stops every process it started. Needs Debian's mosquitto "
     "(apt-get install mosquitto; scripts/setup.sh does it): "
     "the in-process amqtt broker is not used because it speaks only MQTT 3.1.1 and fedbe uses "
