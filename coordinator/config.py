@@ -385,7 +385,7 @@ class _Fields:
         """Distinct label names a task can carry (:func:`fedbe.protocol.check_labels`), sorted."""
         value = self.raw(name, list(default))
         try:
-            return tuple(sorted(check_labels(value)))
+            return tuple(sorted(check_labels(value, self.path(name))))
         except CodecError as exc:
             self.fail(name, value, f"is not a list of labels a task can carry ({exc})",
                       "Write a list of distinct label names such as [business, sports, tech], or [] to take "

@@ -119,16 +119,12 @@ class ClientRegistry:
             return NoticeMessage(msg.client_id, "refused", rec.refused)
         others = sorted(set(msg.label_histogram) - self.labels) if self.labels else []
         if others:
-            shown = ", ".join(repr(x) for x in others[:5]) + (
-                f" and {len(others) - 5} more" if len(others) > 5 else ""
-            )
-            rec.announce, rec.refused = (
-                None,
-                (
-                    f"your data has labels {shown} that are not the federation's ({', '.join(sorted(self.labels))}; "
-                    "the coordinator's training.labels): train on the federation's dataset, or ask the operator "
-                    "to add the labels"
-                ),
+            more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+            shown, known = ", ".join(map(repr, others[:5])) + more, ", ".join(sorted(self.labels))
+            rec.announce = None  # not eligible until it announces the federation's labels
+            rec.refused = (
+                f"your data has labels {shown} that are not the federation's ({known}; the coordinator's "
+                "training.labels): train on the federation's dataset, or ask the operator to add the labels"
             )
             log.warning("refusing %s: %s", msg.client_id, rec.refused)
             return NoticeMessage(msg.client_id, "refused", rec.refused)

@@ -420,17 +420,18 @@ def _task_from_payload(payload: object) -> TaskMessage:
     )
 
 
-def check_labels(value: object) -> tuple[str, ...]:
+def check_labels(value: object, what: str = "balance_labels") -> tuple[str, ...]:
     """A task's ``balance_labels``: distinct label names (1 to MAX_TEXT_BYTES bytes), at most
     :data:`MAX_LABELS`; :class:`CodecError` saying what is wrong otherwise (also what the coordinator
-    checks its configured ``training.labels`` with, so a list it accepts always encodes)."""
+    checks its configured ``training.labels`` with, ``what`` naming it, so a list it accepts always
+    encodes)."""
     if not isinstance(value, list):
-        raise CodecError(f"balance_labels must be a list of label names, got {_kind(value)}")
+        raise CodecError(f"{what} must be a list of label names, got {_kind(value)}")
     if len(value) > MAX_LABELS:
-        raise CodecError(f"balance_labels has {len(value)} labels; at most {MAX_LABELS}")
-    labels = tuple(_as_text(v, "balance_labels label") for v in value)
+        raise CodecError(f"{what} has {len(value)} labels; at most {MAX_LABELS}")
+    labels = tuple(_as_text(v, f"{what} label") for v in value)
     if len(set(labels)) != len(labels):
-        raise CodecError(f"balance_labels repeats a label: {sorted(labels)}")
+        raise CodecError(f"{what} repeats a label: {sorted(labels)}")
     return labels
 
 
