@@ -911,10 +911,12 @@ def make_method(name: str, world: World) -> Method:
 
 
 def add_diagnosis_arguments(parser: Any, methods: Sequence[str]) -> None:
-    """The flags the diagnosis scripts in ``benchmarks/`` share: model, seed, method and split."""
+    """The flags the diagnosis scripts in ``benchmarks/`` share: model, seed, alpha, method and split."""
     d = BenchSettings()
     parser.add_argument("--model", default=d.model, help=f"model source (default {d.model})")
     parser.add_argument("--seed", type=int, default=0, help="the bench seed (label split); default 0")
+    parser.add_argument("--alpha", type=float, default=d.alpha,
+                        help=f"Dirichlet alpha of the label split, as in fedbe bench (default {d.alpha})")  # fmt: skip
     parser.add_argument(
         "--method", default="fedbe", choices=methods, help="a fedbe bench method; default fedbe"
     )
@@ -929,7 +931,9 @@ def diagnosis_run(
     the world of that seed with its capacities measured, and the method on it: what the diagnosis
     scripts in ``benchmarks/`` start from, so they see exactly the bench's run."""
     settings = replace(
-        BenchSettings(model=args.model, split=args.split, seeds=(args.seed,), methods=(args.method,)),
+        BenchSettings(
+            model=args.model, split=args.split, seeds=(args.seed,), methods=(args.method,), alpha=args.alpha
+        ),  # fmt: skip
         **overrides,
     )
     world = build_world(settings, args.seed, say)
