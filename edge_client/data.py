@@ -309,11 +309,14 @@ def dirichlet_split(
     return [sorted(s) for s in shards]
 
 
-def write_bbc_client_shards(out_dir: str | Path, n_clients: int, alpha: float, seed: int) -> list[Path]:
-    """Dirichlet(alpha) split of the BBC News train split into ``client-NN.jsonl`` files."""
+def write_bbc_client_shards(
+    out_dir: str | Path, n_clients: int, alpha: float, seed: int, examples: Sequence[Any] | None = None
+) -> list[Path]:
+    """Dirichlet(alpha) split of the BBC News train split into ``client-NN.jsonl`` files; ``examples``:
+    the corpus as :func:`fedbe.datasets.load_bbc_news` returns it, if the caller has read it already."""
     from fedbe.datasets import load_bbc_news, split_train_test  # noqa: PLC0415 - reads the corpus
 
-    train, _ = split_train_test(load_bbc_news())
+    train, _ = split_train_test(load_bbc_news() if examples is None else examples)
     shards = dirichlet_split([e.label for e in train], n_clients, alpha, np.random.default_rng(seed))
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -433,7 +433,8 @@ class Simulation:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         for sub in ("data", "logs"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        shards = write_bbc_client_shards(out / "data", s.clients, s.alpha, s.seed)
+        corpus = load_bbc_news()  # read once: the clients' shards and the federation's labels
+        shards = write_bbc_client_shards(out / "data", s.clients, s.alpha, s.seed, corpus)
         specs = client_specs(s, shards)
         state_dir = out / "state"
         broker = MosquittoBroker()
@@ -448,8 +449,7 @@ class Simulation:
                     f"{s.rounds} rounds of {s.steps} steps x {s.batch_size} articles on {s.model}; out {out}"
                 )
                 config = out / "run.yaml"
-                labels = label_names(load_bbc_news())
-                config.write_text(_yaml(run_config(s, broker.url, state_dir, labels)))
+                config.write_text(_yaml(run_config(s, broker.url, state_dir, label_names(corpus))))
                 env = child_environment()
                 # The coordinator keeps the machine's threads: it evaluates while the clients wait.
                 coord_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
