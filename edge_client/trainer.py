@@ -41,6 +41,15 @@ labels (not a retention mechanism, but it decides whether the blocks learn the t
   what tells the labels apart rather than the client's label mix: a client holding 44 politics
   articles of 48 no longer teaches "always politics". Labels the client lacks count half an
   example, so their logits are hardly pushed down. The KL term and evaluation see raw logits.
+  Two forms (``balance_form``). ``"vocab"`` adds the offsets inside the softmax over the whole
+  vocabulary; but early in training the label words hold a small share of that softmax, so an
+  offset changes the gradient little (the gradient on a label's logit is its adjusted probability,
+  which is small whatever the offset) and a skewed client still pushes its own labels up on every
+  input. ``"factored"`` splits the cross-entropy exactly, ``-log p(y) = -log P(L) - log p(y | L)``
+  with ``P(L)`` the label words' total probability, and balances only the second factor: a
+  softmax over the label words alone, with the offsets, which corrects the label prior from the
+  first step. The first factor, which teaches "answer with a label word", is left unbalanced.
+  For a client with every label equally often both forms are plain cross-entropy.
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ from fedbe.evaluation import label_token_ids
 from fedbe.expansion import BlockRegistry, architecture_of, bypassed, new_block_module
 
 log = logging.getLogger(__name__)
+
+BALANCE_FORMS = ("vocab", "factored")  # TrainConfig.balance_form
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,10 @@ class TrainConfig:
     distill_rows: int = 0
     # balanced softmax over the label words at label positions (needs the client's LabelPrior)
     label_balance: bool = False
+    # the form of the label-balanced loss: "vocab" (the offsets added to the label words' logits in
+    # the softmax over the whole vocabulary) or "factored" (-log P(any label word), unbalanced, plus
+    # the balanced softmax over the label words alone); see the module doc
+    balance_form: str = "vocab"
     # a trainable scalar gate per trained block on what it adds to the residual stream, starting at
     # 1 and folded into the block's output projections when local training ends (see the module doc)
     block_gate: bool = False
@@ -96,6 +111,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise FedbeError(f"steps must be >= 1, got {self.steps}")
+        if self.balance_form not in BALANCE_FORMS:
+            raise FedbeError(f"balance_form {self.balance_form!r}: choose one of {', '.join(BALANCE_FORMS)}")
         if not (math.isfinite(self.distill_lambda) and self.distill_lambda >= 0):
             raise FedbeError(f"distill_lambda must be a number >= 0, got {self.distill_lambda}")
         if self.distill_top_k < 0:
@@ -198,7 +215,32 @@ def balanced_logits(logits: torch.Tensor, targets: torch.Tensor, prior: LabelPri
     return logits + at_label * bias
 
 
-def causal_lm_loss(model: PreTrainedModel, batch: Batch, prior: LabelPrior | None = None) -> torch.Tensor:
+def label_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, prior: LabelPrior | None, form: str = "vocab"
+) -> torch.Tensor:
+    """Mean cross-entropy of ``targets`` under ``logits`` ``[n, vocab]`` (float), label-balanced with
+    ``prior`` in ``form`` (``"vocab"``: :func:`balanced_logits`; ``"factored"``: at a label word,
+    ``-log P(label words) - log softmax(label logits + offsets)[target]``); plain without a prior."""
+    if prior is None or form == "vocab":
+        return torch.nn.functional.cross_entropy(balanced_logits(logits, targets, prior), targets)
+    if form not in BALANCE_FORMS:
+        raise FedbeError(f"balance_form {form!r}: choose one of {', '.join(BALANCE_FORMS)}")
+    ids, bias = prior.offsets(logits.shape[-1], logits.device)
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    at_label = targets.unsqueeze(1) == ids.unsqueeze(0)  # [n, labels]
+    rows = at_label.any(dim=1)
+    if rows.any():
+        label_logits = logits[rows][:, ids]
+        within = torch.log_softmax(label_logits + bias[ids], dim=-1)
+        which = at_label[rows].float().argmax(dim=1, keepdim=True)
+        mass = torch.logsumexp(logp[rows][:, ids], dim=-1)
+        nll = nll.masked_scatter(rows, -(mass + within.gather(1, which).squeeze(1)))
+    return nll.mean()
+
+
+def causal_lm_loss(model: PreTrainedModel, batch: Batch, prior: LabelPrior | None = None,
+                   form: str = "vocab") -> torch.Tensor:  # fmt: skip
     """Mean cross-entropy of the target tokens (labels != IGNORE_INDEX), as the model's own loss;
     with ``prior``, balanced over the label words (:func:`balanced_logits`).
 
@@ -219,7 +261,7 @@ def causal_lm_loss(model: PreTrainedModel, batch: Batch, prior: LabelPrior | Non
     ).logits
     targets = batch.labels[:, 1:][keep[:, :-1]].to(device)
     flat = logits.reshape(-1, logits.shape[-1]).float()
-    return torch.nn.functional.cross_entropy(balanced_logits(flat, targets, prior), targets)
+    return label_cross_entropy(flat, targets, prior, form)
 
 
 def distill_positions(batch: Batch) -> torch.Tensor:
@@ -551,7 +593,7 @@ def train_parameters(
                 seen = batch if pool is None else with_rehearsal(batch, pool, step, config.rehearsal_rows)
                 loss = _distill_step_loss(model, base, seen, config, base_cache, result, prior)
             else:
-                loss = causal_lm_loss(model, batch, prior)
+                loss = causal_lm_loss(model, batch, prior, config.balance_form)
                 result.ce_losses.append(float(loss.detach()))
             if pulled:
                 loss = loss + config.identity_pull * sum((p.float() ** 2).sum() for p in pulled)
@@ -620,9 +662,7 @@ def _distill_step_loss(
     if prior is None:
         ce = torch.nn.functional.nll_loss(logp[target_rows], target_ids)
     else:  # the balanced CE needs its own softmax, over the (few) target rows only
-        ce = torch.nn.functional.cross_entropy(
-            balanced_logits(logits[target_rows], target_ids, prior), target_ids
-        )
+        ce = label_cross_entropy(logits[target_rows], target_ids, prior, config.balance_form)
     if not sampled.any():
         kl = logp.sum() * 0.0
     elif cache is None:

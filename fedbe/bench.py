@@ -41,6 +41,9 @@ Methods (``--methods``):
 * ``fedbe-skew-limit`` / ``fedbe-no-skew-limit``: ``fedbe`` with the label-skew bound at
   :data:`SKEW_LIMIT` (the default until session 26) / with no bound, whatever ``--max-block-divergence`` says (ablation)
 * ``fedbe-balance`` / ``fedbe-no-balance``: ``fedbe`` with / without the label-balanced loss (ablation)
+* ``fedbe-balance-vocab`` / ``fedbe-balance-factored``: ``fedbe`` with the label-balanced loss in that
+  form (``edge_client.trainer``: offsets in the softmax over the vocabulary / over the label words
+  alone, times the label words' total probability), whatever ``--balance-form`` says (ablation)
 * ``fedbe-avg-trainers`` / ``fedbe-avg-round``: ``fedbe`` averaging each block over its trainers / over
   every client of the round (ablation)
 * ``fedbe-interleave``: ``fedbe`` with its blocks interleaved (LLaMA Pro) whatever ``--placement`` says (ablation)
@@ -83,6 +86,7 @@ BLOCK_METHODS = (
     "fedbe-no-deadline", "fedbe-skew-limit", "fedbe-no-skew-limit", "fedbe-balance", "fedbe-no-balance",
     "fedbe-avg-trainers", "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all",
     "fedbe-const-lr", "fedbe-fp32-download", "fedbe-all-rows", "fedbe-interleave", "fedbe-gate",
+    "fedbe-balance-vocab", "fedbe-balance-factored",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 # the label-skew bound fedbe-skew-limit runs with (max_block_divergence, chosen on validation before
@@ -173,6 +177,8 @@ class BenchSettings:
     # 0-2 at alpha 0.5 and 0.1 (docs/validation-sweep.md, last section): final accuracy 0.960 / 0.863
     # against 0.940 / 0.843 at perplexity retention 1.0011 / 1.0003 against 1.0017 / 1.0004
     label_balance: bool = True
+    # the form of that loss, "vocab" or "factored" (edge_client.trainer's module doc)
+    balance_form: str = "vocab"
     # what a block's aggregate averages over: "trainers" (its trainers) or "round" (every client of
     # the round, a non-trainer counting as a zero delta, so each client's change enters with its data
     # share however many blocks it trains); see coordinator.aggregation. Chosen on --split
@@ -248,6 +254,8 @@ class BenchSettings:
             raise ConfigError(
                 f"download_level must be one of {', '.join(DOWNLOAD_LEVELS)}, got {self.download_level!r}"
             )
+        if self.balance_form not in ("vocab", "factored"):
+            raise ConfigError(f"balance_form must be 'vocab' or 'factored', got {self.balance_form!r}")
         if self.block_average not in BLOCK_AVERAGES:
             raise ConfigError(
                 f"block_average must be one of {', '.join(BLOCK_AVERAGES)}, got {self.block_average!r}"
@@ -643,8 +651,14 @@ class BlockMethod(Method):
         if name == "fedbe-gate":
             self.config = replace(self.config, block_gate=True)
         balance = {"fedbe-balance": True, "fedbe-no-balance": False}.get(name, self.s.label_balance)
+        balance = balance or name.startswith("fedbe-balance-")
         if balance and name not in POSITION_METHODS and self.label_priors():
-            self.config = replace(self.config, label_balance=True)
+            form = (
+                name.removeprefix("fedbe-balance-")
+                if name.startswith("fedbe-balance-")
+                else self.s.balance_form
+            )
+            self.config = replace(self.config, label_balance=True, balance_form=form)
         self.strategy = {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe")
         self.last_trained: dict[int, int] = {}
 
@@ -787,7 +801,7 @@ class LoraMethod(Method):
             distill_lambda=self.s.lora_distill_lambda,
         )
         if name == "fedit-distill-balance" and self.label_priors():
-            self.config = replace(self.config, label_balance=True)
+            self.config = replace(self.config, label_balance=True, balance_form=self.s.balance_form)
 
     def _params(self) -> list[torch.nn.Parameter]:
         named = dict(self.model.named_parameters())
@@ -1485,6 +1499,9 @@ def digested_settings(settings: BenchSettings, method: str | None = None) -> dic
         data.update(BLOCK_ONLY_PINNED)
     if data["min_steps_fraction"] == 1.0 or (method is not None and method not in NEW_BLOCK_METHODS):
         del data["min_steps_fraction"]  # added later: off (1.0) keeps every earlier record's digest
+    balancing = NEW_BLOCK_METHODS + ("fedit-distill-balance",)
+    if data["balance_form"] == "vocab" or (method is not None and method not in balancing):
+        del data["balance_form"]  # added later: the first form keeps every earlier record's digest
     if data["final_probe_questions"] == 0:
         del data["final_probe_questions"]  # added later: none keeps every earlier record's digest
     return data
@@ -1578,6 +1595,7 @@ def settings_from_dict(data: dict[str, Any], where: str) -> BenchSettings:
     try:
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         values.setdefault("final_probe_questions", 0)  # runs before session 25 had no final probe
+        values.setdefault("balance_form", "vocab")  # runs before session 27 had the one form
         return BenchSettings(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: its settings are not valid bench settings ({e})") from None
@@ -2023,6 +2041,14 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"label mostly does not teach the blocks that label's prior (default {'on' if d.label_balance else 'off'})",
     )
     p.add_argument(
+        "--balance-form",
+        choices=("vocab", "factored"),
+        default=d.balance_form,
+        help="the label-balanced loss's form: 'vocab' adds the label offsets inside the softmax over the "
+        "whole vocabulary; 'factored' keeps -log P(any label word) unbalanced and balances the softmax "
+        f"over the label words alone, which corrects a skewed client from its first step (default {d.balance_form})",
+    )
+    p.add_argument(
         "--context-blocks",
         action=argparse.BooleanOptionalAction,
         default=d.context_blocks,
@@ -2086,7 +2112,8 @@ def settings_from_args(args: Any) -> BenchSettings:
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample, distill_rows=args.distill_rows,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
         min_steps_fraction=args.min_steps_fraction,
-        label_balance=args.label_balance, block_average=args.block_average, server_lr=args.server_lr,
+        label_balance=args.label_balance, balance_form=args.balance_form, block_average=args.block_average,
+        server_lr=args.server_lr,
         lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay, context_blocks=args.context_blocks,
         download_level=args.download_level, placement=args.placement,
         eval_examples=args.eval_examples,

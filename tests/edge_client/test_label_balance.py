@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from edge_client.trainer import (
     _forward_logits,
     balanced_logits,
     causal_lm_loss,
+    label_cross_entropy,
     train_blocks,
 )
 from fedbe import expansion, quantization, sources
@@ -142,3 +144,88 @@ def test_bad_priors_are_refused() -> None:
     model, registry = _model()
     with pytest.raises(FedbeError, match="label_balance needs"):
         train_blocks(model, registry, [0], [_batch([7])], TrainConfig(steps=1, label_balance=True))
+
+
+def _factored_reference(
+    logits: torch.Tensor, targets: torch.Tensor, counts: tuple[float, ...]
+) -> torch.Tensor:
+    """-log P(label words) - log softmax(label logits + log(K f))[target] at a label row; plain CE elsewhere."""
+    share = torch.log(
+        torch.tensor([max(c, 0.5) for c in counts]) / sum(max(c, 0.5) for c in counts) * len(counts)
+    )
+    losses = []
+    for z, t in zip(logits, targets.tolist(), strict=True):
+        logp = torch.log_softmax(z, dim=-1)
+        if t in LABELS:
+            within = torch.log_softmax(z[list(LABELS)] + share, dim=-1)[LABELS.index(t)]
+            losses.append(-(logp[list(LABELS)].logsumexp(0) + within))
+        else:
+            losses.append(-logp[t])
+    return torch.stack(losses).mean()
+
+
+def test_factored_form_is_the_reference_and_plain_ce_for_a_balanced_client() -> None:
+    model, registry = _model()
+    batch = _batch([7, 7, 9, 7])
+    full = _forward_logits(model, batch)[:, :-1].float()
+    targets = batch.labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    logits, targets = full.reshape(-1, full.shape[-1])[keep], targets[keep]
+    counts = (3.0, 1.0, 0.0)
+    prior = LabelPrior(LABELS, counts)
+    want = _factored_reference(logits, targets, counts)
+    vocab = label_cross_entropy(logits, targets, prior, "vocab")
+    assert abs(float(want) - float(vocab)) > 1e-3  # the two forms differ, so the check can fail
+    assert float(label_cross_entropy(logits, targets, prior, "factored")) == pytest.approx(
+        float(want), rel=1e-5
+    )
+    assert float(causal_lm_loss(model, batch, prior, "factored")) == pytest.approx(float(want), rel=1e-5)
+    # a client with every label equally often: the exact split of plain cross-entropy
+    even = LabelPrior(LABELS, (2.0, 2.0, 2.0))
+    plain = torch.nn.functional.cross_entropy(logits, targets)
+    assert float(label_cross_entropy(logits, targets, even, "factored")) == pytest.approx(
+        float(plain), rel=1e-5
+    )
+    # the trainer's distilled step and its plain step take the form from the config
+    cfg = TrainConfig(steps=1, distill_lambda=1.0, label_balance=True, balance_form="factored")
+    result = TrainResult(block_ids=(0, 1))
+    _distill_step_loss(model, lambda: expansion.bypassed(model, registry), batch, cfg, None, result, prior)
+    assert result.ce_losses[0] == pytest.approx(float(want), rel=1e-5)
+    model, registry = _model()
+    trained = train_blocks(
+        model, registry, [0, 1], [batch], replace(cfg, distill_lambda=0.0), label_prior=prior
+    )
+    assert trained.ce_losses[0] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_factored_form_corrects_the_label_mix_while_the_label_words_hold_little_mass() -> None:
+    # A model early in training: the label words score like the rest of a 64-token vocabulary, so
+    # they hold 3/64 of its softmax. The client's articles are 15 of label 7 and 5 of label 9. In
+    # the vocabulary softmax an offset barely changes the gradient (every label's adjusted
+    # probability is small), so the "vocab" form still pushes z7 - z9 up almost as plain CE does;
+    # the factored form balances the softmax over the label words alone: no push on z7 - z9.
+    logits = torch.zeros(20, 64)
+    targets = torch.tensor([7] * 15 + [9] * 5)
+    prior = LabelPrior(LABELS, (15.0, 5.0, 0.0))
+    pushes = {}
+    for name, p, form in (
+        ("plain", None, "vocab"),
+        ("vocab", prior, "vocab"),
+        ("factored", prior, "factored"),
+    ):
+        z = logits.clone().requires_grad_(True)
+        (label_cross_entropy(z, targets, p, form) * len(targets)).backward()
+        assert z.grad is not None
+        pushes[name] = float(-(z.grad[:, 7] - z.grad[:, 9]).sum())  # descent direction on z7 - z9
+    assert pushes["plain"] > 5.0
+    assert pushes["vocab"] > 0.8 * pushes["plain"]
+    assert abs(pushes["factored"]) < 0.05 * pushes["plain"]
+
+
+def test_unknown_balance_forms_are_refused() -> None:
+    with pytest.raises(FedbeError, match="balance_form 'softmax'"):
+        TrainConfig(balance_form="softmax")
+    with pytest.raises(FedbeError, match="balance_form 'softmax'"):
+        label_cross_entropy(
+            torch.zeros(1, 32), torch.tensor([7]), LabelPrior(LABELS, (1.0, 1.0, 1.0)), "softmax"
+        )
