@@ -41,6 +41,10 @@ Fields (``name: type = default``):
   assigned ones with the others in place, frozen, instead of bypassing them),
   ``label_balance: bool = true`` (training tasks carry the labels of every announced client, and a
   client with labelled data trains with a loss balanced over them by its own label counts);
+  ``balance_form: vocab|factored = vocab`` (that loss's form: "vocab" adds the client's label offsets
+  inside the softmax over the whole vocabulary; "factored" balances the softmax over the label words
+  alone and keeps the label words' total probability unbalanced, which corrects a skewed client from
+  its first step; see :mod:`edge_client.trainer`);
   ``labels: [str] = []`` (the federation's labels, if known: tasks carry exactly these, and a client
   announcing any other label is refused with a notice naming it, so one client can not add labels
   that every client's balanced loss then counts; empty = the labels of every accepted client);
@@ -107,7 +111,7 @@ from fedbe.compression import Level
 from fedbe.errors import CodecError, ConfigError, ExpansionError
 from fedbe.expansion import PLACEMENTS, parse_placement
 from fedbe.profiles import PRECISIONS
-from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES, check_labels, check_name
+from fedbe.protocol import BALANCE_FORMS, DEFAULT_MAX_MESSAGE_BYTES, check_labels, check_name
 from fedbe.sources import SMOLLM2, TINY_PREFIX
 from fedbe.transport import BrokerConfig
 
@@ -150,6 +154,7 @@ class TrainingConfig:
     task_weights_level: Level = Level.INT8
     lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
     label_balance: bool = True  # tasks carry the federation's labels: clients train a label-balanced loss
+    balance_form: str = "vocab"  # that loss's form (edge_client.trainer): "vocab" or "factored"
     # the federation's labels, when the operator knows them: tasks carry these, and a client announcing
     # a label outside them is refused; empty = every label an accepted client announced
     labels: tuple[str, ...] = ()
@@ -568,6 +573,7 @@ def _training(f: _Fields) -> TrainingConfig:
         ),
         lr_decay=f.real("lr_decay", d.lr_decay, "(0, 1]"),
         label_balance=f.boolean("label_balance", d.label_balance),
+        balance_form=f.choice("balance_form", d.balance_form, BALANCE_FORMS),
         labels=f.labels("labels", d.labels),
     )
 

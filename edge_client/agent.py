@@ -201,6 +201,7 @@ class TaskRunner:
                     distill_sample=task.distill_sample,
                     distill_rows=task.distill_rows,
                     label_balance=prior is not None,
+                    balance_form=task.balance_form,
                 )
                 result = train_blocks(
                     model,

@@ -70,10 +70,9 @@ from fedbe.datasets import IGNORE_INDEX, Batch
 from fedbe.errors import FedbeError
 from fedbe.evaluation import label_token_ids
 from fedbe.expansion import BlockRegistry, architecture_of, bypassed, new_block_module
+from fedbe.protocol import BALANCE_FORMS
 
 log = logging.getLogger(__name__)
-
-BALANCE_FORMS = ("vocab", "factored")  # TrainConfig.balance_form
 
 
 @dataclass(frozen=True)

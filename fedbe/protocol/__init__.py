@@ -20,6 +20,7 @@ from fedbe.protocol.frames import (
     validate_blocks,
 )
 from fedbe.protocol.messages import (
+    BALANCE_FORMS,
     CLIENT_STATES,
     COORDINATOR_STATES,
     MESSAGE_CODECS,
@@ -54,6 +55,7 @@ __all__ = [
     "NOTICE_CODES",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
+    "BALANCE_FORMS",
     "TASK_ERROR_CODES",
     "AnnounceMessage",
     "BodyCompression",

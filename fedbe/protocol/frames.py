@@ -6,7 +6,7 @@ Frame layout (integers little-endian; a 16-byte header, then the body)::
 
     offset  size  field
     0       4     magic        b"FBEW"
-    4       1     version      PROTOCOL_VERSION (2)
+    4       1     version      PROTOCOL_VERSION (3)
     5       1     type         MessageType
     6       1     flags        BodyCompression of the body: 0 none, 1 zlib, 2 zstd; nothing else
     7       1     reserved     0
@@ -22,9 +22,11 @@ an extra field is an error (adding a field is a protocol version change). Versio
 release (session 1); 2 (session 26), the task fields added since (``distill_top_k``,
 ``identity_pull``, ``rehearsal_rows``, ``distill_sample``, ``distill_rows``, ``balance_labels``),
 which had been added under version 1, so a version-1 build received them as "unexpected fields";
-it now refuses the frame as a version it does not speak. A build speaks one version. A tensor is the map
-``{"dtype": str, "shape": [int, ...], "data": bin, "scales": bin | nil}``: the raw little-endian
-values (bfloat16 as its int16 bit pattern) and, at int8 only, one float32 scale per row.
+it now refuses the frame as a version it does not speak; 3 (session 27), the task field
+``balance_form`` (which form of the label-balanced loss the client trains). A build speaks one
+version. A tensor is the map ``{"dtype": str, "shape": [int, ...], "data": bin, "scales": bin | nil}``:
+the raw little-endian values (bfloat16 as its int16 bit pattern) and, at int8 only, one float32 scale
+per row.
 An update carries its blocks as ``[{"id": int, "tensors": {name: tensor}}, ...]``.
 
 ``decode`` accepts any bytes: whatever is wrong, it raises :class:`CodecError` saying what. Sizes
@@ -66,8 +68,8 @@ from fedbe.errors import BlockStateError, CodecError
 logger = logging.getLogger(__name__)
 
 MAGIC = b"FBEW"
-PROTOCOL_VERSION = 2  # see the module docstring for what each version changed
-SUPPORTED_VERSIONS: frozenset[int] = frozenset({2})
+PROTOCOL_VERSION = 3  # see the module docstring for what each version changed
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({3})
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 HEADER = struct.Struct("<4sBBBBII")
 HEADER_SIZE = HEADER.size  # 16

@@ -142,8 +142,11 @@ class TaskMessage:
     # the federation's labels: train with the label-balanced loss over them, with the client's own
     # counts (a label it lacks counts 0); empty = plain cross-entropy
     balance_labels: tuple[str, ...] = ()
+    # the form of that loss (edge_client.trainer): "vocab" or "factored"
+    balance_form: str = "vocab"
 
 
+BALANCE_FORMS = ("vocab", "factored")  # TaskMessage.balance_form
 TASK_ERROR_CODES = ("refused_memory", "invalid_task", "failed", "abandoned", "busy")
 
 
@@ -361,6 +364,7 @@ _TASK_FIELDS = (
     "round", "task_id", "client_id", "block_ids", "weights_level", "weights", "reply_level", "steps", "lr",
     "batch_size", "max_tokens", "deadline_seconds", "seed", "distill_lambda", "evaluate",
     "distill_top_k", "identity_pull", "rehearsal_rows", "distill_sample", "distill_rows", "balance_labels",
+    "balance_form",
 )  # fmt: skip
 
 
@@ -389,6 +393,7 @@ def _task_to_payload(m: TaskMessage) -> dict[str, object]:
         "distill_sample": _as_count(m.distill_sample, "distill_sample"),
         "distill_rows": _as_count(m.distill_rows, "distill_rows"),
         "balance_labels": list(check_labels(list(m.balance_labels))),
+        "balance_form": _choice(m.balance_form, "balance_form", BALANCE_FORMS),
     }
 
 
@@ -417,6 +422,7 @@ def _task_from_payload(payload: object) -> TaskMessage:
         distill_sample=f.count("distill_sample"),
         distill_rows=f.count("distill_rows"),
         balance_labels=check_labels(f.raw("balance_labels")),
+        balance_form=_choice(f.raw("balance_form"), "balance_form", BALANCE_FORMS),
     )
 
 

@@ -175,13 +175,18 @@ def test_a_task_with_balance_labels_trains_the_label_balanced_loss() -> None:
         return LabelPrior((35, 120, 121), (8.0, 0.0, 0.0))
 
     losses = {}
-    for name, task_labels, prior in (("plain", (), factory), ("balanced", ("a", "b", "c"), factory),
-                                     ("no prior", ("a", "b", "c"), None)):  # fmt: skip
+    abc = ("a", "b", "c")
+    for name, task_labels, prior, form in (("plain", (), factory, "vocab"), ("balanced", abc, factory, "vocab"),
+                                           ("no prior", abc, None, "vocab"),
+                                           ("factored", abc, factory, "factored")):  # fmt: skip
         runner, weights = _runner()
         runner.label_prior = prior
-        (reply,) = runner.run(_task(1, (0, 1), weights, balance_labels=task_labels), lambda: False)
+        task = _task(1, (0, 1), weights, balance_labels=task_labels, balance_form=form)
+        (reply,) = runner.run(task, lambda: False)
         assert isinstance(reply, protocol.UpdateMessage), reply
         losses[name] = reply.mean_loss
-    assert seen == [("a", "b", "c")]
+    assert seen == [abc, abc]
     assert losses["no prior"] == losses["plain"]
     assert abs(losses["balanced"] - losses["plain"]) > 1e-4
+    # the task's balance_form reaches the trainer: the factored loss differs from both
+    assert min(abs(losses["factored"] - losses["balanced"]), abs(losses["factored"] - losses["plain"])) > 1e-4

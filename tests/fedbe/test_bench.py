@@ -305,6 +305,7 @@ def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path
     data = asdict(v10)
     del data["methods"], data["seeds"], data["placement"]
     del data["min_steps_fraction"]  # added after v10; at 1.0 (off) it is not in the digest
+    del data["balance_form"]  # added after v10; "vocab" (the one form before) is not in the digest
     before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     middle = replace(v10, placement="middle")
     assert bench.settings_digest(replace(v10, placement="interleave")) == before
@@ -1011,3 +1012,33 @@ def test_label_balance_falls_back_to_plain_ce_where_labels_share_a_first_token(c
     method = bench.BlockMethod("fedbe", world)
     assert not method.config.label_balance and method.priors == {}
     assert "label-balanced loss not used" in caplog.text and "share a first token" in caplog.text
+
+
+def test_the_balance_form_reaches_the_config_and_the_digest_of_the_methods_that_read_it(
+    monkeypatch: Any,
+) -> None:
+    """The "vocab" form (every run before the setting) keeps every earlier digest; "factored" retrains
+    the block methods and the balanced LoRA ablation, not the LoRA baselines; a results.json from
+    before the setting reads as "vocab"; the two ablations force their form."""
+    vocab, factored = bench.BenchSettings(balance_form="vocab"), bench.BenchSettings(balance_form="factored")
+    assert "balance_form" not in bench.digested_settings(vocab, "fedbe")
+    for method in ("fedbe", "fedbe-plain", "pos-top", "fedit-distill-balance"):
+        assert bench.settings_digest(vocab, method) != bench.settings_digest(factored, method), method
+    for method in ("fedit", "fedit-distill", "ffa-lora", "full-ft"):
+        assert bench.settings_digest(vocab, method) == bench.settings_digest(factored, method), method
+    data = bench.asdict(factored)
+    del data["balance_form"]
+    assert bench.settings_from_dict(json.loads(json.dumps(data)), "x").balance_form == "vocab"
+    with pytest.raises(ConfigError, match="balance_form must be 'vocab' or 'factored'"):
+        bench.BenchSettings(balance_form="softmax")
+    # the tiny byte tokenizer gives no prior (labels share a first token): pretend one so the form shows
+    monkeypatch.setattr(bench.BlockMethod, "label_priors", lambda self: True)
+    world = _tiny_world(max_block_divergence=1.0, balance_form="factored")
+    forms = {name: bench.BlockMethod(name, world).config.balance_form
+             for name in ("fedbe", "fedbe-balance-vocab", "fedbe-balance-factored")}  # fmt: skip
+    assert forms == {
+        "fedbe": "factored",
+        "fedbe-balance-vocab": "vocab",
+        "fedbe-balance-factored": "factored",
+    }
+    assert not bench.BlockMethod("fedbe-no-balance", world).config.label_balance

@@ -68,7 +68,7 @@ def _tiny_update(level: Level = Level.FP32) -> UpdateMessage:
     return _update(level, blocks, client_id="c", task_id="t")
 
 
-def _seal(message_type: int, flags: int, body: bytes, *, version: int = 2, reserved: int = 0) -> bytes:
+def _seal(message_type: int, flags: int, body: bytes, *, version: int = 3, reserved: int = 0) -> bytes:
     """A frame built from the documented layout, independently of pack_frame."""
     head = MAGIC + struct.pack("<BBBBI", version, message_type, flags, reserved, len(body))
     return head + struct.pack("<I", zlib.crc32(head + body)) + body
@@ -183,9 +183,10 @@ def test_frame_layout_is_as_documented() -> None:
         (lambda f: b"XXXX" + f[4:], "not a fedbe frame"),
         (
             lambda f: f[:4] + b"\x01" + f[5:],
-            r"unsupported protocol version 1; this build supports \[2\]: run the same",
+            r"unsupported protocol version 1; this build supports \[3\]: run the same",
         ),
-        (lambda f: f[:4] + b"\x03" + f[5:], r"unsupported protocol version 3; this build supports \[2\]"),
+        (lambda f: f[:4] + b"\x02" + f[5:], r"unsupported protocol version 2; this build supports \[3\]"),
+        (lambda f: f[:4] + b"\x04" + f[5:], r"unsupported protocol version 4; this build supports \[3\]"),
         (lambda f: f[:-1] + bytes([f[-1] ^ 0x40]), "frame corrupted in transit"),
         (lambda f: f[:12] + b"\0\0\0\0" + f[16:], "frame corrupted in transit"),
         (lambda f: f + b"\0", "truncated or padded"),
@@ -546,3 +547,21 @@ def test_a_task_carries_the_labels_to_balance_over() -> None:
             decode(frame)
     with pytest.raises(CodecError, match="repeats a label"):
         encode(_task(balance_labels=("a", "a")))
+
+
+def test_a_task_carries_the_form_of_the_balanced_loss() -> None:
+    assert decode(encode(_task()), expected_type=TaskMessage).balance_form == "vocab"
+    got = decode(encode(_task(balance_form="factored")), expected_type=TaskMessage)
+    assert got.balance_form == "factored"
+    good = _payload(encode(_task()))
+    for value in ("softmax", 1, None):
+        frame = pack_frame(
+            MessageType.TASK, msgpack.packb({**good, "balance_form": value}, use_bin_type=True)
+        )
+        with pytest.raises(CodecError, match="balance_form"):
+            decode(frame)
+    missing = {k: v for k, v in good.items() if k != "balance_form"}  # a version-2 task
+    with pytest.raises(CodecError, match="balance_form"):
+        decode(pack_frame(MessageType.TASK, msgpack.packb(missing, use_bin_type=True)))
+    with pytest.raises(CodecError, match="balance_form"):
+        encode(_task(balance_form="softmax"))

@@ -34,6 +34,7 @@ def run(
     """Round 1 of a 1-round federation of the two fake clients: its metrics and each task's steps;
     ``labels``: the coordinator's ``training.labels`` (empty: the clients' labels, a, b and c)."""
     state = tmp_path / f"state-{fraction}"
+    form = "factored" if labels else "vocab"  # training.balance_form reaches every task
     config = tmp_path / f"run-{fraction}.yaml"
     config.write_text(f"""
 federation: {FED}
@@ -47,7 +48,7 @@ min_clients: 2
 round_deadline_seconds: {DEADLINE}
 update_level: fp32
 allocation: {{max_block_divergence: 0.1, min_steps_fraction: {fraction}, cost_weight: 0, risk_weight: 0}}
-training: {{steps: 4, lr: 0.001, batch_size: 4, max_tokens: 48, labels: [{", ".join(labels)}]}}
+training: {{steps: 4, lr: 0.001, batch_size: 4, max_tokens: 48, labels: [{", ".join(labels)}], balance_form: {form}}}
 broker: {{url: "{broker.url}"}}
 """)
     spy = Connection(BrokerConfig(url=broker.url, client_id=f"spy-{fraction}"))
@@ -73,6 +74,7 @@ broker: {{url: "{broker.url}"}}
             # training.label_balance (default on): every task carries the federation's labels, the
             # configured ones if any
             assert task.balance_labels == (labels or ("a", "b", "c")), task.balance_labels
+            assert task.balance_form == form
     (metrics,) = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
     return metrics, steps
 
