@@ -41,9 +41,10 @@ Methods (``--methods``):
 * ``fedbe-skew-limit`` / ``fedbe-no-skew-limit``: ``fedbe`` with the label-skew bound at
   :data:`SKEW_LIMIT` (the default until session 26) / with no bound, whatever ``--max-block-divergence`` says (ablation)
 * ``fedbe-balance`` / ``fedbe-no-balance``: ``fedbe`` with / without the label-balanced loss (ablation)
-* ``fedbe-balance-vocab`` / ``fedbe-balance-factored``: ``fedbe`` with the label-balanced loss in that
-  form (``edge_client.trainer``: offsets in the softmax over the vocabulary / over the label words
-  alone, times the label words' total probability), whatever ``--balance-form`` says (ablation)
+* ``fedbe-balance-vocab`` / ``fedbe-balance-factored`` / ``fedbe-balance-labels``: ``fedbe`` with the
+  label-balanced loss in that form (``edge_client.trainer``: offsets in the softmax over the
+  vocabulary / over the label words alone, times the label words' total probability / over the label
+  words alone), whatever ``--balance-form`` says (ablation)
 * ``fedbe-avg-trainers`` / ``fedbe-avg-round``: ``fedbe`` averaging each block over its trainers / over
   every client of the round (ablation)
 * ``fedbe-interleave``: ``fedbe`` with its blocks interleaved (LLaMA Pro) whatever ``--placement`` says (ablation)
@@ -86,7 +87,7 @@ BLOCK_METHODS = (
     "fedbe-no-deadline", "fedbe-skew-limit", "fedbe-no-skew-limit", "fedbe-balance", "fedbe-no-balance",
     "fedbe-avg-trainers", "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all",
     "fedbe-const-lr", "fedbe-fp32-download", "fedbe-all-rows", "fedbe-interleave", "fedbe-gate",
-    "fedbe-balance-vocab", "fedbe-balance-factored",
+    "fedbe-balance-vocab", "fedbe-balance-factored", "fedbe-balance-labels",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 # the label-skew bound fedbe-skew-limit runs with (max_block_divergence, chosen on validation before
@@ -177,7 +178,8 @@ class BenchSettings:
     # 0-2 at alpha 0.5 and 0.1 (docs/validation-sweep.md, last section): final accuracy 0.960 / 0.863
     # against 0.940 / 0.843 at perplexity retention 1.0011 / 1.0003 against 1.0017 / 1.0004
     label_balance: bool = True
-    # the form of that loss, "vocab" or "factored" (edge_client.trainer's module doc)
+    # the form of that loss, "vocab", "factored" or "labels" (edge_client.trainer's module doc); "factored"
+    # was rejected on --split validation (session 27, docs/validation-sweep.md)
     balance_form: str = "vocab"
     # what a block's aggregate averages over: "trainers" (its trainers) or "round" (every client of
     # the round, a non-trainer counting as a zero delta, so each client's change enters with its data
@@ -254,8 +256,12 @@ class BenchSettings:
             raise ConfigError(
                 f"download_level must be one of {', '.join(DOWNLOAD_LEVELS)}, got {self.download_level!r}"
             )
-        if self.balance_form not in ("vocab", "factored"):
-            raise ConfigError(f"balance_form must be 'vocab' or 'factored', got {self.balance_form!r}")
+        from fedbe.protocol import BALANCE_FORMS  # noqa: PLC0415
+
+        if self.balance_form not in BALANCE_FORMS:
+            raise ConfigError(
+                f"balance_form must be one of {', '.join(BALANCE_FORMS)}, got {self.balance_form!r}"
+            )
         if self.block_average not in BLOCK_AVERAGES:
             raise ConfigError(
                 f"block_average must be one of {', '.join(BLOCK_AVERAGES)}, got {self.block_average!r}"
@@ -2042,7 +2048,7 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
     )
     p.add_argument(
         "--balance-form",
-        choices=("vocab", "factored"),
+        choices=("vocab", "factored", "labels"),
         default=d.balance_form,
         help="the label-balanced loss's form: 'vocab' adds the label offsets inside the softmax over the "
         "whole vocabulary; 'factored' keeps -log P(any label word) unbalanced and balances the softmax "

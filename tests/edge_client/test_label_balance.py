@@ -222,6 +222,36 @@ def test_factored_form_corrects_the_label_mix_while_the_label_words_hold_little_
     assert abs(pushes["factored"]) < 0.05 * pushes["plain"]
 
 
+def test_labels_form_trains_the_balanced_label_softmax_alone() -> None:
+    """ "labels": the factored form without -log P(label words): at a label word only the balanced
+    softmax over the label words counts, so a shift of every label word's logit changes nothing
+    (the label words' total probability is not trained), and the rest of the rows are plain CE."""
+    torch.manual_seed(1)
+    logits = torch.randn(5, 32)
+    targets = torch.tensor([7, 7, 9, 3, 11])  # one end-token row
+    counts = (3.0, 1.0, 0.0)
+    prior = LabelPrior(LABELS, counts)
+    share = torch.log(torch.tensor([3.0, 1.0, 0.5]) / 4.5 * 3)
+    rows = []
+    for z, t in zip(logits, targets.tolist(), strict=True):
+        if t in LABELS:
+            rows.append(-torch.log_softmax(z[list(LABELS)] + share, dim=-1)[LABELS.index(t)])
+        else:
+            rows.append(-torch.log_softmax(z, dim=-1)[t])
+    want = torch.stack(rows).mean()
+    got = label_cross_entropy(logits, targets, prior, "labels")
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert abs(float(got) - float(label_cross_entropy(logits, targets, prior, "factored"))) > 1e-2
+    z = logits.clone().requires_grad_(True)
+    label_cross_entropy(z, targets, prior, "labels").backward()
+    assert z.grad is not None
+    label_rows = torch.tensor([True, True, True, False, True])
+    # no gradient along "every label word up together" on a label row (the total mass is untrained)
+    assert torch.allclose(z.grad[label_rows][:, list(LABELS)].sum(dim=1), torch.zeros(4), atol=1e-6)
+    others = [t for t in range(32) if t not in LABELS]
+    assert torch.equal(z.grad[label_rows][:, others], torch.zeros(4, len(others)))
+
+
 def test_unknown_balance_forms_are_refused() -> None:
     with pytest.raises(FedbeError, match="balance_form 'softmax'"):
         TrainConfig(balance_form="softmax")
