@@ -44,7 +44,8 @@ Fields (``name: type = default``):
   ``balance_form: vocab|factored = vocab`` (that loss's form: "vocab" adds the client's label offsets
   inside the softmax over the whole vocabulary; "factored" balances the softmax over the label words
   alone and keeps the label words' total probability unbalanced; "labels" the same without that
-  total probability term; see :mod:`edge_client.trainer`);
+  total probability term; "present" that over the labels the client holds only; see
+  :mod:`edge_client.trainer`);
   ``labels: [str] = []`` (the federation's labels, if known: tasks carry exactly these, and a client
   announcing any other label is refused with a notice naming it, so one client can not add labels
   that every client's balanced loss then counts; empty = the labels of every accepted client);
@@ -154,7 +155,7 @@ class TrainingConfig:
     task_weights_level: Level = Level.INT8
     lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
     label_balance: bool = True  # tasks carry the federation's labels: clients train a label-balanced loss
-    balance_form: str = "vocab"  # that loss's form (edge_client.trainer): "vocab", "factored" or "labels"
+    balance_form: str = "vocab"  # that loss's form (edge_client.trainer): vocab, factored, labels or present
     # the federation's labels, when the operator knows them: tasks carry these, and a client announcing
     # a label outside them is refused; empty = every label an accepted client announced
     labels: tuple[str, ...] = ()

@@ -41,10 +41,10 @@ Methods (``--methods``):
 * ``fedbe-skew-limit`` / ``fedbe-no-skew-limit``: ``fedbe`` with the label-skew bound at
   :data:`SKEW_LIMIT` (the default until session 26) / with no bound, whatever ``--max-block-divergence`` says (ablation)
 * ``fedbe-balance`` / ``fedbe-no-balance``: ``fedbe`` with / without the label-balanced loss (ablation)
-* ``fedbe-balance-vocab`` / ``fedbe-balance-factored`` / ``fedbe-balance-labels``: ``fedbe`` with the
+* ``fedbe-balance-vocab`` / ``-factored`` / ``-labels`` / ``-present``: ``fedbe`` with the
   label-balanced loss in that form (``edge_client.trainer``: offsets in the softmax over the
   vocabulary / over the label words alone, times the label words' total probability / over the label
-  words alone), whatever ``--balance-form`` says (ablation)
+  words alone / over the labels the client holds), whatever ``--balance-form`` says (ablation)
 * ``fedbe-avg-trainers`` / ``fedbe-avg-round``: ``fedbe`` averaging each block over its trainers / over
   every client of the round (ablation)
 * ``fedbe-interleave``: ``fedbe`` with its blocks interleaved (LLaMA Pro) whatever ``--placement`` says (ablation)
@@ -88,6 +88,7 @@ BLOCK_METHODS = (
     "fedbe-avg-trainers", "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all",
     "fedbe-const-lr", "fedbe-fp32-download", "fedbe-all-rows", "fedbe-interleave", "fedbe-gate",
     "fedbe-balance-vocab", "fedbe-balance-factored", "fedbe-balance-labels",
+    "fedbe-balance-present",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 # the label-skew bound fedbe-skew-limit runs with (max_block_divergence, chosen on validation before
@@ -178,8 +179,9 @@ class BenchSettings:
     # 0-2 at alpha 0.5 and 0.1 (docs/validation-sweep.md, last section): final accuracy 0.960 / 0.863
     # against 0.940 / 0.843 at perplexity retention 1.0011 / 1.0003 against 1.0017 / 1.0004
     label_balance: bool = True
-    # the form of that loss, "vocab", "factored" or "labels" (edge_client.trainer's module doc); "factored"
-    # was rejected on --split validation (session 27, docs/validation-sweep.md)
+    # the form of that loss, "vocab", "factored", "labels" or "present" (edge_client.trainer's module
+    # doc); "factored" and "labels" were rejected on --split validation (session 27,
+    # docs/validation-sweep.md)
     balance_form: str = "vocab"
     # what a block's aggregate averages over: "trainers" (its trainers) or "round" (every client of
     # the round, a non-trainer counting as a zero delta, so each client's change enters with its data
@@ -2048,7 +2050,7 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
     )
     p.add_argument(
         "--balance-form",
-        choices=("vocab", "factored", "labels"),
+        choices=("vocab", "factored", "labels", "present"),
         default=d.balance_form,
         help="the label-balanced loss's form: 'vocab' adds the label offsets inside the softmax over the "
         "whole vocabulary; 'factored' keeps -log P(any label word) unbalanced and balances the softmax "

@@ -142,11 +142,11 @@ class TaskMessage:
     # the federation's labels: train with the label-balanced loss over them, with the client's own
     # counts (a label it lacks counts 0); empty = plain cross-entropy
     balance_labels: tuple[str, ...] = ()
-    # the form of that loss (edge_client.trainer): "vocab", "factored" or "labels"
+    # the form of that loss (edge_client.trainer): "vocab", "factored", "labels" or "present"
     balance_form: str = "vocab"
 
 
-BALANCE_FORMS = ("vocab", "factored", "labels")  # TaskMessage.balance_form
+BALANCE_FORMS = ("vocab", "factored", "labels", "present")  # TaskMessage.balance_form
 TASK_ERROR_CODES = ("refused_memory", "invalid_task", "failed", "abandoned", "busy")
 
 

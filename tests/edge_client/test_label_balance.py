@@ -259,3 +259,28 @@ def test_unknown_balance_forms_are_refused() -> None:
         label_cross_entropy(
             torch.zeros(1, 32), torch.tensor([7]), LabelPrior(LABELS, (1.0, 1.0, 1.0)), "softmax"
         )
+
+
+def test_present_form_balances_over_the_labels_the_client_holds() -> None:
+    """ "present": the label softmax over the labels with a count (and the row's target); a client
+    holding one label gets no gradient from its label words, so it can not teach that label."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, 32)
+    targets = torch.tensor([7, 9, 3, 7])
+    prior = LabelPrior(LABELS, (6.0, 2.0, 0.0))  # label 11 absent: out of the softmax
+    share = torch.log(torch.tensor([6.0, 2.0]) / 8.5 * 3)  # the offsets as every form computes them
+    rows = []
+    for z, t in zip(logits, targets.tolist(), strict=True):
+        if t in LABELS:
+            rows.append(-torch.log_softmax(z[[7, 9]] + share, dim=-1)[[7, 9].index(t)])
+        else:
+            rows.append(-torch.log_softmax(z, dim=-1)[t])
+    got = label_cross_entropy(logits, targets, prior, "present")
+    assert float(got) == pytest.approx(float(torch.stack(rows).mean()), rel=1e-5)
+    assert abs(float(got) - float(label_cross_entropy(logits, targets, prior, "labels"))) > 1e-3
+    z = logits.clone().requires_grad_(True)
+    one = LabelPrior(LABELS, (48.0, 0.0, 0.0))
+    label_cross_entropy(z, torch.tensor([7, 7, 7, 3]), one, "present").backward()
+    assert z.grad is not None
+    assert torch.equal(z.grad[:3], torch.zeros(3, 32))  # the label rows: nothing to learn
+    assert z.grad[3].abs().sum() > 0  # the end-token row still trains
