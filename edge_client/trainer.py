@@ -41,7 +41,7 @@ labels (not a retention mechanism, but it decides whether the blocks learn the t
   what tells the labels apart rather than the client's label mix: a client holding 44 politics
   articles of 48 no longer teaches "always politics". Labels the client lacks count half an
   example, so their logits are hardly pushed down. The KL term and evaluation see raw logits.
-  Two forms (``balance_form``). ``"vocab"`` adds the offsets inside the softmax over the whole
+  Four forms (``balance_form``; ``"vocab"`` the default). ``"vocab"`` adds the offsets inside the softmax over the whole
   vocabulary; but early in training the label words hold a small share of that softmax, so an
   offset changes the gradient little (the gradient on a label's logit is its adjusted probability,
   which is small whatever the offset) and a skewed client still pushes its own labels up on every
@@ -49,7 +49,7 @@ labels (not a retention mechanism, but it decides whether the blocks learn the t
   with ``P(L)`` the label words' total probability, and balances only the second factor: a
   softmax over the label words alone, with the offsets, which corrects the label prior from the
   first step. The first factor, which teaches "answer with a label word", is left unbalanced.
-  For a client with every label equally often both forms are plain cross-entropy. Measured on
+  For a client with every label equally often these two forms are plain cross-entropy. Measured on
   validation (session 27) the factored form is slower: its unbalanced first factor raises whichever
   label word the model already prefers, on every input, so local models collapse onto the base's
   favourite label (a client with no politics article predicting "politics" for 98 of 100).
