@@ -41,7 +41,7 @@ Fields (``name: type = default``):
   assigned ones with the others in place, frozen, instead of bypassing them),
   ``label_balance: bool = true`` (training tasks carry the labels of every announced client, and a
   client with labelled data trains with a loss balanced over them by its own label counts);
-  ``balance_form: vocab|factored = vocab`` (that loss's form: "vocab" adds the client's label offsets
+  ``balance_form: vocab|factored|labels|present = vocab`` (that loss's form: "vocab" adds the client's label offsets
   inside the softmax over the whole vocabulary; "factored" balances the softmax over the label words
   alone and keeps the label words' total probability unbalanced; "labels" the same without that
   total probability term; "present" that over the labels the client holds only; see

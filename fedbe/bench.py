@@ -180,8 +180,9 @@ class BenchSettings:
     # against 0.940 / 0.843 at perplexity retention 1.0011 / 1.0003 against 1.0017 / 1.0004
     label_balance: bool = True
     # the form of that loss, "vocab", "factored", "labels" or "present" (edge_client.trainer's module
-    # doc); "factored" and "labels" were rejected on --split validation (session 27,
-    # docs/validation-sweep.md)
+    # doc); "factored", "labels" and "present" were rejected on --split validation (session 27,
+    # docs/validation-sweep.md: "present" reaches the target at alpha 0.1 in half the rounds, but costs
+    # 0.02 accuracy and 0.2-0.5% perplexity retention at alpha 0.5)
     balance_form: str = "vocab"
     # what a block's aggregate averages over: "trainers" (its trainers) or "round" (every client of
     # the round, a non-trainer counting as a zero delta, so each client's change enters with its data
@@ -2053,8 +2054,10 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         choices=("vocab", "factored", "labels", "present"),
         default=d.balance_form,
         help="the label-balanced loss's form: 'vocab' adds the label offsets inside the softmax over the "
-        "whole vocabulary; 'factored' keeps -log P(any label word) unbalanced and balances the softmax "
-        f"over the label words alone, which corrects a skewed client from its first step (default {d.balance_form})",
+        "whole vocabulary; 'labels' balances a softmax over the label words alone, 'present' over the labels "
+        "the client holds (faster at Dirichlet alpha 0.1, but lower accuracy and retention at 0.5 on "
+        "validation); 'factored' is 'labels' times an unbalanced -log P(any label word) "
+        f"(default {d.balance_form})",
     )
     p.add_argument(
         "--context-blocks",
