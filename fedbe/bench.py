@@ -2056,7 +2056,7 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         help="the label-balanced loss's form: 'vocab' adds the label offsets inside the softmax over the "
         "whole vocabulary; 'labels' balances a softmax over the label words alone, 'present' over the labels "
         "the client holds (faster at Dirichlet alpha 0.1, but lower accuracy and retention at 0.5 on "
-        "validation); 'factored' is 'labels' times an unbalanced -log P(any label word) "
+        "validation); 'factored' adds an unbalanced -log P(any label word) to 'labels' "
         f"(default {d.balance_form})",
     )
     p.add_argument(
