@@ -78,6 +78,7 @@ import torch
 from coordinator.aggregation import BLOCK_AVERAGES
 from coordinator.config import parse_schedule, round_lr, round_value, schedule_values
 from fedbe.errors import ConfigError, ExpansionError, FedbeError
+from fedbe.protocol import BALANCE_FORMS
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,6 @@ class BenchSettings:
             raise ConfigError(
                 f"download_level must be one of {', '.join(DOWNLOAD_LEVELS)}, got {self.download_level!r}"
             )
-        from fedbe.protocol import BALANCE_FORMS  # noqa: PLC0415
-
         if self.balance_form not in BALANCE_FORMS:
             raise ConfigError(
                 f"balance_form must be one of {', '.join(BALANCE_FORMS)}, got {self.balance_form!r}"
@@ -659,15 +658,13 @@ class BlockMethod(Method):
             self.config = replace(self.config, distill_rows=0)
         if name == "fedbe-gate":
             self.config = replace(self.config, block_gate=True)
-        balance = {"fedbe-balance": True, "fedbe-no-balance": False}.get(name, self.s.label_balance)
-        balance = balance or name.startswith("fedbe-balance-")
+        # fedbe-balance-FORM: the balanced loss in that form, whatever the settings say
+        forced = name.removeprefix("fedbe-balance-") if name.startswith("fedbe-balance-") else None
+        balance = forced is not None or {"fedbe-balance": True, "fedbe-no-balance": False}.get(
+            name, self.s.label_balance
+        )
         if balance and name not in POSITION_METHODS and self.label_priors():
-            form = (
-                name.removeprefix("fedbe-balance-")
-                if name.startswith("fedbe-balance-")
-                else self.s.balance_form
-            )
-            self.config = replace(self.config, label_balance=True, balance_form=form)
+            self.config = replace(self.config, label_balance=True, balance_form=forced or self.s.balance_form)
         self.strategy = {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe")
         self.last_trained: dict[int, int] = {}
 
@@ -2051,7 +2048,7 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
     )
     p.add_argument(
         "--balance-form",
-        choices=("vocab", "factored", "labels", "present"),
+        choices=BALANCE_FORMS,
         default=d.balance_form,
         help="the label-balanced loss's form: 'vocab' adds the label offsets inside the softmax over the "
         "whole vocabulary; 'labels' balances a softmax over the label words alone, 'present' over the labels "
