@@ -215,6 +215,25 @@ def round_value(schedule: float | tuple[float, ...], round_: int) -> float:
     return float(schedule)
 
 
+def round_choice(schedule: str | tuple[str, ...], round_: int) -> str:
+    """Round ``round_``'s (1-based) choice of a per-round schedule of names (``("present", "vocab")``:
+    ``present`` in round 1, ``vocab`` from round 2 on), read as :func:`round_value` reads numbers."""
+    if isinstance(schedule, tuple):
+        return schedule[min(max(round_, 1), len(schedule)) - 1]
+    return schedule
+
+
+def parse_choices(text: str, flag: str, choices: tuple[str, ...]) -> str | tuple[str, ...]:
+    """A command line's per-round schedule of names: ``"vocab"`` -> ``"vocab"``, ``"present,vocab"``
+    -> ``("present", "vocab")``, each one of ``choices``."""
+    values = tuple(v.strip() for v in str(text).split(","))
+    bad = [v for v in values if v not in choices]
+    if bad or not values:
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)} or comma-separated ones (one per round, "
+                          f"the last holding after it, e.g. present,vocab), got {text!r}")  # fmt: skip
+    return values[0] if len(values) == 1 else values
+
+
 @dataclass(frozen=True)
 class AllocationConfig:
     strategy: Strategy = Strategy.FEDBE

@@ -76,7 +76,14 @@ import numpy as np
 import torch
 
 from coordinator.aggregation import BLOCK_AVERAGES
-from coordinator.config import parse_schedule, round_lr, round_value, schedule_values
+from coordinator.config import (
+    parse_choices,
+    parse_schedule,
+    round_choice,
+    round_lr,
+    round_value,
+    schedule_values,
+)
 from fedbe.errors import ConfigError, ExpansionError, FedbeError
 from fedbe.protocol import BALANCE_FORMS
 
@@ -183,8 +190,9 @@ class BenchSettings:
     # the form of that loss, "vocab", "factored", "labels" or "present" (edge_client.trainer's module
     # doc); "factored", "labels" and "present" were rejected on --split validation (session 27,
     # docs/validation-sweep.md: "present" reaches the target at alpha 0.1 in half the rounds, but costs
-    # 0.02 accuracy and 0.2-0.5% perplexity retention at alpha 0.5)
-    balance_form: str = "vocab"
+    # 0.02 accuracy and 0.2-0.5% perplexity retention at alpha 0.5); a tuple is a per-round schedule
+    # (coordinator.config.round_choice: ("present", "vocab") is "present" in round 1, "vocab" after)
+    balance_form: str | tuple[str, ...] = "vocab"
     # what a block's aggregate averages over: "trainers" (its trainers) or "round" (every client of
     # the round, a non-trainer counting as a zero delta, so each client's change enters with its data
     # share however many blocks it trains); see coordinator.aggregation. Chosen on --split
@@ -260,10 +268,10 @@ class BenchSettings:
             raise ConfigError(
                 f"download_level must be one of {', '.join(DOWNLOAD_LEVELS)}, got {self.download_level!r}"
             )
-        if self.balance_form not in BALANCE_FORMS:
-            raise ConfigError(
-                f"balance_form must be one of {', '.join(BALANCE_FORMS)}, got {self.balance_form!r}"
-            )
+        forms = self.balance_form if isinstance(self.balance_form, tuple) else (self.balance_form,)
+        if not forms or any(f not in BALANCE_FORMS for f in forms):
+            raise ConfigError(f"balance_form must be one of {', '.join(BALANCE_FORMS)} or a non-empty list of "
+                              f"them (one per round), got {self.balance_form!r}")  # fmt: skip
         if self.block_average not in BLOCK_AVERAGES:
             raise ConfigError(
                 f"block_average must be one of {', '.join(BLOCK_AVERAGES)}, got {self.block_average!r}"
@@ -663,8 +671,11 @@ class BlockMethod(Method):
         balance = forced is not None or {"fedbe-balance": True, "fedbe-no-balance": False}.get(
             name, self.s.label_balance
         )
+        self.balance_forms = forced or self.s.balance_form  # a per-round schedule (round_choice)
         if balance and name not in POSITION_METHODS and self.label_priors():
-            self.config = replace(self.config, label_balance=True, balance_form=forced or self.s.balance_form)
+            self.config = replace(
+                self.config, label_balance=True, balance_form=round_choice(self.balance_forms, 1)
+            )
         self.strategy = {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe")
         self.last_trained: dict[int, int] = {}
 
@@ -718,6 +729,8 @@ class BlockMethod(Method):
             config = replace(self.config, lr=round_lr(self.config.lr, self.s.lr_decay, round_))
         if self.distill:  # the round's lambda of a --distill-lambda schedule
             config = replace(config, distill_lambda=round_value(self.s.distill_lambda, round_))
+        if config.label_balance:  # the round's form of a --balance-form schedule
+            config = replace(config, balance_form=round_choice(self.balance_forms, round_))
         # a client trains from the weights as they arrive (download_level); with context blocks the
         # blocks it does not train arrive frozen (at most bf16) and run as they are
         download = "fp32" if self.name == "fedbe-fp32-download" else self.s.download_level
@@ -807,7 +820,9 @@ class LoraMethod(Method):
             distill_lambda=self.s.lora_distill_lambda,
         )
         if name == "fedit-distill-balance" and self.label_priors():
-            self.config = replace(self.config, label_balance=True, balance_form=self.s.balance_form)
+            self.config = replace(
+                self.config, label_balance=True, balance_form=round_choice(self.s.balance_form, 1)
+            )
 
     def _params(self) -> list[torch.nn.Parameter]:
         named = dict(self.model.named_parameters())
@@ -827,6 +842,8 @@ class LoraMethod(Method):
         results, updates = [], []
         received, received_bytes = self.download(self.global_state)
         config = replace(self.config, lr=round_lr(self.config.lr, self.s.lora_lr_decay, round_))
+        if config.label_balance:  # the round's form of a --balance-form schedule
+            config = replace(config, balance_form=round_choice(self.s.balance_form, round_))
         for c in self.world.clients:
             self._load(received[0])
             params = self._params()
@@ -2046,15 +2063,16 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         "frequencies are added to the label words' logits (balanced softmax), so a client holding one "
         f"label mostly does not teach the blocks that label's prior (default {'on' if d.label_balance else 'off'})",
     )
+    forms = ",".join(d.balance_form) if isinstance(d.balance_form, tuple) else d.balance_form
     p.add_argument(
         "--balance-form",
-        choices=BALANCE_FORMS,
-        default=d.balance_form,
-        help="the label-balanced loss's form: 'vocab' adds the label offsets inside the softmax over the "
-        "whole vocabulary; 'labels' balances a softmax over the label words alone, 'present' over the labels "
-        "the client holds (faster at Dirichlet alpha 0.1, but lower accuracy and retention at 0.5 on "
-        "validation); 'factored' adds an unbalanced -log P(any label word) to 'labels' "
-        f"(default {d.balance_form})",
+        default=forms,
+        help="the label-balanced loss's form, or a comma-separated list of forms, one per round, the last "
+        "holding after it ('present,vocab': 'present' in round 1, 'vocab' after): 'vocab' adds the label "
+        "offsets inside the softmax over the whole vocabulary; 'labels' balances a softmax over the label "
+        "words alone, 'present' over the labels the client holds (faster at Dirichlet alpha 0.1, but lower "
+        "accuracy and retention at 0.5 on validation); 'factored' adds an unbalanced -log P(any label word) "
+        f"to 'labels' (default {forms})",
     )
     p.add_argument(
         "--context-blocks",
@@ -2120,7 +2138,8 @@ def settings_from_args(args: Any) -> BenchSettings:
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample, distill_rows=args.distill_rows,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
         min_steps_fraction=args.min_steps_fraction,
-        label_balance=args.label_balance, balance_form=args.balance_form, block_average=args.block_average,
+        label_balance=args.label_balance, block_average=args.block_average,
+        balance_form=parse_choices(args.balance_form, "--balance-form", BALANCE_FORMS),
         server_lr=args.server_lr,
         lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay, context_blocks=args.context_blocks,
         download_level=args.download_level, placement=args.placement,
