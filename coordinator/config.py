@@ -41,7 +41,8 @@ Fields (``name: type = default``):
   assigned ones with the others in place, frozen, instead of bypassing them),
   ``label_balance: bool = true`` (training tasks carry the labels of every announced client, and a
   client with labelled data trains with a loss balanced over them by its own label counts);
-  ``balance_form: vocab|factored|labels|present = vocab`` (that loss's form: "vocab" adds the client's label offsets
+  ``balance_form: vocab|factored|labels|present | [..., ...] = vocab`` (a list is a per-round schedule,
+  the last form holding after it, e.g. ``[present, vocab]``; that loss's form: "vocab" adds the client's label offsets
   inside the softmax over the whole vocabulary; "factored" balances the softmax over the label words
   alone and keeps the label words' total probability unbalanced; "labels" the same without that
   total probability term; "present" that over the labels the client holds only; see
@@ -155,7 +156,9 @@ class TrainingConfig:
     task_weights_level: Level = Level.INT8
     lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
     label_balance: bool = True  # tasks carry the federation's labels: clients train a label-balanced loss
-    balance_form: str = "vocab"  # that loss's form (edge_client.trainer): vocab, factored, labels or present
+    # that loss's form (edge_client.trainer): vocab, factored, labels or present; a tuple is a per-round
+    # schedule (round_choice: ("present", "vocab") is present in round 1, vocab after)
+    balance_form: str | tuple[str, ...] = "vocab"
     # the federation's labels, when the operator knows them: tasks carry these, and a client announcing
     # a label outside them is refused; empty = every label an accepted client announced
     labels: tuple[str, ...] = ()
@@ -167,6 +170,10 @@ class TrainingConfig:
     def round_distill_lambda(self, round_: int) -> float:
         """Round ``round_``'s (1-based) self-distillation weight (:func:`round_value` of ``distill_lambda``)."""
         return round_value(self.distill_lambda, round_)
+
+    def round_balance_form(self, round_: int) -> str:
+        """Round ``round_``'s (1-based) form of the label-balanced loss (:func:`round_choice`)."""
+        return round_choice(self.balance_form, round_)
 
 
 def round_lr(lr: float, decay: float, round_: int) -> float:
@@ -394,6 +401,25 @@ class _Fields:
             self.fail(name, value, f"must be one of {', '.join(options)}", "Pick one of those names.")
         return value
 
+    def choice_or_list(
+        self, name: str, default: str | tuple[str, ...], options: tuple[str, ...]
+    ) -> str | tuple[str, ...]:
+        """One of ``options``, or a non-empty list of them (a per-round schedule, :func:`round_choice`)."""
+        value = self.raw(name, list(default) if isinstance(default, tuple) else default)
+        if not isinstance(value, list | tuple):
+            if not isinstance(value, str) or value not in options:
+                self.fail(name, value, f"must be one of {', '.join(options)} or a list of them (one per round)",
+                          "Pick one of those names, or a list such as [present, vocab].")  # fmt: skip
+            return value
+        if not value:
+            self.fail(name, value, "is an empty list",
+                      f"Give one of {', '.join(options)}, or one per round such as [present, vocab].")  # fmt: skip
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or item not in options:
+                self.fail(name, value, f"has item {i + 1}, {item!r}, that is not one of {', '.join(options)}",
+                          "Give one of those names per round, such as [present, vocab].")  # fmt: skip
+        return value[0] if len(value) == 1 else tuple(value)
+
     def boolean(self, name: str, default: bool) -> bool:
         value = self.raw(name, default)
         if not isinstance(value, bool):
@@ -593,7 +619,7 @@ def _training(f: _Fields) -> TrainingConfig:
         ),
         lr_decay=f.real("lr_decay", d.lr_decay, "(0, 1]"),
         label_balance=f.boolean("label_balance", d.label_balance),
-        balance_form=f.choice("balance_form", d.balance_form, BALANCE_FORMS),
+        balance_form=f.choice_or_list("balance_form", d.balance_form, BALANCE_FORMS),
         labels=f.labels("labels", d.labels),
     )
 

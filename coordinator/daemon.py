@@ -565,7 +565,7 @@ class Coordinator:
             identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if lam > 0 else 0,
             distill_sample=t.distill_sample,
             distill_rows=t.distill_rows,
-            balance_labels=() if evaluate else balance_labels, balance_form=t.balance_form,
+            balance_labels=() if evaluate else balance_labels, balance_form=t.round_balance_form(round_),
         )  # fmt: skip
         frame = protocol.encode(task, max_bytes=self.cfg.broker.max_message_bytes)
         self.conn.publish(self.topics.client(client_id, ClientTopic.TASK), frame, wait=30)

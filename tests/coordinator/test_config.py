@@ -104,6 +104,9 @@ BAD_VALUES = [
     ("training.labels", "business"),
     ("training.balance_form", "softmax"),
     ("training.balance_form", True),
+    ("training.balance_form", []),
+    ("training.balance_form", ["present", "softmax"]),
+    ("training.balance_form", ["present", 3]),
     ("training.labels", ["a", "a"]),
     ("training.labels", ["a", ""]),
     ("training.labels", ["a", 3]),
@@ -490,6 +493,23 @@ def test_a_distill_lambda_list_is_a_per_round_schedule_whose_last_value_holds(tm
     assert [TrainingConfig(distill_lambda=2.5).round_distill_lambda(r) for r in (1, 5)] == [2.5, 2.5]
     assert config_digest(cfg) != config_digest(
         load_run_config(write(tmp_path, with_field("training.distill_lambda", 6)))
+    )
+
+
+def test_a_balance_form_list_is_a_per_round_schedule_whose_last_form_holds(tmp_path: Path) -> None:
+    cfg = load_run_config(write(tmp_path, with_field("training.balance_form", ["present", "vocab"])))
+    assert cfg.training.balance_form == ("present", "vocab")
+    assert [cfg.training.round_balance_form(r) for r in (1, 2, 3, 9)] == [
+        "present",
+        "vocab",
+        "vocab",
+        "vocab",
+    ]
+    one = load_run_config(write(tmp_path, with_field("training.balance_form", ["labels"])))
+    assert one.training.balance_form == "labels"  # a one-form list is that form
+    assert {TrainingConfig(balance_form="factored").round_balance_form(r) for r in (1, 7)} == {"factored"}
+    assert config_digest(cfg) != config_digest(
+        load_run_config(write(tmp_path, with_field("training.balance_form", "present")))
     )
 
 

@@ -1042,3 +1042,51 @@ def test_the_balance_form_reaches_the_config_and_the_digest_of_the_methods_that_
         "fedbe-balance-factored": "factored",
     }
     assert not bench.BlockMethod("fedbe-no-balance", world).config.label_balance
+
+
+def test_a_balance_form_schedule_trains_each_round_in_its_form(monkeypatch: Any) -> None:
+    """--balance-form present,vocab: every client trains "present" in round 1 and "vocab" from round 2
+    on (the last form holds); the schedule is in the digest and round-trips through results.json."""
+    import edge_client.trainer as trainer
+
+    schedule = bench.BenchSettings(balance_form=("present", "vocab"))
+    assert bench.digested_settings(schedule, "fedbe")["balance_form"] == ("present", "vocab")
+    assert bench.settings_digest(schedule, "fedbe") != bench.settings_digest(
+        bench.BenchSettings(balance_form="present"), "fedbe"
+    )
+    data = json.loads(json.dumps(bench.asdict(schedule)))
+    assert bench.settings_from_dict(data, "x").balance_form == ("present", "vocab")
+    with pytest.raises(ConfigError, match="or a non-empty list of them"):
+        bench.BenchSettings(balance_form=("present", "softmax"))
+    with pytest.raises(ConfigError, match="or a non-empty list of them"):
+        bench.BenchSettings(balance_form=())
+    seen: list[tuple[int, str]] = []
+    real = trainer.train_blocks
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        config = args[4]  # model, registry, blocks, batches, config
+        seen.append((round_now, config.balance_form))
+        return real(*args, **kwargs)
+
+    def priors(self: Any) -> bool:  # the byte tokenizer's labels share a first token: distinct stand-ins
+        labels = self.world.labels
+        self.priors = {
+            c.client_id: trainer.LabelPrior(tuple(range(65, 65 + len(labels))),
+                                            tuple(float(c.histogram.get(k, 0)) for k in labels))
+            for c in self.world.clients
+        }  # fmt: skip
+        return True
+
+    monkeypatch.setattr(trainer, "train_blocks", spy)
+    monkeypatch.setattr(bench.BlockMethod, "label_priors", priors)
+    method = bench.BlockMethod(
+        "fedbe", _tiny_world(max_block_divergence=1.0, balance_form=("present", "vocab"))
+    )
+    assert method.config.label_balance
+    for round_now in (1, 2, 3):
+        method.round(round_now)
+    assert {r: {f for rr, f in seen if rr == r} for r in (1, 2, 3)} == {
+        1: {"present"},
+        2: {"vocab"},
+        3: {"vocab"},
+    }
