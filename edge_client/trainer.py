@@ -41,7 +41,7 @@ labels (not a retention mechanism, but it decides whether the blocks learn the t
   what tells the labels apart rather than the client's label mix: a client holding 44 politics
   articles of 48 no longer teaches "always politics". Labels the client lacks count half an
   example, so their logits are hardly pushed down. The KL term and evaluation see raw logits.
-  Four forms (``balance_form``; ``"vocab"`` the default). ``"vocab"`` adds the offsets inside the softmax over the whole
+  Five forms (``balance_form``; ``"vocab"`` the default). ``"vocab"`` adds the offsets inside the softmax over the whole
   vocabulary; but early in training the label words hold a small share of that softmax, so an
   offset changes the gradient little (the gradient on a label's logit is its adjusted probability,
   which is small whatever the offset) and a skewed client still pushes its own labels up on every
@@ -62,6 +62,11 @@ labels (not a retention mechanism, but it decides whether the blocks learn the t
   the labels the client holds (counts > 0; the restricted softmax of FedRS): a client learns only
   to tell its own labels apart, and a one-label client gets no label gradient at all (it trains
   the distillation and the tokens after the label word).
+  ``"neutral"`` is ``"present"`` plus a label-neutral term for the label words' total probability:
+  ``-log P'(L)``, with ``P'(L)`` that total computed as if every label word's logit were the mean of
+  the label words' logits, so the term raises all of them alike against the rest of the vocabulary
+  (each gets the same gradient) and can not raise the model's favourite label the way the factored
+  form's ``-log P(L)`` does (session 28).
 """
 
 from __future__ import annotations
@@ -233,8 +238,9 @@ def label_cross_entropy(
     """Mean cross-entropy of ``targets`` under ``logits`` ``[n, vocab]`` (float), label-balanced with
     ``prior`` in ``form`` (``"vocab"``: :func:`balanced_logits`; ``"factored"``: at a label word,
     ``-log P(label words) - log softmax(label logits + offsets)[target]``; ``"labels"``: the second
-    term alone; ``"present"``: that over the labels with a count > 0 and the target's); plain without
-    a prior."""
+    term alone; ``"present"``: that over the labels with a count > 0 and the target's; ``"neutral"``:
+    "present" plus ``-log P(label words)`` with every label logit at their mean); plain without a
+    prior."""
     if prior is None or form == "vocab":
         return torch.nn.functional.cross_entropy(balanced_logits(logits, targets, prior), targets)
     if form not in BALANCE_FORMS:
@@ -246,7 +252,7 @@ def label_cross_entropy(
     rows = at_label.any(dim=1)
     if rows.any():
         label_logits = logits[rows][:, ids] + bias[ids]
-        if form == "present":
+        if form in ("present", "neutral"):
             held = torch.tensor([c > 0 for c in prior.counts], device=logits.device)
             label_logits = label_logits.masked_fill(~(held.unsqueeze(0) | at_label[rows]), -math.inf)
         within = torch.log_softmax(label_logits, dim=-1)
@@ -254,6 +260,11 @@ def label_cross_entropy(
         loss = -within.gather(1, which).squeeze(1)
         if form == "factored":
             loss = loss - torch.logsumexp(logp[rows][:, ids], dim=-1)
+        if form == "neutral":  # -log P'(L): every label logit replaced by their mean
+            row_logits = logits[rows]
+            mean = row_logits[:, ids].mean(dim=-1, keepdim=True) + math.log(len(ids))
+            others = row_logits.index_fill(1, ids, -math.inf)
+            loss = loss - (mean.squeeze(1) - torch.logsumexp(torch.cat([mean, others], dim=1), dim=-1))
         nll = nll.masked_scatter(rows, loss)
     return nll.mean()
 

@@ -41,10 +41,11 @@ Methods (``--methods``):
 * ``fedbe-skew-limit`` / ``fedbe-no-skew-limit``: ``fedbe`` with the label-skew bound at
   :data:`SKEW_LIMIT` (the default until session 26) / with no bound, whatever ``--max-block-divergence`` says (ablation)
 * ``fedbe-balance`` / ``fedbe-no-balance``: ``fedbe`` with / without the label-balanced loss (ablation)
-* ``fedbe-balance-vocab`` / ``-factored`` / ``-labels`` / ``-present``: ``fedbe`` with the
+* ``fedbe-balance-vocab`` / ``-factored`` / ``-labels`` / ``-present`` / ``-neutral``: ``fedbe`` with the
   label-balanced loss in that form (``edge_client.trainer``: offsets in the softmax over the
   vocabulary / over the label words alone, times the label words' total probability / over the label
-  words alone / over the labels the client holds), whatever ``--balance-form`` says (ablation)
+  words alone / over the labels the client holds / that plus a label-neutral term for the label words'
+  total probability), whatever ``--balance-form`` says (ablation)
 * ``fedbe-avg-trainers`` / ``fedbe-avg-round``: ``fedbe`` averaging each block over its trainers / over
   every client of the round (ablation)
 * ``fedbe-interleave``: ``fedbe`` with its blocks interleaved (LLaMA Pro) whatever ``--placement`` says (ablation)
@@ -96,7 +97,7 @@ BLOCK_METHODS = (
     "fedbe-avg-trainers", "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all",
     "fedbe-const-lr", "fedbe-fp32-download", "fedbe-all-rows", "fedbe-interleave", "fedbe-gate",
     "fedbe-balance-vocab", "fedbe-balance-factored", "fedbe-balance-labels",
-    "fedbe-balance-present",
+    "fedbe-balance-present", "fedbe-balance-neutral",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 # the label-skew bound fedbe-skew-limit runs with (max_block_divergence, chosen on validation before
@@ -2072,7 +2073,8 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         "offsets inside the softmax over the whole vocabulary; 'labels' balances a softmax over the label "
         "words alone, 'present' over the labels the client holds (faster at Dirichlet alpha 0.1, but lower "
         "accuracy and retention at 0.5 on validation); 'factored' adds an unbalanced -log P(any label word) "
-        f"to 'labels' (default {forms})",
+        "to 'labels'; 'neutral' adds to 'present' a -log P(any label word) that raises every label word "
+        f"alike (default {forms})",
     )
     p.add_argument(
         "--context-blocks",

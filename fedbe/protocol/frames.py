@@ -23,7 +23,9 @@ release (session 1); 2 (session 26), the task fields added since (``distill_top_
 ``identity_pull``, ``rehearsal_rows``, ``distill_sample``, ``distill_rows``, ``balance_labels``),
 which had been added under version 1, so a version-1 build received them as "unexpected fields";
 it now refuses the frame as a version it does not speak; 3 (session 27), the task field
-``balance_form`` (which form of the label-balanced loss the client trains). A build speaks one
+``balance_form`` (which form of the label-balanced loss the client trains; session 28 added the
+value ``"neutral"`` without a new version: a session-27 build refuses such a task as an invalid
+``balance_form``, naming the forms it knows, and the round goes on without it). A build speaks one
 version. A tensor is the map ``{"dtype": str, "shape": [int, ...], "data": bin, "scales": bin | nil}``:
 the raw little-endian values (bfloat16 as its int16 bit pattern) and, at int8 only, one float32 scale
 per row.

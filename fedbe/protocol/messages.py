@@ -146,7 +146,7 @@ class TaskMessage:
     balance_form: str = "vocab"
 
 
-BALANCE_FORMS = ("vocab", "factored", "labels", "present")  # TaskMessage.balance_form
+BALANCE_FORMS = ("vocab", "factored", "labels", "present", "neutral")  # TaskMessage.balance_form
 TASK_ERROR_CODES = ("refused_memory", "invalid_task", "failed", "abandoned", "busy")
 
 

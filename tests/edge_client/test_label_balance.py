@@ -284,3 +284,36 @@ def test_present_form_balances_over_the_labels_the_client_holds() -> None:
     assert z.grad is not None
     assert torch.equal(z.grad[:3], torch.zeros(3, 32))  # the label rows: nothing to learn
     assert z.grad[3].abs().sum() > 0  # the end-token row still trains
+
+
+def test_neutral_form_adds_a_total_label_probability_term_that_raises_every_label_alike() -> None:
+    """ "neutral": "present" plus -log P'(L), the label words' total probability with each label logit
+    at the label logits' mean; that term's gradient is the same on every label word (it can not raise
+    the model's favourite label), negative (it raises them all), and it trains non-label words down."""
+    torch.manual_seed(3)
+    logits = torch.randn(4, 32)
+    targets = torch.tensor([7, 9, 3, 11])
+    prior = LabelPrior(LABELS, (6.0, 2.0, 1.0))
+    rows = []
+    for z, t in zip(logits, targets.tolist(), strict=True):
+        if t in LABELS:
+            mean = z[list(LABELS)].mean()
+            others = torch.cat([z[: min(LABELS)], z[[i for i in range(32) if i not in LABELS and i >= 7]]])
+            mass = mean + math.log(3) - torch.logsumexp(torch.cat([(mean + math.log(3)).view(1), others]), 0)
+            rows.append(-mass)
+        else:
+            rows.append(torch.tensor(0.0))
+    present = label_cross_entropy(logits, targets, prior, "present")
+    got = label_cross_entropy(logits, targets, prior, "neutral")
+    assert float(got) == pytest.approx(float(present) + float(torch.stack(rows).mean()), rel=1e-5)
+    z = logits.clone().requires_grad_(True)
+    w = logits.clone().requires_grad_(True)
+    label_cross_entropy(z, targets, prior, "neutral").backward()
+    label_cross_entropy(w, targets, prior, "present").backward()
+    assert z.grad is not None and w.grad is not None
+    term = z.grad - w.grad  # the total-probability term's own gradient
+    for row in (0, 1, 3):  # the label rows
+        on_labels = term[row, list(LABELS)]
+        assert torch.allclose(on_labels, on_labels[0].expand(3), atol=1e-7) and float(on_labels[0]) < 0
+        assert float(term[row].sum()) == pytest.approx(0.0, abs=1e-6)  # softmax: the rest goes down
+    assert torch.equal(term[2], torch.zeros(32))  # a non-label row: plain cross-entropy in both

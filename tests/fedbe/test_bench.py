@@ -1029,7 +1029,9 @@ def test_the_balance_form_reaches_the_config_and_the_digest_of_the_methods_that_
     data = bench.asdict(factored)
     del data["balance_form"]
     assert bench.settings_from_dict(json.loads(json.dumps(data)), "x").balance_form == "vocab"
-    with pytest.raises(ConfigError, match="balance_form must be one of vocab, factored, labels, present"):
+    with pytest.raises(
+        ConfigError, match="balance_form must be one of vocab, factored, labels, present, neutral"
+    ):
         bench.BenchSettings(balance_form="softmax")
     # the tiny byte tokenizer gives no prior (labels share a first token): pretend one so the form shows
     monkeypatch.setattr(bench.BlockMethod, "label_priors", lambda self: True)
