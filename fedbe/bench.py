@@ -1165,8 +1165,11 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
     holds 0 is not resolved by these seeds (a mean of NaN, no interval, where a seed's value is not
     finite). Where both ran the final probe on every common seed, ``final_definition_answers``
     compares their final models question by question: per seed the questions only ``method`` got
-    right and those only the other got right, and the exact McNemar p of the totals. Empty when
-    ``method`` has no finished run.
+    right and those only the other got right, and the exact McNemar p of the totals; and, where both
+    records hold their round 0, ``base_differs``: per seed the questions their untrained models
+    answer differently (the same base weights through each method's arithmetic: the probe's floor,
+    below which a difference between two methods means nothing). Empty when ``method`` has no
+    finished run.
     """
     from fedbe.probes import answer_changes, mcnemar_p  # noqa: PLC0415
 
@@ -1206,6 +1209,17 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
                 "only_mine": only_mine, "only_theirs": only_theirs,
                 "p": mcnemar_p(sum(only_mine), sum(only_theirs)), "questions": sum(len(a) for a, _ in answers),
             }  # fmt: skip
+            # the probe's floor: both untrained models hold the same base weights, but each method
+            # evaluates them through its own arithmetic (new blocks that add exact zeros in fp32, or
+            # PEFT's B = 0), and a near-tied question can fall either way
+            bases = [(mine[s].get("round0", {}).get("final_definition_answers"),
+                      theirs[s].get("round0", {}).get("final_definition_answers")) for s in seeds]  # fmt: skip
+            if all(
+                a and b and len(a) == len(b) == len(f) for (a, b), (f, _) in zip(bases, answers, strict=True)
+            ):
+                row["final_definition_answers"]["base_differs"] = [
+                    sum(x != y for x, y in zip(a, b, strict=True)) for a, b in bases
+                ]
         rows.append(row)
     return rows
 
@@ -1241,8 +1255,10 @@ def paired_markdown(rows: list[dict[str, Any]]) -> list[str]:
         def split(row: dict[str, Any]) -> str:
             d = row["final_definition_answers"]
             each = ", ".join(f"{a}/{b}" for a, b in zip(d["only_mine"], d["only_theirs"], strict=True))
+            floor = (f"; their untrained models, the same base weights, already answer {sum(d['base_differs'])} "
+                     "differently" if "base_differs" in d else "")  # fmt: skip
             return (f"against {row['against']} {sum(d['only_mine'])} / {sum(d['only_theirs'])} of "
-                    f"{d['questions']} (p {d['p']:.2f}; by seed {each})")  # fmt: skip
+                    f"{d['questions']} (p {d['p']:.2f}; by seed {each}{floor})")  # fmt: skip
 
         lines += [
             "",

@@ -781,6 +781,14 @@ def test_the_final_probe_is_summed_over_seeds_and_compared_question_by_question(
     # seed 1: 1110 against 1111: only fd at 3
     split = paired["fd"]["final_definition_answers"]
     assert (split["only_mine"], split["only_theirs"]) == ([2, 0], [1, 1]) and split["questions"] == 10
+    assert split["base_differs"] == [0, 0]  # the same untrained answers
+    moved = [dict(r) for r in records]  # fd's untrained model answers seed 0's questions 1 and 2 otherwise
+    moved[2] = rec("fd", 0, "101010", "010110")
+    assert {r["against"]: r for r in bench.paired_differences(moved)}["fd"]["final_definition_answers"][
+        "base_differs"
+    ] == [2, 0]
+    floor = "\n".join(bench.paired_markdown(bench.paired_differences(moved)))
+    assert "their untrained models, the same base weights, already answer 2 differently" in floor
     assert split["p"] == pytest.approx(probes.mcnemar_p(2, 2))
     assert paired["fd"]["final_definition_retention"]["differences"] == pytest.approx([4 / 3 - 1, 3 / 4 - 1])
     assert (
@@ -788,7 +796,10 @@ def test_the_final_probe_is_summed_over_seeds_and_compared_question_by_question(
     )
     md = "\n".join(bench.paired_markdown(list(paired.values())))
     assert "| definitions retention, final probe |" in md and "| old | 0 |" in md
-    assert "against fd 2 / 2 of 10 (p 1.00; by seed 2/1, 0/1)" in md
+    assert (
+        "against fd 2 / 2 of 10 (p 1.00; by seed 2/1, 0/1; their untrained models, the same base weights, "
+        "already answer 0 differently)" in md
+    )
     # runs before the final probe: no column, no line
     old = "\n".join(
         bench.paired_markdown(bench.paired_differences([_final("fedbe", 0, 0.9, 1.0), records[-1]]))
