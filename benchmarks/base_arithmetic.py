@@ -4,8 +4,9 @@
 the expanded model over the frozen base of :func:`fedbe.quantization.freeze_base` (16-bit layers
 whose outputs join a float32 residual stream, new blocks adding exact zeros); the LoRA methods'
 is the plain 16-bit model with PEFT adapters whose B is 0. Both hold the same pretrained weights.
-This script scores three untrained models on the same probe questions and quotations, built exactly
-as the bench builds them: the plain 16-bit model, the LoRA methods' (``fedit``) and FedBE's, and
+This script scores four untrained models on the same probe questions and quotations, built exactly
+as the bench builds them: the plain 16-bit model, the LoRA methods' on each ``--lora-base`` (the
+plain model, as before session 28, or FedBE's frozen base, the default since) and FedBE's, and
 prints how many definition answers differ between each pair and the largest difference in any
 token's log-probability. ``docs/test-seeds.md`` ("The definition probe's floor") uses it to say how
 large a difference between two methods the definition probe can resolve at all.
@@ -17,6 +18,7 @@ Run: ``.venv/bin/python benchmarks/base_arithmetic.py [--questions 400] [--split
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 import torch
@@ -60,9 +62,15 @@ def main(argv: list[str] | None = None) -> None:
         plain.to(torch.bfloat16 if settings.precision == "bf16" else torch.float16)  # type: ignore[arg-type]
         quantization.fp32_matmuls(plain)
     scored = {"plain": score(f"plain {settings.precision} model", plain)}
-    scored["fedit"] = score("fedit (PEFT, B = 0)", bench.make_method("fedit", world).eval_model())
+    plain_lora = dataclasses.replace(world, settings=dataclasses.replace(settings, lora_base="plain"))
+    scored["fedit-plain"] = score(
+        "fedit, --lora-base plain (PEFT, B = 0)", bench.make_method("fedit", plain_lora).eval_model()
+    )
+    scored["fedit"] = score(
+        "fedit, --lora-base frozen (PEFT, B = 0)", bench.make_method("fedit", world).eval_model()
+    )
     scored["fedbe"] = score("fedbe (expanded, frozen base)", bench.make_method("fedbe", world).eval_model())
-    for a, b in (("plain", "fedit"), ("plain", "fedbe"), ("fedit", "fedbe")):
+    for a, b in (("plain", "fedit-plain"), ("plain", "fedbe"), ("fedit-plain", "fedbe"), ("fedit", "fedbe")):
         differ = sum(x != y for x, y in zip(scored[a][0], scored[b][0], strict=True))
         gap = float((scored[a][1] - scored[b][1]).abs().max())
         print(f"{a} against {b}: {differ} of {len(questions)} definition answers differ; largest "

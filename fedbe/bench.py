@@ -103,6 +103,7 @@ POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 # the label-skew bound fedbe-skew-limit runs with (max_block_divergence, chosen on validation before
 # the label-balanced loss; the default until session 26)
 SKEW_LIMIT = 0.3
+LORA_BASES = ("frozen", "plain")  # BenchSettings.lora_base
 LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
 NEW_BLOCK_METHODS = BLOCK_METHODS + POSITION_METHODS  # the methods BlockMethod runs (they train new blocks)
 ALL_METHODS = BLOCK_METHODS + LORA_METHODS + ("full-ft",) + POSITION_METHODS
@@ -213,6 +214,11 @@ class BenchSettings:
     download_level: str = "int8"
     full_ft_budget_seconds: float = 600.0
     precision: str = "bf16"  # the frozen base of every method (full FT trains in fp32)
+    # how the LoRA methods hold that base: "frozen", as FedBE does (fedbe.quantization.freeze_base:
+    # 16-bit layers handing their outputs to a float32 residual stream), so every method's untrained
+    # model is the same computation; "plain": the 16-bit model as loaded (every run before session 28,
+    # whose untrained model rounds differently from FedBE's: benchmarks/base_arithmetic.py)
+    lora_base: str = "frozen"
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
@@ -273,6 +279,8 @@ class BenchSettings:
         if not forms or any(f not in BALANCE_FORMS for f in forms):
             raise ConfigError(f"balance_form must be one of {', '.join(BALANCE_FORMS)} or a non-empty list of "
                               f"them (one per round), got {self.balance_form!r}")  # fmt: skip
+        if self.lora_base not in LORA_BASES:
+            raise ConfigError(f"lora_base must be one of {', '.join(LORA_BASES)}, got {self.lora_base!r}")
         if self.block_average not in BLOCK_AVERAGES:
             raise ConfigError(
                 f"block_average must be one of {', '.join(BLOCK_AVERAGES)}, got {self.block_average!r}"
@@ -801,7 +809,12 @@ class LoraMethod(Method):
 
         base = sources.load_model(world.source)
         base.requires_grad_(False)
-        if self.s.precision in ("bf16", "fp16"):
+        if self.s.lora_base == "frozen":  # FedBE's frozen base, without new blocks: the same computation
+            from fedbe.expansion import BlockRegistry  # noqa: PLC0415
+
+            registry = BlockRegistry(base_num_layers=base.config.num_hidden_layers, blocks=())
+            quantization.freeze_base(base, registry, self.s.precision)
+        elif self.s.precision in ("bf16", "fp16"):
             base.to(torch.bfloat16 if self.s.precision == "bf16" else torch.float16)  # type: ignore[arg-type]
             quantization.fp32_matmuls(base)  # float32 products where this CPU has no fast 16-bit matmul
         torch.manual_seed(world.seed)  # the same random A for every client (FedIT and FFA-LoRA alike)
@@ -1544,6 +1557,8 @@ def digested_settings(settings: BenchSettings, method: str | None = None) -> dic
         del data["balance_form"]  # added later: the first form keeps every earlier record's digest
     if data["final_probe_questions"] == 0:
         del data["final_probe_questions"]  # added later: none keeps every earlier record's digest
+    if data["lora_base"] == "plain" or method not in LORA_METHODS:
+        del data["lora_base"]  # added later: "plain" (every run before it) keeps every earlier digest
     return data
 
 
@@ -1636,6 +1651,7 @@ def settings_from_dict(data: dict[str, Any], where: str) -> BenchSettings:
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         values.setdefault("final_probe_questions", 0)  # runs before session 25 had no final probe
         values.setdefault("balance_form", "vocab")  # runs before session 27 had the one form
+        values.setdefault("lora_base", "plain")  # runs before session 28 held LoRA's base as loaded
         return BenchSettings(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: its settings are not valid bench settings ({e})") from None
@@ -1974,6 +1990,14 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         default=d.lora_distill_lambda,
         help=f"self-distillation lambda of fedit-distill (default {d.lora_distill_lambda})",
     )
+    p.add_argument(
+        "--lora-base",
+        choices=LORA_BASES,
+        default=d.lora_base,
+        help="how the LoRA methods hold the frozen base: 'frozen', as FedBE does (16-bit layers, a float32 "
+        "residual stream), so every method starts from the same computation; 'plain', the 16-bit model as "
+        f"loaded (runs before session 28) (default {d.lora_base})",
+    )
     p.add_argument("--distill-top-k", type=int, default=d.distill_top_k, help=f"default {d.distill_top_k}")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help=f"default {d.eval_examples}")
     p.add_argument(
@@ -2151,7 +2175,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr, alpha=args.alpha,
         full_ft_lr=args.full_ft_lr,
         seeds=seeds or (0,), split=args.split, distill_lambda=parse_schedule(args.distill_lambda, "--distill-lambda"),
-        lora_distill_lambda=args.lora_distill_lambda,
+        lora_distill_lambda=args.lora_distill_lambda, lora_base=args.lora_base,
         distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
         rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample, distill_rows=args.distill_rows,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,

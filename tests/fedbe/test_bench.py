@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fedbe import bench, probes
 from fedbe.errors import ConfigError
@@ -301,11 +302,12 @@ def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path
     from dataclasses import asdict
 
     # the FedBE knobs at the values LoRA digests pin (bench v10's), so "before" is also a LoRA digest
-    v10 = replace(bench.BenchSettings(), **bench.BLOCK_ONLY_PINNED)
+    v10 = replace(bench.BenchSettings(), **bench.BLOCK_ONLY_PINNED, lora_base="plain")
     data = asdict(v10)
     del data["methods"], data["seeds"], data["placement"]
     del data["min_steps_fraction"]  # added after v10; at 1.0 (off) it is not in the digest
     del data["balance_form"]  # added after v10; "vocab" (the one form before) is not in the digest
+    del data["lora_base"]  # added after v16; "plain" (the LoRA base before) is not in the digest
     before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     middle = replace(v10, placement="middle")
     assert bench.settings_digest(replace(v10, placement="interleave")) == before
@@ -1103,3 +1105,31 @@ def test_a_balance_form_schedule_trains_each_round_in_its_form(monkeypatch: Any)
         2: {"vocab"},
         3: {"vocab"},
     }
+
+
+def test_lora_on_the_frozen_base_starts_from_exactly_fedbes_untrained_model() -> None:
+    """--lora-base frozen (the default): the LoRA methods hold the base as FedBE's freeze_base does, so
+    their untrained model (B = 0) computes bit for bit what FedBE's expanded model does; "plain" (runs
+    before session 28) rounds differently. Only the LoRA methods' digests read the setting, and a
+    results.json from before it reads as "plain"."""
+    world = _tiny_world(precision="bf16")
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def logits(name: str, w: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return bench.make_method(name, w).eval_model()(input_ids=ids).logits
+
+    fedbe = logits("fedbe", world)
+    assert torch.equal(logits("fedit", world), fedbe)
+    plain = replace(world, settings=replace(world.settings, lora_base="plain"))
+    assert not torch.equal(logits("fedit", plain), fedbe)
+    frozen, old = bench.BenchSettings(), bench.BenchSettings(lora_base="plain")
+    for method in ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance"):
+        assert bench.settings_digest(frozen, method) != bench.settings_digest(old, method), method
+    for method in ("fedbe", "fedbe-plain", "pos-top", "full-ft"):
+        assert bench.settings_digest(frozen, method) == bench.settings_digest(old, method), method
+    data = bench.asdict(frozen)
+    del data["lora_base"]
+    assert bench.settings_from_dict(json.loads(json.dumps(data)), "x").lora_base == "plain"
+    with pytest.raises(ConfigError, match="lora_base must be one of frozen, plain"):
+        bench.BenchSettings(lora_base="fp32")
