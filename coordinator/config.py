@@ -41,11 +41,12 @@ Fields (``name: type = default``):
   assigned ones with the others in place, frozen, instead of bypassing them),
   ``label_balance: bool = true`` (training tasks carry the labels of every announced client, and a
   client with labelled data trains with a loss balanced over them by its own label counts);
-  ``balance_form: vocab|factored|labels|present | [..., ...] = vocab`` (a list is a per-round schedule,
+  ``balance_form: vocab|factored|labels|present|neutral | [..., ...] = vocab`` (a list is a per-round schedule,
   the last form holding after it, e.g. ``[present, vocab]``; that loss's form: "vocab" adds the client's label offsets
   inside the softmax over the whole vocabulary; "factored" balances the softmax over the label words
   alone and keeps the label words' total probability unbalanced; "labels" the same without that
-  total probability term; "present" that over the labels the client holds only; see
+  total probability term; "present" that over the labels the client holds only; "neutral" "present"
+  plus a term raising every label word alike; see
   :mod:`edge_client.trainer`);
   ``labels: [str] = []`` (the federation's labels, if known: tasks carry exactly these, and a client
   announcing any other label is refused with a notice naming it, so one client can not add labels
@@ -156,7 +157,7 @@ class TrainingConfig:
     task_weights_level: Level = Level.INT8
     lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
     label_balance: bool = True  # tasks carry the federation's labels: clients train a label-balanced loss
-    # that loss's form (edge_client.trainer): vocab, factored, labels or present; a tuple is a per-round
+    # that loss's form (edge_client.trainer): vocab, factored, labels, present or neutral; a tuple is a per-round
     # schedule (round_choice: ("present", "vocab") is present in round 1, vocab after)
     balance_form: str | tuple[str, ...] = "vocab"
     # the federation's labels, when the operator knows them: tasks carry these, and a client announcing
