@@ -1725,6 +1725,11 @@ def merge_runs(runs: Sequence[tuple[str, BenchSettings, list[dict[str, Any]]]]
     methods = tuple(dict.fromkeys(rec["method"] for rec in merged))
     seeds = tuple(sorted({rec["seed"] for rec in merged}))
     lead = next((s for _, s, recs in runs if any(r["method"] in BLOCK_METHODS for r in recs)), runs[0][1])
+    # a setting only the LoRA methods read (lora_base) comes from their runs: block records from a run
+    # before it carry its old value, which they never depended on
+    lora_bases = {settings.lora_base for m, (_, _, settings) in digests.items() if m in LORA_METHODS}
+    if len(lora_bases) == 1:
+        lead = replace(lead, lora_base=lora_bases.pop())
     # the merged results.json holds one set of settings: every method must have run under them, or the
     # merged run could not be read back (nor merged again, nor resumed)
     for method, (digest, name, settings) in digests.items():

@@ -888,6 +888,23 @@ def test_bench_merge_joins_seeds_run_in_separate_folders_into_one_paired_compari
     assert (tmp_path / "m" / "accuracy_retention.png").is_file()
 
 
+def test_bench_merge_takes_lora_base_from_the_lora_runs(tmp_path) -> None:
+    """v18: FedBE's records from a run before --lora-base (read as "plain", which FedBE never read)
+    merge with LoRA runs on the frozen base; the merged run holds "frozen" and reads back."""
+    from fedbe.cli import main
+
+    old = bench.BenchSettings(methods=("fedbe",), seeds=(0,), lora_base="plain")
+    new = bench.BenchSettings(methods=("fedit-distill",), seeds=(0,))
+    a = _run_folder(tmp_path / "a", old, [_final("fedbe", 0, 0.9, 0.99)])
+    b = _run_folder(tmp_path / "b", new, [_final("fedit-distill", 0, 0.9, 0.98)])
+    assert main(["bench-merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["settings"]["lora_base"] == "frozen" and len(merged["records"]) == 2
+    plain = _run_folder(tmp_path / "c", replace(new, seeds=(1,), lora_base="plain"),
+                        [_final("fedit-distill", 1, 0.9, 0.98)])  # fmt: skip
+    assert main(["bench-merge", str(a), str(b), str(plain), "--out", str(tmp_path / "n")]) != 0
+
+
 def test_bench_merge_refuses_runs_that_are_not_one_experiment(tmp_path, capsys) -> None:
     from fedbe.cli import main
 
