@@ -1222,9 +1222,10 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
                 "only_mine": only_mine, "only_theirs": only_theirs,
                 "p": mcnemar_p(sum(only_mine), sum(only_theirs)), "questions": sum(len(a) for a, _ in answers),
             }  # fmt: skip
-            # the probe's floor: both untrained models hold the same base weights, but each method
-            # evaluates them through its own arithmetic (new blocks that add exact zeros in fp32, or
-            # PEFT's B = 0), and a near-tied question can fall either way
+            # the probe's floor: both untrained models hold the same base weights, but with
+            # --lora-base plain (runs before session 28) the LoRA methods computed them as the plain
+            # 16-bit model and FedBE through freeze_base's float32 residual stream, and a near-tied
+            # question can fall either way (0 everywhere with --lora-base frozen)
             bases = [(mine[s].get("round0", {}).get("final_definition_answers"),
                       theirs[s].get("round0", {}).get("final_definition_answers")) for s in seeds]  # fmt: skip
             if all(
