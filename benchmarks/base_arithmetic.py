@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedbe import bench, probes, quantization, sources
+from fedbe import bench, probes, sources
 from fedbe.console import positive_int
 
 
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     plain = sources.load_model(world.source)
     plain.requires_grad_(False)
-    if settings.precision in ("bf16", "fp16"):
-        plain.to(torch.bfloat16 if settings.precision == "bf16" else torch.float16)  # type: ignore[arg-type]
-        quantization.fp32_matmuls(plain)
+    bench.hold_plain(plain, settings.precision)
     scored = {"plain": score(f"plain {settings.precision} model", plain)}
     plain_lora = dataclasses.replace(world, settings=dataclasses.replace(settings, lora_base="plain"))
     scored["fedit-plain"] = score(

@@ -118,8 +118,9 @@ class TrainConfig:
     label_balance: bool = False
     # the form of the label-balanced loss: "vocab" (the offsets added to the label words' logits in
     # the softmax over the whole vocabulary), "factored" (-log P(any label word), unbalanced, plus
-    # the balanced softmax over the label words alone), "labels" (that softmax alone) or "present"
-    # (that softmax over the labels the client holds); module doc
+    # the balanced softmax over the label words alone), "labels" (that softmax alone), "present"
+    # (that softmax over the labels the client holds) or "neutral" ("present" plus a term raising
+    # every label word alike); module doc
     balance_form: str = "vocab"
     # a trainable scalar gate per trained block on what it adds to the residual stream, starting at
     # 1 and folded into the block's output projections when local training ends (see the module doc)
@@ -251,7 +252,8 @@ def label_cross_entropy(
     at_label = targets.unsqueeze(1) == ids.unsqueeze(0)  # [n, labels]
     rows = at_label.any(dim=1)
     if rows.any():
-        label_logits = logits[rows][:, ids] + bias[ids]
+        row_logits = logits[rows]
+        label_logits = row_logits[:, ids] + bias[ids]
         if form in ("present", "neutral"):
             held = torch.tensor([c > 0 for c in prior.counts], device=logits.device)
             label_logits = label_logits.masked_fill(~(held.unsqueeze(0) | at_label[rows]), -math.inf)
@@ -261,7 +263,6 @@ def label_cross_entropy(
         if form == "factored":
             loss = loss - torch.logsumexp(logp[rows][:, ids], dim=-1)
         if form == "neutral":  # -log P'(L): every label logit replaced by their mean
-            row_logits = logits[rows]
             mean = row_logits[:, ids].mean(dim=-1, keepdim=True) + math.log(len(ids))
             others = row_logits.index_fill(1, ids, -math.inf)
             loss = loss - (mean.squeeze(1) - torch.logsumexp(torch.cat([mean, others], dim=1), dim=-1))

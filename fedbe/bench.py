@@ -189,11 +189,12 @@ class BenchSettings:
     # 0-2 at alpha 0.5 and 0.1 (docs/validation-sweep.md, last section): final accuracy 0.960 / 0.863
     # against 0.940 / 0.843 at perplexity retention 1.0011 / 1.0003 against 1.0017 / 1.0004
     label_balance: bool = True
-    # the form of that loss, "vocab", "factored", "labels" or "present" (edge_client.trainer's module
-    # doc); "factored", "labels" and "present" were rejected on --split validation (session 27,
+    # the form of that loss, one of fedbe.protocol.BALANCE_FORMS (edge_client.trainer's module doc);
+    # every form but "vocab" was rejected on --split validation (sessions 27-28,
     # docs/validation-sweep.md: "present" reaches the target at alpha 0.1 in half the rounds, but costs
     # 0.02 accuracy and 0.2-0.5% perplexity retention at alpha 0.5); a tuple is a per-round schedule
-    # (coordinator.config.round_choice: ("present", "vocab") is "present" in round 1, "vocab" after)
+    # (coordinator.config.round_choice: ("present", "vocab") is "present" in round 1, "vocab" after;
+    # rejected on validation in session 28)
     balance_form: str | tuple[str, ...] = "vocab"
     # what a block's aggregate averages over: "trainers" (its trainers) or "round" (every client of
     # the round, a non-trainer counting as a zero delta, so each client's change enters with its data
@@ -800,6 +801,16 @@ class BlockMethod(Method):
         return self.model
 
 
+def hold_plain(model: Any, precision: str) -> None:
+    """``--lora-base plain``: the model as loaded, in ``precision`` if 16-bit (multiplying in float32
+    where this CPU has no fast 16-bit matmul), with no float32 residual stream between its layers."""
+    from fedbe import quantization  # noqa: PLC0415
+
+    if precision in ("bf16", "fp16"):
+        model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+        quantization.fp32_matmuls(model)
+
+
 class LoraMethod(Method):
     def __init__(self, name: str, world: World) -> None:
         super().__init__(name, world)
@@ -814,9 +825,8 @@ class LoraMethod(Method):
 
             registry = BlockRegistry(base_num_layers=base.config.num_hidden_layers, blocks=())
             quantization.freeze_base(base, registry, self.s.precision)
-        elif self.s.precision in ("bf16", "fp16"):
-            base.to(torch.bfloat16 if self.s.precision == "bf16" else torch.float16)  # type: ignore[arg-type]
-            quantization.fp32_matmuls(base)  # float32 products where this CPU has no fast 16-bit matmul
+        else:
+            hold_plain(base, self.s.precision)
         torch.manual_seed(world.seed)  # the same random A for every client (FedIT and FFA-LoRA alike)
         cfg = LoraConfig(r=self.s.lora_rank, lora_alpha=2 * self.s.lora_rank, lora_dropout=0.0,
                          target_modules="all-linear", bias="none")  # fmt: skip

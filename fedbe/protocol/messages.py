@@ -142,7 +142,7 @@ class TaskMessage:
     # the federation's labels: train with the label-balanced loss over them, with the client's own
     # counts (a label it lacks counts 0); empty = plain cross-entropy
     balance_labels: tuple[str, ...] = ()
-    # the form of that loss (edge_client.trainer): "vocab", "factored", "labels" or "present"
+    # the form of that loss (edge_client.trainer): one of BALANCE_FORMS
     balance_form: str = "vocab"
 
 
