@@ -1552,24 +1552,41 @@ def settings_digest(settings: BenchSettings, method: str | None = None) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Settings only some methods read, and the methods that read them: another method's digest leaves
+# them out (or pins them, for BLOCK_ONLY_PINNED), and a merged run takes them from the runs of the
+# methods that read them (:func:`merge_runs`).
+FIELD_READERS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(BLOCK_ONLY_PINNED, NEW_BLOCK_METHODS),
+    "min_steps_fraction": NEW_BLOCK_METHODS,
+    "balance_form": NEW_BLOCK_METHODS + ("fedit-distill-balance",),
+    "lora_base": LORA_METHODS,
+}
+# Settings added after records were published, at the value every earlier run had: at that value
+# they stay out of the digest, so the earlier records keep theirs.
+ADDED_LATER: dict[str, Any] = {
+    "min_steps_fraction": 1.0,  # off
+    "balance_form": "vocab",  # the first form
+    "final_probe_questions": 0,  # no final probe
+    "lora_base": "plain",  # the LoRA methods' base as loaded (runs before session 28)
+}
+
+
 def digested_settings(settings: BenchSettings, method: str | None = None) -> dict[str, Any]:
-    """The settings :func:`settings_digest` hashes for ``method``."""
+    """The settings :func:`settings_digest` hashes for ``method`` (None: every setting any method reads)."""
     data = asdict(settings)
     del data["methods"], data["seeds"], data["placement"]
     placement = settings.placement if method is None else method_placement(settings, method)
     if placement not in (None, "interleave"):
         data["placement"] = placement
-    if method is not None and method not in NEW_BLOCK_METHODS:
-        data.update(BLOCK_ONLY_PINNED)
-    if data["min_steps_fraction"] == 1.0 or (method is not None and method not in NEW_BLOCK_METHODS):
-        del data["min_steps_fraction"]  # added later: off (1.0) keeps every earlier record's digest
-    balancing = NEW_BLOCK_METHODS + ("fedit-distill-balance",)
-    if data["balance_form"] == "vocab" or (method is not None and method not in balancing):
-        del data["balance_form"]  # added later: the first form keeps every earlier record's digest
-    if data["final_probe_questions"] == 0:
-        del data["final_probe_questions"]  # added later: none keeps every earlier record's digest
-    if data["lora_base"] == "plain" or method not in LORA_METHODS:
-        del data["lora_base"]  # added later: "plain" (every run before it) keeps every earlier digest
+    for key, readers in FIELD_READERS.items():
+        if method is not None and method not in readers:
+            if key in BLOCK_ONLY_PINNED:
+                data[key] = BLOCK_ONLY_PINNED[key]
+            else:
+                del data[key]
+    for key, before in ADDED_LATER.items():
+        if key in data and data[key] == before:
+            del data[key]
     return data
 
 
@@ -1706,7 +1723,8 @@ def merge_runs(runs: Sequence[tuple[str, BenchSettings, list[dict[str, Any]]]]
     seeds run side by side in separate folders: every record must carry its run's settings digest, each
     method the same digest in every run (the settings that method depends on agree), and a
     (method, seed) pair may come from one run only. The merged settings are those of the first run
-    that holds a block method (else the first run), with every method and seed.
+    that holds a block method (else the first run), each setting only some methods read
+    (:data:`FIELD_READERS`) taken from the runs of those methods, with every method and seed.
     """
     if not runs:
         raise ConfigError("nothing to merge: give at least one run")
@@ -1736,11 +1754,12 @@ def merge_runs(runs: Sequence[tuple[str, BenchSettings, list[dict[str, Any]]]]
     methods = tuple(dict.fromkeys(rec["method"] for rec in merged))
     seeds = tuple(sorted({rec["seed"] for rec in merged}))
     lead = next((s for _, s, recs in runs if any(r["method"] in BLOCK_METHODS for r in recs)), runs[0][1])
-    # a setting only the LoRA methods read (lora_base) comes from their runs: block records from a run
-    # before it carry its old value, which they never depended on
-    lora_bases = {settings.lora_base for m, (_, _, settings) in digests.items() if m in LORA_METHODS}
-    if len(lora_bases) == 1:
-        lead = replace(lead, lora_base=lora_bases.pop())
+    # a setting only some methods read comes from their runs: another method's run may carry any value
+    # of it (one from before the setting existed, for example), which that method never depended on
+    for key, readers in FIELD_READERS.items():
+        values = {getattr(settings, key) for m, (_, _, settings) in digests.items() if m in readers}
+        if len(values) == 1:
+            lead = replace(lead, **{key: values.pop()})
     # the merged results.json holds one set of settings: every method must have run under them, or the
     # merged run could not be read back (nor merged again, nor resumed)
     for method, (digest, name, settings) in digests.items():

@@ -239,10 +239,10 @@ def test_a_client_given_a_block_it_never_trained_compresses_with_a_zero_residual
 
 def test_an_interrupted_run_resumes_only_runs_of_the_same_settings(tmp_path) -> None:
     settings = bench.BenchSettings()
-    digest = bench.settings_digest(settings)
-    other = bench.settings_digest(bench.BenchSettings(rounds=9))
-    assert digest != other
-    assert digest == bench.settings_digest(bench.BenchSettings(methods=("fedit",), seeds=(3,)))
+    digest = bench.settings_digest(settings, "fedbe")
+    other = bench.settings_digest(bench.BenchSettings(rounds=9), "fedit")
+    assert digest != other != bench.settings_digest(settings, "fedit")
+    assert digest == bench.settings_digest(bench.BenchSettings(methods=("fedit",), seeds=(3,)), "fedbe")
     lines = [
         json.dumps({"method": "fedbe", "seed": 0, "settings_digest": digest, "rounds": []}),
         json.dumps({"method": "fedit", "seed": 0, "settings_digest": other, "rounds": []}),
@@ -282,6 +282,9 @@ def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> No
         "bench-results-v12.json",
         "bench-results-v13.json",
         "bench-results-v14.json",
+        "bench-results-v16.json",
+        "bench-results-alpha01-v16.json",
+        "bench-results-v18.json",
     ],
 )
 def test_the_published_records_keep_their_digests(name: str) -> None:
@@ -903,6 +906,10 @@ def test_bench_merge_takes_lora_base_from_the_lora_runs(tmp_path) -> None:
     plain = _run_folder(tmp_path / "c", replace(new, seeds=(1,), lora_base="plain"),
                         [_final("fedit-distill", 1, 0.9, 0.98)])  # fmt: skip
     assert main(["bench-merge", str(a), str(b), str(plain), "--out", str(tmp_path / "n")]) != 0
+    # no block run to lead: the first run (full FT, which never read it) still does not decide it
+    full = _run_folder(tmp_path / "d", replace(old, methods=("full-ft",)), [_final("full-ft", 0, 0.9, 0.9)])
+    assert main(["bench-merge", str(full), str(b), "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["settings"]["lora_base"] == "frozen"
 
 
 def test_bench_merge_refuses_runs_that_are_not_one_experiment(tmp_path, capsys) -> None:
@@ -1156,3 +1163,27 @@ def test_lora_on_the_frozen_base_starts_from_exactly_fedbes_untrained_model() ->
     )  # fmt: skip
     with pytest.raises(ConfigError, match="lora_base must be one of frozen, plain"):
         bench.BenchSettings(lora_base="fp32")
+
+
+@pytest.mark.parametrize("precision", ["nf4", "int8"])
+def test_lora_on_a_quantized_frozen_base_is_qlora_from_fedbes_untrained_model(precision: str) -> None:
+    """--lora-base frozen with a quantized base (BenchSettings.precision): PEFT's LoRA wraps the bitsandbytes layers
+    freeze_base made (QLoRA), the untrained model computes exactly what FedBE's does on the same
+    quantized base, and a round trains the adapters through the quantized layers."""
+    import bitsandbytes as bnb
+
+    world = _tiny_world(precision=precision, lora_lr=1e-2)
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    fedbe, fedit = bench.make_method("fedbe", world), bench.make_method("fedit", world)
+    quantized = bnb.nn.Linear4bit if precision == "nf4" else bnb.nn.Linear8bitLt
+    assert any(isinstance(m, quantized) for m in fedit.model.modules())
+    with (
+        torch.no_grad()
+    ):  # in eval mode, as the probes run them (int8 layers compute otherwise in train mode)
+        assert torch.equal(
+            fedit.eval_model().eval()(input_ids=ids).logits, fedbe.eval_model().eval()(input_ids=ids).logits
+        )
+    before = {n: t.clone() for n, t in fedit.global_state[0].items()}
+    assert fedit.round(1)
+    moved = [n for n, t in fedit.global_state[0].items() if "lora_B" in n and not torch.equal(t, before[n])]
+    assert moved and all(torch.isfinite(t).all() for t in fedit.global_state[0].values())
