@@ -285,6 +285,8 @@ def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> No
         "bench-results-v16.json",
         "bench-results-alpha01-v16.json",
         "bench-results-v18.json",
+        "bench-results-v19.json",
+        "bench-results-alpha01-v19.json",
     ],
 )
 def test_the_published_records_keep_their_digests(name: str) -> None:
