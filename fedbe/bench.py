@@ -46,6 +46,8 @@ Methods (``--methods``):
   vocabulary / over the label words alone, times the label words' total probability / over the label
   words alone / over the labels the client holds / that plus a label-neutral term for the label words'
   total probability), whatever ``--balance-form`` says (ablation)
+* ``fedbe-balance-missing``: ``fedbe`` with the label-balanced loss, in the ``present`` form for a client
+  whose data lacks some label and in ``--balance-form``'s form for the others (ablation)
 * ``fedbe-avg-trainers`` / ``fedbe-avg-round``: ``fedbe`` averaging each block over its trainers / over
   every client of the round (ablation)
 * ``fedbe-interleave``: ``fedbe`` with its blocks interleaved (LLaMA Pro) whatever ``--placement`` says (ablation)
@@ -97,7 +99,7 @@ BLOCK_METHODS = (
     "fedbe-avg-trainers", "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all",
     "fedbe-const-lr", "fedbe-fp32-download", "fedbe-all-rows", "fedbe-interleave", "fedbe-gate",
     "fedbe-balance-vocab", "fedbe-balance-factored", "fedbe-balance-labels",
-    "fedbe-balance-present", "fedbe-balance-neutral",
+    "fedbe-balance-present", "fedbe-balance-neutral", "fedbe-balance-missing",
 )  # fmt: skip
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
 # the label-skew bound fedbe-skew-limit runs with (max_block_divergence, chosen on validation before
@@ -569,6 +571,10 @@ class Method:
         self.short_run_blocks: tuple[int, ...] = ()  # blocks it gave to clients with short runs
         self.priors: dict[str, Any] = {}  # client id -> LabelPrior, for the label-balanced loss
 
+    def holds_fewer_labels(self, client: Client) -> bool:
+        """Whether ``client``'s data lacks one of the labels (fedbe-balance-missing trains it "present")."""
+        return any(client.histogram.get(label, 0) == 0 for label in self.world.labels)
+
     def label_priors(self) -> bool:
         """Each client's label counts on the label words' first tokens (as the evaluation scores them);
         False, with a warning, where two labels share a first token (a byte tokenizer starts every
@@ -676,11 +682,13 @@ class BlockMethod(Method):
             self.config = replace(self.config, distill_rows=0)
         if name == "fedbe-gate":
             self.config = replace(self.config, block_gate=True)
-        # fedbe-balance-FORM: the balanced loss in that form, whatever the settings say
-        forced = name.removeprefix("fedbe-balance-") if name.startswith("fedbe-balance-") else None
-        balance = forced is not None or {"fedbe-balance": True, "fedbe-no-balance": False}.get(
-            name, self.s.label_balance
-        )
+        # fedbe-balance-FORM: the balanced loss in that form, whatever the settings say;
+        # fedbe-balance-missing: on, "present" for a client that lacks some label (round())
+        suffix = name.removeprefix("fedbe-balance-") if name.startswith("fedbe-balance-") else None
+        forced = suffix if suffix in BALANCE_FORMS else None
+        balance = forced is not None or {
+            "fedbe-balance": True, "fedbe-no-balance": False, "fedbe-balance-missing": True
+        }.get(name, self.s.label_balance)  # fmt: skip
         self.balance_forms = forced or self.s.balance_form  # a per-round schedule (round_choice)
         if balance and name not in POSITION_METHODS and self.label_priors():
             self.config = replace(
@@ -762,6 +770,8 @@ class BlockMethod(Method):
             torch.manual_seed(self.world.seed * 7919 + round_)
             # a short run (the allocation's "Short runs"): fewer steps, on the round's first batches
             own = replace(config, steps=self.client_steps.get(c.client_id, config.steps))
+            if self.name == "fedbe-balance-missing" and own.label_balance and self.holds_fewer_labels(c):
+                own = replace(own, balance_form="present")  # a client without some label: its own labels only
             with bypassed(self.model, self.registry, skipped):
                 if self.peak_memory == 0 or len(blocks) == max(len(b) for b in assignments.values()):
                     from fedbe.blocks import set_trainable  # noqa: PLC0415

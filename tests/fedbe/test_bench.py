@@ -1094,11 +1094,37 @@ def test_the_balance_form_reaches_the_config_and_the_digest_of_the_methods_that_
     assert not bench.BlockMethod("fedbe-no-balance", world).config.label_balance
 
 
+def _spy_on_block_training(monkeypatch: Any) -> list[tuple[str, Any]]:
+    """Every ``train_blocks`` call's (balance form, label prior) from now on, the clients' label
+    priors on distinct stand-in tokens (the byte tokenizer's labels share a first token)."""
+    import edge_client.trainer as trainer
+
+    seen: list[tuple[str, Any]] = []
+    real = trainer.train_blocks
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(
+            (args[4].balance_form, kwargs.get("label_prior"))
+        )  # model, registry, blocks, batches, config
+        return real(*args, **kwargs)
+
+    def priors(self: Any) -> bool:
+        labels = self.world.labels
+        self.priors = {
+            c.client_id: trainer.LabelPrior(tuple(range(65, 65 + len(labels))),
+                                            tuple(float(c.histogram.get(k, 0)) for k in labels))
+            for c in self.world.clients
+        }  # fmt: skip
+        return True
+
+    monkeypatch.setattr(trainer, "train_blocks", spy)
+    monkeypatch.setattr(bench.BlockMethod, "label_priors", priors)
+    return seen
+
+
 def test_a_balance_form_schedule_trains_each_round_in_its_form(monkeypatch: Any) -> None:
     """--balance-form present,vocab: every client trains "present" in round 1 and "vocab" from round 2
     on (the last form holds); the schedule is in the digest and round-trips through results.json."""
-    import edge_client.trainer as trainer
-
     schedule = bench.BenchSettings(balance_form=("present", "vocab"))
     assert bench.digested_settings(schedule, "fedbe")["balance_form"] == ("present", "vocab")
     assert bench.settings_digest(schedule, "fedbe") != bench.settings_digest(
@@ -1110,36 +1136,34 @@ def test_a_balance_form_schedule_trains_each_round_in_its_form(monkeypatch: Any)
         bench.BenchSettings(balance_form=("present", "softmax"))
     with pytest.raises(ConfigError, match="or a non-empty list of them"):
         bench.BenchSettings(balance_form=())
-    seen: list[tuple[int, str]] = []
-    real = trainer.train_blocks
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        config = args[4]  # model, registry, blocks, batches, config
-        seen.append((round_now, config.balance_form))
-        return real(*args, **kwargs)
-
-    def priors(self: Any) -> bool:  # the byte tokenizer's labels share a first token: distinct stand-ins
-        labels = self.world.labels
-        self.priors = {
-            c.client_id: trainer.LabelPrior(tuple(range(65, 65 + len(labels))),
-                                            tuple(float(c.histogram.get(k, 0)) for k in labels))
-            for c in self.world.clients
-        }  # fmt: skip
-        return True
-
-    monkeypatch.setattr(trainer, "train_blocks", spy)
-    monkeypatch.setattr(bench.BlockMethod, "label_priors", priors)
+    seen = _spy_on_block_training(monkeypatch)
     method = bench.BlockMethod(
         "fedbe", _tiny_world(max_block_divergence=1.0, balance_form=("present", "vocab"))
     )
     assert method.config.label_balance
-    for round_now in (1, 2, 3):
-        method.round(round_now)
-    assert {r: {f for rr, f in seen if rr == r} for r in (1, 2, 3)} == {
-        1: {"present"},
-        2: {"vocab"},
-        3: {"vocab"},
-    }
+    forms = {}
+    for round_ in (1, 2, 3):
+        start = len(seen)
+        method.round(round_)
+        forms[round_] = {form for form, _ in seen[start:]}
+    assert forms == {1: {"present"}, 2: {"vocab"}, 3: {"vocab"}}
+
+
+def test_balance_missing_trains_present_only_on_clients_that_lack_a_label(monkeypatch: Any) -> None:
+    """fedbe-balance-missing: a client whose data lacks some label trains the "present" form, a client
+    holding every label the configured form; both kinds occur in this federation."""
+    seen = _spy_on_block_training(monkeypatch)
+    world = _tiny_world(max_block_divergence=1.0, alpha=1.0, examples_per_client=16)
+    lacking = {c.client_id for c in world.clients if min(c.histogram.get(k, 0) for k in world.labels) == 0}
+    assert 0 < len(lacking) < len(world.clients), "the test needs both kinds of client"
+    method = bench.BlockMethod("fedbe-balance-missing", world)
+    assert method.config.label_balance and method.config.balance_form == "vocab"
+    method.allocate = lambda round_: {c.client_id: (0,) for c in world.clients}  # type: ignore[method-assign]
+    method.round(1)
+    assert len(seen) == len(world.clients)
+    for form, prior in seen:
+        assert form == ("present" if min(prior.counts) == 0 else "vocab"), (form, prior.counts)
+    assert {f for f, _ in seen} == {"present", "vocab"}
 
 
 def test_lora_on_the_frozen_base_starts_from_exactly_fedbes_untrained_model() -> None:
