@@ -571,10 +571,6 @@ class Method:
         self.short_run_blocks: tuple[int, ...] = ()  # blocks it gave to clients with short runs
         self.priors: dict[str, Any] = {}  # client id -> LabelPrior, for the label-balanced loss
 
-    def holds_fewer_labels(self, client: Client) -> bool:
-        """Whether ``client``'s data lacks one of the labels (fedbe-balance-missing trains it "present")."""
-        return any(client.histogram.get(label, 0) == 0 for label in self.world.labels)
-
     def label_priors(self) -> bool:
         """Each client's label counts on the label words' first tokens (as the evaluation scores them);
         False, with a warning, where two labels share a first token (a byte tokenizer starts every
@@ -770,7 +766,11 @@ class BlockMethod(Method):
             torch.manual_seed(self.world.seed * 7919 + round_)
             # a short run (the allocation's "Short runs"): fewer steps, on the round's first batches
             own = replace(config, steps=self.client_steps.get(c.client_id, config.steps))
-            if self.name == "fedbe-balance-missing" and own.label_balance and self.holds_fewer_labels(c):
+            if (
+                self.name == "fedbe-balance-missing"
+                and own.label_balance
+                and lacks_a_label(c, self.world.labels)
+            ):
                 own = replace(own, balance_form="present")  # a client without some label: its own labels only
             with bypassed(self.model, self.registry, skipped):
                 if self.peak_memory == 0 or len(blocks) == max(len(b) for b in assignments.values()):
@@ -1528,6 +1528,11 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
     plt.close(fig)
     written.append(path)
     return written
+
+
+def lacks_a_label(client: Client, labels: Sequence[str]) -> bool:
+    """Whether ``client``'s data holds no example of one of ``labels`` (fedbe-balance-missing)."""
+    return any(client.histogram.get(label, 0) == 0 for label in labels)
 
 
 def method_placement(settings: BenchSettings, method: str) -> str | None:
