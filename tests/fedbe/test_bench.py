@@ -1103,9 +1103,8 @@ def _spy_on_block_training(monkeypatch: Any) -> list[tuple[str, Any]]:
     real = trainer.train_blocks
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.append(
-            (args[4].balance_form, kwargs.get("label_prior"))
-        )  # model, registry, blocks, batches, config
+        config = args[4]  # model, registry, blocks, batches, config
+        seen.append((config.balance_form, kwargs.get("label_prior")))
         return real(*args, **kwargs)
 
     def priors(self: Any) -> bool:
