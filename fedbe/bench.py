@@ -1578,10 +1578,11 @@ FIELD_READERS: dict[str, tuple[str, ...]] = {
 }
 # Settings added after records were published, at the value every earlier run had: at that value
 # they stay out of the digest, so the earlier records keep theirs.
+# A results.json from before a setting existed reads as that value (settings_from_dict).
 ADDED_LATER: dict[str, Any] = {
     "min_steps_fraction": 1.0,  # off
-    "balance_form": "vocab",  # the first form
-    "final_probe_questions": 0,  # no final probe
+    "balance_form": "vocab",  # the one form before session 27
+    "final_probe_questions": 0,  # no final probe before session 25
     "lora_base": "plain",  # the LoRA methods' base as loaded (runs before session 28)
 }
 
@@ -1692,9 +1693,8 @@ def settings_from_dict(data: dict[str, Any], where: str) -> BenchSettings:
                           "version; merge runs of one version")  # fmt: skip
     try:
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        values.setdefault("final_probe_questions", 0)  # runs before session 25 had no final probe
-        values.setdefault("balance_form", "vocab")  # runs before session 27 had the one form
-        values.setdefault("lora_base", "plain")  # runs before session 28 held LoRA's base as loaded
+        for key, before in ADDED_LATER.items():  # a run from before a setting existed ran its old value
+            values.setdefault(key, before)
         return BenchSettings(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: its settings are not valid bench settings ({e})") from None
