@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from fedbe import bench, probes, sources
+from fedbe import probes, sources
 from fedbe.console import positive_int
+from fedbe_sim import bench
 
 
 def main(argv: list[str] | None = None) -> None:

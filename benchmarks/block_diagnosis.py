@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from fedbe import bench
 from fedbe.blocks import set_block_state
 from fedbe.console import positive_int
 from fedbe.expansion import bypassed
+from fedbe_sim import bench
 
 
 def scales_arg(text: str) -> tuple[float, ...]:

@@ -21,9 +21,9 @@ import torch
 
 import edge_client.trainer as trainer
 from coordinator.aggregation import BLOCK_AVERAGES
-from fedbe import bench
 from fedbe.console import positive_int
 from fedbe.evaluation import label_log_likelihoods
+from fedbe_sim import bench
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,8 +29,8 @@ from dataclasses import replace
 import torch
 
 from edge_client.trainer import BaseCache, TrainConfig, TrainResult, train_blocks, train_parameters
-from fedbe import bench
 from fedbe.console import positive_int
+from fedbe_sim import bench
 
 # a distilled configuration runs twice over the same batches: while the base cache fills, then again
 PASSES = ("first pass (cache fills)", "second pass")

@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fedbe import cli, sources
+from fedbe import sources
 from fedbe.expansion import registry_of
+from fedbe_sim import cli
 
 
-@pytest.mark.parametrize("module", ["fedbe.cli", "edge_client.cli", "coordinator.cli"])
+@pytest.mark.parametrize("module", ["fedbe_sim.cli", "edge_client.cli", "coordinator.cli"])
 def test_help_explains_itself(module: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120

@@ -30,7 +30,7 @@ def start(out: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with log.open("wb") as handle:
         return subprocess.Popen(
-            [sys.executable, "-m", "fedbe.cli", "simulate", "--out", str(out), *TINY, *extra],
+            [sys.executable, "-m", "fedbe_sim.cli", "simulate", "--out", str(out), *TINY, *extra],
             cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
 

@@ -5,7 +5,7 @@ every client's status and update topics; it publishes nothing) and tails the coo
 ``metrics.jsonl``. :meth:`Observer.poll` returns the lines that happened since the last call:
 clients coming online and announcing, who trains in which round, who is done (with loss, upload
 size and time, and how many of the round's trainers are done), and for each closed round the
-line of :func:`fedbe.report.round_line` (accuracy, retention, bytes). Missing a message only
+line of :func:`fedbe_sim.report.round_line` (accuracy, retention, bytes). Missing a message only
 loses a line: the metrics file stays the record of the run.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from fedbe import protocol
 from fedbe.errors import CodecError
 from fedbe.protocol import ClientTopic, Topics
-from fedbe.report import read_metrics, round_line, summarize_record
+from fedbe_sim.report import read_metrics, round_line, summarize_record
 
 
 @dataclass

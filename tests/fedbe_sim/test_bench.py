@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from fedbe import bench, probes
+from fedbe import probes
 from fedbe.errors import ConfigError
+from fedbe_sim import bench
 
 
 def test_bad_settings_are_refused_with_the_choices() -> None:
@@ -406,7 +407,7 @@ def test_a_terminated_jobs_run_ends_its_workers(tmp_path) -> None:
     # a run long enough to still be training when it is stopped
     args = ["bench", "--model", "tiny:llama", "--methods", "fedbe-plain,fedit", "--jobs", "2", "--rounds", "500",
             "--clients", "2", "--profiles", "rtx-4090-24gb,cpu-laptop", "--out", str(tmp_path / "run")]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", "from fedbe.cli import main; main()", *args],
+    proc = subprocess.Popen([sys.executable, "-c", "from fedbe_sim.cli import main; main()", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     workers: list[psutil.Process] = []
     try:
@@ -665,9 +666,9 @@ def test_the_download_and_lr_ablations_keep_the_previous_defaults() -> None:
 def test_probe_texts_flag_reaches_the_settings_and_the_digest_of_every_method(tmp_path) -> None:
     """A larger perplexity probe is a different measurement: no record of the default probe may
     resume under it, whichever method it came from; a probe larger than the split is refused."""
-    from fedbe.cli import build_parser
     from fedbe.errors import DataError
     from fedbe.probes import general_texts
+    from fedbe_sim.cli import build_parser
 
     def settings(*extra: str) -> bench.BenchSettings:
         args = build_parser().parse_args(["bench", "--out", str(tmp_path), *extra])
@@ -860,7 +861,7 @@ def _run_folder(folder: Path, settings: bench.BenchSettings, records: list[dict]
 
 
 def test_bench_merge_joins_seeds_run_in_separate_folders_into_one_paired_comparison(tmp_path) -> None:
-    from fedbe.cli import main
+    from fedbe_sim.cli import main
 
     default = bench.BenchSettings(methods=("fedbe", "fedit-distill"))
     ran = [((0, 1, 2), (0.988, 0.998, 0.999), (0.997, 0.992, 0.997)), ((4,), (0.990,), (0.985,))]
@@ -896,7 +897,7 @@ def test_bench_merge_joins_seeds_run_in_separate_folders_into_one_paired_compari
 def test_bench_merge_takes_lora_base_from_the_lora_runs(tmp_path) -> None:
     """v18: FedBE's records from a run before --lora-base (read as "plain", which FedBE never read)
     merge with LoRA runs on the frozen base; the merged run holds "frozen" and reads back."""
-    from fedbe.cli import main
+    from fedbe_sim.cli import main
 
     old = bench.BenchSettings(methods=("fedbe",), seeds=(0,), lora_base="plain")
     new = bench.BenchSettings(methods=("fedit-distill",), seeds=(0,))
@@ -915,7 +916,7 @@ def test_bench_merge_takes_lora_base_from_the_lora_runs(tmp_path) -> None:
 
 
 def test_bench_merge_refuses_runs_that_are_not_one_experiment(tmp_path, capsys) -> None:
-    from fedbe.cli import main
+    from fedbe_sim.cli import main
 
     default = bench.BenchSettings(methods=("fedbe",))
     a = _run_folder(tmp_path / "a", replace(default, seeds=(0,)), [_final("fedbe", 0, 0.9, 0.99)])
@@ -975,7 +976,7 @@ def test_a_distill_lambda_schedule_gives_each_round_its_lambda_and_its_own_diges
     digest: test_the_published_records_keep_their_digests); LoRA records do not depend on it; a bad
     list is refused with what to write."""
     import edge_client.trainer as trainer
-    from fedbe.cli import build_parser
+    from fedbe_sim.cli import build_parser
 
     def settings(*extra: str) -> bench.BenchSettings:
         args = build_parser().parse_args(["bench", "--out", str(tmp_path), *extra])
@@ -1018,7 +1019,7 @@ def test_a_distill_lambda_schedule_gives_each_round_its_lambda_and_its_own_diges
 def test_bench_merge_takes_only_the_methods_named_after_a_run(tmp_path, capsys) -> None:
     """RUN::METHODS: a rerun of one method merged with the other methods of an earlier run, which
     also holds that method under other settings (unmergeable as a whole)."""
-    from fedbe.cli import main
+    from fedbe_sim.cli import main
 
     old = bench.BenchSettings(methods=("fedbe", "fedit-distill"), seeds=(0,), distill_lambda=3.0)
     new = bench.BenchSettings(methods=("fedbe",), seeds=(0,))

@@ -5,11 +5,11 @@ Subcommands:
   demo    expand SmolLM2-135M, hold the base in 4-bit, train only the new blocks on a slice of
           BBC News and print the loss going down and the accuracy before and after
   bench     FedBE against federated LoRA (FedIT, FFA-LoRA) and full fine-tuning on one federation:
-          accuracy, general-ability retention, time to target, bytes and memory (fedbe/bench.py)
+          accuracy, general-ability retention, time to target, bytes and memory (fedbe_sim/bench.py)
   bench-merge  finished bench runs (seeds run in separate folders) as one run: table, paired
           comparison, plots
   simulate  a whole federation on this machine: a broker, the coordinator and N emulated edge
-          devices as real processes; writes metrics, a report and plots (fedbe/simulate.py)
+          devices as real processes; writes metrics, a report and plots (fedbe_sim/simulate.py)
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--json", type=Path, help="also write the results to this JSON file")
 
-    from fedbe.simulate import add_simulate_parser  # noqa: PLC0415 - argparse only, stays light
+    from fedbe_sim.simulate import add_simulate_parser  # noqa: PLC0415 - argparse only, stays light
 
     add_simulate_parser(sub, EPILOG)
-    from fedbe.bench import add_bench_parser, add_merge_parser  # noqa: PLC0415 - argparse only, stays light
+    from fedbe_sim.bench import add_bench_parser, add_merge_parser  # noqa: PLC0415 - argparse only, stays light
 
     add_bench_parser(sub, EPILOG)
     add_merge_parser(sub)
@@ -244,13 +244,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedbe.simulate import run_simulation  # noqa: PLC0415
+    from fedbe_sim.simulate import run_simulation  # noqa: PLC0415
 
     return run_simulation(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fedbe.bench import run_bench_jobs, settings_from_args  # noqa: PLC0415
+    from fedbe_sim.bench import run_bench_jobs, settings_from_args  # noqa: PLC0415
 
     settings = settings_from_args(args)
     run_bench_jobs(settings, args.out, args.jobs, command="fedbe " + " ".join(sys.argv[1:]))
@@ -258,7 +258,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_merge(args: argparse.Namespace) -> int:
-    from fedbe.bench import merge_bench  # noqa: PLC0415
+    from fedbe_sim.bench import merge_bench  # noqa: PLC0415
 
     merge_bench(args.runs, args.out, command="fedbe " + " ".join(sys.argv[1:]))
     return 0

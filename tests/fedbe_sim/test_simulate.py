@@ -13,9 +13,9 @@ import psutil
 import pytest
 
 from coordinator.config import parse_run_config
-from fedbe import simulate
-from fedbe.cli import build_parser
 from fedbe.errors import ConfigError
+from fedbe_sim import simulate
+from fedbe_sim.cli import build_parser
 
 
 def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:

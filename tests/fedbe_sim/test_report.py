@@ -10,9 +10,9 @@ import torch
 
 from fedbe import protocol
 from fedbe.compression import Level, compress_state
-from fedbe.progress import FederationView
 from fedbe.protocol import ClientTopic, Topics
-from fedbe.report import (
+from fedbe_sim.progress import FederationView
+from fedbe_sim.report import (
     allocation_grid,
     final_line,
     markdown,

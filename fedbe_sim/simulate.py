@@ -5,7 +5,7 @@ One command starts a private mosquitto on a free loopback port, the coordinator
 profile from ``profiles/`` (its memory budget drives the allocation, its slowdown stretches each
 step) with its own Dirichlet(alpha) share of the BBC News training split. It prints one line per
 event while the federation runs and, at the end, writes ``metrics.jsonl``, ``report.md`` and the
-plots of :mod:`fedbe.report` into ``--out``.
+plots of :mod:`fedbe_sim.report` into ``--out``.
 
 Broker: Debian's mosquitto only. The in-process amqtt broker is not a fallback: it speaks MQTT
 3.1.1 and fedbe's transport is MQTT v5 (persistent sessions with expiry, PUBACK reason codes), so
@@ -461,7 +461,7 @@ class Simulation:
                     self.children.spawn(spec.client_id, edge_command(s, spec, broker.url),
                                         out / "logs" / f"{spec.client_id}.log", env)  # fmt: skip
                 self.say(f"started the coordinator and {len(specs)} edge processes; logs in {out / 'logs'}")
-                from fedbe.progress import Observer  # noqa: PLC0415
+                from fedbe_sim.progress import Observer  # noqa: PLC0415
 
                 observer = Observer(broker.url, FEDERATION, state_dir / "metrics.jsonl", s.rounds)
                 observer.start()
@@ -519,7 +519,7 @@ class Simulation:
 
     def finish(self, state_dir: Path, specs: Sequence[ClientSpec]) -> None:
         """Copy the metrics and write the report and plots (also after an interruption, for what ran)."""
-        from fedbe import report  # noqa: PLC0415
+        from fedbe_sim import report  # noqa: PLC0415
 
         metrics = state_dir / "metrics.jsonl"
         if not metrics.is_file():
