@@ -65,7 +65,7 @@ rounds: {rounds}
 clients_per_round: {n_clients}
 min_clients: {n_clients}
 round_deadline_seconds: 120
-update_level: int8
+upload_level: int8
 allocation: {{strategy: all, max_unprotected_risk: 1.0}}
 training: {{steps: 1, lr: 0.001, batch_size: 1, max_tokens: 8}}
 broker: {{url: "{broker.url}"}}

@@ -17,7 +17,7 @@ the top of the stack, and a client that can not afford even the top block gets n
 **What a block risks.** New blocks at the very top of the stack (after the last base layer) forget
 far more general ability when trained than blocks interleaved between base layers. Each
 :class:`BlockSlot` carries a ``forgetting_risk`` (:func:`forgetting_risk_by_position` gives
-defaults). A client whose trainer does not run self-distillation (``protected=False``) is never
+defaults). A client whose trainer does not run self-distillation (``distills=False``) is never
 given a block whose risk exceeds ``max_unprotected_risk``.
 
 **Strategies** (:attr:`AllocationPolicy.strategy`):
@@ -46,18 +46,6 @@ lowers the block's divergence), and a block still past the bound is withdrawn fo
 stays as it is (a fresh block is the identity) and the allocation is made again without it, so its
 trainers' capacity goes to other blocks. Every trained block then has divergence <= the bound.
 
-**Short runs** (``min_steps_fraction`` < 1, ``fedbe`` only). Before a block is withdrawn for label
-skew it may be offered to clients that can not reach it in their full ``steps`` by the deadline but
-can with fewer, down to ``ceil(min_steps_fraction * steps)``: the allocation is made again with those
-clients eligible for it (their gains and scores carry the cost of the block, past their deadline),
-and the block is withdrawn only if it is still past the bound. A client whose set holds such a block
-runs the most steps that fit its deadline (:attr:`Allocation.steps`), on every block of its set:
-under strong label skew the one fast client that reaches the low blocks alone is then joined by
-slower clients with other labels, instead of the blocks staying untrained. Without a block past the
-bound nothing changes. On ``fedbe bench``'s validation split (Dirichlet alpha 0.1) it lost accuracy:
-the bound pools whole histograms though a short run enters the average with fewer samples, and the
-skewed client, no longer kept off the low blocks, trains more of them (``docs/validation-sweep.md``).
-
 The ablations respect memory and deadline only: they ignore forgetting risk and labels.
 
 **Guarantees of ``fedbe``** (the coverage ones with ``max_block_divergence`` 1, its default, since a
@@ -66,7 +54,7 @@ finish by its deadline. Coverage is the best possible: the covered blocks are as
 feasible allocation could cover, and a block is left without a trainer only if covering it would
 uncover a block that is more stale. In particular every block gets a trainer exactly when Hall's
 condition holds: for every set X of blocks, the clients able to train at least one block of X have
-``max_blocks`` summing to at least ``|X|``. With every client protected this reads: for every block
+``max_blocks`` summing to at least ``|X|``. With every client distilling this reads: for every block
 b, the blocks at or below b are no more than the summed ``max_blocks`` of the clients that can
 afford b. (Enough total capacity with every block affordable to someone is not sufficient: a fast
 client with room for one block and a slow one with room for many can not cover two deep blocks.)
@@ -120,7 +108,7 @@ class ClientCapacity:
     steps: int
     deadline_seconds: float
     label_histogram: dict[str, float]  # examples per label
-    protected: bool = True  # the trainer runs self-distillation
+    distills: bool = True  # the trainer runs self-distillation (it is protected against forgetting)
 
     def __post_init__(self) -> None:
         who = f"client {self.client_id!r}"
@@ -145,14 +133,6 @@ class ClientCapacity:
         """Whether a set whose lowest block is at ``layer_index`` finishes by the deadline."""
         return self.round_seconds(layer_index, num_layers) <= self.deadline_seconds
 
-    def steps_within(self, lowest_layer: int, num_layers: int) -> int:
-        """The most steps (at most ``steps``) that finish by the deadline with the lowest block there:
-        ``steps`` itself wherever :meth:`can_reach` holds."""
-        step = self.step_seconds(lowest_layer, num_layers)
-        if step <= 0:
-            return self.steps
-        return max(0, min(self.steps, math.floor(self.deadline_seconds / step * (1 + 1e-12))))
-
 
 @dataclass(frozen=True)
 class AllocationPolicy:
@@ -165,9 +145,6 @@ class AllocationPolicy:
     # a block whose trainers' pooled labels are farther than this (JS, 0-1) from the global histogram
     # is left untrained this round (1.0 = never)
     max_block_divergence: float = 1.0
-    # a block past max_block_divergence may go to clients that reach it by running fewer steps, down to
-    # this fraction of their steps, before it is withdrawn (1.0 = never shorten a client's run)
-    min_steps_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         _check(
@@ -180,15 +157,6 @@ class AllocationPolicy:
             _nonneg(bound) and bound <= 1,
             f"max_block_divergence {bound!r} must be in [0, 1] (Jensen-Shannon, base 2; 1 = no limit)",
         )
-        fraction = self.min_steps_fraction
-        _check(
-            _nonneg(fraction) and 0 < fraction <= 1,
-            f"min_steps_fraction {fraction!r} must be in (0, 1] (1 = never shorten a client's local run)",
-        )
-
-    def min_steps(self, steps: int) -> int:
-        """The fewest steps a client with ``steps`` may run to reach a block (:attr:`min_steps_fraction`)."""
-        return max(1, math.ceil(self.min_steps_fraction * steps - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -201,11 +169,6 @@ class Allocation:
     block_divergence: dict[int, float]  # JS divergence of each block's trainer labels; 1.0 if untrained
     # blocks left untrained because no trainers within max_block_divergence could be found
     withdrawn_blocks: tuple[int, ...] = ()
-    # local steps each client runs this round: its own steps, or fewer when its set holds a block it
-    # reaches only with a short run (AllocationPolicy.min_steps_fraction); clients without blocks absent
-    steps: dict[str, int] = field(default_factory=dict)
-    # blocks given to clients that reach them only with a short run (a second chance before withdrawal)
-    short_run_blocks: tuple[int, ...] = ()
 
 
 class _RegistryLike(Protocol):
@@ -300,7 +263,6 @@ class _Problem:
     global_hist: list[float]
     rank: dict[str, int]  # seeded tie-break order of clients
     withdrawn: set[int] = field(default_factory=set)  # blocks left untrained as too label-skewed
-    stretched: set[int] = field(default_factory=set)  # blocks offered to clients with short runs
 
     @classmethod
     def build(
@@ -360,7 +322,7 @@ class _Problem:
 
     def _too_risky(self, client: ClientCapacity, slot: BlockSlot) -> bool:
         """``fedbe`` only: a client without self-distillation is kept off blocks past the risk cap."""
-        capped = self.policy.strategy == "fedbe" and not client.protected
+        capped = self.policy.strategy == "fedbe" and not client.distills
         return capped and slot.forgetting_risk > self.policy.max_unprotected_risk
 
     # -- ablations -------------------------------------------------------------------------------
@@ -393,28 +355,10 @@ class _Problem:
         """
         chosen, bounded = self._cover_and_fill(1.0), False
         while (worst := self._most_skewed(chosen)) is not None:
-            if bounded and not self._offer_short_runs(worst):
+            if bounded:
                 self.withdrawn.add(worst)
             chosen, bounded = self._cover_and_fill(self.policy.max_block_divergence), True
         return chosen
-
-    def _offer_short_runs(self, block: int) -> bool:
-        """Make ``block`` eligible for every client that reaches it only with a short run; whether any was.
-
-        Each block gets this second chance once (``min_steps_fraction`` 1 gives none). The clients are
-        the ones :meth:`_eligible` would take but for the deadline at full steps.
-        """
-        if block in self.stretched or self.policy.min_steps_fraction >= 1:
-            return False
-        self.stretched.add(block)
-        slot, added = self.slots[block], False
-        for cid, client in self.clients.items():
-            if block in self.eligible[cid] or client.max_blocks == 0 or self._too_risky(client, slot):
-                continue
-            if client.steps_within(slot.layer_index, self.num_layers) >= self.policy.min_steps(client.steps):
-                self.eligible[cid] = tuple(sorted((*self.eligible[cid], block)))
-                added = True
-        return added
 
     def _cover_and_fill(self, bound: float) -> dict[str, set[int]]:
         chosen: dict[str, set[int]] = {cid: set() for cid in self.clients}
@@ -544,22 +488,13 @@ class _Problem:
 
     def result(self, chosen: dict[str, set[int]]) -> Allocation:
         covered = {b for blocks in chosen.values() for b in blocks}
-        steps = {cid: self._steps(cid, blocks) for cid, blocks in chosen.items() if blocks}
-        short = {b for cid, blocks in chosen.items() for b in blocks if steps[cid] < self.clients[cid].steps}
         return Allocation(
             assignments={cid: tuple(sorted(blocks)) for cid, blocks in chosen.items()},
             unassigned_blocks=tuple(b for b in self.slots if b not in covered),
             reasons={cid: self._reason(c, chosen[cid]) for cid, c in self.clients.items()},
             block_divergence={b: self._divergence(self._mix(b, chosen), b in covered) for b in self.slots},
             withdrawn_blocks=tuple(sorted(self.withdrawn)),
-            steps=steps,
-            short_run_blocks=tuple(sorted(short & self.stretched)),
         )
-
-    def _steps(self, client: str, blocks: set[int]) -> int:
-        """The steps ``client`` runs on ``blocks``: all of them, or as many as reach the lowest by the deadline."""
-        lowest = min(self.slots[b].layer_index for b in blocks)
-        return self.clients[client].steps_within(lowest, self.num_layers)
 
     def _reason(self, client: ClientCapacity, blocks: set[int]) -> str:
         if not self.slots:
@@ -584,13 +519,11 @@ class _Problem:
             why = f" (blocks {skewed} withdrawn: their trainers' labels were too skewed)" if skewed else ""
             return f"not_chosen: {len(self.eligible[client.client_id])} blocks allowed, none chosen{why}"
         lowest = min(self.slots[b].layer_index for b in blocks)
-        steps = self._steps(client.client_id, blocks)
-        spent = steps * client.step_seconds(lowest, self.num_layers)
-        short = f", a short run of {steps} of {client.steps} steps" if steps < client.steps else ""
+        spent = client.round_seconds(lowest, self.num_layers)
         return (
             f"assigned: {len(blocks)} of max {client.max_blocks} blocks {sorted(blocks)} "
             f"({len(self.eligible[client.client_id])} allowed); lowest layer {lowest}, "
-            f"{spent:.3g} s of the {client.deadline_seconds:.3g} s deadline{short}"
+            f"{spent:.3g} s of the {client.deadline_seconds:.3g} s deadline"
         )
 
 

@@ -21,39 +21,18 @@ Fields (``name: type = default``):
 * ``round_deadline_seconds: float > 0 = 600`` -- a round closes this long after its tasks go out.
 * ``late_updates: "drop" | "fold" = "drop"`` -- an update after its round closed: ignore it, or fold it
   into the next aggregation weighted by ``staleness_decay ** rounds_late``.
-* ``staleness_decay: float in (0, 1] = 0.5``. ``update_level: fp32|fp16|bf16|int8 = int8`` -- how clients
-  send updates. ``seed: int >= 0 = 0`` -- client sampling and allocation. ``eval_every: int >= 0 = 0`` --
-  federated evaluation every N rounds (0 = never).
-* ``training``: ``steps: int >= 1 = 10``, ``lr: float > 0 = 3e-4``, ``lr_decay: float in (0, 1] = 1``
-  (round r's tasks carry ``lr x lr_decay^(r-1)``; 1 = constant), ``batch_size: int >= 1 = 4``,
-  ``max_tokens: int >= 8 = 128``, ``distill_lambda: float >= 0 | [float >= 0, ...] = 3`` (weight of
-  self-distillation towards the base model's predictions; 0 = off; a list is a per-round schedule,
-  rounds 1, 2, ... with its last value holding after it, e.g. ``[6, 3]``), ``distill_top_k: int >= 0 =
-  32`` (0: exact KL with one extra base forward per step; K: clients cache the base's top-K once per
-  example),
-  ``identity_pull: float >= 0 = 0`` (L2 pull of trained output projections towards zero),
-  ``rehearsal_rows: int >= 0 = 0`` (rows of text each client samples once from the base and adds to
-  every batch, distilled only; needs ``distill_lambda > 0``, ignored otherwise),
-  ``distill_sample: int >= 0 = 128`` (distillation positions drawn at random per step; 0 = all),
-  ``distill_rows: int >= 0 = 1`` (rows of each batch distilled per step, drawn at random; 0 = all:
-  the base forward that fills a client's cache then runs on these rows only),
-  ``context_blocks: bool = true`` (send every client the weights of all new blocks: it trains its
-  assigned ones with the others in place, frozen, instead of bypassing them),
-  ``label_balance: bool = true`` (training tasks carry the labels of every announced client, and a
-  client with labelled data trains with a loss balanced over them by its own label counts);
-  ``balance_form: vocab|factored|labels|present|neutral | [..., ...] = vocab`` (a list is a per-round schedule,
-  the last form holding after it, e.g. ``[present, vocab]``; that loss's form: "vocab" adds the client's label offsets
-  inside the softmax over the whole vocabulary; "factored" balances the softmax over the label words
-  alone and keeps the label words' total probability unbalanced; "labels" the same without that
-  total probability term; "present" that over the labels the client holds only; "neutral" "present"
-  plus a term raising every label word alike; see
-  :mod:`edge_client.trainer`);
-  ``labels: [str] = []`` (the federation's labels, if known: tasks carry exactly these, and a client
-  announcing any other label is refused with a notice naming it, so one client can not add labels
-  that every client's balanced loss then counts; empty = the labels of every accepted client);
-  ``task_weights_level: fp32|fp16|bf16|int8 = int8`` (the precision block weights travel to clients in;
-  a client's update is its change from the weights it received, so the global state stays fp32;
-  int8 sends a quarter of fp32's bytes).
+* ``staleness_decay: float in (0, 1] = 0.5``. ``seed: int >= 0 = 0`` -- client sampling and allocation.
+  ``eval_every: int >= 0 = 0`` -- federated evaluation every N rounds (0 = never).
+* ``labels: [str] = []`` -- the federation's labels, if known: tasks carry exactly these, and a client
+  announcing any other label is refused with a notice naming it, so one client can not add labels that
+  every client's balanced loss then counts; empty = the labels of every accepted client.
+* ``download_level: fp32|fp16|bf16|int8 = int8`` -- the precision block weights travel to clients in (a
+  client's update is its change from the weights it received, so the global state stays fp32; int8
+  sends a quarter of fp32's bytes); ``upload_level`` (same choices, int8) -- how clients send updates.
+* ``training`` -- the :class:`fedbe.recipe.Recipe` every task carries; its fields, bounds and defaults
+  are declared there, once (``steps``, ``lr``, ``lr_decay``, ``batch_size``, ``max_tokens``,
+  ``weight_decay``, ``max_grad_norm``, ``distill_lambda`` (a number or a per-round list),
+  ``distill_top_k``, ``distill_sample``, ``distill_rows``, ``label_balance``).
 * ``allocation`` (see :mod:`coordinator.allocation`): ``strategy: fedbe|random|all = fedbe``;
   ``top_risk: [0,1] = 1.0`` and ``interleaved_risk: [0,1] = 0.25`` -- forgetting risk of a block at the
   very top of the stack vs one between base layers; ``max_unprotected_risk: [0,1] = 0.5`` -- a client
@@ -61,10 +40,9 @@ Fields (``name: type = default``):
   ``risk_weight: float >= 0 = 0.2`` -- weights of time cost and of risk in the ``fedbe`` score;
   ``max_block_divergence: [0,1] = 1.0`` -- a block whose trainers' pooled label histogram is farther
   (Jensen-Shannon) than this from that of all the round's selected clients is left untrained that
-  round (1 = no limit, the default since session 26); ``min_steps_fraction: (0,1] = 1.0`` -- before
-  such a block is left untrained, offer it to the clients that reach it by the deadline only with
-  fewer local steps, down to this fraction of ``training.steps`` (their task then asks for that many
-  steps; 1 = never shorten a run).
+  round (1 = no limit); ``deadline_factor: float > 0 | null = null`` -- plan with this times the median
+  selected client's time to train every new block instead of ``round_deadline_seconds`` (slow clients
+  then get fewer, higher blocks; ``fedbe bench`` runs 0.6).
 * ``aggregation`` (see :mod:`coordinator.aggregation`): ``server_optimizer: none|fedavgm|fedadam =
   none``, ``server_lr: float > 0`` (default 1.0, or 0.01 with fedadam), ``momentum: [0,1) = 0.9``
   (FedAvgM), ``beta1: [0,1) = 0.9``, ``beta2: [0,1) = 0.99``, ``tau: float > 0 = 1e-3`` (FedAdam),
@@ -110,11 +88,13 @@ from typing import Literal, NoReturn, TypeGuard, TypeVar
 
 import yaml
 
+from coordinator.aggregation import BLOCK_AVERAGES
 from fedbe.compression import Level
 from fedbe.errors import CodecError, ConfigError, ExpansionError
 from fedbe.expansion import PLACEMENTS, parse_placement
 from fedbe.profiles import PRECISIONS
-from fedbe.protocol import BALANCE_FORMS, DEFAULT_MAX_MESSAGE_BYTES, check_labels, check_name
+from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES, check_labels, check_name
+from fedbe.recipe import Recipe, RecipeError
 from fedbe.sources import SMOLLM2, TINY_PREFIX
 from fedbe.transport import BrokerConfig
 
@@ -122,6 +102,18 @@ EXAMPLE_FILE = Path(__file__).with_name("example-run.yaml")
 LATE_UPDATES = ("drop", "fold")
 EVAL_DATASETS = ("bbc-news",)
 _REQUIRED = object()
+_REJECTED = "measured and rejected, see docs/research.md"
+# fields an older configuration may still carry: the error says where each went instead of "unknown"
+REMOVED_FIELDS = {
+    "training.identity_pull": _REJECTED,
+    "training.rehearsal_rows": _REJECTED,
+    "training.balance_form": f"the label-balanced loss has one form ({_REJECTED})",
+    "training.context_blocks": "clients always run every new block, the ones they do not train frozen",
+    "allocation.min_steps_fraction": _REJECTED,
+    "training.labels": "it is the top-level field labels",
+    "training.task_weights_level": "it is the top-level field download_level",
+    "update_level": "it is upload_level",
+}
 _T = TypeVar("_T")
 
 
@@ -141,48 +133,6 @@ STRATEGIES = tuple(s.value for s in Strategy)
 SERVER_OPTIMIZERS = tuple(o.value for o in ServerOptimizer)
 
 
-@dataclass(frozen=True)
-class TrainingConfig:
-    steps: int = 10
-    lr: float = 3e-4
-    batch_size: int = 4
-    max_tokens: int = 128
-    distill_lambda: float | tuple[float, ...] = 3.0  # a tuple: per round, the last value holding after it
-    distill_top_k: int = 32
-    identity_pull: float = 0.0
-    rehearsal_rows: int = 0
-    distill_sample: int = 128
-    distill_rows: int = 1
-    context_blocks: bool = True
-    task_weights_level: Level = Level.INT8
-    lr_decay: float = 1.0  # round r's tasks carry lr x lr_decay^(r-1)
-    label_balance: bool = True  # tasks carry the federation's labels: clients train a label-balanced loss
-    # that loss's form (edge_client.trainer): vocab, factored, labels, present or neutral; a tuple is a per-round
-    # schedule (round_choice: ("present", "vocab") is present in round 1, vocab after)
-    balance_form: str | tuple[str, ...] = "vocab"
-    # the federation's labels, when the operator knows them: tasks carry these, and a client announcing
-    # a label outside them is refused; empty = every label an accepted client announced
-    labels: tuple[str, ...] = ()
-
-    def round_lr(self, round_: int) -> float:
-        """The client lr of round ``round_`` (1-based): ``lr x lr_decay^(round_-1)``."""
-        return round_lr(self.lr, self.lr_decay, round_)
-
-    def round_distill_lambda(self, round_: int) -> float:
-        """Round ``round_``'s (1-based) self-distillation weight (:func:`round_value` of ``distill_lambda``)."""
-        return round_value(self.distill_lambda, round_)
-
-    def round_balance_form(self, round_: int) -> str:
-        """Round ``round_``'s (1-based) form of the label-balanced loss (:func:`round_choice`)."""
-        return round_choice(self.balance_form, round_)
-
-
-def round_lr(lr: float, decay: float, round_: int) -> float:
-    """The client lr of round ``round_`` (1-based) under a per-round decay: ``lr x decay^(round_-1)``
-    (the coordinator's tasks and ``fedbe bench`` share it)."""
-    return lr * decay ** max(0, round_ - 1)
-
-
 def _is_real(value: object) -> TypeGuard[float]:
     """A finite int or float (not a bool)."""
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
@@ -196,52 +146,6 @@ def _in_interval(value: float, interval: str) -> bool:
     return above and below
 
 
-def schedule_values(schedule: float | tuple[float, ...]) -> tuple[float, ...]:
-    """A per-round schedule's values: a number is a one-value schedule."""
-    return schedule if isinstance(schedule, tuple) else (schedule,)
-
-
-def parse_schedule(text: str, flag: str) -> float | tuple[float, ...]:
-    """A command line's per-round schedule: ``"3"`` -> 3.0, ``"3,3,12"`` -> (3.0, 3.0, 12.0), each value a
-    finite number >= 0 (``fedbe bench`` and ``fedbe simulate`` share it; :func:`round_value` reads it)."""
-    try:
-        values = tuple(float(x) for x in str(text).split(","))
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ConfigError(f"{flag} must be a number >= 0 or comma-separated ones (one per round, the last "
-                          f"holding after it, e.g. 3,3,12), got {text!r}")  # fmt: skip
-    return values[0] if len(values) == 1 else values
-
-
-def round_value(schedule: float | tuple[float, ...], round_: int) -> float:
-    """Round ``round_``'s (1-based) value of a per-round schedule: a number holds in every round; a
-    list gives rounds 1, 2, ... their values and its last value holds after it (``(6, 3)``: 6 in
-    round 1, 3 from round 2 on). The coordinator's tasks and ``fedbe bench`` share it."""
-    if isinstance(schedule, tuple):
-        return float(schedule[min(max(round_, 1), len(schedule)) - 1])
-    return float(schedule)
-
-
-def round_choice(schedule: str | tuple[str, ...], round_: int) -> str:
-    """Round ``round_``'s (1-based) choice of a per-round schedule of names (``("present", "vocab")``:
-    ``present`` in round 1, ``vocab`` from round 2 on), read as :func:`round_value` reads numbers."""
-    if isinstance(schedule, tuple):
-        return schedule[min(max(round_, 1), len(schedule)) - 1]
-    return schedule
-
-
-def parse_choices(text: str, flag: str, choices: tuple[str, ...]) -> str | tuple[str, ...]:
-    """A command line's per-round schedule of names: ``"vocab"`` -> ``"vocab"``, ``"present,vocab"``
-    -> ``("present", "vocab")``, each one of ``choices``."""
-    values = tuple(v.strip() for v in str(text).split(","))
-    bad = [v for v in values if v not in choices]
-    if bad or not values:
-        raise ConfigError(f"{flag} must be one of {', '.join(choices)} or comma-separated ones (one per round, "
-                          f"the last holding after it, e.g. present,vocab), got {text!r}")  # fmt: skip
-    return values[0] if len(values) == 1 else values
-
-
 @dataclass(frozen=True)
 class AllocationConfig:
     strategy: Strategy = Strategy.FEDBE
@@ -251,7 +155,7 @@ class AllocationConfig:
     cost_weight: float = 0.1
     risk_weight: float = 0.2
     max_block_divergence: float = 1.0
-    min_steps_fraction: float = 1.0
+    deadline_factor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -317,10 +221,12 @@ class RunConfig:
     round_deadline_seconds: float = 600.0
     late_updates: Literal["drop", "fold"] = "drop"
     staleness_decay: float = 0.5
-    update_level: Level = Level.INT8
+    upload_level: Level = Level.INT8
+    download_level: Level = Level.INT8
+    labels: tuple[str, ...] = ()
     seed: int = 0
     eval_every: int = 0
-    training: TrainingConfig = TrainingConfig()
+    training: Recipe = Recipe()
     allocation: AllocationConfig = AllocationConfig()
     aggregation: AggregationConfig = AggregationConfig()
     auto_expansion: AutoExpansionConfig = AutoExpansionConfig()
@@ -381,45 +287,11 @@ class _Fields:
             self.fail(name, value, f"must lie in {interval}", f"Choose a value in {interval}.")
         return float(value)
 
-    def real_or_list(
-        self, name: str, default: float | tuple[float, ...], interval: str
-    ) -> float | tuple[float, ...]:
-        """A number inside ``interval``, or a non-empty list of them (a per-round schedule)."""
-        value = self.raw(name, default)
-        if not isinstance(value, list | tuple):
-            return self.real(name, default, interval)
-        if not value:
-            self.fail(name, value, "is an empty list", "Give one number, or one per round such as [6, 3].")
-        for i, item in enumerate(value):
-            if not (_is_real(item) and _in_interval(item, interval)):
-                self.fail(name, value, f"has item {i + 1}, {item!r}, that is not a number in {interval}",
-                          "Give one number per round, each in that interval, such as [6, 3].")  # fmt: skip
-        return tuple(float(item) for item in value)
-
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         value = self.raw(name, default)
         if not isinstance(value, str) or value not in options:
             self.fail(name, value, f"must be one of {', '.join(options)}", "Pick one of those names.")
         return value
-
-    def choice_or_list(
-        self, name: str, default: str | tuple[str, ...], options: tuple[str, ...]
-    ) -> str | tuple[str, ...]:
-        """One of ``options``, or a non-empty list of them (a per-round schedule, :func:`round_choice`)."""
-        value = self.raw(name, list(default) if isinstance(default, tuple) else default)
-        if not isinstance(value, list | tuple):
-            if not isinstance(value, str) or value not in options:
-                self.fail(name, value, f"must be one of {', '.join(options)} or a list of them (one per round)",
-                          "Pick one of those names, or a list such as [present, vocab].")  # fmt: skip
-            return value
-        if not value:
-            self.fail(name, value, "is an empty list",
-                      f"Give one of {', '.join(options)}, or one per round such as [present, vocab].")  # fmt: skip
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or item not in options:
-                self.fail(name, value, f"has item {i + 1}, {item!r}, that is not one of {', '.join(options)}",
-                          "Give one of those names per round, such as [present, vocab].")  # fmt: skip
-        return value[0] if len(value) == 1 else tuple(value)
 
     def boolean(self, name: str, default: bool) -> bool:
         value = self.raw(name, default)
@@ -468,6 +340,9 @@ class _Fields:
         for key in self.data:
             if key not in self.seen:
                 name = str(key)
+                if self.path(name) in REMOVED_FIELDS:
+                    raise ConfigError(f"{self.source}: {self.path(name)} is no longer a setting: "
+                                      f"{REMOVED_FIELDS[self.path(name)]}. Delete the line.")  # fmt: skip
                 close = difflib.get_close_matches(name, sorted(self.seen), n=1)
                 hint = f"Did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(
@@ -502,7 +377,7 @@ def parse_run_config(mapping: object, source_name: str, base_dir: Path | None = 
     placement = _placement(top)
     blocks = _blocks(top, placement)
     clients_per_round = top.integer("clients_per_round", 4, 1)
-    level = top.choice("update_level", Level.INT8.value, tuple(lv.value for lv in Level))
+    levels = tuple(lv.value for lv in Level)
     config = RunConfig(
         federation=federation,
         model=_model(top),
@@ -514,7 +389,9 @@ def parse_run_config(mapping: object, source_name: str, base_dir: Path | None = 
         round_deadline_seconds=top.real("round_deadline_seconds", 600.0, "(0, inf)"),
         late_updates="fold" if top.choice("late_updates", "drop", LATE_UPDATES) == "fold" else "drop",
         staleness_decay=top.real("staleness_decay", 0.5, "(0, 1]"),
-        update_level=Level(level),
+        upload_level=Level(top.choice("upload_level", Level.INT8.value, levels)),
+        download_level=Level(top.choice("download_level", Level.INT8.value, levels)),
+        labels=top.labels("labels", ()),
         seed=top.integer("seed", 0, 0),
         state_dir=_state_dir(top),
         eval_every=top.integer("eval_every", 0, 0),
@@ -601,28 +478,16 @@ def _blocks(top: _Fields, placement: str | tuple[int, ...]) -> int | Literal["au
     return blocks
 
 
-def _training(f: _Fields) -> TrainingConfig:
-    d = TrainingConfig()
-    return TrainingConfig(
-        steps=f.integer("steps", d.steps, 1),
-        lr=f.real("lr", d.lr, "(0, 1]"),
-        batch_size=f.integer("batch_size", d.batch_size, 1),
-        max_tokens=f.integer("max_tokens", d.max_tokens, 8),
-        distill_lambda=f.real_or_list("distill_lambda", d.distill_lambda, "[0, inf)"),
-        distill_top_k=f.integer("distill_top_k", d.distill_top_k, 0),
-        identity_pull=f.real("identity_pull", d.identity_pull, "[0, inf)"),
-        rehearsal_rows=f.integer("rehearsal_rows", d.rehearsal_rows, 0),
-        distill_sample=f.integer("distill_sample", d.distill_sample, 0),
-        distill_rows=f.integer("distill_rows", d.distill_rows, 0),
-        context_blocks=f.boolean("context_blocks", d.context_blocks),
-        task_weights_level=Level(
-            f.choice("task_weights_level", d.task_weights_level.value, tuple(lv.value for lv in Level))
-        ),
-        lr_decay=f.real("lr_decay", d.lr_decay, "(0, 1]"),
-        label_balance=f.boolean("label_balance", d.label_balance),
-        balance_form=f.choice_or_list("balance_form", d.balance_form, BALANCE_FORMS),
-        labels=f.labels("labels", d.labels),
-    )
+def _training(f: _Fields) -> Recipe:
+    """The ``training:`` section is the :class:`~fedbe.recipe.Recipe`: its fields, read generically."""
+    absent = object()
+    read = {fld.name: f.raw(fld.name, absent) for fld in dataclasses.fields(Recipe)}
+    given = {name: value for name, value in read.items() if value is not absent}
+    try:
+        return Recipe.from_mapping(given, defaults=Recipe())
+    except RecipeError as exc:
+        f.fail(exc.name, given.get(exc.name), f"is not valid ({exc})",
+               "See docs/coordinator-config.md, section training")  # fmt: skip
 
 
 def _allocation(f: _Fields) -> AllocationConfig:
@@ -635,7 +500,8 @@ def _allocation(f: _Fields) -> AllocationConfig:
         cost_weight=f.real("cost_weight", d.cost_weight, "[0, inf)"),
         risk_weight=f.real("risk_weight", d.risk_weight, "[0, inf)"),
         max_block_divergence=f.real("max_block_divergence", d.max_block_divergence, "[0, 1]"),
-        min_steps_fraction=f.real("min_steps_fraction", d.min_steps_fraction, "(0, 1]"),
+        deadline_factor=None if f.raw("deadline_factor", None) is None
+        else f.real("deadline_factor", None, "(0, inf)"),
     )
 
 
@@ -652,7 +518,7 @@ def _aggregation(f: _Fields) -> AggregationConfig:
         beta2=f.real("beta2", d.beta2, "[0, 1)"),
         tau=f.real("tau", d.tau, "(0, inf)"),
         norm_bound_factor=f.real("norm_bound_factor", d.norm_bound_factor, "[1, inf)"),
-        block_average=f.choice("block_average", d.block_average, ("trainers", "round")),
+        block_average=f.choice("block_average", d.block_average, BLOCK_AVERAGES),
     )
 
 

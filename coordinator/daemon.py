@@ -29,7 +29,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from coordinator.allocation import AllocationPolicy
 from coordinator.registry import ClientRegistry, check_announce
+from coordinator.round import (
+    Candidate,
+    Reply,
+    RoundPlan,
+    RoundPolicy,
+    close_round,
+    plan_round,
+    trained_blocks,
+)
 from fedbe import protocol
 from fedbe.blocks import BlockState, block_layout, get_block_state
 from fedbe.compression import Level, compress_state, decompress_state
@@ -55,7 +65,6 @@ class RoundLog:
     round: int
     selected: list[str] = field(default_factory=list)
     assignments: dict[str, list[int]] = field(default_factory=dict)
-    short_runs: dict[str, int] = field(default_factory=dict)  # client -> steps, where below training.steps
     updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -162,11 +171,6 @@ def wait_for_clients(
         else:
             pump.inbox.count(f"{item[1].value}_outside_round")
     return False
-
-
-def select_clients(eligible: list[str], per_round: int, rng: random.Random) -> list[str]:
-    chosen = list(eligible) if len(eligible) <= per_round else rng.sample(eligible, per_round)
-    return sorted(chosen)
 
 
 def layout_for(model: Any, registry: BlockRegistry) -> dict[int, dict[str, tuple[int, ...]]]:
@@ -323,7 +327,7 @@ class Coordinator:
                     "blocks: auto — provisional expansion with %d blocks until the clients have announced", n
                 )
         self._install_expansion(model)
-        self.clients = ClientRegistry(self.fingerprint, cfg.training.labels)
+        self.clients = ClientRegistry(self.fingerprint, cfg.labels)
         self.rng = random.Random(cfg.seed)
         self.last_trained: dict[int, int] = {}
         self.server_state: Any = None
@@ -340,7 +344,7 @@ class Coordinator:
         else:
             self.global_state = initial_state(model, self.registry)
             self.round = 0
-        self.server_optimizer = make_server_optimizer(cfg.aggregation)
+        self.policy = round_policy(cfg)
         self.server_state = _optimizer_state_from_snapshot(self.server_state, aggregation)
         self.pump = MessagePump(self.inbox, self.clients, self.conn, self.topics)
         self.publish_status("starting")
@@ -483,54 +487,26 @@ class Coordinator:
         self.publish_status("stopped")
         return 130
 
-    def capacities(self, selected: list[str], round_: int) -> list[Any]:
-        from coordinator.allocation import ClientCapacity  # noqa: PLC0415
-
-        caps = []
-        n = self.registry.num_layers
-        for cid in selected:
-            rec = self.clients.clients[cid]
-            a = rec.announce
-            assert a is not None
-            forward, backward = rec.step_model(n)
-            caps.append(ClientCapacity(
-                client_id=cid, max_blocks=rec.max_blocks(), base_forward_seconds=forward,
-                layer_backward_seconds=backward, steps=self.cfg.training.steps,
-                deadline_seconds=self.cfg.round_deadline_seconds, label_histogram=dict(a.label_histogram),
-                protected=self.cfg.training.round_distill_lambda(round_) > 0,
-            ))  # fmt: skip
-        return caps
-
-    def allocate(self, selected: list[str], round_: int) -> Any:
-        from coordinator import allocation  # noqa: PLC0415
-
-        a = self.cfg.allocation
-        slots = allocation.slots_from_registry(
-            self.registry, top_risk=a.top_risk, interleaved_risk=a.interleaved_risk
-        )
-        policy = allocation.AllocationPolicy(
-            strategy=a.strategy.value,
-            max_unprotected_risk=a.max_unprotected_risk,
-            risk_weight=a.risk_weight,
-            cost_weight=a.cost_weight,
-            max_block_divergence=a.max_block_divergence,
-            min_steps_fraction=a.min_steps_fraction,
-        )
-        return allocation.allocate(
-            slots, self.capacities(selected, round_), num_layers=self.registry.num_layers,
-            last_trained=self.last_trained, round=round_, seed=self.cfg.seed * 100003 + round_, policy=policy,
-        )  # fmt: skip
+    def candidates(self) -> list[Candidate]:
+        """The eligible clients as the round's plan sees them (speeds corrected by what they measured)."""
+        out = []
+        for rec in self.clients.eligible():
+            assert rec.announce is not None
+            forward, backward = rec.step_model(self.registry.num_layers)
+            out.append(Candidate(rec.client_id, rec.max_blocks(), forward, backward,
+                                 dict(rec.announce.label_histogram)))  # fmt: skip
+        return out
 
     def federation_labels(self) -> tuple[str, ...]:
-        """What a label-balanced loss balances over: ``training.labels`` if configured (a client
+        """What a label-balanced loss balances over: ``labels`` if configured (a client
         announcing others is refused), else every label an accepted client announced (sorted).
 
         Empty (plain cross-entropy) when there are more than a task may carry: the union of many
         clients' histograms can pass the per-client limit, and a task that can not be encoded would
         stop the round.
         """
-        if self.cfg.training.labels:
-            return self.cfg.training.labels
+        if self.cfg.labels:
+            return self.cfg.labels
         labels = sorted({
             label for rec in self.clients.clients.values() if rec.announce is not None and rec.refused is None
             for label in rec.announce.label_histogram
@@ -544,28 +520,17 @@ class Coordinator:
         return tuple(labels)
 
     def send_task(self, client_id: str, round_: int, blocks: tuple[int, ...], rlog: RoundLog, *,
-                  evaluate: bool = False, steps: int | None = None,
-                  balance_labels: tuple[str, ...] = ()) -> None:  # fmt: skip
-        """Publish a client's task; ``steps`` (default ``training.steps``) is fewer for a short run, and
-        ``balance_labels`` (the round's :meth:`federation_labels`) asks for the label-balanced loss."""
-        t = self.cfg.training
-        lam = t.round_distill_lambda(round_)
-        # a client runs the blocks it is sent and bypasses the others; with context_blocks it is sent
-        # all of them and trains its own inside the current global model
-        weight_ids = self.registry.block_ids if evaluate or t.context_blocks else blocks
+                  evaluate: bool = False, balance_labels: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """Publish a client's task: the weights of every new block (it trains its own with the others in
+        place, frozen), the recipe, and ``balance_labels`` (the round's :meth:`federation_labels`)."""
+        level = self.cfg.download_level
         task = protocol.TaskMessage(
             round=round_, task_id=f"r{round_}-{'eval' if evaluate else 'train'}-{client_id}", client_id=client_id,
-            block_ids=() if evaluate else blocks, weights_level=t.task_weights_level,
-            weights=encode_weights(self.global_state, list(weight_ids), t.task_weights_level),
-            reply_level=self.cfg.update_level,
-            steps=0 if evaluate else (steps or t.steps), lr=t.round_lr(round_), batch_size=t.batch_size,
-            max_tokens=t.max_tokens,
+            block_ids=() if evaluate else blocks, download_level=level,
+            weights=encode_weights(self.global_state, list(self.registry.block_ids), level),
+            upload_level=self.cfg.upload_level, recipe=self.cfg.training,
             deadline_seconds=self.cfg.round_deadline_seconds, seed=self.cfg.seed * 100003 + round_,
-            distill_lambda=lam, evaluate=evaluate, distill_top_k=t.distill_top_k,
-            identity_pull=t.identity_pull, rehearsal_rows=t.rehearsal_rows if lam > 0 else 0,
-            distill_sample=t.distill_sample,
-            distill_rows=t.distill_rows,
-            balance_labels=() if evaluate else balance_labels, balance_form=t.round_balance_form(round_),
+            evaluate=evaluate, balance_labels=() if evaluate else balance_labels,
         )  # fmt: skip
         frame = protocol.encode(task, max_bytes=self.cfg.broker.max_message_bytes)
         self.conn.publish(self.topics.client(client_id, ClientTopic.TASK), frame, wait=30)
@@ -574,15 +539,11 @@ class Coordinator:
     def run_round(self, round_: int) -> None:
         started = time.monotonic()
         rlog = RoundLog(round_)
-        eligible = [r.client_id for r in self.clients.eligible()]
-        rlog.selected = select_clients(eligible, self.cfg.clients_per_round, self.rng)
-        alloc = self.allocate(rlog.selected, round_)
-        assignments = {c: b for c, b in alloc.assignments.items() if b}
+        plan = plan_round(self.policy, round_, self.candidates(), self.registry, self.last_trained, self.cfg.seed,
+                          self.rng)  # fmt: skip
+        alloc, assignments = plan.allocation, plan.assignments
+        rlog.selected = list(plan.selected)
         rlog.assignments = {c: list(b) for c, b in alloc.assignments.items()}
-        rlog.short_runs = {c: n for c, n in alloc.steps.items() if n < self.cfg.training.steps}
-        if rlog.short_runs:
-            log.info("round %d: blocks %s offered to clients that reach them only with short runs: %s", round_,
-                     list(alloc.short_run_blocks), rlog.short_runs)  # fmt: skip
         if not assignments:
             log.warning("round %d: no selected client can train any block: %s", round_, alloc.reasons)
         if alloc.withdrawn_blocks:
@@ -604,11 +565,9 @@ class Coordinator:
         labels = self.federation_labels() if self.cfg.training.label_balance else ()
         for cid, blocks in assignments.items():
             if cid not in collector.updates:
-                self.send_task(
-                    cid, round_, blocks, rlog, steps=rlog.short_runs.get(cid), balance_labels=labels
-                )
+                self.send_task(cid, round_, blocks, rlog, balance_labels=labels)
         rlog.closed_by = self.collect(collector, started)
-        self.close_round(round_, collector, rlog)
+        self.close_round(plan, collector, rlog)
         if self.cfg.eval_every and round_ % self.cfg.eval_every == 0:
             rlog.evaluation = self.federated_eval(round_, rlog)
         if self.cfg.server_eval is not None and (
@@ -658,28 +617,17 @@ class Coordinator:
                 self.inbox.count(f"{kind.value}_during_training")
         return "stopped"
 
-    def close_round(self, round_: int, collector: RoundCollector, rlog: RoundLog) -> None:
-        from coordinator import aggregation  # noqa: PLC0415
-
-        batch = self.cfg.training.batch_size
-        # In client-id order, not arrival order: the float sums (and so the weights) do not depend on
-        # which update came first, so a resumed run aggregates exactly as an uninterrupted one.
-        deltas = {cid: deltas_of(collector.updates[cid]) for cid in sorted(collector.updates)}
-        norms = {cid: aggregation.update_norm(d) for cid, d in deltas.items()}
-        accepted: list[Any] = []
-        for cid, delta in deltas.items():
-            others = [n for other, n in norms.items() if other != cid]
-            verdict = aggregation.screen_update(
-                delta, collector.assignments[cid], self.layout, others, self.cfg.aggregation.norm_bound_factor
-            )
-            if not verdict.accepted:
-                collector.reject(cid, verdict.code, verdict.reason)
-                continue
+    def close_round(self, plan: RoundPlan, collector: RoundCollector, rlog: RoundLog) -> None:
+        """Hand the collected updates to :func:`coordinator.round.close_round`; record what it decided."""
+        round_ = plan.round
+        replies = [Reply(cid, deltas_of(msg), msg.num_samples, msg.round) for cid, msg in collector.updates.items()]
+        late = [Reply(m.client_id, deltas_of(m), m.num_samples, m.round) for m in collector.late
+                if m.client_id in self.clients.clients]  # fmt: skip
+        outcome = close_round(self.policy, plan, self.global_state, self.layout, replies, self.server_state, late)
+        for cid, code, reason in outcome.rejected:
+            collector.reject(cid, code, reason)
+        for cid in outcome.accepted:
             msg = collector.updates[cid]
-            # The weight is what the client claims, capped at what its task allowed (steps x batch):
-            # a client can not buy a larger share of the average by inflating num_samples.
-            allowed = rlog.short_runs.get(cid, self.cfg.training.steps) * batch
-            accepted.append(aggregation.ClientUpdate(cid, delta, min(msg.num_samples, allowed), 0))
             predicted = self.clients.clients[cid].predicted_step_seconds(
                 self.registry.num_layers, min(self.registry.block(b).layer_index for b in msg.blocks)
             )
@@ -689,41 +637,18 @@ class Coordinator:
             rlog.updates[cid] = {
                 "blocks": sorted(msg.blocks), "samples": msg.num_samples, "steps": msg.num_steps,
                 "loss": msg.mean_loss, "seconds": msg.wall_seconds, "peak_memory_bytes": msg.peak_memory_bytes,
-                "norm": norms[cid],
+                "norm": outcome.norms[cid],
             }  # fmt: skip
             rlog.bytes_up[cid] = collector.frames_bytes.get(cid, 0)
-        if self.cfg.late_updates == "fold":
-            for msg in collector.late:
-                late_delta = deltas_of(msg)
-                verdict = aggregation.screen_update(
-                    late_delta, self.registry.block_ids, self.layout, list(norms.values()),
-                    self.cfg.aggregation.norm_bound_factor,
-                )  # fmt: skip
-                if not verdict.accepted:
-                    collector.reject(msg.client_id, verdict.code, "late update: " + verdict.reason)
-                elif msg.client_id in self.clients.clients and msg.client_id not in rlog.updates:
-                    # its task's steps are an earlier round's: capped at the most any task asks for
-                    weight = min(msg.num_samples, self.cfg.training.steps * batch)
-                    accepted.append(
-                        aggregation.ClientUpdate(msg.client_id, late_delta, weight, round_ - msg.round)
-                    )
         for cid, err in collector.errors.items():
             self.clients.on_failure(cid, err.code, len(collector.assignments.get(cid, ())))
             rlog.errors.append({"client": cid, "code": err.code, "reason": err.reason[:300]})
         rlog.rejected = collector.rejected
-        result = aggregation.aggregate(
-            self.global_state,
-            accepted,
-            self.server_optimizer,
-            self.cfg.staleness_decay,
-            self.server_state,
-            block_average=self.cfg.aggregation.block_average,
-        )
-        self.global_state = result.new_state
-        self.server_state = result.optimizer_state
-        for block_id, report in result.per_block.items():
-            if report.trainers:
-                self.last_trained[block_id] = round_
+        self.global_state = outcome.new_state
+        self.server_state = outcome.optimizer_state
+        for block_id in trained_blocks(outcome):
+            self.last_trained[block_id] = round_
+        for block_id, report in outcome.per_block.items():
             rlog.blocks[block_id] = {
                 "trainers": list(report.trainers), "weight": report.weight_total, "update_norm": report.update_norm,
             }  # fmt: skip
@@ -870,14 +795,26 @@ class Coordinator:
         self.publish_status("running")
 
 
-def make_server_optimizer(settings: Any) -> Any:
+def round_policy(cfg: Any) -> RoundPolicy:
+    """The :class:`~coordinator.round.RoundPolicy` a run configuration describes."""
     from coordinator.aggregation import FedAdam, FedAvgM  # noqa: PLC0415
 
-    if settings.server_optimizer == "fedavgm":
-        return FedAvgM(lr=settings.server_lr, momentum=settings.momentum)
-    if settings.server_optimizer == "fedadam":
-        return FedAdam(lr=settings.server_lr, beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau)
-    return None
+    a, g = cfg.allocation, cfg.aggregation
+    server: Any = None
+    if g.server_optimizer == "fedavgm":
+        server = FedAvgM(lr=g.server_lr, momentum=g.momentum)
+    elif g.server_optimizer == "fedadam":
+        server = FedAdam(lr=g.server_lr, beta1=g.beta1, beta2=g.beta2, tau=g.tau)
+    return RoundPolicy(
+        recipe=cfg.training, clients_per_round=cfg.clients_per_round, deadline_seconds=cfg.round_deadline_seconds,
+        deadline_factor=a.deadline_factor,
+        allocation=AllocationPolicy(strategy=a.strategy.value, max_unprotected_risk=a.max_unprotected_risk,
+                                    cost_weight=a.cost_weight, risk_weight=a.risk_weight,
+                                    max_block_divergence=a.max_block_divergence),
+        top_risk=a.top_risk, interleaved_risk=a.interleaved_risk, norm_bound_factor=g.norm_bound_factor,
+        block_average=g.block_average, staleness_decay=cfg.staleness_decay, late_updates=cfg.late_updates,
+        server_optimizer=server,
+    )  # fmt: skip
 
 
 _OPTIMIZER_KINDS = {1: "FedAvgMState", 2: "FedAdamState"}

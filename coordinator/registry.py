@@ -94,7 +94,7 @@ def check_announce(msg: AnnounceMessage) -> str | None:
 
 
 class ClientRegistry:
-    """Who announced what; ``labels`` (the configured ``training.labels``, empty = any) are the only
+    """Who announced what; ``labels`` (the configured ``labels``, empty = any) are the only
     labels a client may announce."""
 
     def __init__(self, base_fingerprint: str, labels: tuple[str, ...] = ()) -> None:
@@ -124,7 +124,7 @@ class ClientRegistry:
             rec.announce = None  # not eligible until it announces the federation's labels
             rec.refused = (
                 f"your data has labels {shown} that are not the federation's ({known}; the coordinator's "
-                "training.labels): train on the federation's dataset, or ask the operator to add the labels"
+                "labels): train on the federation's dataset, or ask the operator to add the labels"
             )
             log.warning("refusing %s: %s", msg.client_id, rec.refused)
             return NoticeMessage(msg.client_id, "refused", rec.refused)

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from edge_client.trainer import BaseCache, LabelPrior, TrainConfig, evaluate_loss, train_blocks
+from edge_client.loss import BaseCache, LabelPrior
+from edge_client.trainer import evaluate_loss, train_blocks
 from fedbe import protocol
 from fedbe.blocks import block_delta, block_layout, get_block_state, set_block_state
 from fedbe.compression import BlockState, compress_state, decompress_state
@@ -147,10 +148,8 @@ class TaskRunner:
             protocol.validate_blocks(task.weights, block_layout(self.client.model, registry))
         except CodecError as exc:
             return str(exc)
-        if task.steps == 0 and not task.evaluate:
-            return "task has no training steps and no evaluation: nothing to do"
-        if task.batch_size < 1 or task.max_tokens < 8:
-            return f"batch_size {task.batch_size} / max_tokens {task.max_tokens} are too small"
+        if not task.block_ids and not task.evaluate:
+            return "task has no blocks to train and no evaluation: nothing to do"
         return None
 
     def fits(self, task: protocol.TaskMessage) -> bool:
@@ -178,41 +177,23 @@ class TaskRunner:
         skipped = [b for b in registry.block_ids if b not in sent]
         replies: list[Any] = []
         with bypassed(model, registry, skipped):
-            if task.steps > 0 and task.block_ids:
+            if task.block_ids:
+                recipe = task.recipe
                 torch.manual_seed(task.seed)
-                batches = self.train_batches(task.batch_size, task.max_tokens, task.seed)
-                deadline = task.deadline_seconds if task.deadline_seconds > 0 else None
-                top_k = task.distill_top_k if task.distill_lambda > 0 else 0
+                batches = self.train_batches(recipe.batch_size, recipe.max_tokens, task.seed)
+                top_k = recipe.distill_top_k if recipe.distill_lambda_in_round(task.round) > 0 else 0
                 if top_k and (self.base_cache is None or self.base_cache.top_k != top_k):
                     self.base_cache = BaseCache(top_k)
                 prior = (
                     self.label_prior(task.balance_labels)
-                    if task.balance_labels and self.label_prior
+                    if recipe.label_balance and task.balance_labels and self.label_prior
                     else None
                 )
-                config = TrainConfig(
-                    steps=task.steps,
-                    lr=task.lr,
-                    deadline_seconds=deadline,
-                    distill_lambda=task.distill_lambda,
-                    distill_top_k=task.distill_top_k,
-                    identity_pull=task.identity_pull,
-                    rehearsal_rows=task.rehearsal_rows if task.distill_lambda > 0 else 0,
-                    distill_sample=task.distill_sample,
-                    distill_rows=task.distill_rows,
-                    label_balance=prior is not None,
-                    balance_form=task.balance_form,
-                )
                 result = train_blocks(
-                    model,
-                    registry,
-                    task.block_ids,
-                    batches,
-                    config,
-                    should_stop=should_stop,
-                    base_cache=self.base_cache,
-                    label_prior=prior,
-                )
+                    model, registry, task.block_ids, batches, recipe, task.round,
+                    deadline_seconds=task.deadline_seconds if task.deadline_seconds > 0 else None,
+                    should_stop=should_stop, base_cache=self.base_cache, label_prior=prior,
+                )  # fmt: skip
                 if result.stopped_early:
                     return [
                         protocol.TaskErrorMessage(
@@ -220,7 +201,7 @@ class TaskRunner:
                             task.task_id,
                             self.client_id,
                             "abandoned",
-                            f"stopped after {result.steps} of {task.steps} steps (shutdown)",
+                            f"stopped after {result.steps} of {recipe.steps} steps (shutdown)",
                         )
                     ]
                 trained = get_block_state(model, registry, task.block_ids)
@@ -231,14 +212,14 @@ class TaskRunner:
                     b: self.residual.get(b) or {n: torch.zeros_like(t) for n, t in delta[b].items()}
                     for b in task.block_ids
                 }
-                compressed, new_residual = compress_state(delta, task.reply_level, residual)
+                compressed, new_residual = compress_state(delta, task.upload_level, residual)
                 self.residual.update(new_residual)
                 replies.append(
                     protocol.UpdateMessage(
                         round=task.round,
                         task_id=task.task_id,
                         client_id=self.client_id,
-                        level=task.reply_level,
+                        level=task.upload_level,
                         blocks=compressed,
                         num_samples=result.samples,
                         num_steps=result.steps,
@@ -248,7 +229,7 @@ class TaskRunner:
                     )
                 )
             if task.evaluate:
-                n, loss, accuracy = self.evaluate(model, task.max_tokens)
+                n, loss, accuracy = self.evaluate(model, task.recipe.max_tokens)
                 replies.append(
                     protocol.EvalResultMessage(task.round, task.task_id, self.client_id, n, loss, accuracy)
                 )
@@ -409,7 +390,7 @@ class EdgeAgent:
                 f"training blocks {list(task.block_ids)} exceeds this device's memory budget",
             )
             return
-        log.info("round %d: training blocks %s for %d steps", task.round, list(task.block_ids), task.steps)
+        log.info("round %d: training blocks %s for %d steps", task.round, list(task.block_ids), task.recipe.steps)
         self.status("training", task.round)
         started = time.perf_counter()
         try:

@@ -251,14 +251,15 @@ class FakeFleet:
         if self.delay_seconds:
             time.sleep(self.delay_seconds)  # "training": long enough for a test to kill us mid-round
         update: protocol.UpdateMessage | None = None
-        if task.block_ids and task.steps:
+        if task.block_ids:
             with self._lock:
                 self.tasks.setdefault(c.client_id, []).append(task.round)
-            blocks, _ = compress_state(fake_delta(c.client_id, task), task.reply_level)
+            blocks, _ = compress_state(fake_delta(c.client_id, task), task.upload_level)
             update = protocol.UpdateMessage(
-                round=task.round, client_id=c.client_id, task_id=task.task_id, level=task.reply_level,
-                blocks=blocks, num_samples=task.steps * task.batch_size, num_steps=task.steps, mean_loss=1.0,
-                wall_seconds=0.01 * task.steps, peak_memory_bytes=1 << 20,
+                round=task.round, client_id=c.client_id, task_id=task.task_id, level=task.upload_level,
+                blocks=blocks, num_samples=task.recipe.steps * task.recipe.batch_size, num_steps=task.recipe.steps,
+                mean_loss=1.0,
+                wall_seconds=0.01 * task.recipe.steps, peak_memory_bytes=1 << 20,
             )  # fmt: skip
         replies = self.behaviour(c.client_id, task, update) if self.behaviour is not None else None
         if replies is not None:

@@ -35,7 +35,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,12 @@ import torch
 from transformers import PreTrainedModel
 
 from edge_client.probe import cpu_description
-from edge_client.trainer import TrainConfig, train_blocks
+from edge_client.trainer import train_blocks
 from fedbe import expansion, sources
 from fedbe.blocks import get_block_state, set_block_state, set_trainable
 from fedbe.datasets import Batch
 from fedbe.errors import FedbeError
+from fedbe.recipe import PLAIN
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def benchmark_compute(
             registry,
             [top],
             [batch],
-            TrainConfig(steps=steps + 1),
+            replace(PLAIN, steps=steps + 1),
             on_step=lambda _step, _loss: marks.append(time.perf_counter()),
         )
     finally:

@@ -17,47 +17,24 @@ full fine-tuning have no such knob: every client backpropagates through the whol
 
 Methods (``--methods``):
 
-* ``fedbe``: new blocks (lr 2e-3 in round 1, halved every round), our allocation with a deadline
-  of 0.6 x the median client's all-blocks time, self-distillation (lambda 3, cached top-32 of the
-  base, 128 positions a step), blocks whose trainers' labels are farther than Jensen-Shannon 0.3
-  from the federation's left untrained for the round, each block averaged over the round (a client
-  that did not train it counting as a zero change), and
-  context blocks (a client runs every new block, the ones it does not train frozen); every
-  method's clients receive the global weights as int8 (--download-level)
-* ``fedbe-context`` / ``fedbe-bypass``: ``fedbe`` with / without context blocks (ablation: without,
-  a client bypasses the blocks it was not given)
-* ``fedbe-const-lr``: ``fedbe`` with a constant lr, the schedule's round-2 value (lr x lr_decay) (ablation)
-* ``fedbe-fp32-download``: ``fedbe`` receiving the blocks it trains in fp32 and the others in bf16 (ablation)
+* ``fedbe``: new blocks (lr 2e-3 in round 1, halved every round), the coordinator's allocation with a
+  deadline of 0.6 x the median client's all-blocks time, self-distillation (lambda 3, 3, then 12;
+  cached top-32 of the base, 128 positions of one row a step), the label-balanced loss, each block
+  averaged over the round (a client that did not train it counting as a zero change); a client runs
+  every new block, the ones it does not train frozen; every method's clients receive the global
+  weights as int8 (--download-level)
 * ``fedbe-plain``: the same without self-distillation (ablation)
 * ``fedbe-exact``: self-distillation with the exact KL and no cache (cost ablation)
-* ``fedbe-pull``: ``fedbe`` plus an identity pull on the output projections (ablation)
-* ``fedbe-gate``: ``fedbe`` plus a trainable scalar gate per trained block, starting at 1 and folded
-  into the block when local training ends (``TrainConfig.block_gate``; ablation)
-* ``fedbe-rehearsal``: ``fedbe`` plus 2 rows of base-sampled text distilled in every batch (ablation)
-* ``fedbe-all-positions``: ``fedbe`` distilling every article position, not a sample (ablation)
-* ``fedbe-all-rows``: ``fedbe`` distilling (and filling the base cache for) every row of each batch,
-  not ``distill_rows`` of them (cost ablation)
-* ``fedbe-no-deadline``: ``fedbe`` with the deadline at the median client's all-blocks time (ablation)
-* ``fedbe-skew-limit`` / ``fedbe-no-skew-limit``: ``fedbe`` with the label-skew bound at
-  :data:`SKEW_LIMIT` (the default until session 26) / with no bound, whatever ``--max-block-divergence`` says (ablation)
-* ``fedbe-balance`` / ``fedbe-no-balance``: ``fedbe`` with / without the label-balanced loss (ablation)
-* ``fedbe-balance-vocab`` / ``-factored`` / ``-labels`` / ``-present`` / ``-neutral``: ``fedbe`` with the
-  label-balanced loss in that form (``edge_client.trainer``: offsets in the softmax over the
-  vocabulary / over the label words alone, times the label words' total probability / over the label
-  words alone / over the labels the client holds / that plus a label-neutral term for the label words'
-  total probability), whatever ``--balance-form`` says (ablation)
-* ``fedbe-balance-missing``: ``fedbe`` with the label-balanced loss, in the ``present`` form for a client
-  whose data lacks some label and in ``--balance-form``'s form for the others (ablation)
-* ``fedbe-avg-trainers`` / ``fedbe-avg-round``: ``fedbe`` averaging each block over its trainers / over
-  every client of the round (ablation)
-* ``fedbe-interleave``: ``fedbe`` with its blocks interleaved (LLaMA Pro) whatever ``--placement`` says (ablation)
+* ``fedbe-interleave``: ``fedbe`` with its blocks interleaved (LLaMA Pro) whatever ``--placement`` says
+* ``pos-bottom`` / ``pos-middle`` / ``pos-top``: one new block at that depth, plain CE (where forgetting happens)
 * ``fedbe-random`` / ``fedbe-all``: random allocation / every client trains all blocks it can hold
 * ``fedit``: FedAvg of LoRA adapters (PEFT, r=16 on every linear layer of the base; the same lr schedule)
 * ``fedit-distill``: FedIT with the same self-distillation as ``fedbe`` (adapters disabled = base)
-* ``fedit-distill-balance``: ``fedit-distill`` with the label-balanced loss (is it FedBE's alone?)
 * ``ffa-lora``: LoRA with A frozen at its random init, only B trained and averaged
 * ``full-ft``: FedAvg of every weight; skipped (and said so) when its estimated time exceeds the budget
-* ``pos-bottom`` / ``pos-middle`` / ``pos-top``: one new block at that depth, plain CE (where forgetting happens)
+
+FedBE's round is :func:`coordinator.round.plan_round` and :func:`coordinator.round.close_round`, the
+functions the coordinator daemon runs; the methods above are settings of it.
 """
 
 from __future__ import annotations
@@ -79,34 +56,16 @@ import numpy as np
 import torch
 
 from coordinator.aggregation import BLOCK_AVERAGES
-from coordinator.config import (
-    parse_choices,
-    parse_schedule,
-    round_choice,
-    round_lr,
-    round_value,
-    schedule_values,
-)
 from fedbe.errors import ConfigError, ExpansionError, FedbeError
-from fedbe.protocol import BALANCE_FORMS
+from fedbe.recipe import Recipe, parse_schedule
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROFILES = ("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb", "jetson-xavier-nx")
-BLOCK_METHODS = (
-    "fedbe", "fedbe-plain", "fedbe-exact", "fedbe-pull", "fedbe-rehearsal", "fedbe-all-positions",
-    "fedbe-no-deadline", "fedbe-skew-limit", "fedbe-no-skew-limit", "fedbe-balance", "fedbe-no-balance",
-    "fedbe-avg-trainers", "fedbe-avg-round", "fedbe-context", "fedbe-bypass", "fedbe-random", "fedbe-all",
-    "fedbe-const-lr", "fedbe-fp32-download", "fedbe-all-rows", "fedbe-interleave", "fedbe-gate",
-    "fedbe-balance-vocab", "fedbe-balance-factored", "fedbe-balance-labels",
-    "fedbe-balance-present", "fedbe-balance-neutral", "fedbe-balance-missing",
-)  # fmt: skip
+BLOCK_METHODS = ("fedbe", "fedbe-plain", "fedbe-exact", "fedbe-interleave", "fedbe-random", "fedbe-all")
 POSITION_METHODS = ("pos-bottom", "pos-middle", "pos-top")
-# the label-skew bound fedbe-skew-limit runs with (max_block_divergence, chosen on validation before
-# the label-balanced loss; the default until session 26)
-SKEW_LIMIT = 0.3
 LORA_BASES = ("frozen", "plain")  # BenchSettings.lora_base
-LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance")
+LORA_METHODS = ("fedit", "fedit-distill", "ffa-lora")
 NEW_BLOCK_METHODS = BLOCK_METHODS + POSITION_METHODS  # the methods BlockMethod runs (they train new blocks)
 ALL_METHODS = BLOCK_METHODS + LORA_METHODS + ("full-ft",) + POSITION_METHODS
 DEFAULT_METHODS = ("fedbe", "fedbe-plain", "fedbe-random", "fedbe-all", "fedit", "fedit-distill", "ffa-lora",
@@ -163,8 +122,6 @@ class BenchSettings:
     distill_lambda: float | tuple[float, ...] = (3.0, 3.0, 12.0)
     lora_distill_lambda: float = 3.0  # fedit-distill's own lambda, chosen on --split validation
     distill_top_k: int = 32
-    identity_pull: float = 1e-3
-    rehearsal_rows: int = 0
     # distillation positions per step (0 = all), for every distilling method; chosen on --split
     # validation (0 / 64 / 128: 128 keeps the retention of all positions at half the step cost)
     distill_sample: int = 128
@@ -182,22 +139,11 @@ class BenchSettings:
     # bound won on validation (session 25, docs/validation-sweep.md, last section: alpha 0.1 final
     # accuracy 0.913 against 0.863, alpha 0.5 unchanged), so 1.0 since session 26 (test run v16)
     max_block_divergence: float = 1.0
-    # before a block is left untrained for label skew, offer it to clients that reach it only by
-    # running fewer local steps, down to this fraction of --steps (coordinator.allocation, "Short
-    # runs"); 1.0 = never shorten a client's run
-    min_steps_fraction: float = 1.0
     # balanced softmax over the label words with each client's own label frequencies (FedBE methods)
     # (offsets relative to the uniform label mix since session 24); chosen on --split validation, seeds
     # 0-2 at alpha 0.5 and 0.1 (docs/validation-sweep.md, last section): final accuracy 0.960 / 0.863
     # against 0.940 / 0.843 at perplexity retention 1.0011 / 1.0003 against 1.0017 / 1.0004
     label_balance: bool = True
-    # the form of that loss, one of fedbe.protocol.BALANCE_FORMS (edge_client.trainer's module doc);
-    # every form but "vocab" was rejected on --split validation (sessions 27-28,
-    # docs/validation-sweep.md: "present" reaches the target at alpha 0.1 in half the rounds, but costs
-    # 0.02 accuracy and 0.2-0.5% perplexity retention at alpha 0.5); a tuple is a per-round schedule
-    # (coordinator.config.round_choice: ("present", "vocab") is "present" in round 1, "vocab" after;
-    # rejected on validation in session 28)
-    balance_form: str | tuple[str, ...] = "vocab"
     # what a block's aggregate averages over: "trainers" (its trainers) or "round" (every client of
     # the round, a non-trainer counting as a zero delta, so each client's change enters with its data
     # share however many blocks it trains); see coordinator.aggregation. Chosen on --split
@@ -208,9 +154,6 @@ class BenchSettings:
     server_lr: float = 1.0  # FedBE's server step on the averaged block deltas (1 = FedAvg)
     lr_decay: float = 0.5  # FedBE's client lr in round r is lr x lr_decay^(r-1)
     lora_lr_decay: float = 0.5  # the same for the LoRA methods (lora_lr x lora_lr_decay^(r-1))
-    # FedBE clients run every new block (the ones they do not train frozen) instead
-    # of bypassing the blocks they were not assigned, so they train inside the global model
-    context_blocks: bool = True
     # the precision every method's clients receive the global trainable weights in (the blocks a FedBE
     # client trains, LoRA adapters, full FT's weights); FedBE's frozen context blocks travel at this
     # level too, never above bf16. A client's update is its change from the weights it received.
@@ -234,7 +177,6 @@ class BenchSettings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in (
-            "rehearsal_rows",
             "distill_sample",
             "distill_rows",
             "distill_top_k",
@@ -242,7 +184,7 @@ class BenchSettings:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        schedule = schedule_values(self.distill_lambda)
+        schedule = self.distill_lambda if isinstance(self.distill_lambda, tuple) else (self.distill_lambda,)
         if not schedule or not all(
             isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in schedule
         ):
@@ -253,7 +195,6 @@ class BenchSettings:
             "lora_lr",
             "full_ft_lr",
             "lora_distill_lambda",
-            "identity_pull",
             "full_ft_budget_seconds",
             "deadline_factor",
             "server_lr",
@@ -278,10 +219,6 @@ class BenchSettings:
             raise ConfigError(
                 f"download_level must be one of {', '.join(DOWNLOAD_LEVELS)}, got {self.download_level!r}"
             )
-        forms = self.balance_form if isinstance(self.balance_form, tuple) else (self.balance_form,)
-        if not forms or any(f not in BALANCE_FORMS for f in forms):
-            raise ConfigError(f"balance_form must be one of {', '.join(BALANCE_FORMS)} or a non-empty list of "
-                              f"them (one per round), got {self.balance_form!r}")  # fmt: skip
         if self.lora_base not in LORA_BASES:
             raise ConfigError(f"lora_base must be one of {', '.join(LORA_BASES)}, got {self.lora_base!r}")
         if self.block_average not in BLOCK_AVERAGES:
@@ -290,10 +227,6 @@ class BenchSettings:
             )
         if not (0 <= self.max_block_divergence <= 1):
             raise ConfigError(f"max_block_divergence must be in [0, 1], got {self.max_block_divergence}")
-        if not (0 < self.min_steps_fraction <= 1):
-            raise ConfigError(
-                f"min_steps_fraction must be in (0, 1] (1 = never shorten a run), got {self.min_steps_fraction}"
-            )
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha}")
 
@@ -551,7 +484,6 @@ class ClientResult:
     loss: float
     base_forwards: int
     samples: int
-    gates: dict[int, float] = field(default_factory=dict)  # block id -> gate when folded (fedbe-gate)
 
 
 class Method:
@@ -567,8 +499,6 @@ class Method:
         self.caches: dict[str, Any] = {}
         self.peak_memory = 0
         self.withdrawn: tuple[int, ...] = ()  # blocks the last allocation left out for label skew
-        self.client_steps: dict[str, int] = {}  # local steps of each client in the last allocation
-        self.short_run_blocks: tuple[int, ...] = ()  # blocks it gave to clients with short runs
         self.priors: dict[str, Any] = {}  # client id -> LabelPrior, for the label-balanced loss
 
     def label_priors(self) -> bool:
@@ -588,22 +518,13 @@ class Method:
             return False
         return True
 
-    def train_config(
-        self,
-        distill: bool,
-        pull: bool = False,
-        exact: bool = False,
-        lr: float | None = None,
-        distill_lambda: float | None = None,
-    ) -> Any:
-        from edge_client.trainer import TrainConfig  # noqa: PLC0415
-
-        lam = round_value(self.s.distill_lambda, 1) if distill_lambda is None else distill_lambda
-        return TrainConfig(
-            steps=self.s.steps, lr=lr or self.s.lr, distill_lambda=lam if distill else 0.0,
-            distill_top_k=0 if exact else self.s.distill_top_k, identity_pull=self.s.identity_pull if pull else 0.0,
-            rehearsal_rows=self.s.rehearsal_rows if distill else 0, distill_sample=self.s.distill_sample,
-            distill_rows=self.s.distill_rows,
+    def recipe(self, lr: float, lr_decay: float, distill_lambda: float | tuple[float, ...],
+               label_balance: bool = False) -> Recipe:  # fmt: skip
+        """This run's training recipe with a method's own lr schedule and distillation weight."""
+        return Recipe(
+            steps=self.s.steps, lr=lr, lr_decay=lr_decay, batch_size=self.s.batch_size,
+            max_tokens=self.s.max_tokens, distill_lambda=distill_lambda, distill_top_k=self.s.distill_top_k,
+            distill_sample=self.s.distill_sample, distill_rows=self.s.distill_rows, label_balance=label_balance,
         )  # fmt: skip
 
     def download(self, state: Any, level: str | None = None) -> tuple[Any, dict[int, int]]:
@@ -637,23 +558,18 @@ def train_time(result: Any) -> float:
     return statistics.median(result.step_seconds) * len(result.step_seconds) if result.step_seconds else 0.0
 
 
-def client_seconds(result: Any) -> float:
-    """What the client spends on the task here: :func:`train_time` plus a one-off rehearsal sampling."""
-    return train_time(result) + result.rehearsal_seconds
-
-
 def emulated(client: Any, result: Any, up: int, down: int) -> tuple[float, float]:
     """The client's emulated round seconds (its time here x its profile's slowdown, plus its transfer
     over the profile's link) and the transfer part alone."""
     transfer = 8 * (up + down) / client.link_bps
-    return client_seconds(result) * client.slowdown + transfer, transfer
+    return train_time(result) * client.slowdown + transfer, transfer
 
 
 class BlockMethod(Method):
     def __init__(self, name: str, world: World) -> None:
         super().__init__(name, world)
         from fedbe import expansion, quantization, sources  # noqa: PLC0415
-        from fedbe.blocks import get_block_state  # noqa: PLC0415
+        from fedbe.blocks import block_layout, get_block_state  # noqa: PLC0415
 
         model = sources.load_model(world.source)
         layers = model.config.num_hidden_layers
@@ -669,89 +585,48 @@ class BlockMethod(Method):
         self.model = model
         self.global_state = get_block_state(model, self.registry)
         self.distill = name not in ("fedbe-plain",) + POSITION_METHODS
-        self.config = self.train_config(self.distill, pull=name == "fedbe-pull", exact=name == "fedbe-exact")
-        if name == "fedbe-rehearsal":
-            self.config = replace(self.config, rehearsal_rows=self.s.rehearsal_rows or 2)
-        if name == "fedbe-all-positions":
-            self.config = replace(self.config, distill_sample=0)
-        if name == "fedbe-all-rows":
-            self.config = replace(self.config, distill_rows=0)
-        if name == "fedbe-gate":
-            self.config = replace(self.config, block_gate=True)
-        # fedbe-balance-FORM: the balanced loss in that form, whatever the settings say;
-        # fedbe-balance-missing: on, "present" for a client that lacks some label (round())
-        suffix = name.removeprefix("fedbe-balance-") if name.startswith("fedbe-balance-") else None
-        forced = suffix if suffix in BALANCE_FORMS else None
-        balance = forced is not None or {
-            "fedbe-balance": True, "fedbe-no-balance": False, "fedbe-balance-missing": True
-        }.get(name, self.s.label_balance)  # fmt: skip
-        self.balance_forms = forced or self.s.balance_form  # a per-round schedule (round_choice)
-        if balance and name not in POSITION_METHODS and self.label_priors():
-            self.config = replace(
-                self.config, label_balance=True, balance_form=round_choice(self.balance_forms, 1)
-            )
-        self.strategy = {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe")
+        balance = self.s.label_balance and name not in POSITION_METHODS and self.label_priors()
+        recipe = self.recipe(self.s.lr, self.s.lr_decay, self.s.distill_lambda if self.distill else 0.0, balance)
+        if name == "fedbe-exact":
+            recipe = replace(recipe, distill_top_k=0)
+        from coordinator.aggregation import FedAvgM  # noqa: PLC0415
+        from coordinator.allocation import AllocationPolicy  # noqa: PLC0415
+        from coordinator.round import Candidate, RoundPolicy  # noqa: PLC0415
+
+        # a position method's one block goes to every client: no deadline, every block each can hold
+        position = name in POSITION_METHODS
+        self.policy = RoundPolicy(
+            recipe=recipe, clients_per_round=len(world.clients), deadline_seconds=math.inf,
+            deadline_factor=None if position else self.s.deadline_factor,
+            allocation=AllocationPolicy(
+                strategy="all" if position else {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe"),
+                max_block_divergence=self.s.max_block_divergence,
+            ),
+            block_average=self.s.block_average,
+            server_optimizer=None if self.s.server_lr == 1.0 else FedAvgM(lr=self.s.server_lr, momentum=0.0),
+        )  # fmt: skip
+        self.candidates = [Candidate(c.client_id, c.max_blocks, c.forward_seconds, c.backward_seconds,
+                                     dict(c.histogram)) for c in world.clients]  # fmt: skip
+        self.layout = block_layout(model, self.registry)
         self.last_trained: dict[int, int] = {}
 
-    def allocate(self, round_: int) -> dict[str, tuple[int, ...]]:
-        from coordinator import allocation  # noqa: PLC0415
-
-        if self.name in POSITION_METHODS:  # the single block, for every client
-            return {c.client_id: (0,) for c in self.world.clients}
-        n = self.registry.num_layers
-        all_blocks_time = sorted(
-            self.s.steps * (c.forward_seconds + c.backward_seconds * (n - self.registry.new_layer_indices[0]))
-            for c in self.world.clients
-        )
-        factor = 1.0 if self.name == "fedbe-no-deadline" else self.s.deadline_factor
-        deadline = factor * all_blocks_time[len(all_blocks_time) // 2]
-        caps = [
-            allocation.ClientCapacity(
-                client_id=c.client_id, max_blocks=c.max_blocks, base_forward_seconds=c.forward_seconds,
-                layer_backward_seconds=c.backward_seconds, steps=self.s.steps, deadline_seconds=deadline,
-                label_histogram=dict(c.histogram), protected=self.distill,
-            )
-            for c in self.world.clients
-        ]  # fmt: skip
-        slots = allocation.slots_from_registry(self.registry)
-        bound = {"fedbe-skew-limit": SKEW_LIMIT, "fedbe-no-skew-limit": 1.0}.get(
-            self.name, self.s.max_block_divergence
-        )
-        policy = allocation.AllocationPolicy(
-            strategy=self.strategy,  # type: ignore[arg-type]
-            max_block_divergence=bound,
-            min_steps_fraction=self.s.min_steps_fraction,
-        )
-        result = allocation.allocate(slots, caps, num_layers=n, last_trained=self.last_trained, round=round_,
-                                     seed=self.world.seed * 100003 + round_, policy=policy)  # fmt: skip
-        self.withdrawn = result.withdrawn_blocks
-        self.client_steps = dict(result.steps)
-        self.short_run_blocks = result.short_run_blocks
-        return {cid: b for cid, b in result.assignments.items() if b}
-
     def round(self, round_: int) -> list[ClientResult]:
-        from coordinator.aggregation import ClientUpdate, FedAvgM, aggregate  # noqa: PLC0415
-        from edge_client.trainer import BaseCache, train_blocks  # noqa: PLC0415
-        from fedbe.blocks import block_delta, get_block_state, set_block_state  # noqa: PLC0415
-        from fedbe.expansion import bypassed  # noqa: PLC0415
+        from coordinator.round import Reply, close_round, plan_round, trained_blocks  # noqa: PLC0415
+        from edge_client.loss import BaseCache  # noqa: PLC0415
+        from edge_client.trainer import train_blocks  # noqa: PLC0415
+        from fedbe.blocks import block_delta, get_block_state, set_block_state, set_trainable  # noqa: PLC0415
 
-        assignments = self.allocate(round_)
-        context = {"fedbe-context": True, "fedbe-bypass": False}.get(self.name, self.s.context_blocks)
-        if self.name == "fedbe-const-lr":  # the schedule's round-2 lr in every round
-            config = replace(self.config, lr=round_lr(self.config.lr, self.s.lr_decay, 2))
-        else:
-            config = replace(self.config, lr=round_lr(self.config.lr, self.s.lr_decay, round_))
-        if self.distill:  # the round's lambda of a --distill-lambda schedule
-            config = replace(config, distill_lambda=round_value(self.s.distill_lambda, round_))
-        if config.label_balance:  # the round's form of a --balance-form schedule
-            config = replace(config, balance_form=round_choice(self.balance_forms, round_))
-        # a client trains from the weights as they arrive (download_level); with context blocks the
-        # blocks it does not train arrive frozen (at most bf16) and run as they are
-        download = "fp32" if self.name == "fedbe-fp32-download" else self.s.download_level
-        received, received_bytes = self.download(self.global_state, download)
-        level = "bf16" if download == "fp32" else download
-        as_context, context_bytes = self.download(self.global_state, level) if context else ({}, {})
-        results, updates = [], []
+        # the coordinator's plan: every client, the allocation under the round's deadline
+        plan = plan_round(self.policy, round_, self.candidates, self.registry, self.last_trained, self.world.seed,
+                          random.Random(self.world.seed))  # fmt: skip
+        self.withdrawn = plan.allocation.withdrawn_blocks
+        assignments, recipe = plan.assignments, plan.recipe
+        # a client trains from the weights as they arrive (download_level); the blocks it does not
+        # train arrive frozen (at most bf16) and run as they are
+        received, received_bytes = self.download(self.global_state, self.s.download_level)
+        level = "bf16" if self.s.download_level == "fp32" else self.s.download_level
+        as_context, context_bytes = self.download(self.global_state, level)
+        results, replies = [], []
         for c in self.world.clients:
             blocks = assignments.get(c.client_id)
             if not blocks:
@@ -759,49 +634,32 @@ class BlockMethod(Method):
             sent = {b: received[b] for b in blocks}
             frozen = {b: p for b, p in as_context.items() if b not in blocks}
             set_block_state(self.model, self.registry, {**self.global_state, **frozen, **sent})
-            skipped = [] if context else [b for b in self.registry.block_ids if b not in blocks]
             down = sum(received_bytes[b] for b in sent) + sum(context_bytes[b] for b in frozen)
-            if config.distill_top_k and config.distill_lambda:
-                self.caches.setdefault(c.client_id, BaseCache(config.distill_top_k))
+            if recipe.distill_top_k and recipe.distill_lambda_in_round(round_):
+                self.caches.setdefault(c.client_id, BaseCache(recipe.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
-            # a short run (the allocation's "Short runs"): fewer steps, on the round's first batches
-            own = replace(config, steps=self.client_steps.get(c.client_id, config.steps))
-            if (
-                self.name == "fedbe-balance-missing"
-                and own.label_balance
-                and lacks_a_label(c, self.world.labels)
-            ):
-                own = replace(own, balance_form="present")  # a client without some label: its own labels only
-            with bypassed(self.model, self.registry, skipped):
-                if self.peak_memory == 0 or len(blocks) == max(len(b) for b in assignments.values()):
-                    from fedbe.blocks import set_trainable  # noqa: PLC0415
-
-                    params = set_trainable(self.model, self.registry, blocks)
-                    self.peak_memory = max(
-                        self.peak_memory, step_memory_bytes(self.model, params, c.batches[0])
-                    )
-                    self.model.requires_grad_(False)
-                result = train_blocks(self.model, self.registry, blocks, c.batches_for(round_), own,
-                                      base_cache=self.caches.get(c.client_id),
-                                      label_prior=self.priors.get(c.client_id))  # fmt: skip
-                trained = get_block_state(self.model, self.registry, blocks)
+            if self.peak_memory == 0 or len(blocks) == max(len(b) for b in assignments.values()):
+                params = set_trainable(self.model, self.registry, blocks)
+                self.peak_memory = max(self.peak_memory, step_memory_bytes(self.model, params, c.batches[0]))
+                self.model.requires_grad_(False)
+            result = train_blocks(self.model, self.registry, blocks, c.batches_for(round_), recipe, round_,
+                                  base_cache=self.caches.get(c.client_id),
+                                  label_prior=self.priors.get(c.client_id))  # fmt: skip
+            trained = get_block_state(self.model, self.registry, blocks)
             delta, up = self.compress(c.client_id, block_delta(trained, sent))
-            updates.append(ClientUpdate(c.client_id, delta, result.samples, 0))
+            replies.append(Reply(c.client_id, delta, result.samples, round_))
             results.append(ClientResult(
                 c.client_id, tuple(blocks), train_time(result),
                 *emulated(c, result, up, down), up, down,
-                result.mean_loss, result.base_forwards, result.samples, dict(result.gates),
+                result.mean_loss, result.base_forwards, result.samples,
             ))  # fmt: skip
-        if updates:
-            server = None if self.s.server_lr == 1.0 else FedAvgM(lr=self.s.server_lr, momentum=0.0)
-            average = {"fedbe-avg-trainers": "trainers", "fedbe-avg-round": "round"}.get(
-                self.name, self.s.block_average
-            )
-            agg = aggregate(self.global_state, updates, server, block_average=average)
-            self.global_state = agg.new_state
-            for block_id, report in agg.per_block.items():
-                if report.trainers:
-                    self.last_trained[block_id] = round_
+        if replies:
+            outcome = close_round(self.policy, plan, self.global_state, self.layout, replies)
+            for cid, code, reason in outcome.rejected:
+                log.warning("%s round %d: %s's update rejected (%s): %s", self.name, round_, cid, code, reason)
+            self.global_state = outcome.new_state
+            for block_id in trained_blocks(outcome):
+                self.last_trained[block_id] = round_
         return results
 
     def eval_model(self) -> Any:
@@ -848,15 +706,8 @@ class LoraMethod(Method):
         self.global_state = {
             0: {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.names}
         }
-        self.config = self.train_config(
-            distill=name.startswith("fedit-distill"),
-            lr=self.s.lora_lr,
-            distill_lambda=self.s.lora_distill_lambda,
-        )
-        if name == "fedit-distill-balance" and self.label_priors():
-            self.config = replace(
-                self.config, label_balance=True, balance_form=round_choice(self.s.balance_form, 1)
-            )
+        distill = self.s.lora_distill_lambda if name == "fedit-distill" else 0.0
+        self.config = self.recipe(self.s.lora_lr, self.s.lora_lr_decay, distill)
 
     def _params(self) -> list[torch.nn.Parameter]:
         named = dict(self.model.named_parameters())
@@ -870,14 +721,13 @@ class LoraMethod(Method):
 
     def round(self, round_: int) -> list[ClientResult]:
         from coordinator.aggregation import ClientUpdate, aggregate  # noqa: PLC0415
-        from edge_client.trainer import BaseCache, train_parameters  # noqa: PLC0415
+        from edge_client.loss import BaseCache  # noqa: PLC0415
+        from edge_client.trainer import train_parameters  # noqa: PLC0415
         from fedbe.blocks import block_delta  # noqa: PLC0415
 
         results, updates = [], []
         received, received_bytes = self.download(self.global_state)
-        config = replace(self.config, lr=round_lr(self.config.lr, self.s.lora_lr_decay, round_))
-        if config.label_balance:  # the round's form of a --balance-form schedule
-            config = replace(config, balance_form=round_choice(self.s.balance_form, round_))
+        config = self.config
         for c in self.world.clients:
             self._load(received[0])
             params = self._params()
@@ -885,11 +735,11 @@ class LoraMethod(Method):
                 p.requires_grad_(True)
             if self.peak_memory == 0:
                 self.peak_memory = step_memory_bytes(self.model, params, c.batches[0])
-            if config.distill_top_k and config.distill_lambda:
+            if config.distill_top_k and config.distill_lambda_in_round(round_):
                 self.caches.setdefault(c.client_id, BaseCache(config.distill_top_k))
             torch.manual_seed(self.world.seed * 7919 + round_)
             result = train_parameters(
-                self.model, params, c.batches_for(round_), config, base=self.model.disable_adapter,
+                self.model, params, c.batches_for(round_), config, round_, base=self.model.disable_adapter,
                 base_cache=self.caches.get(c.client_id), label_prior=self.priors.get(c.client_id),
             )  # fmt: skip
             trained = {
@@ -921,7 +771,7 @@ class FullMethod(Method):
         self.model.requires_grad_(False)
         self.names = [n for n, _ in self.model.named_parameters()]
         self.global_state = {0: {n: p.detach().clone() for n, p in self.model.named_parameters()}}
-        self.config = self.train_config(distill=False, lr=self.s.full_ft_lr)
+        self.config = self.recipe(self.s.full_ft_lr, 1.0, 0.0)
 
     def estimate_seconds(self) -> float:
         """Emulated training seconds for the whole run, from one timed step."""
@@ -952,7 +802,7 @@ class FullMethod(Method):
             for p in params:
                 p.requires_grad_(True)
             torch.manual_seed(self.world.seed * 7919 + round_)
-            result = train_parameters(self.model, params, c.batches_for(round_), self.config)
+            result = train_parameters(self.model, params, c.batches_for(round_), self.config, round_)
             trained = {0: {n: p.detach().clone() for n, p in self.model.named_parameters()}}
             delta, up = self.compress(c.client_id, block_delta(trained, received))
             updates.append(ClientUpdate(c.client_id, delta, result.samples, 0))
@@ -1061,14 +911,9 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
                                for x in results},  # emulated round seconds, of which transfer
             "base_forwards": sum(x.base_forwards for x in results),
             "withdrawn_blocks": list(method.withdrawn),
-            **({"short_runs": {cid: n for cid, n in method.client_steps.items() if n < world.settings.steps},
-                "short_run_blocks": list(method.short_run_blocks)}
-               if method.short_run_blocks else {}),
             "seconds_per_step": sum(x.train_seconds for x in results)
-            / max(1, sum(method.client_steps.get(x.client_id, world.settings.steps) for x in results)),
+            / max(1, world.settings.steps * len(results)),
         }  # fmt: skip
-        if any(x.gates for x in results):  # each client's gates when folded (fedbe-gate)
-            row["gates"] = {x.client_id: {str(b): round(g, 4) for b, g in x.gates.items()} for x in results}
         record["rounds"].append(row)
         say(
             f"  {name} round {r}/{world.settings.rounds}: accuracy {scores['accuracy']:.3f}, definitions "
@@ -1081,12 +926,6 @@ def run_method(world: World, name: str, say: Callable[[str], None]) -> dict[str,
             + f", loss {row['loss']:.3f}, {row['seconds_per_step']:.2f} s/step here, "
             f"emulated round {round_seconds:.0f} s"
             + (f"; blocks {list(method.withdrawn)} left untrained (label skew)" if method.withdrawn else "")
-            + (
-                f"; blocks {list(method.short_run_blocks)} trained with short runs "
-                f"({', '.join(f'{c} {n} steps' for c, n in row['short_runs'].items())})"
-                if "short_runs" in row
-                else ""
-            )
             + ("; NO CLIENT TRAINED this round" if not results else "")
         )
         if "final_definition_retention" in scores:
@@ -1530,11 +1369,6 @@ def plot_results(records: list[dict[str, Any]], base: dict[str, float], out: Pat
     return written
 
 
-def lacks_a_label(client: Client, labels: Sequence[str]) -> bool:
-    """Whether ``client``'s data holds no example of one of ``labels`` (fedbe-balance-missing)."""
-    return any(client.histogram.get(label, 0) == 0 for label in labels)
-
-
 def method_placement(settings: BenchSettings, method: str) -> str | None:
     """The placement ``method`` expands the model with (None: it adds no interleaved blocks)."""
     if method == "fedbe-interleave":
@@ -1548,9 +1382,8 @@ def method_placement(settings: BenchSettings, method: str) -> str | None:
 # defaults of bench v10, so every record made with them keeps its digest), so a change of FedBE's
 # knobs retrains FedBE, not its baselines.
 BLOCK_ONLY_PINNED: dict[str, Any] = {
-    "lr": 2e-3, "lr_decay": 0.5, "distill_lambda": 3.0, "identity_pull": 1e-3, "deadline_factor": 0.6,
+    "lr": 2e-3, "lr_decay": 0.5, "distill_lambda": 3.0, "deadline_factor": 0.6,
     "max_block_divergence": 0.3, "label_balance": False, "block_average": "round", "server_lr": 1.0,
-    "context_blocks": True,
 }  # fmt: skip
 
 
@@ -1572,16 +1405,12 @@ def settings_digest(settings: BenchSettings, method: str | None = None) -> str:
 # methods that read them (:func:`merge_runs`).
 FIELD_READERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(BLOCK_ONLY_PINNED, NEW_BLOCK_METHODS),
-    "min_steps_fraction": NEW_BLOCK_METHODS,
-    "balance_form": NEW_BLOCK_METHODS + ("fedit-distill-balance",),
     "lora_base": LORA_METHODS,
 }
 # Settings added after records were published, at the value every earlier run had: at that value
 # they stay out of the digest, so the earlier records keep theirs.
 # A results.json from before a setting existed reads as that value (settings_from_dict).
 ADDED_LATER: dict[str, Any] = {
-    "min_steps_fraction": 1.0,  # off
-    "balance_form": "vocab",  # the one form before session 27
     "final_probe_questions": 0,  # no final probe before session 25
     "lora_base": "plain",  # the LoRA methods' base as loaded (runs before session 28)
 }
@@ -1849,7 +1678,7 @@ def merge_bench(paths: Sequence[Path | str], out: Path, command: str = "fedbe be
 # relative run time of a method, roughly (fedbe = 1). In runs/bench-v3 every method of the
 # default bench took 0.9-1.1x fedbe's run (evaluation dominates at 16 local steps a round); the
 # costlier ones are estimates from earlier runs.
-METHOD_COST = {"full-ft": 3.0, "fedbe-exact": 1.5, "fedbe-rehearsal": 1.3}
+METHOD_COST = {"full-ft": 3.0, "fedbe-exact": 1.5}
 
 
 def balanced_parts(methods: Sequence[str], jobs: int) -> list[tuple[str, ...]]:
@@ -2027,7 +1856,8 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         choices=["test", "validation"],
         help="evaluate on the test split (report) or the validation split (choose settings)",
     )
-    lambdas = ",".join(f"{v:g}" for v in schedule_values(d.distill_lambda))
+    lambdas = ",".join(f"{v:g}" for v in (d.distill_lambda if isinstance(d.distill_lambda, tuple)
+                                           else (d.distill_lambda,)))
     p.add_argument(
         "--distill-lambda",
         default=lambdas,
@@ -2075,13 +1905,6 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         f"order; about 1,700 in each split; default {d.probe_texts})",
     )
     p.add_argument(
-        "--rehearsal-rows",
-        type=int,
-        default=d.rehearsal_rows,
-        help="rows of base-sampled text added to every batch of the distilling methods, distilled "
-        f"only (default {d.rehearsal_rows})",
-    )
-    p.add_argument(
         "--distill-sample",
         type=int,
         default=d.distill_sample,
@@ -2110,14 +1933,6 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         help="FedBE leaves a block untrained for a round when the pooled label histogram of the clients "
         "that could train it is farther than this (Jensen-Shannon, 0-1) from the federation's: a block "
         f"trained by one label-skewed client learns its labels (1 = no limit; default {d.max_block_divergence})",
-    )
-    p.add_argument(
-        "--min-steps-fraction",
-        type=float,
-        default=d.min_steps_fraction,
-        help="before FedBE leaves a block untrained for label skew, offer it to clients that reach it only "
-        "by running fewer local steps, down to this fraction of --steps, so that slower clients with other "
-        f"labels can join a lone skewed trainer (1 = never shorten a run; default {d.min_steps_fraction})",
     )
     p.add_argument(
         "--block-average",
@@ -2154,26 +1969,6 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         "frequencies are added to the label words' logits (balanced softmax), so a client holding one "
         f"label mostly does not teach the blocks that label's prior (default {'on' if d.label_balance else 'off'})",
     )
-    forms = ",".join(d.balance_form) if isinstance(d.balance_form, tuple) else d.balance_form
-    p.add_argument(
-        "--balance-form",
-        default=forms,
-        help="the label-balanced loss's form, or a comma-separated list of forms, one per round, the last "
-        "holding after it ('present,vocab': 'present' in round 1, 'vocab' after): 'vocab' adds the label "
-        "offsets inside the softmax over the whole vocabulary; 'labels' balances a softmax over the label "
-        "words alone, 'present' over the labels the client holds (faster at Dirichlet alpha 0.1, but lower "
-        "accuracy and retention at 0.5 on validation); 'factored' adds an unbalanced -log P(any label word) "
-        "to 'labels'; 'neutral' adds to 'present' a -log P(any label word) that raises every label word "
-        f"alike (default {forms})",
-    )
-    p.add_argument(
-        "--context-blocks",
-        action=argparse.BooleanOptionalAction,
-        default=d.context_blocks,
-        help="FedBE clients run every new block, training their assigned ones with the others frozen "
-        "(received at --download-level, at most bf16, counted in the download), instead of bypassing the "
-        f"blocks they were not assigned (default {'on' if d.context_blocks else 'off'})",
-    )
     p.add_argument(
         "--download-level",
         choices=DOWNLOAD_LEVELS,
@@ -2191,12 +1986,6 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         "same, but the top group's block after its middle layer, so base layers stay above every new "
         "block), middle (every block after its group's middle layer) or comma-separated base-layer "
         f"indices (default {d.placement})",
-    )
-    p.add_argument(
-        "--identity-pull",
-        type=float,
-        default=d.identity_pull,
-        help=f"strength of fedbe-pull's L2 pull of output projections to zero (default {d.identity_pull})",
     )
     p.add_argument(
         "--jobs",
@@ -2226,14 +2015,11 @@ def settings_from_args(args: Any) -> BenchSettings:
         full_ft_lr=args.full_ft_lr,
         seeds=seeds or (0,), split=args.split, distill_lambda=parse_schedule(args.distill_lambda, "--distill-lambda"),
         lora_distill_lambda=args.lora_distill_lambda, lora_base=args.lora_base,
-        distill_top_k=args.distill_top_k, identity_pull=args.identity_pull,
-        rehearsal_rows=args.rehearsal_rows, distill_sample=args.distill_sample, distill_rows=args.distill_rows,
+        distill_top_k=args.distill_top_k, distill_sample=args.distill_sample, distill_rows=args.distill_rows,
         deadline_factor=args.deadline_factor, max_block_divergence=args.max_block_divergence,
-        min_steps_fraction=args.min_steps_fraction,
         label_balance=args.label_balance, block_average=args.block_average,
-        balance_form=parse_choices(args.balance_form, "--balance-form", BALANCE_FORMS),
         server_lr=args.server_lr,
-        lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay, context_blocks=args.context_blocks,
+        lr_decay=args.lr_decay, lora_lr_decay=args.lora_lr_decay,
         download_level=args.download_level, placement=args.placement,
         eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, final_probe_questions=args.final_probe_questions,

@@ -21,6 +21,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fedbe.console import dispatch, positive_float, positive_int, setup_logging
@@ -161,8 +162,9 @@ def cmd_expand(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from edge_client.trainer import TrainConfig, train_blocks  # noqa: PLC0415
+    from edge_client.trainer import train_blocks  # noqa: PLC0415
     from fedbe import datasets, evaluation, expansion, quantization, sources  # noqa: PLC0415
+    from fedbe.recipe import PLAIN  # noqa: PLC0415
 
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -213,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         registry,
         registry.block_ids,
         batches,
-        TrainConfig(steps=args.steps, lr=args.lr),
+        replace(PLAIN, steps=args.steps, lr=args.lr),
         on_step=on_step,
     )
     print(f"[5/5] scoring {len(test)} test articles after training", flush=True)

@@ -196,8 +196,8 @@ def markdown(rounds: Sequence[RoundSummary], meta: Mapping[str, str], images: Se
         "0.2); round 0 is the base model, zero-shot. Retention: WordNet definition accuracy after / before "
         "and quotation perplexity before / after, against round 0 (1.0 = nothing forgotten). Bytes are "
         "MQTT payloads: tasks down (the block weights a client receives, at the run's "
-        "`training.task_weights_level`; with `training.context_blocks`, every block), updates up (at "
-        "`update_level`)."
+        "`download_level`: every block, the ones a client does not train frozen), updates up (at "
+        "`upload_level`)."
     )
     if images:
         lines += ["", "## Plots", ""]

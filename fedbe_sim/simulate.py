@@ -225,7 +225,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         or (args.probe_questions == 0) != (args.probe_texts == 0)
     ):
         raise ConfigError("--probe-questions and --probe-texts must both be 0 or both be at least 1")
-    from coordinator.config import parse_schedule  # noqa: PLC0415
+    from fedbe.recipe import parse_schedule  # noqa: PLC0415
 
     distill_lambda = parse_schedule(args.distill_lambda, "--distill-lambda")
     if args.distill_top_k < 0:
@@ -266,7 +266,7 @@ def run_config(
     settings: Settings, broker_url: str, state_dir: Path, labels: Sequence[str] = ()
 ) -> dict[str, Any]:
     """The coordinator's run config: every client every round, server-side evaluation with a baseline;
-    ``labels``, the dataset's, become ``training.labels`` (a client announcing others is refused)."""
+    ``labels``, the dataset's, become the run's ``labels`` (a client announcing others is refused)."""
     server_eval: dict[str, Any] = {"dataset": settings.dataset, "examples": settings.eval_examples,
                                    "baseline": True, "precision": settings.eval_precision}  # fmt: skip
     if settings.probe_questions:
@@ -280,7 +280,8 @@ def run_config(
         "clients_per_round": settings.clients,
         "min_clients": settings.clients,
         "round_deadline_seconds": settings.deadline_seconds,
-        "update_level": "int8",
+        "upload_level": "int8",
+        "labels": list(labels),
         "seed": settings.seed,
         "eval_every": 0,
         "training": {
@@ -293,7 +294,6 @@ def run_config(
             if isinstance(settings.distill_lambda, tuple)
             else settings.distill_lambda,
             "distill_top_k": settings.distill_top_k,
-            "labels": list(labels),
         },  # fmt: skip
         "broker": {"url": broker_url},
         "server_eval": server_eval,

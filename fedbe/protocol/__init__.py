@@ -20,7 +20,6 @@ from fedbe.protocol.frames import (
     validate_blocks,
 )
 from fedbe.protocol.messages import (
-    BALANCE_FORMS,
     CLIENT_STATES,
     COORDINATOR_STATES,
     MESSAGE_CODECS,
@@ -55,7 +54,6 @@ __all__ = [
     "NOTICE_CODES",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
-    "BALANCE_FORMS",
     "TASK_ERROR_CODES",
     "AnnounceMessage",
     "BodyCompression",

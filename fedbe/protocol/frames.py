@@ -6,7 +6,7 @@ Frame layout (integers little-endian; a 16-byte header, then the body)::
 
     offset  size  field
     0       4     magic        b"FBEW"
-    4       1     version      PROTOCOL_VERSION (3)
+    4       1     version      PROTOCOL_VERSION (4)
     5       1     type         MessageType
     6       1     flags        BodyCompression of the body: 0 none, 1 zlib, 2 zstd; nothing else
     7       1     reserved     0
@@ -18,14 +18,10 @@ The CRC covers every byte of the frame except itself, so any single-bit flip is 
 A zstd body must be one frame that declares its content size (``encode`` writes it).
 
 The body is a msgpack map with str keys; the schema of each message type is exact: a missing or
-an extra field is an error (adding a field is a protocol version change). Versions: 1, the first
-release (session 1); 2 (session 26), the task fields added since (``distill_top_k``,
-``identity_pull``, ``rehearsal_rows``, ``distill_sample``, ``distill_rows``, ``balance_labels``),
-which had been added under version 1, so a version-1 build received them as "unexpected fields";
-it now refuses the frame as a version it does not speak; 3 (session 27), the task field
-``balance_form`` (which form of the label-balanced loss the client trains; session 28 added the
-value ``"neutral"`` without a new version: a session-27 build refuses such a task as an invalid
-``balance_form``, naming the forms it knows, and the round goes on without it). A build speaks one
+an extra field is an error (adding a field is a protocol version change). Version 4 carries the
+training knobs of a task as one nested ``recipe`` map (:class:`fedbe.recipe.Recipe`, with its own
+``version``) and names the two precisions ``download_level`` and ``upload_level``; a build refuses a
+frame of any other version, naming both, so mixed fleets fail loudly instead of training wrongly. A build speaks one
 version. A tensor is the map ``{"dtype": str, "shape": [int, ...], "data": bin, "scales": bin | nil}``:
 the raw little-endian values (bfloat16 as its int16 bit pattern) and, at int8 only, one float32 scale
 per row.
@@ -70,8 +66,8 @@ from fedbe.errors import BlockStateError, CodecError
 logger = logging.getLogger(__name__)
 
 MAGIC = b"FBEW"
-PROTOCOL_VERSION = 3  # see the module docstring for what each version changed
-SUPPORTED_VERSIONS: frozenset[int] = frozenset({3})
+PROTOCOL_VERSION = 4  # see the module docstring for what each version changed
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({4})
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 HEADER = struct.Struct("<4sBBBBII")
 HEADER_SIZE = HEADER.size  # 16

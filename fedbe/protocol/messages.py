@@ -36,6 +36,7 @@ from fedbe.protocol.frames import (
     unpack_frame,
     validate_blocks,
 )
+from fedbe.recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -114,39 +115,28 @@ class StatusMessage:
 
 @dataclass(frozen=True)
 class TaskMessage:
-    """A round's work for one client: train ``block_ids`` from ``weights``, reply at ``reply_level``.
+    """A round's work for one client: train ``block_ids`` from ``weights`` (sent at ``download_level``)
+    with ``recipe`` in round ``round``, and send the change back at ``upload_level``.
 
-    ``steps == 0`` with ``evaluate`` set asks only for a federated evaluation of ``weights``.
+    No ``block_ids`` with ``evaluate`` set asks only for a federated evaluation of ``weights``.
+    ``balance_labels`` are the federation's labels: with ``recipe.label_balance`` the client trains the
+    label-balanced loss over them with its own counts (a label it lacks counts 0); empty = plain CE.
     """
 
     round: int
     task_id: str
     client_id: str
     block_ids: tuple[int, ...]
-    weights_level: Level
+    download_level: Level
     weights: CompressedState
-    reply_level: Level
-    steps: int
-    lr: float
-    batch_size: int
-    max_tokens: int
+    upload_level: Level
+    recipe: Recipe
     deadline_seconds: float
     seed: int
-    distill_lambda: float
     evaluate: bool
-    distill_top_k: int = 0  # 0: exact self-distillation; K: the client caches the base's top-K
-    identity_pull: float = 0.0  # L2 pull of the trained blocks' output projections towards zero
-    rehearsal_rows: int = 0  # rows of base-sampled text added to each batch, distilled only
-    distill_sample: int = 0  # distillation positions drawn per step (0 = every position)
-    distill_rows: int = 0  # rows of each batch distilled per step (0 = every row)
-    # the federation's labels: train with the label-balanced loss over them, with the client's own
-    # counts (a label it lacks counts 0); empty = plain cross-entropy
     balance_labels: tuple[str, ...] = ()
-    # the form of that loss (edge_client.trainer): one of BALANCE_FORMS
-    balance_form: str = "vocab"
 
 
-BALANCE_FORMS = ("vocab", "factored", "labels", "present", "neutral")  # TaskMessage.balance_form
 TASK_ERROR_CODES = ("refused_memory", "invalid_task", "failed", "abandoned", "busy")
 
 
@@ -361,75 +351,64 @@ def _status_from_payload(payload: object) -> StatusMessage:
 
 
 _TASK_FIELDS = (
-    "round", "task_id", "client_id", "block_ids", "weights_level", "weights", "reply_level", "steps", "lr",
-    "batch_size", "max_tokens", "deadline_seconds", "seed", "distill_lambda", "evaluate",
-    "distill_top_k", "identity_pull", "rehearsal_rows", "distill_sample", "distill_rows", "balance_labels",
-    "balance_form",
+    "round", "task_id", "client_id", "block_ids", "download_level", "weights", "upload_level", "recipe",
+    "deadline_seconds", "seed", "evaluate", "balance_labels",
 )  # fmt: skip
 
 
 def _task_to_payload(m: TaskMessage) -> dict[str, object]:
-    if not isinstance(m.weights_level, Level) or not isinstance(m.reply_level, Level):
-        raise CodecError("weights_level and reply_level must be Levels")
+    if not isinstance(m.download_level, Level) or not isinstance(m.upload_level, Level):
+        raise CodecError("download_level and upload_level must be Levels")
+    if not isinstance(m.recipe, Recipe):
+        raise CodecError(f"recipe must be a Recipe, got {_kind(m.recipe)}")
     return {
         "round": _as_count(m.round, "round"),
         "task_id": _as_text(m.task_id, "task_id"),
         "client_id": _as_text(m.client_id, "client_id"),
         "block_ids": list(_block_ids(list(m.block_ids))),
-        "weights_level": m.weights_level.value,
-        "weights": _encode_blocks(m.weights, m.weights_level),
-        "reply_level": m.reply_level.value,
-        "steps": _as_count(m.steps, "steps"),
-        "lr": _as_real(m.lr, "lr", 0.0),
-        "batch_size": _as_count(m.batch_size, "batch_size"),
-        "max_tokens": _as_count(m.max_tokens, "max_tokens"),
+        "download_level": m.download_level.value,
+        "weights": _encode_blocks(m.weights, m.download_level),
+        "upload_level": m.upload_level.value,
+        "recipe": m.recipe.to_payload(),
         "deadline_seconds": _as_real(m.deadline_seconds, "deadline_seconds", 0.0),
         "seed": _as_count(m.seed, "seed"),
-        "distill_lambda": _as_real(m.distill_lambda, "distill_lambda", 0.0),
         "evaluate": _flag(m.evaluate, "evaluate"),
-        "distill_top_k": _as_count(m.distill_top_k, "distill_top_k"),
-        "identity_pull": _as_real(m.identity_pull, "identity_pull", 0.0),
-        "rehearsal_rows": _as_count(m.rehearsal_rows, "rehearsal_rows"),
-        "distill_sample": _as_count(m.distill_sample, "distill_sample"),
-        "distill_rows": _as_count(m.distill_rows, "distill_rows"),
         "balance_labels": list(check_labels(list(m.balance_labels))),
-        "balance_form": _choice(m.balance_form, "balance_form", BALANCE_FORMS),
     }
+
+
+def _recipe(value: object) -> Recipe:
+    if not isinstance(value, dict):
+        raise CodecError(f"task recipe must be a map of its fields, got {_kind(value)}")
+    try:
+        return Recipe.from_mapping({str(k): v for k, v in value.items()}, versioned=True)
+    except RecipeError as exc:
+        raise CodecError(f"task recipe: {exc}") from None
 
 
 def _task_from_payload(payload: object) -> TaskMessage:
     f = _Fields(payload, "task", _TASK_FIELDS)
-    weights_level = _as_level(f.raw("weights_level"))
+    download_level = _as_level(f.raw("download_level"))
     return TaskMessage(
         round=f.count("round"),
         task_id=f.text("task_id"),
         client_id=f.text("client_id"),
         block_ids=_block_ids(f.raw("block_ids")),
-        weights_level=weights_level,
-        weights=_decode_blocks(f.raw("weights"), weights_level),
-        reply_level=_as_level(f.raw("reply_level")),
-        steps=f.count("steps"),
-        lr=f.real("lr", 0.0),
-        batch_size=f.count("batch_size"),
-        max_tokens=f.count("max_tokens"),
+        download_level=download_level,
+        weights=_decode_blocks(f.raw("weights"), download_level),
+        upload_level=_as_level(f.raw("upload_level")),
+        recipe=_recipe(f.raw("recipe")),
         deadline_seconds=f.real("deadline_seconds", 0.0),
         seed=f.count("seed"),
-        distill_lambda=f.real("distill_lambda", 0.0),
         evaluate=_flag(f.raw("evaluate"), "evaluate"),
-        distill_top_k=f.count("distill_top_k"),
-        identity_pull=f.real("identity_pull", 0.0),
-        rehearsal_rows=f.count("rehearsal_rows"),
-        distill_sample=f.count("distill_sample"),
-        distill_rows=f.count("distill_rows"),
         balance_labels=check_labels(f.raw("balance_labels")),
-        balance_form=_choice(f.raw("balance_form"), "balance_form", BALANCE_FORMS),
     )
 
 
 def check_labels(value: object, what: str = "balance_labels") -> tuple[str, ...]:
     """A task's ``balance_labels``: distinct label names (1 to MAX_TEXT_BYTES bytes), at most
     :data:`MAX_LABELS`; :class:`CodecError` saying what is wrong otherwise (also what the coordinator
-    checks its configured ``training.labels`` with, ``what`` naming it, so a list it accepts always
+    checks its configured ``labels`` with, ``what`` naming it, so a list it accepts always
     encodes)."""
     if not isinstance(value, list):
         raise CodecError(f"{what} must be a list of label names, got {_kind(value)}")
