@@ -28,8 +28,10 @@ from dataclasses import replace
 
 import torch
 
-from edge_client.trainer import BaseCache, TrainConfig, TrainResult, train_blocks, train_parameters
+from edge_client.loss import BaseCache
+from edge_client.trainer import TrainResult, train_blocks, train_parameters
 from fedbe.console import positive_int
+from fedbe.recipe import Recipe
 from fedbe_sim import bench
 
 # a distilled configuration runs twice over the same batches: while the base cache fills, then again
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     blocks = bench.BlockMethod("fedbe", world)
     known = blocks.registry.block_ids
-    base_config: TrainConfig = replace(blocks.config, steps=args.steps)
+    base_config: Recipe = replace(blocks.policy.recipe, steps=args.steps)
     for ids in args.blocks or [(4,)]:
         if not set(ids) <= set(known):
             parser.error(f"--blocks {ids}: the expanded model's new blocks are {list(known)}")

@@ -103,7 +103,7 @@ def plan_round(
     deadline = policy.deadline_seconds
     if policy.deadline_factor is not None and selected and registry.new_layer_indices:
         lowest = min(registry.new_layer_indices)
-        every_block = sorted(capacity(by_id[cid], deadline).round_seconds(lowest, n) for cid in selected)
+        every_block = sorted(capacity(by_id[cid], 0.0).round_seconds(lowest, n) for cid in selected)
         deadline = policy.deadline_factor * every_block[len(every_block) // 2]
     slots = slots_from_registry(registry, top_risk=policy.top_risk, interleaved_risk=policy.interleaved_risk)
     result = allocate(

@@ -44,6 +44,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import statistics
 import threading
 import time
@@ -596,7 +597,7 @@ class BlockMethod(Method):
         # a position method's one block goes to every client: no deadline, every block each can hold
         position = name in POSITION_METHODS
         self.policy = RoundPolicy(
-            recipe=recipe, clients_per_round=len(world.clients), deadline_seconds=math.inf,
+            recipe=recipe, clients_per_round=len(world.clients), deadline_seconds=sys.float_info.max,
             deadline_factor=None if position else self.s.deadline_factor,
             allocation=AllocationPolicy(
                 strategy="all" if position else {"fedbe-random": "random", "fedbe-all": "all"}.get(name, "fedbe"),

@@ -33,13 +33,13 @@ def client(
     max_blocks: int = 2,
     deadline: float = 100.0,
     hist: Mapping[str, float] | None = None,
-    protected: bool = True,
+    distills: bool = True,
     forward: float = 0.0,
     backward: float = 1.0,
     steps: int = 1,
 ) -> ClientCapacity:
     histogram = dict(hist) if hist is not None else {"x": 10.0}
-    return ClientCapacity(cid, max_blocks, forward, backward, steps, deadline, histogram, protected)
+    return ClientCapacity(cid, max_blocks, forward, backward, steps, deadline, histogram, distills)
 
 
 def entropy(*ps: float) -> float:
@@ -151,16 +151,16 @@ def test_coverage_moves_a_block_to_make_room() -> None:
     assert result.unassigned_blocks == ()
 
 
-def test_unprotected_clients_avoid_risky_top_blocks() -> None:
-    unprotected = client("u", max_blocks=2, protected=False)
+def test_undistilled_clients_avoid_risky_top_blocks() -> None:
+    undistilled = client("u", max_blocks=2, distills=False)
     guarded = client("p", max_blocks=1, deadline=1)  # affords only the top block
-    result = allocate(TWO_SLOTS, [unprotected, guarded], num_layers=4)
+    result = allocate(TWO_SLOTS, [undistilled, guarded], num_layers=4)
     assert result.assignments == {"u": (0,), "p": (1,)}
     # allowed once the cap admits risk 1.0
     lax = AllocationPolicy(max_unprotected_risk=1.0)
-    assert allocate(TWO_SLOTS, [unprotected, guarded], num_layers=4, policy=lax).assignments["u"] == (0, 1)
-    # an unprotected client that can only afford the top block gets nothing
-    stuck = allocate(TWO_SLOTS, [client("s", deadline=1, protected=False)], num_layers=4)
+    assert allocate(TWO_SLOTS, [undistilled, guarded], num_layers=4, policy=lax).assignments["u"] == (0, 1)
+    # an undistilled client that can only afford the top block gets nothing
+    stuck = allocate(TWO_SLOTS, [client("s", deadline=1, distills=False)], num_layers=4)
     assert stuck.assignments == {"s": ()}
     assert stuck.reasons["s"].startswith("too_risky")
 
@@ -231,53 +231,6 @@ def test_a_block_only_a_skewed_client_can_train_is_withdrawn() -> None:
     assert "withdrawn" in nothing.reasons["pol"] and "[0, 1, 2]" in nothing.reasons["pol"]
 
 
-def test_short_runs_let_slower_clients_join_a_skewed_trainer() -> None:
-    # The same collapse under a deadline: "pol" alone reaches blocks 0 and 1 in its 4 steps; "rest"
-    # (other labels) needs 4 x 3 s for block 0 against a 7 s deadline, so it reaches block 0 only with
-    # 2 steps (6 s) and block 1 with 3 (3 x 2 s). Without short runs blocks 0 and 1 are withdrawn;
-    # with min_steps_fraction 0.5 rest joins pol on them, running 2 steps, and they are trained.
-    slots = [BlockSlot(0, 1), BlockSlot(1, 2), BlockSlot(2, 3)]
-    pol, rest = {"pol": 44.0, "bus": 4.0}, {"bus": 20.0, "sport": 30.0, "pol": 4.0}
-    fleet = [
-        client("pol", max_blocks=3, hist=pol, steps=4, deadline=100.0),
-        client("rest", max_blocks=3, hist=rest, steps=4, deadline=7.0),
-    ]
-    assert fleet[1].steps_within(1, 4) == 2 and fleet[1].steps_within(2, 4) == 3
-    assert fleet[1].steps_within(3, 4) == 4 and fleet[0].steps_within(1, 4) == 4
-    bound = 0.2
-    assert jensen_shannon(pol, {k: pol.get(k, 0) + rest.get(k, 0) for k in rest}) > bound
-    off = AllocationPolicy(cost_weight=0, risk_weight=0, max_block_divergence=bound)
-    before = allocate(slots, fleet, num_layers=4, policy=off)
-    assert before.withdrawn_blocks == (0, 1) and before.short_run_blocks == ()
-    assert before.steps == {"pol": 4, "rest": 4}
-
-    on = AllocationPolicy(cost_weight=0, risk_weight=0, max_block_divergence=bound, min_steps_fraction=0.5)
-    after = allocate(slots, fleet, num_layers=4, policy=on)
-    assert after.withdrawn_blocks == () and after.unassigned_blocks == ()
-    assert after.assignments == {"pol": (0, 1, 2), "rest": (0, 1, 2)}
-    # rest's set reaches layer 1, so it runs 2 steps on all three blocks; block 2 it could reach in 4
-    assert after.steps == {"pol": 4, "rest": 2} and after.short_run_blocks == (0, 1)
-    assert all(after.block_divergence[b] <= bound for b in (0, 1, 2))
-    assert "short run of 2 of 4 steps" in after.reasons["rest"]
-
-    # At least 3 of 4 steps: rest can not reach block 0, so it stays withdrawn.
-    three = AllocationPolicy(
-        cost_weight=0, risk_weight=0, max_block_divergence=bound, min_steps_fraction=0.75
-    )
-    assert three.min_steps(4) == 3
-    partly = allocate(slots, fleet, num_layers=4, policy=three)
-    assert 0 in partly.withdrawn_blocks and 0 not in partly.assignments["rest"]
-    assert all(partly.steps[c] >= 3 for c in partly.steps)
-
-
-def test_short_runs_are_checked() -> None:
-    for bad in (0.0, -0.5, 1.5, math.nan, True):
-        with pytest.raises(AllocationError, match="min_steps_fraction"):
-            AllocationPolicy(min_steps_fraction=bad)
-    assert AllocationPolicy(min_steps_fraction=0.5).min_steps(5) == 3
-    assert AllocationPolicy(min_steps_fraction=0.01).min_steps(4) == 1
-
-
 def test_fill_does_not_skew_a_balanced_block() -> None:
     # Global a:40, b:40. "even" covers block 0 (JS 0); "skew" covers block 1 alone (JS far above the
     # bound), so block 1 is withdrawn; joining block 0 would push it past the bound too, so skew trains
@@ -303,7 +256,7 @@ def test_fill_does_not_skew_a_balanced_block() -> None:
 
 def test_all_takes_the_blocks_nearest_the_output() -> None:
     slots = [BlockSlot(0, 0), BlockSlot(1, 1), BlockSlot(2, 2, 5.0)]
-    fleet = [client("big", max_blocks=2, protected=False), client("slow", max_blocks=3, deadline=2)]
+    fleet = [client("big", max_blocks=2, distills=False), client("slow", max_blocks=3, deadline=2)]
     result = allocate(slots, fleet, num_layers=3, policy=AllocationPolicy(strategy="all"))
     assert result.assignments == {"big": (1, 2), "slow": (1, 2)}  # slow affords layers 1 and 2 only
     assert result.unassigned_blocks == (0,)
@@ -391,7 +344,7 @@ def problems(draw: st.DrawFn, tight: bool = False) -> dict:
 def may_train(c: ClientCapacity, s: BlockSlot, num_layers: int, policy: AllocationPolicy) -> bool:
     """The rules, written out again: memory, deadline for a set whose lowest block is s, risk cap."""
     seconds = c.steps * (c.base_forward_seconds + c.layer_backward_seconds * (num_layers - s.layer_index))
-    risky = policy.strategy == "fedbe" and not c.protected and s.forgetting_risk > policy.max_unprotected_risk
+    risky = policy.strategy == "fedbe" and not c.distills and s.forgetting_risk > policy.max_unprotected_risk
     return c.max_blocks > 0 and seconds <= c.deadline_seconds and not risky
 
 
@@ -485,46 +438,6 @@ def test_bounded_divergence_holds_and_only_withdraws(p: dict, bound: float) -> N
     )
     if all(d <= bound for b, d in free.block_divergence.items() if b not in free.unassigned_blocks):
         assert result == free
-
-
-@settings(max_examples=150, deadline=None)
-@given(problems(), st.sampled_from([0.0, 0.1, 0.3]), st.sampled_from([0.25, 0.5, 0.75]))
-def test_short_runs_keep_every_bound_and_change_nothing_without_a_withdrawal(
-    p: dict, bound: float, fraction: float
-) -> None:
-    base = {**p["policy"].__dict__, "strategy": "fedbe", "max_block_divergence": bound}
-    p["policy"] = AllocationPolicy(**{**base, "min_steps_fraction": fraction})
-    result = allocate(**p)
-    slot = {s.block_id: s for s in p["slots"]}
-    n = p["num_layers"]
-    assert set(result.steps) == {c for c, blocks in result.assignments.items() if blocks}
-    for c in p["clients"]:
-        blocks = result.assignments[c.client_id]
-        assert len(blocks) <= c.max_blocks and not set(blocks) & set(result.withdrawn_blocks)
-        if not blocks:
-            continue
-        lowest = min(slot[b].layer_index for b in blocks)
-        step = c.base_forward_seconds + c.layer_backward_seconds * (n - lowest)
-        steps = result.steps[c.client_id]
-        # the client runs all its steps when it can, else the most that fit, never below the minimum
-        assert p["policy"].min_steps(c.steps) <= steps <= c.steps
-        assert steps * step <= c.deadline_seconds * (1 + 1e-9)
-        if c.round_seconds(lowest, n) <= c.deadline_seconds:
-            assert steps == c.steps
-        else:
-            assert (steps + 1) * step > c.deadline_seconds and set(blocks) & set(result.short_run_blocks)
-        risky = not c.protected and any(
-            slot[b].forgetting_risk > p["policy"].max_unprotected_risk for b in blocks
-        )
-        assert not risky
-    for block, divergence in result.block_divergence.items():
-        if block not in result.unassigned_blocks:
-            assert divergence <= bound + 1e-12
-    off = allocate(**{**p, "policy": AllocationPolicy(**base)})
-    if not off.withdrawn_blocks:  # short runs are offered only where a block would be withdrawn
-        assert result == off
-    else:
-        assert result.withdrawn_blocks or result.short_run_blocks
 
 
 @settings(max_examples=60, deadline=None)

@@ -3,14 +3,48 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
 
-from edge_client.trainer import BaseCache, TrainConfig, kl_full, kl_top_k, train_blocks
+from edge_client.loss import (
+    BaseCache,
+    Distillation,
+    LabelPrior,
+    causal_lm_loss,
+    distill_positions,
+    forward_logits,
+    kl_full,
+    kl_top_k,
+    sample_positions,
+    sample_rows,
+    step_loss,
+)
+from edge_client.trainer import TrainResult, train_blocks
 from fedbe import expansion, quantization, sources
 from fedbe.datasets import Batch
 from fedbe.errors import FedbeError
+from fedbe.recipe import PLAIN, Recipe
+
+
+def plain_recipe(**changes: Any) -> Recipe:
+    """The plain cross-entropy recipe with ``changes``."""
+    return replace(PLAIN, **changes)
+
+
+def _distill_step_loss(model: Any, base: Any, batch: Batch, cfg: Recipe, cache: Any, result: TrainResult,
+                       prior: LabelPrior | None = None) -> torch.Tensor:  # fmt: skip
+    """One distilled step of ``cfg`` as the trainer takes it, its parts recorded in ``result``."""
+    top = cache if cfg.distill_top_k else None
+    loss = step_loss(model, batch, cfg.distill_lambda_in_round(1), prior,
+                     Distillation(base, cfg.distill_rows, cfg.distill_sample, top))  # fmt: skip
+    result.ce_losses.append(loss.ce)
+    if loss.kl is not None:
+        result.distill_losses.append(loss.kl)
+    result.base_forwards += loss.base_forwards
+    return loss.total
 
 
 def _batches(n: int = 2, seed: int = 0) -> list[Batch]:
@@ -40,14 +74,13 @@ def _model(precision: str = "fp32") -> tuple[torch.nn.Module, expansion.BlockReg
 @torch.no_grad()
 def _drift(model, registry, batches) -> float:
     """Mean KL(base || model) at the non-target positions: how far the model moved from the base."""
-    from edge_client.trainer import _forward_logits, distill_positions  # noqa: PLC0415
 
     total = 0.0
     for batch in batches:
         pos = distill_positions(batch)
         with expansion.bypassed(model, registry):
-            base = _forward_logits(model, batch)[:, :-1][pos]
-        total += float(kl_full(base, _forward_logits(model, batch)[:, :-1][pos]))
+            base = forward_logits(model, batch)[:, :-1][pos]
+        total += float(kl_full(base, forward_logits(model, batch)[:, :-1][pos]))
     return total / len(batches)
 
 
@@ -66,7 +99,7 @@ def test_top_k_kl_with_the_whole_vocabulary_is_the_exact_kl() -> None:
 def test_distillation_starts_at_zero_because_the_expanded_model_is_the_base() -> None:
     model, registry = _model()
     result = train_blocks(
-        model, registry, [0, 1], _batches(), TrainConfig(steps=1, lr=1e-3, distill_lambda=1.0)
+        model, registry, [0, 1], _batches(), plain_recipe(steps=1, lr=1e-3, distill_lambda=1.0)
     )
     assert result.distill_losses[0] == pytest.approx(0.0, abs=1e-6)
     assert result.base_forwards == 1
@@ -78,7 +111,7 @@ def test_distillation_keeps_the_model_closer_to_the_base(top_k: int, sample: int
     drift = {}
     for lam in (0.0, 50.0):
         model, registry = _model()
-        cfg = TrainConfig(steps=30, lr=1e-2, distill_lambda=lam, distill_top_k=top_k, distill_sample=sample)
+        cfg = plain_recipe(steps=30, lr=1e-2, distill_lambda=lam, distill_top_k=top_k, distill_sample=sample)
         result = train_blocks(model, registry, [0, 1], batches, cfg)
         assert result.ce_losses[-1] < result.ce_losses[0]  # it still learns the target
         drift[lam] = _drift(model, registry, batches)
@@ -89,7 +122,7 @@ def test_the_cache_removes_the_base_forward_after_the_first_pass() -> None:
     model, registry = _model("nf4")
     batches = _batches(3)
     cache = BaseCache(8)
-    cfg = TrainConfig(steps=6, lr=1e-3, distill_lambda=1.0, distill_top_k=8)
+    cfg = plain_recipe(steps=6, lr=1e-3, distill_lambda=1.0, distill_top_k=8)
     first = train_blocks(model, registry, [1], batches, cfg, base_cache=cache)
     assert first.base_forwards == 3 and len(cache) == 12 and cache.nbytes > 0
     again = train_blocks(model, registry, [0, 1], batches, cfg, base_cache=cache)
@@ -98,33 +131,19 @@ def test_the_cache_removes_the_base_forward_after_the_first_pass() -> None:
     assert other.base_forwards == 1  # new examples: computed once
 
 
-def test_identity_pull_keeps_output_projections_smaller() -> None:
-    batches = _batches()
-    norms = {}
-    for pull in (0.0, 10.0):
-        model, registry = _model()
-        train_blocks(model, registry, [1], batches, TrainConfig(steps=20, lr=1e-2, identity_pull=pull))
-        block = expansion.new_block_module(model, registry, 1)
-        norms[pull] = float(block.self_attn.o_proj.weight.norm() + block.mlp.down_proj.weight.norm())
-    assert norms[10.0] < 0.7 * norms[0.0], norms
-
-
 def test_bad_retention_settings_are_refused() -> None:
     with pytest.raises(FedbeError, match="distill_lambda"):
-        TrainConfig(distill_lambda=-1)
+        plain_recipe(distill_lambda=-1)
     with pytest.raises(FedbeError, match="distill_top_k"):
-        TrainConfig(distill_top_k=-2)
-    with pytest.raises(FedbeError, match="identity_pull"):
-        TrainConfig(identity_pull=float("nan"))
+        plain_recipe(distill_top_k=-2)
     with pytest.raises(FedbeError, match="distill_sample"):
-        TrainConfig(distill_sample=-1)
+        plain_recipe(distill_sample=-1)
 
 
 def _reference_losses(model, batch: Batch, base_logits: torch.Tensor) -> tuple[float, float]:
     """CE and exact KL from the full ``[rows, width, V]`` logits, the plain way."""
-    from edge_client.trainer import _forward_logits, distill_positions  # noqa: PLC0415
 
-    logits = _forward_logits(model, batch)
+    logits = forward_logits(model, batch)
     ce = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100
     )
@@ -135,20 +154,19 @@ def _reference_losses(model, batch: Batch, base_logits: torch.Tensor) -> tuple[f
 @pytest.mark.parametrize("top_k", [0, 512])
 def test_projecting_only_the_needed_positions_gives_the_full_logit_losses(top_k: int) -> None:
     """The trainer projects onto the vocabulary only where CE or KL look; the terms must not change."""
-    from edge_client.trainer import TrainResult, _distill_step_loss, _forward_logits  # noqa: PLC0415
 
     model, registry = _model()
     train_blocks(
-        model, registry, [0, 1], _batches(seed=3), TrainConfig(steps=3, lr=1e-2)
+        model, registry, [0, 1], _batches(seed=3), plain_recipe(steps=3, lr=1e-2)
     )  # move off the base
     batch = _batches(1, seed=4)[0]
     with torch.no_grad(), expansion.bypassed(model, registry):
-        base_logits = _forward_logits(model, batch)
+        base_logits = forward_logits(model, batch)
     want_ce, want_kl = _reference_losses(model, batch, base_logits)
     assert want_kl > 1e-4  # the model really differs from the base, so the check can fail
     cache = BaseCache(top_k) if top_k else None  # 512 = the whole vocabulary: the cached KL is exact
     result = TrainResult(block_ids=(0, 1))
-    cfg = TrainConfig(steps=1, distill_lambda=0.5, distill_top_k=top_k)
+    cfg = plain_recipe(steps=1, distill_lambda=0.5, distill_top_k=top_k)
     loss = _distill_step_loss(model, lambda: expansion.bypassed(model, registry), batch, cfg, cache, result)
     assert result.ce_losses[0] == pytest.approx(want_ce, rel=1e-5)
     assert result.distill_losses[0] == pytest.approx(want_kl, rel=1e-4, abs=1e-6)
@@ -160,15 +178,14 @@ def _trained_and_one_batch() -> tuple[
 ]:
     """A tiny expanded model whose blocks trained a little, a fresh batch, and the base's and the
     model's logits on it (``[rows, width, V]``)."""
-    from edge_client.trainer import _forward_logits  # noqa: PLC0415
 
     model, registry = _model()
-    train_blocks(model, registry, [0, 1], _batches(seed=3), TrainConfig(steps=3, lr=1e-2))
+    train_blocks(model, registry, [0, 1], _batches(seed=3), plain_recipe(steps=3, lr=1e-2))
     batch = _batches(1, seed=4)[0]
     with torch.no_grad():
         with expansion.bypassed(model, registry):
-            base_full = _forward_logits(model, batch)
-        logits_full = _forward_logits(model, batch)
+            base_full = forward_logits(model, batch)
+        logits_full = forward_logits(model, batch)
     return model, registry, batch, base_full, logits_full
 
 
@@ -176,12 +193,6 @@ def _trained_and_one_batch() -> tuple[
 def test_a_distillation_sample_is_the_kl_at_exactly_the_sampled_positions(top_k: int) -> None:
     """``distill_sample``: the KL term is the exact (or cached) KL at the drawn positions, the CE is
     unchanged, and a cached base still holds every position for later draws."""
-    from edge_client.trainer import (  # noqa: PLC0415
-        TrainResult,
-        _distill_step_loss,
-        distill_positions,
-        sample_positions,
-    )
 
     model, registry, batch, base_full, logits_full = _trained_and_one_batch()
     pos = distill_positions(batch)
@@ -194,7 +205,7 @@ def test_a_distillation_sample_is_the_kl_at_exactly_the_sampled_positions(top_k:
     assert abs(want - want_all) > 1e-4  # a real subset: the check can tell it from the full KL
     cache = BaseCache(top_k) if top_k else None
     result = TrainResult(block_ids=(0, 1))
-    cfg = TrainConfig(steps=1, distill_lambda=0.5, distill_top_k=top_k, distill_sample=5)
+    cfg = plain_recipe(steps=1, distill_lambda=0.5, distill_top_k=top_k, distill_sample=5)
     torch.manual_seed(11)
     _distill_step_loss(model, lambda: expansion.bypassed(model, registry), batch, cfg, cache, result)
     assert result.distill_losses[0] == pytest.approx(want, rel=1e-4, abs=1e-6)
@@ -208,12 +219,6 @@ def test_a_distillation_sample_is_the_kl_at_exactly_the_sampled_positions(top_k:
 def test_distill_rows_distils_only_the_drawn_rows_and_runs_the_base_on_them_alone(top_k: int) -> None:
     """``distill_rows``: the KL term is the KL over the drawn rows' positions only, the CE still covers
     every row, and the base runs on (the cache fills for) the drawn rows alone."""
-    from edge_client.trainer import (  # noqa: PLC0415
-        TrainResult,
-        _distill_step_loss,
-        distill_positions,
-        sample_rows,
-    )
 
     model, registry, batch, base_full, logits_full = _trained_and_one_batch()
     pos = distill_positions(batch)
@@ -240,7 +245,7 @@ def test_distill_rows_distils_only_the_drawn_rows_and_runs_the_base_on_them_alon
 
     cache = BaseCache(top_k) if top_k else None
     result = TrainResult(block_ids=(0, 1))
-    cfg = TrainConfig(steps=1, distill_lambda=0.5, distill_top_k=top_k, distill_rows=2)
+    cfg = plain_recipe(steps=1, distill_lambda=0.5, distill_top_k=top_k, distill_rows=2)
     torch.manual_seed(5)
     _distill_step_loss(model, base, batch, cfg, cache, result)
     assert result.distill_losses[0] == pytest.approx(want, rel=1e-4, abs=1e-6)
@@ -254,12 +259,11 @@ def test_distill_rows_distils_only_the_drawn_rows_and_runs_the_base_on_them_alon
         assert calls == [2] and result.distill_losses[1] == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert sample_rows(4, 4) is None and sample_rows(4, 0) is None
     with pytest.raises(FedbeError, match="distill_rows"):
-        TrainConfig(distill_rows=-1)
+        plain_recipe(distill_rows=-1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_target_only_cross_entropy_is_the_models_own_loss(arch: str) -> None:
-    from edge_client.trainer import causal_lm_loss  # noqa: PLC0415
 
     torch.manual_seed(0)
     model = sources.build_tiny_model(arch)
@@ -273,44 +277,3 @@ def test_target_only_cross_entropy_is_the_models_own_loss(arch: str) -> None:
         causal_lm_loss(model, batch)
 
 
-def test_rehearsal_rows_are_sampled_once_from_the_base_and_only_distilled() -> None:
-    from edge_client.trainer import sample_rehearsal, with_rehearsal  # noqa: PLC0415
-
-    model, registry = _model()
-    batches = _batches()
-    base = lambda: expansion.bypassed(model, registry)  # noqa: E731
-    pool = sample_rehearsal(model, base, batches, 16)
-    assert pool.shape == (16, 16)
-    assert torch.equal(pool, sample_rehearsal(model, base, batches, 16))  # seeded by the client's data
-    assert len({tuple(r.tolist()) for r in pool}) > 8  # sampled, not one repeated row
-    seen = with_rehearsal(batches[0], pool, step=1, rows=2)
-    assert seen.size == 6 and torch.equal(seen.input_ids[4:], pool[2:4])
-    assert (seen.labels[4:] == -100).all() and (seen.attention_mask[4:] == 1).all()
-    cache = BaseCache(32)
-    cfg = TrainConfig(steps=3, lr=1e-3, distill_lambda=1.0, distill_top_k=32, rehearsal_rows=2)
-    result = train_blocks(model, registry, [0, 1], batches, cfg, base_cache=cache)
-    assert cache.rehearsal is not None and result.rehearsal_seconds > 0
-    assert result.samples == 3 * 4  # rehearsal rows are not training samples
-    again = train_blocks(model, registry, [0, 1], batches, cfg, base_cache=cache)
-    assert again.rehearsal_seconds == 0.0  # the pool is kept with the client's cache
-    with pytest.raises(FedbeError, match="self-distillation"):
-        TrainConfig(rehearsal_rows=2)
-
-
-def test_rehearsal_holds_the_model_to_the_base_on_its_own_text_that_the_task_never_shows() -> None:
-    """Drift measured on the base's samples (text unlike the task's): rehearsal must cut it."""
-    from edge_client.trainer import sample_rehearsal  # noqa: PLC0415
-
-    batches = _batches()
-    for batch in batches:  # task text from 10 tokens only: the base's samples use the whole vocabulary
-        batch.input_ids[:, :12] %= 10
-    drift = {}
-    for rows in (0, 4):
-        model, registry = _model()
-        cfg = TrainConfig(steps=30, lr=1e-2, distill_lambda=50.0, distill_top_k=64, rehearsal_rows=rows)
-        train_blocks(model, registry, [0, 1], batches, cfg)
-        pool = sample_rehearsal(model, lambda m=model, r=registry: expansion.bypassed(m, r), batches, 16)
-        drift[rows] = _drift(
-            model, registry, [Batch(pool, torch.ones_like(pool), torch.full_like(pool, -100))]
-        )
-    assert drift[4] < 0.7 * drift[0], drift

@@ -4,24 +4,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
 
-from edge_client.trainer import (
+from edge_client.loss import (
+    Distillation,
     LabelPrior,
-    TrainConfig,
-    TrainResult,
-    _distill_step_loss,
-    _forward_logits,
     balanced_logits,
     causal_lm_loss,
-    label_cross_entropy,
-    train_blocks,
+    forward_logits,
+    step_loss,
 )
+from edge_client.trainer import TrainResult, train_blocks
 from fedbe import expansion, quantization, sources
 from fedbe.datasets import Batch
 from fedbe.errors import FedbeError
+from fedbe.recipe import PLAIN, Recipe
+
+
+def plain_recipe(**changes: Any) -> Recipe:
+    """The plain cross-entropy recipe with ``changes``."""
+    return replace(PLAIN, **changes)
+
+
+def _distill_step_loss(model: Any, base: Any, batch: Batch, cfg: Recipe, cache: Any, result: TrainResult,
+                       prior: LabelPrior | None = None) -> torch.Tensor:  # fmt: skip
+    """One distilled step of ``cfg`` as the trainer takes it, its parts recorded in ``result``."""
+    top = cache if cfg.distill_top_k else None
+    loss = step_loss(model, batch, cfg.distill_lambda_in_round(1), prior,
+                     Distillation(base, cfg.distill_rows, cfg.distill_sample, top))  # fmt: skip
+    result.ce_losses.append(loss.ce)
+    if loss.kl is not None:
+        result.distill_losses.append(loss.kl)
+    result.base_forwards += loss.base_forwards
+    return loss.total
 
 LABELS = (7, 9, 11)  # the label words' first tokens; the target is label token + end token 3
 
@@ -62,7 +80,7 @@ def test_balanced_cross_entropy_is_the_reference_on_full_logits() -> None:
     model, registry = _model()
     batch = _batch([7, 7, 9, 7])
     prior = LabelPrior(LABELS, (3.0, 1.0, 0.0))
-    full = _forward_logits(model, batch)[:, :-1].float()
+    full = forward_logits(model, batch)[:, :-1].float()
     logits, vocab = full.reshape(-1, full.shape[-1]), full.shape[-1]
     targets = batch.labels[:, 1:].reshape(-1)
     keep = targets != -100
@@ -76,7 +94,7 @@ def test_balanced_cross_entropy_is_the_reference_on_full_logits() -> None:
     # the distilled step: the same balanced CE, and a KL that does not see the prior
     result, balanced = TrainResult(block_ids=(0, 1)), TrainResult(block_ids=(0, 1))
     base = lambda: expansion.bypassed(model, registry)  # noqa: E731
-    cfg = TrainConfig(steps=1, distill_lambda=1.0)
+    cfg = plain_recipe(steps=1, distill_lambda=1.0)
     _distill_step_loss(model, base, batch, cfg, None, result)
     _distill_step_loss(model, base, batch, cfg, None, balanced, prior)
     assert balanced.ce_losses[0] == pytest.approx(float(want), rel=1e-5)
@@ -126,7 +144,7 @@ def test_the_trainer_uses_the_prior_only_when_asked() -> None:
     assert abs(want[True] - want[False]) > 1e-3
     for balance in (False, True):
         model, registry = _model()
-        cfg = TrainConfig(steps=1, lr=1e-3, label_balance=balance)
+        cfg = plain_recipe(steps=1, lr=1e-3, label_balance=balance)
         result = train_blocks(model, registry, [0, 1], [batch], cfg, label_prior=prior)
         assert result.ce_losses[0] == pytest.approx(want[balance], rel=1e-5)
 
@@ -141,9 +159,12 @@ def test_bad_priors_are_refused() -> None:
             LabelPrior((1, 2), counts)
     with pytest.raises(FedbeError, match="outside the vocabulary"):
         LabelPrior((1, 999), (1.0, 1.0)).offsets(256, torch.device("cpu"))
+    # a client without a usable prior (no labelled data, or two labels sharing a token) trains plain CE
     model, registry = _model()
-    with pytest.raises(FedbeError, match="label_balance needs"):
-        train_blocks(model, registry, [0], [_batch([7])], TrainConfig(steps=1, label_balance=True))
+    batch = _batch([7, 7, 9, 7])
+    want = float(causal_lm_loss(model, batch))
+    result = train_blocks(model, registry, [0], [batch], plain_recipe(steps=1, label_balance=True))
+    assert result.ce_losses[0] == pytest.approx(want, rel=1e-5)
 
 
 def _factored_reference(
@@ -164,156 +185,3 @@ def _factored_reference(
     return torch.stack(losses).mean()
 
 
-def test_factored_form_is_the_reference_and_plain_ce_for_a_balanced_client() -> None:
-    model, registry = _model()
-    batch = _batch([7, 7, 9, 7])
-    full = _forward_logits(model, batch)[:, :-1].float()
-    targets = batch.labels[:, 1:].reshape(-1)
-    keep = targets != -100
-    logits, targets = full.reshape(-1, full.shape[-1])[keep], targets[keep]
-    counts = (3.0, 1.0, 0.0)
-    prior = LabelPrior(LABELS, counts)
-    want = _factored_reference(logits, targets, counts)
-    vocab = label_cross_entropy(logits, targets, prior, "vocab")
-    assert abs(float(want) - float(vocab)) > 1e-3  # the two forms differ, so the check can fail
-    assert float(label_cross_entropy(logits, targets, prior, "factored")) == pytest.approx(
-        float(want), rel=1e-5
-    )
-    assert float(causal_lm_loss(model, batch, prior, "factored")) == pytest.approx(float(want), rel=1e-5)
-    # a client with every label equally often: the exact split of plain cross-entropy
-    even = LabelPrior(LABELS, (2.0, 2.0, 2.0))
-    plain = torch.nn.functional.cross_entropy(logits, targets)
-    assert float(label_cross_entropy(logits, targets, even, "factored")) == pytest.approx(
-        float(plain), rel=1e-5
-    )
-    # the trainer's distilled step and its plain step take the form from the config
-    cfg = TrainConfig(steps=1, distill_lambda=1.0, label_balance=True, balance_form="factored")
-    result = TrainResult(block_ids=(0, 1))
-    _distill_step_loss(model, lambda: expansion.bypassed(model, registry), batch, cfg, None, result, prior)
-    assert result.ce_losses[0] == pytest.approx(float(want), rel=1e-5)
-    model, registry = _model()
-    trained = train_blocks(
-        model, registry, [0, 1], [batch], replace(cfg, distill_lambda=0.0), label_prior=prior
-    )
-    assert trained.ce_losses[0] == pytest.approx(float(want), rel=1e-5)
-
-
-def test_factored_form_corrects_the_label_mix_while_the_label_words_hold_little_mass() -> None:
-    # A model early in training: the label words score like the rest of a 64-token vocabulary, so
-    # they hold 3/64 of its softmax. The client's articles are 15 of label 7 and 5 of label 9. In
-    # the vocabulary softmax an offset barely changes the gradient (every label's adjusted
-    # probability is small), so the "vocab" form still pushes z7 - z9 up almost as plain CE does;
-    # the factored form balances the softmax over the label words alone: no push on z7 - z9.
-    logits = torch.zeros(20, 64)
-    targets = torch.tensor([7] * 15 + [9] * 5)
-    prior = LabelPrior(LABELS, (15.0, 5.0, 0.0))
-    pushes = {}
-    for name, p, form in (
-        ("plain", None, "vocab"),
-        ("vocab", prior, "vocab"),
-        ("factored", prior, "factored"),
-    ):
-        z = logits.clone().requires_grad_(True)
-        (label_cross_entropy(z, targets, p, form) * len(targets)).backward()
-        assert z.grad is not None
-        pushes[name] = float(-(z.grad[:, 7] - z.grad[:, 9]).sum())  # descent direction on z7 - z9
-    assert pushes["plain"] > 5.0
-    assert pushes["vocab"] > 0.8 * pushes["plain"]
-    assert abs(pushes["factored"]) < 0.05 * pushes["plain"]
-
-
-def test_labels_form_trains_the_balanced_label_softmax_alone() -> None:
-    """ "labels": the factored form without -log P(label words): at a label word only the balanced
-    softmax over the label words counts, so a shift of every label word's logit changes nothing
-    (the label words' total probability is not trained), and the rest of the rows are plain CE."""
-    torch.manual_seed(1)
-    logits = torch.randn(5, 32)
-    targets = torch.tensor([7, 7, 9, 3, 11])  # one end-token row
-    counts = (3.0, 1.0, 0.0)
-    prior = LabelPrior(LABELS, counts)
-    share = torch.log(torch.tensor([3.0, 1.0, 0.5]) / 4.5 * 3)
-    rows = []
-    for z, t in zip(logits, targets.tolist(), strict=True):
-        if t in LABELS:
-            rows.append(-torch.log_softmax(z[list(LABELS)] + share, dim=-1)[LABELS.index(t)])
-        else:
-            rows.append(-torch.log_softmax(z, dim=-1)[t])
-    want = torch.stack(rows).mean()
-    got = label_cross_entropy(logits, targets, prior, "labels")
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
-    assert abs(float(got) - float(label_cross_entropy(logits, targets, prior, "factored"))) > 1e-2
-    z = logits.clone().requires_grad_(True)
-    label_cross_entropy(z, targets, prior, "labels").backward()
-    assert z.grad is not None
-    label_rows = torch.tensor([True, True, True, False, True])
-    # no gradient along "every label word up together" on a label row (the total mass is untrained)
-    assert torch.allclose(z.grad[label_rows][:, list(LABELS)].sum(dim=1), torch.zeros(4), atol=1e-6)
-    others = [t for t in range(32) if t not in LABELS]
-    assert torch.equal(z.grad[label_rows][:, others], torch.zeros(4, len(others)))
-
-
-def test_unknown_balance_forms_are_refused() -> None:
-    with pytest.raises(FedbeError, match="balance_form 'softmax'"):
-        TrainConfig(balance_form="softmax")
-    with pytest.raises(FedbeError, match="balance_form 'softmax'"):
-        label_cross_entropy(
-            torch.zeros(1, 32), torch.tensor([7]), LabelPrior(LABELS, (1.0, 1.0, 1.0)), "softmax"
-        )
-
-
-def test_present_form_balances_over_the_labels_the_client_holds() -> None:
-    """ "present": the label softmax over the labels with a count (and the row's target); a client
-    holding one label gets no gradient from its label words, so it can not teach that label."""
-    torch.manual_seed(2)
-    logits = torch.randn(4, 32)
-    targets = torch.tensor([7, 9, 3, 7])
-    prior = LabelPrior(LABELS, (6.0, 2.0, 0.0))  # label 11 absent: out of the softmax
-    share = torch.log(torch.tensor([6.0, 2.0]) / 8.5 * 3)  # the offsets as every form computes them
-    rows = []
-    for z, t in zip(logits, targets.tolist(), strict=True):
-        if t in LABELS:
-            rows.append(-torch.log_softmax(z[[7, 9]] + share, dim=-1)[[7, 9].index(t)])
-        else:
-            rows.append(-torch.log_softmax(z, dim=-1)[t])
-    got = label_cross_entropy(logits, targets, prior, "present")
-    assert float(got) == pytest.approx(float(torch.stack(rows).mean()), rel=1e-5)
-    assert abs(float(got) - float(label_cross_entropy(logits, targets, prior, "labels"))) > 1e-3
-    z = logits.clone().requires_grad_(True)
-    one = LabelPrior(LABELS, (48.0, 0.0, 0.0))
-    label_cross_entropy(z, torch.tensor([7, 7, 7, 3]), one, "present").backward()
-    assert z.grad is not None
-    assert torch.equal(z.grad[:3], torch.zeros(3, 32))  # the label rows: nothing to learn
-    assert z.grad[3].abs().sum() > 0  # the end-token row still trains
-
-
-def test_neutral_form_adds_a_total_label_probability_term_that_raises_every_label_alike() -> None:
-    """ "neutral": "present" plus -log P'(L), the label words' total probability with each label logit
-    at the label logits' mean; that term's gradient is the same on every label word (it can not raise
-    the model's favourite label), negative (it raises them all), and it trains non-label words down."""
-    torch.manual_seed(3)
-    logits = torch.randn(4, 32)
-    targets = torch.tensor([7, 9, 3, 11])
-    prior = LabelPrior(LABELS, (6.0, 2.0, 1.0))
-    rows = []
-    for z, t in zip(logits, targets.tolist(), strict=True):
-        if t in LABELS:
-            mean = z[list(LABELS)].mean()
-            others = torch.cat([z[: min(LABELS)], z[[i for i in range(32) if i not in LABELS and i >= 7]]])
-            mass = mean + math.log(3) - torch.logsumexp(torch.cat([(mean + math.log(3)).view(1), others]), 0)
-            rows.append(-mass)
-        else:
-            rows.append(torch.tensor(0.0))
-    present = label_cross_entropy(logits, targets, prior, "present")
-    got = label_cross_entropy(logits, targets, prior, "neutral")
-    assert float(got) == pytest.approx(float(present) + float(torch.stack(rows).mean()), rel=1e-5)
-    z = logits.clone().requires_grad_(True)
-    w = logits.clone().requires_grad_(True)
-    label_cross_entropy(z, targets, prior, "neutral").backward()
-    label_cross_entropy(w, targets, prior, "present").backward()
-    assert z.grad is not None and w.grad is not None
-    term = z.grad - w.grad  # the total-probability term's own gradient
-    for row in (0, 1, 3):  # the label rows
-        on_labels = term[row, list(LABELS)]
-        assert torch.allclose(on_labels, on_labels[0].expand(3), atol=1e-7) and float(on_labels[0]) < 0
-        assert float(term[row].sum()) == pytest.approx(0.0, abs=1e-6)  # softmax: the rest goes down
-    assert torch.equal(term[2], torch.zeros(32))  # a non-label row: plain cross-entropy in both

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from edge_client.trainer import TrainConfig, evaluate_loss, train_blocks
+from edge_client.trainer import evaluate_loss, train_blocks
 from fedbe import expansion, quantization, sources
 from fedbe.blocks import get_block_state
 from fedbe.datasets import Batch
 from fedbe.errors import FedbeError
+from fedbe.recipe import PLAIN
 
 
 def _batches(n: int = 2, seed: int = 0) -> list[Batch]:
@@ -39,7 +42,7 @@ def test_loss_goes_down_and_only_the_assigned_block_changes(expanded) -> None:
     before = {name: t.detach().clone() for name, t in model.state_dict().items()}
     blocks_before = get_block_state(model, registry)
     loss0 = evaluate_loss(model, batches)
-    result = train_blocks(model, registry, [1], batches, TrainConfig(steps=40, lr=1e-2))
+    result = train_blocks(model, registry, [1], batches, replace(PLAIN, steps=40, lr=1e-2))
     assert result.steps == 40 and result.samples == 40 * 4
     # (the tiny tied head caps logits near +-1.5, so the loss floor is ~4.5, not 0)
     assert evaluate_loss(model, batches) < 0.85 * loss0
@@ -55,7 +58,7 @@ def test_loss_goes_down_and_only_the_assigned_block_changes(expanded) -> None:
 
 def test_deadline_stops_training_early(expanded) -> None:
     model, registry = expanded
-    result = train_blocks(model, registry, [0, 1], _batches(), TrainConfig(steps=1000, deadline_seconds=0.0))
+    result = train_blocks(model, registry, [0, 1], _batches(), replace(PLAIN, steps=1000), deadline_seconds=0.0)
     assert result.stopped_by_deadline and result.steps == 0
 
 
@@ -64,14 +67,14 @@ def test_non_finite_loss_is_reported_not_trained_on(expanded) -> None:
     with torch.no_grad():
         expansion.new_block_module(model, registry, 0).mlp.up_proj.weight.fill_(float("inf"))
     with pytest.raises(FedbeError, match="learning rate"):
-        train_blocks(model, registry, [0], _batches(), TrainConfig(steps=5))
+        train_blocks(model, registry, [0], _batches(), replace(PLAIN, steps=5))
 
 
 def test_invalid_config_and_block_ids_are_rejected(expanded) -> None:
     model, registry = expanded
     with pytest.raises(FedbeError, match="steps"):
-        TrainConfig(steps=0)
-    with pytest.raises(FedbeError, match="learning rate"):
-        TrainConfig(lr=float("nan"))
+        replace(PLAIN, steps=0)
+    with pytest.raises(FedbeError, match="lr must be"):
+        replace(PLAIN, lr=float("nan"))
     with pytest.raises(FedbeError, match="unknown block id"):
-        train_blocks(model, registry, [7], _batches(), TrainConfig(steps=1))
+        train_blocks(model, registry, [7], _batches(), replace(PLAIN, steps=1))

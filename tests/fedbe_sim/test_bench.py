@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ def test_lost_and_gained_questions_are_summed_over_seeds_and_reported_with_mcnem
     p = probes.mcnemar_p(1, 5)
     assert "over 8 question-seeds" in md and f"a 1 / 5 (p {p:.2f}; by seed 1/1, 0/4)" in md
     assert "; b " not in md  # a probe without questions has nothing to report
-    # records from before v12 carry no answers: no line
+    # records without per-question answers: no line
     md = bench.results_markdown(
         bench.summarise([_record("a", [0.9], [10])], {}), base, bench.BenchSettings(), "x"
     )
@@ -260,9 +260,9 @@ def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> No
     """A change of FedBE's own knobs retrains FedBE, its ablations and the position methods, not
     the LoRA baselines or full FT (which read lora_lr, lora_lr_decay, lora_distill_lambda instead)."""
     default = bench.BenchSettings()
-    changes = {"lr": 1.5e-3, "lr_decay": 0.7, "distill_lambda": 6.0, "identity_pull": 1e-2,
-               "deadline_factor": 0.4, "max_block_divergence": 0.3, "label_balance": False,
-               "block_average": "trainers", "server_lr": 0.5, "context_blocks": False}  # fmt: skip
+    changes = {"lr": 1.5e-3, "lr_decay": 0.7, "distill_lambda": 6.0, "deadline_factor": 0.4,
+               "max_block_divergence": 0.3, "label_balance": False, "block_average": "trainers",
+               "server_lr": 0.5}  # fmt: skip
     assert set(changes) == set(bench.BLOCK_ONLY_PINNED)
     digest = bench.settings_digest
     for field, value in changes.items():
@@ -275,30 +275,43 @@ def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> No
         assert digest(replace(default, **{field: value}), "fedit-distill") != digest(default, "fedit-distill")
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "bench-results.json",
-        "bench-results-v11.json",
-        "bench-results-v12.json",
-        "bench-results-v13.json",
-        "bench-results-v14.json",
-        "bench-results-v16.json",
-        "bench-results-alpha01-v16.json",
-        "bench-results-v18.json",
-        "bench-results-v19.json",
-        "bench-results-alpha01-v19.json",
-    ],
-)
-def test_the_published_records_keep_their_digests(name: str) -> None:
-    """Every record of a published run (v10, v11 with the lambda schedule, v12 with 400 questions)
-    still resumes under the settings it was run with: a change of the digest's rules must not orphan
-    the records a published table was built from."""
-    published = json.loads((Path(__file__).parents[2] / "docs" / name).read_text())
-    settings = bench.settings_from_dict(published["settings"], f"docs/{name}")
-    assert published["records"]
-    for rec in published["records"]:
-        assert rec["settings_digest"] == bench.settings_digest(settings, rec["method"]), rec["method"]
+# A results.json's settings as this fedbe writes them (every setting, lists for tuples), and the
+# digest each method's records carry under them: the records of a published run resume and merge
+# only while these stay the same.
+FIXED_RUN: dict[str, Any] = {
+    "model": "smollm2-135m", "methods": ["fedbe", "fedit"], "seeds": [0, 1, 2],
+    "profiles": ["rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb", "jetson-xavier-nx"],
+    "clients": 4, "rounds": 4, "steps": 4, "batch_size": 4, "max_tokens": 128, "lr": 0.002, "lora_lr": 0.002,
+    "full_ft_lr": 0.0003, "lora_rank": 16, "blocks": 6, "placement": "interleave-mid-top", "alpha": 0.5,
+    "examples_per_client": 48, "eval_examples": 100, "probe_questions": 400, "final_probe_questions": 1600,
+    "probe_texts": 192, "split": "test", "distill_lambda": [3.0, 3.0, 12.0], "lora_distill_lambda": 3.0,
+    "distill_top_k": 32, "distill_sample": 128, "distill_rows": 1, "deadline_factor": 0.6,
+    "max_block_divergence": 1.0, "label_balance": True, "block_average": "round", "server_lr": 1.0,
+    "lr_decay": 0.5, "lora_lr_decay": 0.5, "download_level": "int8", "full_ft_budget_seconds": 600.0,
+    "precision": "bf16", "lora_base": "frozen",
+}  # fmt: skip
+_BLOCKS, _ELSEWHERE, _LORA = "597fb984dbc43d2e", "a551f381e3237edd", "199f141880a06ccc"
+FIXED_DIGESTS = {
+    "fedbe": _BLOCKS, "fedbe-plain": _BLOCKS, "fedbe-exact": _BLOCKS, "fedbe-random": _BLOCKS, "fedbe-all": _BLOCKS,
+    # their own placement (interleave, or one block) leaves --placement out of their digest
+    "fedbe-interleave": _ELSEWHERE, "pos-bottom": _ELSEWHERE, "pos-middle": _ELSEWHERE, "pos-top": _ELSEWHERE,
+    "fedit": _LORA, "fedit-distill": _LORA, "ffa-lora": _LORA,
+    "full-ft": "99c874714e90fdae",  # reads neither FedBE's knobs nor lora_base
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", bench.ALL_METHODS)
+def test_the_records_of_a_fixed_run_keep_their_digests(method: str) -> None:
+    """A run's records resume and merge under the settings in its results.json: a change of the
+    digest's rules (which settings count, what they are pinned to, a new setting not in
+    ADDED_LATER) would orphan the records every published table was built from."""
+    assert set(FIXED_DIGESTS) == set(bench.ALL_METHODS)
+    assert set(FIXED_RUN) == {f.name for f in fields(bench.BenchSettings)}
+    settings = bench.settings_from_dict(json.loads(json.dumps(FIXED_RUN)), "results.json")
+    assert bench.settings_digest(settings, method) == FIXED_DIGESTS[method]
+    # the methods and seeds a run holds are not part of what one method run depends on
+    others = replace(settings, methods=(method,), seeds=(7,))
+    assert bench.settings_digest(others, method) == FIXED_DIGESTS[method]
 
 
 def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path) -> None:
@@ -307,21 +320,19 @@ def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path
     import hashlib
     from dataclasses import asdict
 
-    # the FedBE knobs at the values LoRA digests pin (bench v10's), so "before" is also a LoRA digest
-    v10 = replace(bench.BenchSettings(), **bench.BLOCK_ONLY_PINNED, lora_base="plain")
-    data = asdict(v10)
+    # the FedBE knobs at the values LoRA digests pin, so "before" is also a LoRA digest
+    pinned = replace(bench.BenchSettings(), **bench.BLOCK_ONLY_PINNED, lora_base="plain")
+    data = asdict(pinned)
     del data["methods"], data["seeds"], data["placement"]
-    del data["min_steps_fraction"]  # added after v10; at 1.0 (off) it is not in the digest
-    del data["balance_form"]  # added after v10; "vocab" (the one form before) is not in the digest
-    del data["lora_base"]  # added after v16; "plain" (the LoRA base before) is not in the digest
+    del data["lora_base"]  # added later; "plain" (the LoRA base before) is not in the digest
     before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    middle = replace(v10, placement="middle")
-    assert bench.settings_digest(replace(v10, placement="interleave")) == before
-    assert bench.settings_digest(replace(v10, placement="interleave"), "fedbe") == before
-    assert bench.settings_digest(v10, "fedbe") != before  # interleave-mid-top
+    middle = replace(pinned, placement="middle")
+    assert bench.settings_digest(replace(pinned, placement="interleave")) == before
+    assert bench.settings_digest(replace(pinned, placement="interleave"), "fedbe") == before
+    assert bench.settings_digest(pinned, "fedbe") != before  # interleave-mid-top
     assert bench.settings_digest(middle, "fedbe") != before
     assert bench.settings_digest(middle, "fedbe") != bench.settings_digest(
-        replace(v10, placement="2,7,12,17,22,27"), "fedbe"
+        replace(pinned, placement="2,7,12,17,22,27"), "fedbe"
     )
     for method in ("fedit", "fedit-distill", "ffa-lora", "full-ft", "pos-top", "fedbe-interleave"):
         assert bench.settings_digest(middle, method) == before, method
@@ -433,27 +444,35 @@ def test_a_terminated_jobs_run_ends_its_workers(tmp_path) -> None:
                 worker.kill()
 
 
+def _plan(method: bench.BlockMethod, round_: int = 1) -> Any:
+    """The plan of ``method``'s round: the coordinator's plan_round with the method's policy and candidates."""
+    import random
+
+    from coordinator.round import plan_round
+
+    return plan_round(method.policy, round_, method.candidates, method.registry, method.last_trained,
+                      method.world.seed, random.Random(method.world.seed))  # fmt: skip
+
+
+def _with_candidates(world: Any, clients: list[tuple[str, float, dict[str, float]]], **overrides: Any) -> Any:
+    """FedBE on ``world`` with ``overrides`` for its settings, planning for made-up clients
+    (id, backward seconds per layer, label histogram) that each hold 2 blocks."""
+    from coordinator.round import Candidate
+
+    method = bench.BlockMethod("fedbe", replace(world, settings=replace(world.settings, **overrides)))
+    method.candidates = [Candidate(cid, 2, 0.1, slow, histogram) for cid, slow, histogram in clients]
+    return method
+
+
 def test_a_tighter_deadline_gives_slow_clients_fewer_blocks_nearer_the_output() -> None:
-    import types
-
-    from fedbe import expansion, sources
-
-    model = sources.load_model(sources.resolve_source("tiny:llama"))
-    layers = model.config.num_hidden_layers
-    registry = expansion.expand_model(model, expansion.plan_expansion(layers, 2, "interleave"))
+    world = _tiny_world(blocks=2, placement="interleave")
+    clients = [(cid, slow, {"a": 1.0}) for cid, slow in (("fast", 0.01), ("fast2", 0.01), ("slow", 0.2),
+                                                         ("slow2", 0.2))]  # fmt: skip
 
     def blocks_for(factor: float) -> dict[str, tuple[int, ...]]:
-        settings = bench.BenchSettings(deadline_factor=factor, blocks=2)
-        clients = [
-            types.SimpleNamespace(client_id=cid, max_blocks=2, forward_seconds=0.1, backward_seconds=slow,
-                                  histogram={"a": 1.0})
-            for cid, slow in (("fast", 0.01), ("fast2", 0.01), ("slow", 0.2), ("slow2", 0.2))
-        ]  # fmt: skip
-        method = object.__new__(bench.BlockMethod)
-        method.name, method.s, method.registry, method.distill = "fedbe", settings, registry, True
-        method.world = types.SimpleNamespace(clients=clients, seed=0)  # type: ignore[assignment]
-        method.strategy, method.last_trained = "fedbe", {}
-        return method.allocate(1)
+        method = _with_candidates(world, clients, deadline_factor=factor)
+        assert method.registry.new_layer_indices == (2, 5)
+        return _plan(method).assignments
 
     loose, tight, too_tight = blocks_for(1.0), blocks_for(0.5), blocks_for(0.2)
     assert loose == {c: (0, 1) for c in ("fast", "fast2", "slow", "slow2")}  # the median client is slow
@@ -462,53 +481,24 @@ def test_a_tighter_deadline_gives_slow_clients_fewer_blocks_nearer_the_output() 
     assert too_tight == {"fast": (0, 1), "fast2": (0, 1)}  # no block fits: left out, not late
 
 
-def test_a_block_only_one_label_trains_is_left_out_unless_the_ablation_says_so() -> None:
-    import types
+def test_a_block_only_one_label_trains_is_left_out_under_a_label_skew_bound() -> None:
+    world = _tiny_world(blocks=2, placement="interleave")
+    # only the fast clients reach block 0, and both hold label "a" alone; the slow ones hold "b"
+    clients = [(cid, slow, {label: 10.0}) for cid, slow, label in (
+        ("fast", 0.01, "a"), ("fast2", 0.01, "a"), ("slow", 0.2, "b"), ("slow2", 0.2, "b"))]  # fmt: skip
 
-    from fedbe import expansion, sources
+    def plan_for(bound: float) -> Any:
+        return _plan(_with_candidates(world, clients, deadline_factor=0.5, max_block_divergence=bound))
 
-    model = sources.load_model(sources.resolve_source("tiny:llama"))
-    layers = model.config.num_hidden_layers
-    registry = expansion.expand_model(model, expansion.plan_expansion(layers, 2, "interleave"))
-
-    def method_for(name: str, bound: float, fraction: float = 1.0) -> Any:
-        settings = bench.BenchSettings(
-            deadline_factor=0.5, blocks=2, max_block_divergence=bound, min_steps_fraction=fraction
-        )
-        # only the fast clients reach block 0, and both hold label "a" alone; the slow ones hold "b"
-        clients = [
-            types.SimpleNamespace(client_id=cid, max_blocks=2, forward_seconds=0.1, backward_seconds=slow,
-                                  histogram={label: 10.0})
-            for cid, slow, label in (("fast", 0.01, "a"), ("fast2", 0.01, "a"), ("slow", 0.2, "b"),
-                                     ("slow2", 0.2, "b"))
-        ]  # fmt: skip
-        method = object.__new__(bench.BlockMethod)
-        method.name, method.s, method.registry, method.distill = name, settings, registry, True
-        method.world = types.SimpleNamespace(clients=clients, seed=0)  # type: ignore[assignment]
-        method.strategy, method.last_trained = "fedbe", {}
-        method.assignments = method.allocate(1)
-        return method
-
-    both = {"fast": (0, 1), "fast2": (0, 1), "slow": (1,), "slow2": (1,)}
-    assert method_for("fedbe", 1.0).assignments == both
-    tops = {"fast": (1,), "fast2": (1,), "slow": (1,), "slow2": (1,)}
-    bounded = method_for("fedbe", 0.3)
-    assert bounded.assignments == tops and bounded.client_steps == {c: 4 for c in both}
-    assert method_for("fedbe-no-skew-limit", 0.3).assignments == both  # block 0: JS({a}, {a, b}) = 0.31
-    assert method_for("fedbe-skew-limit", 1.0).assignments == tops  # the bound at SKEW_LIMIT 0.3
-    assert bench.BenchSettings().max_block_divergence == 1.0  # no bound by default (session 26)
-    # Short runs: the slow clients reach block 0 in 2 of their 4 steps (deadline 0.5 x 4 x 0.9 s = 1.8 s,
-    # a step down to block 0 0.9 s), so with min_steps_fraction 0.5 they join the fast ones there.
-    short = method_for("fedbe", 0.3, 0.5)
-    assert short.assignments == {c: (0, 1) for c in both}
-    assert short.client_steps == {"fast": 4, "fast2": 4, "slow": 2, "slow2": 2}
-    assert short.short_run_blocks == (0,) and short.withdrawn == ()
-    # at least 3 steps (2.7 s): block 0 is withdrawn again
-    assert method_for("fedbe", 0.3, 0.75).assignments == tops
+    unbounded = plan_for(1.0)
+    assert unbounded.assignments == {"fast": (0, 1), "fast2": (0, 1), "slow": (1,), "slow2": (1,)}
+    assert unbounded.allocation.withdrawn_blocks == ()
+    bounded = plan_for(0.3)  # block 0: JS({a}, {a, b}) = 0.31
+    assert bounded.assignments == {"fast": (1,), "fast2": (1,), "slow": (1,), "slow2": (1,)}
+    assert bounded.allocation.withdrawn_blocks == (0,)
+    assert bench.BenchSettings().max_block_divergence == 1.0  # no bound by default
     with pytest.raises(ConfigError, match="max_block_divergence"):
         bench.BenchSettings(max_block_divergence=1.2)
-    with pytest.raises(ConfigError, match="min_steps_fraction"):
-        bench.BenchSettings(min_steps_fraction=0.0)
 
 
 def _tiny_world(**overrides):
@@ -535,40 +525,66 @@ def test_clients_step_costs_are_one_measurement_in_the_bench_precision_times_the
     assert len({c.slowdown for c in world.clients}) > 1 and all(c.forward_seconds > 0 for c in world.clients)
 
 
-def test_context_blocks_run_the_blocks_a_client_does_not_train_frozen() -> None:
-    """fedbe-context: a client trains its blocks with the others present (bf16, counted in the
-    download); fedbe-bypass: with the others skipped. Only the trained blocks come back."""
-    import torch
+def _assign(monkeypatch: Any, assignments: dict[str, tuple[int, ...]]) -> None:
+    """From now on every FedBE round's plan gives exactly ``assignments`` (its recipe the method's)."""
+    import math
 
+    import coordinator.round
+    from coordinator.allocation import Allocation
+    from coordinator.round import RoundPlan
+
+    def plan(policy: Any, round_: int, *_args: Any) -> RoundPlan:
+        allocation = Allocation(dict(assignments), (), {}, {})
+        return RoundPlan(
+            round_, tuple(sorted(assignments)), allocation, dict(assignments), math.inf, policy.recipe
+        )
+
+    monkeypatch.setattr(coordinator.round, "plan_round", plan)
+
+
+def _perturbed(state: dict[int, dict[str, torch.Tensor]], seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        b: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in p.items()} for b, p in state.items()
+    }
+
+
+def test_a_client_runs_the_blocks_it_does_not_train_frozen(monkeypatch: Any) -> None:
+    """A FedBE client trains its blocks with the others in place (received in bf16, counted in the
+    download), not bypassed; only the trained blocks come back."""
     world = _tiny_world(max_block_divergence=1.0, download_level="fp32")
+    _assign(monkeypatch, {"client-00": (1,)})
     runs = {}
-    for name in ("fedbe-context", "fedbe-bypass"):
-        method = bench.BlockMethod(name, world)
-        g = torch.Generator().manual_seed(1)
-        method.global_state = {
-            b: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in p.items()}
-            for b, p in method.global_state.items()
-        }
-        method.allocate = lambda round_: {"client-00": (1,)}  # type: ignore[method-assign]
+    for name in ("block 0 trained", "block 0 fresh"):
+        method = bench.BlockMethod("fedbe", world)
+        fresh = method.global_state[0]
+        method.global_state = _perturbed(method.global_state, 1)
+        if name == "block 0 fresh":  # block 0 the identity it starts as: the same as bypassing it
+            method.global_state[0] = fresh
         before = {b: {n: t.clone() for n, t in p.items()} for b, p in method.global_state.items()}
         (result,) = method.round(1)
         runs[name] = (result, before, method.global_state)
     for name, (result, before, after) in runs.items():
         assert result.blocks == (1,)
         assert all(torch.equal(before[0][n], after[0][n]) for n in before[0]), name  # block 0 not trained
-    fp32_block = sum(t.numel() * 4 for t in runs["fedbe-bypass"][1][1].values())
-    bf16_block = sum(t.numel() * 2 for t in runs["fedbe-bypass"][1][0].values())
-    assert runs["fedbe-bypass"][0].bytes_down == fp32_block
-    assert runs["fedbe-context"][0].bytes_down == fp32_block + bf16_block
-    # block 1 learned against a model with block 0 in place: a different update from the same start
+        fp32_block = sum(t.numel() * 4 for t in before[1].values())
+        bf16_block = sum(t.numel() * 2 for t in before[0].values())
+        assert result.bytes_down == fp32_block + bf16_block, name
+    # block 1 learned against the model with block 0 in it: the same start, a different block 0, a
+    # different update (were block 0 bypassed, both would be the one of the fresh block)
     moved = [
         runs[name][2][1]["mlp.down_proj.weight"] - runs[name][1][1]["mlp.down_proj.weight"]
-        for name in ("fedbe-context", "fedbe-bypass")
+        for name in ("block 0 trained", "block 0 fresh")
     ]
+    assert torch.equal(runs["block 0 trained"][1][1]["mlp.down_proj.weight"],
+                       runs["block 0 fresh"][1][1]["mlp.down_proj.weight"])  # fmt: skip
+    assert all(float(m.abs().max()) > 0 for m in moved)
     assert not torch.allclose(moved[0], moved[1])
 
 
-def test_clients_receive_weights_at_the_download_level_and_update_from_what_they_received() -> None:
+def test_clients_receive_weights_at_the_download_level_and_update_from_what_they_received(
+    monkeypatch: Any,
+) -> None:
     """--download-level int8: every method's clients get the global weights as int8 (a quarter of fp32's
     bytes plus one fp32 scale a row) and send their change from those weights, so a round that barely
     trains leaves the server's fp32 state where it was, not moved to its int8 rounding."""
@@ -577,14 +593,9 @@ def test_clients_receive_weights_at_the_download_level_and_update_from_what_they
     from fedbe.compression import Level, compress_state
 
     world = _tiny_world(max_block_divergence=1.0, download_level="int8", lr=1e-12, lora_lr=1e-12)
-    g = torch.Generator().manual_seed(2)
-    for method in (bench.BlockMethod("fedbe-context", world), bench.LoraMethod("fedit", world)):
-        if isinstance(method, bench.BlockMethod):
-            method.allocate = lambda round_: {"client-00": (1,)}  # type: ignore[method-assign]
-        method.global_state = {
-            b: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in p.items()}
-            for b, p in method.global_state.items()
-        }
+    _assign(monkeypatch, {"client-00": (1,)})  # block 0 travels frozen, at the same level
+    for seed, method in enumerate((bench.BlockMethod("fedbe", world), bench.LoraMethod("fedit", world))):
+        method.global_state = _perturbed(method.global_state, 2 + seed)
         before = {b: {n: t.clone() for n, t in p.items()} for b, p in method.global_state.items()}
         int8, _ = compress_state(before, Level.INT8)
         int8_bytes = sum(c.nbytes for p in int8.values() for c in p.values())
@@ -599,35 +610,34 @@ def test_clients_receive_weights_at_the_download_level_and_update_from_what_they
                 assert torch.allclose(method.global_state[b][n], t, atol=1e-7), (method.name, n)
 
 
-def test_lr_decay_shrinks_each_later_round_for_fedbe_and_lora_alike() -> None:
+def test_lr_decay_shrinks_each_later_round_for_fedbe_and_lora_alike(monkeypatch: Any) -> None:
     """--lr-decay / --lora-lr-decay: round r trains at lr x decay^(r-1); with a vanishing decay round 2
-    leaves the global state where round 1 put it, with none it moves it."""
-    import torch
+    leaves the global state where round 1 put it, with none it moves it; round 1 trains at lr either way."""
 
-    def change_in_round_2(method) -> float:
-        if isinstance(method, bench.BlockMethod):
-            method.allocate = lambda round_: {"client-00": (0, 1)}  # type: ignore[method-assign]
+    def change(before: dict, after: dict) -> float:
+        return max(float((after[b][n] - t).abs().max()) for b, p in before.items() for n, t in p.items())
+
+    def change_in_rounds_1_and_2(method) -> tuple[float, float]:
+        start = {b: {n: t.clone() for n, t in p.items()} for b, p in method.global_state.items()}
         method.round(1)
         after_1 = {b: {n: t.clone() for n, t in p.items()} for b, p in method.global_state.items()}
         method.residuals = {}  # round 1's int8 rounding would come back in round 2's update
         method.round(2)
-        return max(
-            float((method.global_state[b][n] - t).abs().max())
-            for b, p in after_1.items()
-            for n, t in p.items()
-        )
+        return change(start, after_1), change(after_1, method.global_state)
 
+    _assign(monkeypatch, {"client-00": (0, 1)})
     for decay in (1.0, 1e-9):
         world = _tiny_world(max_block_divergence=1.0, lr_decay=decay, lora_lr_decay=decay)
         torch.manual_seed(0)
         moved = [
-            change_in_round_2(bench.BlockMethod("fedbe", world)),
-            change_in_round_2(bench.LoraMethod("fedit", world)),
+            change_in_rounds_1_and_2(bench.BlockMethod("fedbe", world)),
+            change_in_rounds_1_and_2(bench.LoraMethod("fedit", world)),
         ]
+        assert min(first for first, _ in moved) > 1e-5, moved
         if decay == 1.0:
-            assert min(moved) > 1e-5, moved
+            assert min(second for _, second in moved) > 1e-5, moved
         else:
-            assert max(moved) < 1e-7, moved
+            assert max(second for _, second in moved) < 1e-7, moved
 
 
 def test_each_round_trains_on_a_fresh_shuffle_of_the_clients_articles() -> None:
@@ -643,24 +653,6 @@ def test_each_round_trains_on_a_fresh_shuffle_of_the_clients_articles() -> None:
         assert all(len(b) == 1 for b in c.round_batches) and len(c.round_batches) == 3
         seen = {tuple(row.tolist()) for r in rows for row in r}
         assert len(seen) > 2, c.client_id  # more articles than one round's two
-
-
-def test_the_download_and_lr_ablations_keep_the_previous_defaults() -> None:
-    """fedbe-fp32-download: the trained block in fp32 and the context block in bf16 whatever
-    --download-level says; fedbe-const-lr: every round at lr x lr_decay (round 1 included)."""
-    world = _tiny_world(max_block_divergence=1.0, download_level="int8", lr_decay=1e-9)
-    moved = {}
-    for name in ("fedbe-fp32-download", "fedbe-const-lr", "fedbe"):
-        method = bench.BlockMethod(name, world)
-        method.allocate = lambda round_: {"client-00": (1,)}  # type: ignore[method-assign]
-        before = {n: t.clone() for n, t in method.global_state[1].items()}
-        (result,) = method.round(1)
-        moved[name] = max(float((method.global_state[1][n] - t).abs().max()) for n, t in before.items())
-        if name == "fedbe-fp32-download":
-            fp32_block = sum(t.numel() * 4 for t in method.global_state[1].values())
-            bf16_block = sum(t.numel() * 2 for t in method.global_state[0].values())
-            assert result.bytes_down == fp32_block + bf16_block
-    assert moved["fedbe-const-lr"] < 1e-7 < moved["fedbe"], moved
 
 
 def test_probe_texts_flag_reaches_the_settings_and_the_digest_of_every_method(tmp_path) -> None:
@@ -685,33 +677,6 @@ def test_probe_texts_flag_reaches_the_settings_and_the_digest_of_every_method(tm
         settings("--probe-texts", "0")
     with pytest.raises(DataError, match="quotations in the validation split; ask for fewer"):
         general_texts(10**6, "validation")
-
-
-def test_a_short_run_trains_fewer_steps_and_weighs_in_with_its_samples() -> None:
-    """The allocation's steps per client reach the trainer: a short run trains fewer steps (and fewer
-    samples, its weight in the average); the round's row names it."""
-    world = _tiny_world(max_block_divergence=1.0, steps=3)
-    method = bench.BlockMethod("fedbe", world)
-
-    def allocate(round_: int) -> dict[str, tuple[int, ...]]:
-        method.client_steps, method.short_run_blocks = {"client-00": 3, "client-01": 1}, (0,)
-        return {"client-00": (0, 1), "client-01": (0,)}
-
-    method.allocate = allocate  # type: ignore[method-assign]
-    full, short = method.round(1)
-    assert (full.client_id, short.client_id) == ("client-00", "client-01")
-    assert full.samples == 3 * short.samples > 0
-
-
-def test_fedbe_gate_trains_with_gates_and_reports_them_per_client() -> None:
-    """fedbe-gate: the clients' gates come back in their results; plain fedbe has none."""
-    world = _tiny_world(max_block_divergence=1.0, steps=3)
-    gated = bench.BlockMethod("fedbe-gate", world)
-    assert gated.config.block_gate and not bench.BlockMethod("fedbe", world).config.block_gate
-    gated.allocate = lambda round_: {"client-00": (0, 1)}  # type: ignore[method-assign]
-    (result,) = gated.round(1)
-    assert set(result.gates) == {0, 1} and all(0.5 < g < 1.5 for g in result.gates.values())
-    assert any(g != 1.0 for g in result.gates.values())  # a fresh block's gate moves after step 1
 
 
 def _final(method: str, seed: int, acc: float, ppl: float) -> dict:
@@ -895,7 +860,7 @@ def test_bench_merge_joins_seeds_run_in_separate_folders_into_one_paired_compari
 
 
 def test_bench_merge_takes_lora_base_from_the_lora_runs(tmp_path) -> None:
-    """v18: FedBE's records from a run before --lora-base (read as "plain", which FedBE never read)
+    """FedBE's records from a run before --lora-base (read as "plain", which FedBE never read)
     merge with LoRA runs on the frozen base; the merged run holds "frozen" and reads back."""
     from fedbe_sim.cli import main
 
@@ -972,10 +937,10 @@ def test_a_distill_lambda_schedule_gives_each_round_its_lambda_and_its_own_diges
     tmp_path, monkeypatch
 ) -> None:
     """--distill-lambda 6,3: FedBE's clients distil at 6 in round 1 and 3 from round 2 on (the last
-    value holds); a single number is a number (so records made before schedules existed keep their
-    digest: test_the_published_records_keep_their_digests); LoRA records do not depend on it; a bad
+    value holds); a single number is a one-round schedule; LoRA records do not depend on it; a bad
     list is refused with what to write."""
     import edge_client.trainer as trainer
+    from fedbe.recipe import RecipeError
     from fedbe_sim.cli import build_parser
 
     def settings(*extra: str) -> bench.BenchSettings:
@@ -983,37 +948,40 @@ def test_a_distill_lambda_schedule_gives_each_round_its_lambda_and_its_own_diges
         return bench.settings_from_args(args)
 
     scheduled, constant = settings("--distill-lambda", "6,3"), settings("--distill-lambda", "3")
-    assert scheduled.distill_lambda == (6.0, 3.0) and constant.distill_lambda == 3.0
-    assert bench.BenchSettings().distill_lambda == (3.0, 3.0, 12.0)  # the default since session 22
+    assert scheduled.distill_lambda == (6.0, 3.0) and constant.distill_lambda == (3.0,)
+    assert bench.BenchSettings().distill_lambda == (3.0, 3.0, 12.0)  # the default
     assert bench.settings_digest(constant, "fedbe") != bench.settings_digest(bench.BenchSettings(), "fedbe")
     assert bench.settings_digest(scheduled, "fedbe") != bench.settings_digest(constant, "fedbe")
     assert bench.settings_digest(scheduled, "fedit-distill") == bench.settings_digest(
         constant, "fedit-distill"
     )
     for bad in ("6,x", ",", "6,-1"):
-        with pytest.raises(ConfigError, match="distill.lambda"):
+        with pytest.raises(
+            RecipeError, match="--distill-lambda must be a number >= 0 or comma-separated ones"
+        ):
             settings("--distill-lambda", bad)
 
     world = _tiny_world(max_block_divergence=1.0, distill_lambda=(6.0, 0.0, 3.0))
-    seen: list[tuple[int, float]] = []
+    # (round, the round the client trains, the recipe's lambda in it, whether the trainer distilled)
+    seen: list[tuple[int, int, float, bool]] = []
     real, now = trainer.train_blocks, [0]
 
-    def spy(model, registry, blocks, batches, config, **kwargs):
-        seen.append((now[0], config.distill_lambda))
-        return real(model, registry, blocks, batches, config, **kwargs)
+    def spy(model, registry, blocks, batches, recipe, round_=1, **kwargs):
+        result = real(model, registry, blocks, batches, recipe, round_, **kwargs)
+        seen.append((now[0], round_, recipe.distill_lambda_in_round(round_), bool(result.distill_losses)))
+        return result
 
     monkeypatch.setattr(trainer, "train_blocks", spy)
+    _assign(monkeypatch, {"client-00": (0, 1)})
     method = bench.BlockMethod("fedbe", world)
-    method.allocate = lambda round_: {"client-00": (0, 1)}  # type: ignore[method-assign]
     for now[0] in (1, 2, 3, 4):
         method.round(now[0])
-    assert seen == [(1, 6.0), (2, 0.0), (3, 3.0), (4, 3.0)]
+    assert seen == [(1, 1, 6.0, True), (2, 2, 0.0, False), (3, 3, 3.0, True), (4, 4, 3.0, True)]
     plain = bench.BlockMethod("fedbe-plain", world)  # no distillation whatever the schedule
-    plain.allocate = method.allocate  # type: ignore[method-assign]
     seen.clear()
     now[0] = 1
     plain.round(1)
-    assert seen == [(1, 0.0)]
+    assert seen == [(1, 1, 0.0, False)]
 
 
 def test_bench_merge_takes_only_the_methods_named_after_a_run(tmp_path, capsys) -> None:
@@ -1050,7 +1018,7 @@ def test_label_balance_falls_back_to_plain_ce_where_labels_share_a_first_token(c
     world = _tiny_world(max_block_divergence=1.0)
     assert world.settings.label_balance
     method = bench.BlockMethod("fedbe", world)
-    assert not method.config.label_balance and method.priors == {}
+    assert not method.policy.recipe.label_balance and method.priors == {}
     assert "label-balanced loss not used" in caplog.text and "share a first token" in caplog.text
 
 
@@ -1066,53 +1034,24 @@ def _a_later_setting(before: Any, after: Any, name: str, retrains: tuple, keeps:
     assert getattr(bench.settings_from_dict(json.loads(json.dumps(data)), "x"), name) == getattr(before, name)
 
 
-def test_the_balance_form_reaches_the_config_and_the_digest_of_the_methods_that_read_it(
-    monkeypatch: Any,
-) -> None:
-    """The "vocab" form (every run before the setting) keeps every earlier digest; "factored" retrains
-    the block methods and the balanced LoRA ablation, not the LoRA baselines; a results.json from
-    before the setting reads as "vocab"; the two ablations force their form."""
-    vocab, factored = bench.BenchSettings(balance_form="vocab"), bench.BenchSettings(balance_form="factored")
-    assert "balance_form" not in bench.digested_settings(vocab, "fedbe")
-    _a_later_setting(
-        vocab, factored, "balance_form", retrains=("fedbe", "fedbe-plain", "pos-top", "fedit-distill-balance"),
-        keeps=("fedit", "fedit-distill", "ffa-lora", "full-ft"),
-    )  # fmt: skip
-    with pytest.raises(
-        ConfigError, match="balance_form must be one of vocab, factored, labels, present, neutral"
-    ):
-        bench.BenchSettings(balance_form="softmax")
-    # the tiny byte tokenizer gives no prior (labels share a first token): pretend one so the form shows
-    monkeypatch.setattr(bench.BlockMethod, "label_priors", lambda self: True)
-    world = _tiny_world(max_block_divergence=1.0, balance_form="factored")
-    forms = {name: bench.BlockMethod(name, world).config.balance_form
-             for name in ("fedbe", "fedbe-balance-vocab", "fedbe-balance-factored")}  # fmt: skip
-    assert forms == {
-        "fedbe": "factored",
-        "fedbe-balance-vocab": "vocab",
-        "fedbe-balance-factored": "factored",
-    }
-    assert not bench.BlockMethod("fedbe-no-balance", world).config.label_balance
-
-
-def _spy_on_block_training(monkeypatch: Any) -> list[tuple[str, Any]]:
-    """Every ``train_blocks`` call's (balance form, label prior) from now on, the clients' label
-    priors on distinct stand-in tokens (the byte tokenizer's labels share a first token)."""
+def _spy_on_block_training(monkeypatch: Any) -> list[tuple[Any, Any]]:
+    """Every ``train_blocks`` call's (recipe, label prior) from now on, the clients' label priors on
+    distinct stand-in tokens (the byte tokenizer's labels share a first token)."""
     import edge_client.trainer as trainer
+    from edge_client.loss import LabelPrior
 
-    seen: list[tuple[str, Any]] = []
+    seen: list[tuple[Any, Any]] = []
     real = trainer.train_blocks
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        config = args[4]  # model, registry, blocks, batches, config
-        seen.append((config.balance_form, kwargs.get("label_prior")))
+        seen.append((args[4], kwargs.get("label_prior")))  # model, registry, blocks, batches, recipe
         return real(*args, **kwargs)
 
     def priors(self: Any) -> bool:
         labels = self.world.labels
         self.priors = {
-            c.client_id: trainer.LabelPrior(tuple(range(65, 65 + len(labels))),
-                                            tuple(float(c.histogram.get(k, 0)) for k in labels))
+            c.client_id: LabelPrior(tuple(range(65, 65 + len(labels))),
+                                    tuple(float(c.histogram.get(k, 0)) for k in labels))
             for c in self.world.clients
         }  # fmt: skip
         return True
@@ -1122,54 +1061,28 @@ def _spy_on_block_training(monkeypatch: Any) -> list[tuple[str, Any]]:
     return seen
 
 
-def test_a_balance_form_schedule_trains_each_round_in_its_form(monkeypatch: Any) -> None:
-    """--balance-form present,vocab: every client trains "present" in round 1 and "vocab" from round 2
-    on (the last form holds); the schedule is in the digest and round-trips through results.json."""
-    schedule = bench.BenchSettings(balance_form=("present", "vocab"))
-    assert bench.digested_settings(schedule, "fedbe")["balance_form"] == ("present", "vocab")
-    assert bench.settings_digest(schedule, "fedbe") != bench.settings_digest(
-        bench.BenchSettings(balance_form="present"), "fedbe"
-    )
-    data = json.loads(json.dumps(bench.asdict(schedule)))
-    assert bench.settings_from_dict(data, "x").balance_form == ("present", "vocab")
-    with pytest.raises(ConfigError, match="or a non-empty list of them"):
-        bench.BenchSettings(balance_form=("present", "softmax"))
-    with pytest.raises(ConfigError, match="or a non-empty list of them"):
-        bench.BenchSettings(balance_form=())
+def test_the_label_balanced_loss_trains_every_client_with_its_own_label_counts(monkeypatch: Any) -> None:
+    """On by default: FedBE's recipe balances and each client trains with the prior of its own label
+    counts; --no-label-balance turns it off, and the position methods (plain CE) never balance."""
     seen = _spy_on_block_training(monkeypatch)
-    method = bench.BlockMethod(
-        "fedbe", _tiny_world(max_block_divergence=1.0, balance_form=("present", "vocab"))
-    )
-    assert method.config.label_balance
-    forms = {}
-    for round_ in (1, 2, 3):
-        start = len(seen)
-        method.round(round_)
-        forms[round_] = {form for form, _ in seen[start:]}
-    assert forms == {1: {"present"}, 2: {"vocab"}, 3: {"vocab"}}
-
-
-def test_balance_missing_trains_present_only_on_clients_that_lack_a_label(monkeypatch: Any) -> None:
-    """fedbe-balance-missing: a client whose data lacks some label trains the "present" form, a client
-    holding every label the configured form; both kinds occur in this federation."""
-    seen = _spy_on_block_training(monkeypatch)
-    world = _tiny_world(max_block_divergence=1.0, alpha=1.0, examples_per_client=16)
-    lacking = {c.client_id for c in world.clients if min(c.histogram.get(k, 0) for k in world.labels) == 0}
-    assert 0 < len(lacking) < len(world.clients), "the test needs both kinds of client"
-    method = bench.BlockMethod("fedbe-balance-missing", world)
-    assert method.config.label_balance and method.config.balance_form == "vocab"
-    method.allocate = lambda round_: {c.client_id: (0,) for c in world.clients}  # type: ignore[method-assign]
+    world = _tiny_world(max_block_divergence=1.0)
+    _assign(monkeypatch, {c.client_id: (0,) for c in world.clients})
+    method = bench.BlockMethod("fedbe", world)
+    assert method.policy.recipe.label_balance
     method.round(1)
-    assert len(seen) == len(world.clients)
-    for form, prior in seen:
-        assert form == ("present" if min(prior.counts) == 0 else "vocab"), (form, prior.counts)
-    assert {f for f, _ in seen} == {"present", "vocab"}
+    counts = [tuple(float(c.histogram.get(k, 0)) for k in world.labels) for c in world.clients]
+    assert len(set(counts)) > 1, "the test needs clients with different label counts"
+    assert [prior.counts for _, prior in seen] == counts  # the clients train in order
+    assert all(recipe.label_balance for recipe, _ in seen)
+    off = replace(world, settings=replace(world.settings, label_balance=False))
+    assert not bench.BlockMethod("fedbe", off).policy.recipe.label_balance
+    assert not bench.BlockMethod("pos-top", world).policy.recipe.label_balance
 
 
 def test_lora_on_the_frozen_base_starts_from_exactly_fedbes_untrained_model() -> None:
     """--lora-base frozen (the default): the LoRA methods hold the base as FedBE's freeze_base does, so
-    their untrained model (B = 0) computes bit for bit what FedBE's expanded model does; "plain" (runs
-    before session 28) rounds differently. Only the LoRA methods' digests read the setting, and a
+    their untrained model (B = 0) computes bit for bit what FedBE's expanded model does; "plain" (the
+    LoRA base of earlier runs) rounds differently. Only the LoRA methods' digests read the setting, and a
     results.json from before it reads as "plain"."""
     world = _tiny_world(precision="bf16")
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -1184,7 +1097,7 @@ def test_lora_on_the_frozen_base_starts_from_exactly_fedbes_untrained_model() ->
     assert not torch.equal(logits("fedit", plain), fedbe)
     _a_later_setting(
         bench.BenchSettings(lora_base="plain"), bench.BenchSettings(), "lora_base",
-        retrains=("fedit", "fedit-distill", "ffa-lora", "fedit-distill-balance"),
+        retrains=("fedit", "fedit-distill", "ffa-lora"),
         keeps=("fedbe", "fedbe-plain", "pos-top", "full-ft"),
     )  # fmt: skip
     with pytest.raises(ConfigError, match="lora_base must be one of frozen, plain"):
