@@ -19,7 +19,6 @@ from coordinator.config import (
     ServerEvalConfig,
     ServerOptimizer,
     Strategy,
-    TrainingConfig,
     config_digest,
     example_config_yaml,
     load_run_config,
@@ -27,6 +26,7 @@ from coordinator.config import (
 )
 from fedbe.compression import Level
 from fedbe.errors import ConfigError
+from fedbe.recipe import Recipe
 
 DOCS = Path(__file__).parents[2] / "docs" / "coordinator-config.md"
 BASE = {"model": "tiny:llama", "state_dir": "state"}
@@ -80,7 +80,8 @@ BAD_VALUES = [
     ("late_updates", "queue"),
     ("staleness_decay", 0),
     ("staleness_decay", 1.5),
-    ("update_level", "int4"),
+    ("upload_level", "int4"),
+    ("download_level", "int4"),
     ("seed", -1),
     ("eval_every", -1),
     ("training.steps", 0),
@@ -96,21 +97,17 @@ BAD_VALUES = [
     ("training.distill_lambda", [True]),
     ("training.distill_sample", -1),
     ("training.distill_rows", -2),
-    ("training.context_blocks", "yes"),
-    ("training.task_weights_level", "int4"),
+    ("training.weight_decay", -1),
+    ("training.max_grad_norm", -1),
+    ("training.label_balance", "yes"),
     ("training.lr_decay", 0),
     ("training.lr_decay", 1.5),
     ("training.lr_decay", True),
-    ("training.labels", "business"),
-    ("training.balance_form", "softmax"),
-    ("training.balance_form", True),
-    ("training.balance_form", []),
-    ("training.balance_form", ["present", "softmax"]),
-    ("training.balance_form", ["present", 3]),
-    ("training.labels", ["a", "a"]),
-    ("training.labels", ["a", ""]),
-    ("training.labels", ["a", 3]),
-    ("training.labels", ["x"] * 2 + [f"l{i}" for i in range(1024)]),
+    ("labels", "business"),
+    ("labels", ["a", "a"]),
+    ("labels", ["a", ""]),
+    ("labels", ["a", 3]),
+    ("labels", ["x"] * 2 + [f"l{i}" for i in range(1024)]),
     ("allocation.strategy", "greedy"),
     ("allocation.top_risk", 1.5),
     ("allocation.interleaved_risk", -0.1),
@@ -118,8 +115,8 @@ BAD_VALUES = [
     ("allocation.cost_weight", -0.5),
     ("allocation.risk_weight", -1),
     ("allocation.max_block_divergence", 1.5),
-    ("allocation.min_steps_fraction", 0),
-    ("allocation.min_steps_fraction", 1.2),
+    ("allocation.deadline_factor", 0),
+    ("allocation.deadline_factor", "fast"),
     ("aggregation.server_optimizer", "sgd"),
     ("aggregation.server_lr", 0),
     ("aggregation.momentum", 1.0),
@@ -254,14 +251,14 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
 def test_defaults(tmp_path: Path) -> None:
     cfg = load_run_config(write(tmp_path, BASE))
     assert cfg == RunConfig(model="tiny:llama", state_dir=tmp_path / "state")
-    assert cfg.blocks == "auto" and cfg.update_level is Level.INT8
+    assert cfg.blocks == "auto" and cfg.upload_level is Level.INT8 and cfg.download_level is Level.INT8
     assert cfg.min_clients <= cfg.clients_per_round and cfg.server_eval is None
     # the FedBE configuration `fedbe bench` chose on its validation split (README, retention
     # mechanisms); lr, lr_decay and steps depend on the run's length and are not the bench's
     assert cfg.placement == "interleave-mid-top"
     t = cfg.training
-    assert (t.distill_lambda, t.distill_top_k, t.distill_sample, t.distill_rows) == (3.0, 32, 128, 1)
-    assert t.context_blocks and t.task_weights_level is Level.INT8 and t.identity_pull == 0
+    assert (t.distill_lambda, t.distill_top_k, t.distill_sample, t.distill_rows) == ((3.0,), 32, 128, 1)
+    assert t.label_balance and cfg.labels == () and cfg.allocation.deadline_factor is None
     assert cfg.allocation.max_block_divergence == 1.0 and cfg.aggregation.block_average == "round"
 
 
@@ -287,7 +284,9 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         "round_deadline_seconds": 90,
         "late_updates": "fold",
         "staleness_decay": 0.25,
-        "update_level": "bf16",
+        "upload_level": "bf16",
+        "download_level": "fp16",
+        "labels": ["tech", "business"],
         "seed": 11,
         "eval_every": 2,
         "training": {
@@ -298,11 +297,11 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             "distill_lambda": 0.5,
             "distill_sample": 16,
             "distill_rows": 2,
-            "context_blocks": False,
-            "task_weights_level": "fp16",
             "lr_decay": 0.5,
-            "labels": ["tech", "business"],
-            "balance_form": "factored",
+            "weight_decay": 0.01,
+            "max_grad_norm": 2.0,
+            "distill_top_k": 8,
+            "label_balance": False,
         },
         "allocation": {
             "strategy": "random",
@@ -312,7 +311,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
             "cost_weight": 0.4,
             "risk_weight": 2,
             "max_block_divergence": 0.4,
-            "min_steps_fraction": 0.5,
+            "deadline_factor": 0.6,
         },
         "aggregation": {
             "server_optimizer": "fedadam",
@@ -360,24 +359,16 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         round_deadline_seconds=90.0,
         late_updates="fold",
         staleness_decay=0.25,
-        update_level=Level.BF16,
+        upload_level=Level.BF16,
+        download_level=Level.FP16,
+        labels=("business", "tech"),
         seed=11,
         eval_every=2,
-        training=TrainingConfig(
-            3,
-            1e-3,
-            2,
-            64,
-            0.5,
-            distill_sample=16,
-            distill_rows=2,
-            context_blocks=False,
-            task_weights_level=Level.FP16,
-            lr_decay=0.5,
-            labels=("business", "tech"),
-            balance_form="factored",
-        ),
-        allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0, 0.4, 0.5),
+        training=Recipe(
+            steps=3, lr=1e-3, lr_decay=0.5, batch_size=2, max_tokens=64, weight_decay=0.01, max_grad_norm=2.0,
+            distill_lambda=0.5, distill_top_k=8, distill_sample=16, distill_rows=2, label_balance=False,
+        ),  # fmt: skip
+        allocation=AllocationConfig(Strategy.RANDOM, 0.9, 0.2, 0.3, 0.4, 2.0, 0.4, 0.6),
         aggregation=AggregationConfig(ServerOptimizer.FEDADAM, 0.5, 0.8, 0.7, 0.95, 0.01, 4.0, "trainers"),
         auto_expansion=AutoExpansionConfig(3.0, 5, 4, 0.0),
         broker=BrokerSettings(
@@ -450,7 +441,7 @@ def test_example_config_loads_and_lists_every_field(tmp_path: Path) -> None:
 
 def _dotted_fields(cls: type) -> set[str]:
     names = set()
-    nested = {"training": TrainingConfig, "allocation": AllocationConfig, "aggregation": AggregationConfig}
+    nested = {"training": Recipe, "allocation": AllocationConfig, "aggregation": AggregationConfig}
     nested |= {
         "auto_expansion": AutoExpansionConfig,
         "broker": BrokerSettings,
@@ -489,30 +480,21 @@ def test_probe_counts_come_together(tmp_path: Path) -> None:
 def test_a_distill_lambda_list_is_a_per_round_schedule_whose_last_value_holds(tmp_path: Path) -> None:
     cfg = load_run_config(write(tmp_path, with_field("training.distill_lambda", [6, 3])))
     assert cfg.training.distill_lambda == (6.0, 3.0)
-    assert [cfg.training.round_distill_lambda(r) for r in (1, 2, 3, 9)] == [6.0, 3.0, 3.0, 3.0]
-    assert [TrainingConfig(distill_lambda=2.5).round_distill_lambda(r) for r in (1, 5)] == [2.5, 2.5]
+    assert [cfg.training.distill_lambda_in_round(r) for r in (1, 2, 3, 9)] == [6.0, 3.0, 3.0, 3.0]
+    assert [Recipe(distill_lambda=2.5).distill_lambda_in_round(r) for r in (1, 5)] == [2.5, 2.5]
     assert config_digest(cfg) != config_digest(
         load_run_config(write(tmp_path, with_field("training.distill_lambda", 6)))
     )
 
 
-def test_a_balance_form_list_is_a_per_round_schedule_whose_last_form_holds(tmp_path: Path) -> None:
-    cfg = load_run_config(write(tmp_path, with_field("training.balance_form", ["present", "vocab"])))
-    assert cfg.training.balance_form == ("present", "vocab")
-    assert [cfg.training.round_balance_form(r) for r in (1, 2, 3, 9)] == [
-        "present",
-        "vocab",
-        "vocab",
-        "vocab",
-    ]
-    one = load_run_config(write(tmp_path, with_field("training.balance_form", ["labels"])))
-    assert one.training.balance_form == "labels"  # a one-form list is that form
-    assert {TrainingConfig(balance_form="factored").round_balance_form(r) for r in (1, 7)} == {"factored"}
-    assert config_digest(cfg) != config_digest(
-        load_run_config(write(tmp_path, with_field("training.balance_form", "present")))
-    )
+def test_a_removed_setting_says_so(tmp_path: Path) -> None:
+    for name in ("training.balance_form", "training.identity_pull", "allocation.min_steps_fraction"):
+        with pytest.raises(ConfigError, match=re.escape(f"{name} is no longer a setting")):
+            load_run_config(write(tmp_path, with_field(name, 1)))
+    with pytest.raises(ConfigError, match="it is the top-level field labels"):
+        load_run_config(write(tmp_path, with_field("training.labels", ["a"])))
 
 
 def test_the_round_lr_decays_from_the_configured_lr_and_is_constant_by_default() -> None:
-    assert [TrainingConfig(lr=2e-3, lr_decay=0.5).round_lr(r) for r in (1, 2, 3)] == [2e-3, 1e-3, 5e-4]
-    assert {TrainingConfig(lr=3e-4).round_lr(r) for r in (1, 5, 40)} == {3e-4}
+    assert [Recipe(lr=2e-3, lr_decay=0.5).lr_in_round(r) for r in (1, 2, 3)] == [2e-3, 1e-3, 5e-4]
+    assert {Recipe(lr=3e-4).lr_in_round(r) for r in (1, 5, 40)} == {3e-4}

@@ -41,6 +41,7 @@ from fedbe.protocol import (
     pack_frame,
     unpack_frame,
 )
+from fedbe.recipe import Recipe
 
 HYPOTHESIS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LAYOUT: BlockLayout = {
@@ -68,7 +69,7 @@ def _tiny_update(level: Level = Level.FP32) -> UpdateMessage:
     return _update(level, blocks, client_id="c", task_id="t")
 
 
-def _seal(message_type: int, flags: int, body: bytes, *, version: int = 3, reserved: int = 0) -> bytes:
+def _seal(message_type: int, flags: int, body: bytes, *, version: int = 4, reserved: int = 0) -> bytes:
     """A frame built from the documented layout, independently of pack_frame."""
     head = MAGIC + struct.pack("<BBBBI", version, message_type, flags, reserved, len(body))
     return head + struct.pack("<I", zlib.crc32(head + body)) + body
@@ -183,10 +184,10 @@ def test_frame_layout_is_as_documented() -> None:
         (lambda f: b"XXXX" + f[4:], "not a fedbe frame"),
         (
             lambda f: f[:4] + b"\x01" + f[5:],
-            r"unsupported protocol version 1; this build supports \[3\]: run the same",
+            r"unsupported protocol version 1; this build supports \[4\]: run the same",
         ),
-        (lambda f: f[:4] + b"\x02" + f[5:], r"unsupported protocol version 2; this build supports \[3\]"),
-        (lambda f: f[:4] + b"\x04" + f[5:], r"unsupported protocol version 4; this build supports \[3\]"),
+        (lambda f: f[:4] + b"\x03" + f[5:], r"unsupported protocol version 3; this build supports \[4\]"),
+        (lambda f: f[:4] + b"\x05" + f[5:], r"unsupported protocol version 5; this build supports \[4\]"),
         (lambda f: f[:-1] + bytes([f[-1] ^ 0x40]), "frame corrupted in transit"),
         (lambda f: f[:12] + b"\0\0\0\0" + f[16:], "frame corrupted in transit"),
         (lambda f: f + b"\0", "truncated or padded"),
@@ -522,9 +523,10 @@ def test_random_payloads_in_valid_frames_never_escape(payload: Any, c: BodyCompr
 
 def _task(**overrides: Any) -> TaskMessage:
     fields: dict[str, Any] = dict(
-        round=2, task_id="t", client_id="c", block_ids=(0,), weights_level=Level.FP32,
-        weights=compress_state({0: {"w": torch.ones(3)}}, Level.FP32)[0], reply_level=Level.INT8, steps=4,
-        lr=1e-3, batch_size=4, max_tokens=32, deadline_seconds=60.0, seed=1, distill_lambda=3.0, evaluate=False,
+        round=2, task_id="t", client_id="c", block_ids=(0,), download_level=Level.FP32,
+        weights=compress_state({0: {"w": torch.ones(3)}}, Level.FP32)[0], upload_level=Level.INT8,
+        recipe=Recipe(steps=4, lr=1e-3, batch_size=4, max_tokens=32, distill_lambda=(3.0, 12.0)),
+        deadline_seconds=60.0, seed=1, evaluate=False,
     )  # fmt: skip
     fields.update(overrides)
     return TaskMessage(**fields)
@@ -533,7 +535,7 @@ def _task(**overrides: Any) -> TaskMessage:
 def test_a_task_carries_the_labels_to_balance_over() -> None:
     for labels in ((), ("business", "politics", "sport")):
         got = decode(encode(_task(balance_labels=labels)), expected_type=TaskMessage)
-        assert got.balance_labels == labels and got.steps == 4
+        assert got.balance_labels == labels and got.recipe.steps == 4
     good = _payload(encode(_task(balance_labels=("a", "b"))))
     for value, message in (
         ("a,b", "balance_labels must be a list of label names, got str"),
@@ -549,19 +551,20 @@ def test_a_task_carries_the_labels_to_balance_over() -> None:
         encode(_task(balance_labels=("a", "a")))
 
 
-def test_a_task_carries_the_form_of_the_balanced_loss() -> None:
-    assert decode(encode(_task()), expected_type=TaskMessage).balance_form == "vocab"
-    got = decode(encode(_task(balance_form="factored")), expected_type=TaskMessage)
-    assert got.balance_form == "factored"
-    good = _payload(encode(_task()))
-    for value in ("softmax", 1, None):
-        frame = pack_frame(
-            MessageType.TASK, msgpack.packb({**good, "balance_form": value}, use_bin_type=True)
-        )
-        with pytest.raises(CodecError, match="balance_form"):
+def test_a_task_carries_its_recipe_as_one_versioned_field() -> None:
+    task = _task()
+    got = decode(encode(task), expected_type=TaskMessage)
+    assert got.recipe == task.recipe and got.recipe.distill_lambda == (3.0, 12.0)
+    good = _payload(encode(task))
+    assert good["recipe"]["version"] == 1 and good["recipe"]["steps"] == 4
+    for recipe, message in (
+        ({**good["recipe"], "steps": 0}, "steps must be a whole number >= 1"),
+        ({**good["recipe"], "lr": "fast"}, "lr must be a number"),
+        ({**good["recipe"], "balance_form": "vocab"}, "unknown recipe field"),
+        ({k: v for k, v in good["recipe"].items() if k != "distill_rows"}, "distill_rows' is missing"),
+        ({**good["recipe"], "version": 2}, "recipe version 2"),
+        ([1, 2], "recipe must be a map"),
+    ):
+        frame = pack_frame(MessageType.TASK, msgpack.packb({**good, "recipe": recipe}, use_bin_type=True))
+        with pytest.raises(CodecError, match=message):
             decode(frame)
-    missing = {k: v for k, v in good.items() if k != "balance_form"}  # a version-2 task
-    with pytest.raises(CodecError, match="balance_form"):
-        decode(pack_frame(MessageType.TASK, msgpack.packb(missing, use_bin_type=True)))
-    with pytest.raises(CodecError, match="balance_form"):
-        encode(_task(balance_form="softmax"))
