@@ -60,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         "server certificate (openssl), a TLS-only listener, a hashed password file with one credential per "
         "client plus the coordinator's (mosquitto_passwd), and ACLs: a client publishes only on its own "
         "topics and reads only its own tasks and notices and the coordinator's status; only the coordinator "
-        "reads updates. Start the broker with `mosquitto -c OUT/mosquitto.conf`; give each device ca.crt and "
-        "its own OUT/credentials/ID.password (fedbe-edge run --broker mqtts://HOST:PORT --tls-ca ca.crt "
-        "--require-tls --username ID --password-file ID.password).",
+        "reads updates; a client id is its user name, so nobody takes over another client's session; the "
+        "broker drops messages over --max-message-mb (the coordinator and the clients learn that limit "
+        "when they connect and refuse to send more). Start the broker with `mosquitto -c OUT/mosquitto.conf`; "
+        "give each device ca.crt and its own OUT/credentials/ID.password (fedbe-edge run --broker "
+        "mqtts://HOST:PORT --tls-ca ca.crt --require-tls --username ID --password-file ID.password).",
     )
     bc.add_argument("--clients", required=True, type=Path, help="text file: one client id per line")
     bc.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
@@ -77,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="another host name or IP for the certificate",
     )
     bc.add_argument("--days", type=int, default=825, help="certificate validity in days (default 825)")
+    bc.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=128,  # broker_config.DEFAULT_MAX_MESSAGE_MB (not imported here: it loads torch)
+        metavar="MIB",
+        help="largest message the broker takes, in MiB, 1-255 (default 128): a task or update carries the "
+        "new blocks' weights",
+    )
     bc.add_argument(
         "--force", action="store_true", help="overwrite a non-empty --out (new CA, new passwords)"
     )
@@ -123,13 +133,14 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
-    from coordinator.broker_config import COORDINATOR_USER, generate, read_clients  # noqa: PLC0415
+    from coordinator.broker_config import COORDINATOR_USER, MIB, generate, read_clients  # noqa: PLC0415
 
     files = generate(
         read_clients(args.clients), args.out, federation=args.federation, host=args.host, port=args.port,
-        extra_hosts=args.san, days=args.days, force=args.force,
+        extra_hosts=args.san, days=args.days, max_message_bytes=args.max_message_mb * MIB, force=args.force,
     )  # fmt: skip
-    print(f"wrote {files.conf} (TLS listener {files.host}:{files.port}), {files.acl}, {files.passwd}")
+    print(f"wrote {files.conf} (TLS listener {files.host}:{files.port}, messages up to "
+          f"{files.max_message_bytes} bytes), {files.acl}, {files.passwd}")  # fmt: skip
     print(f"CA certificate for every device: {files.ca_cert}")
     print(
         f"passwords: {files.out_dir / 'credentials'}/ID.password (coordinator: {COORDINATOR_USER}.password)"

@@ -3,7 +3,10 @@
 The config is written to a temporary folder that the broker's user can read (mosquitto run as
 root drops to the ``mosquitto`` user). :meth:`MosquittoBroker.from_config` starts one from a given
 config file instead (e.g. the TLS configuration of ``fedbe-coordinator broker-config``), after
-checking that every listener binds a loopback address. Only loopback addresses are ever bound.
+checking that every listener binds a loopback address and that no listener option comes before
+the first ``listener`` line (mosquitto 2.0 would open its default listener, port 1883 on every
+address, for it). Once a broker listens, the sockets it really opened are read back (psutil): one
+outside loopback, or on a port no ``listener`` line names, stops it with :class:`BrokerError`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,29 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+import psutil
+
 from fedbe.errors import FedbeError
 
 log = logging.getLogger(__name__)
 
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto")
+
+# The options mosquitto 2.0 keeps per listener. Above the first ``listener`` line they set up its
+# default listener, and any of them makes it open that one, in plain MQTT on port 1883 of every
+# address (and the option never reaches the listeners below).
+LISTENER_OPTIONS = frozenset({
+    "bind_address", "bind_interface", "http_dir", "max_connections", "max_qos", "max_topic_alias", "mount_point",
+    "port", "protocol", "socket_domain", "use_username_as_clientid", "websockets_headers_size",
+    "cafile", "capath", "certfile", "keyfile", "ciphers", "ciphers_tls1.3", "crlfile", "dhparamfile",
+    "require_certificate", "tls_engine", "tls_engine_kpass_sha1", "tls_keyform", "tls_version",
+    "use_identity_as_username", "use_subject_as_username", "psk_hint",
+})  # fmt: skip
+# With ``per_listener_settings true`` these are per listener too (and ``auth_opt_*``, ``plugin_opt_*``).
+PER_LISTENER_SECURITY_OPTIONS = frozenset({
+    "password_file", "acl_file", "psk_file", "allow_anonymous", "allow_zero_length_clientid", "auth_plugin",
+    "plugin", "auto_id_prefix",
+})  # fmt: skip
 
 
 class BrokerError(FedbeError):
@@ -64,29 +85,47 @@ class MosquittoBroker:
         self._given_config: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._ports = {self.port}  # the ports its listener lines name: it may listen on no other
 
     @classmethod
     def from_config(cls, config_file: Path) -> MosquittoBroker:
         """A broker that runs ``config_file`` as it is. Its listeners must all bind a loopback address
-        (``listener PORT 127.0.0.1``); the first one is the broker's URL (mqtts:// when it has a certfile)."""
+        (``listener PORT 127.0.0.1``) and every listener option must follow a ``listener`` line; the
+        first listener is the broker's URL (mqtts:// when it has a certfile)."""
+        text = config_file.read_text()
+        per_listener = any(
+            line.split("#", 1)[0].split()[:2] == ["per_listener_settings", "true"]
+            for line in text.splitlines()
+        )
         listeners: list[tuple[int, str]] = []
         tls = False
-        for line in config_file.read_text().splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             words = line.split("#", 1)[0].split()
             if not words:
                 continue
-            if words[0] in ("port", "bind_address", "bind_interface"):
+            option = words[0]
+            if option in ("port", "bind_address", "bind_interface", "include_dir"):
                 raise BrokerError(
-                    f"{config_file}: {words[0]!r} is not allowed here; use 'listener PORT 127.0.0.1'"
+                    f"{config_file}:{number}: {option!r} is not allowed here; use 'listener PORT 127.0.0.1' "
+                    "and keep the whole configuration in this one file"
                 )
-            if words[0] == "listener":
+            scoped = option in LISTENER_OPTIONS or (per_listener and (
+                option in PER_LISTENER_SECURITY_OPTIONS or option.startswith(("auth_opt_", "plugin_opt_"))
+            ))  # fmt: skip
+            if scoped and not listeners:
+                raise BrokerError(
+                    f"{config_file}:{number}: {option!r} comes before the first 'listener' line: mosquitto "
+                    "would apply it to its default listener and open that in plain MQTT on port 1883 of every "
+                    "address; move it below 'listener PORT 127.0.0.1'"
+                )
+            if option == "listener":
                 if len(words) < 3 or not _is_loopback(words[2]):
                     raise BrokerError(
-                        f"{config_file}: {line.strip()!r} does not bind a loopback address; only "
+                        f"{config_file}:{number}: {line.strip()!r} does not bind a loopback address; only "
                         "'listener PORT 127.0.0.1' (or ::1) is started here"
                     )
                 listeners.append((int(words[1]), words[2]))
-            if words[0] == "certfile" and len(listeners) == 1:
+            if option == "certfile" and len(listeners) == 1:
                 tls = True
         if not listeners:
             raise BrokerError(f"{config_file} has no 'listener PORT 127.0.0.1' line")
@@ -94,11 +133,24 @@ class MosquittoBroker:
         broker.host = listeners[0][1]
         broker.scheme = "mqtts" if tls else "mqtt"
         broker._given_config = config_file
+        broker._ports = {port for port, _ in listeners}
         return broker
 
     @property
     def url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The running broker's process id (None when it is not running)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def listening_sockets(self) -> set[tuple[str, int]]:
+        """``(address, port)`` of every TCP socket the running broker listens on, read from the system."""
+        if self._proc is None:
+            return set()
+        conns = psutil.Process(self._proc.pid).net_connections(kind="inet")
+        return {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
 
     def start(self) -> MosquittoBroker:
         exe = find_mosquitto()
@@ -141,12 +193,31 @@ class MosquittoBroker:
                 raise BrokerError(f"mosquitto exited at start (code {self._proc.returncode}): {err.strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
-                    log.debug("mosquitto listening on %s", self.url)
-                    return self
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            self._check_sockets()
+            log.debug("mosquitto listening on %s", self.url)
+            return self
         self.stop()
         raise BrokerError(f"mosquitto did not start listening on {self.url} within 10 s")
+
+    def _check_sockets(self) -> None:
+        """Stop the broker if it listens beyond loopback or on a port no listener line names."""
+        try:
+            sockets = self.listening_sockets()
+        except psutil.Error as exc:  # e.g. another user's process on a system that hides it
+            log.warning("can not read the sockets of mosquitto (pid %s) to check them: %s", self.pid, exc)
+            return
+        stray = sorted(s for s in sockets if not _is_loopback(s[0]) or s[1] not in self._ports)
+        if stray:
+            self.stop()
+            raise BrokerError(
+                f"mosquitto listened on {', '.join(f'{a}:{p}' for a, p in stray)} besides its listener lines "
+                f"({', '.join(map(str, sorted(self._ports)))} on loopback); stopped it. Check the config for "
+                "listener options above the first 'listener' line"
+            )
 
     def log_text(self) -> str:
         """What the broker wrote to stderr so far."""

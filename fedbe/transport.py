@@ -11,8 +11,12 @@
   the outage.
 * Incoming messages are put on a queue and handled by the application's own thread: nothing
   blocking ever runs on paho's network thread, so keepalive never starves during training.
-* Oversized payloads are refused before publishing (brokers with a size limit drop them and paho
-  silently re-sends, FACTS.md).
+* Oversized payloads are refused before publishing: a broker with a size limit drops them and paho
+  silently re-sends them about once a second, forever. The limit is ``max_message_bytes``, or less
+  where the broker says it accepts less: MQTT v5 brokers announce their *maximum packet size* in
+  CONNACK, and a message may use that less :data:`PUBLISH_HEADROOM` (``fedbe-coordinator
+  broker-config`` sets the broker's packet size to its message limit plus this headroom, so clients
+  and coordinator learn the broker's message limit at every connect).
 * paho's errors become :class:`TransportError`; no other module imports paho.
 """
 
@@ -35,6 +39,19 @@ from fedbe.errors import ConfigError, FedbeError
 from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+
+# Room a PUBLISH needs besides its payload: fixed header (at most 5 bytes), the topic (fedbe's are at most
+# about 160 bytes: two names of at most 64 characters), packet id, empty properties. A broker whose
+# maximum packet size is P takes a fedbe message of P - PUBLISH_HEADROOM bytes on any fedbe topic.
+PUBLISH_HEADROOM = 1024
+
+
+def publish_packet_bytes(topic: str, payload_bytes: int, qos: int = 1) -> int:
+    """The size of the MQTT v5 PUBLISH packet paho sends for this message (no properties)."""
+    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + 1 + payload_bytes
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + length_bytes + remaining
 
 
 class TransportError(FedbeError):
@@ -88,6 +105,7 @@ class Connection:
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._refused: str | None = None
+        self._broker_max_packet: int | None = None  # the broker's Maximum Packet Size, if CONNACK had one
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=mqtt.MQTTv5
         )
@@ -118,6 +136,8 @@ class Connection:
             self._refused = str(reason)
             log.error("broker %s:%d refused the connection: %s", self.host, self.port, reason)
             return
+        advertised = getattr(props, "MaximumPacketSize", None)
+        self._broker_max_packet = advertised if isinstance(advertised, int) and advertised > 0 else None
         with self._lock:
             subs = list(self._subscriptions.items())
         for topic, qos in subs:
@@ -163,6 +183,15 @@ class Connection:
         self.inbox.put((message.topic, bytes(message.payload)))
 
     # -- API -----------------------------------------------------------------------------------
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest payload :meth:`publish` sends: the configured ``max_message_bytes``, or less where
+        the broker announced (at the latest connect) a maximum packet size that leaves less."""
+        limit = self.config.max_message_bytes
+        if self._broker_max_packet is not None:
+            limit = min(limit, max(self._broker_max_packet - PUBLISH_HEADROOM, 0))
+        return limit
+
     def start(self, timeout: float = 10.0) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.config.session_expiry_seconds
@@ -210,10 +239,23 @@ class Connection:
     ) -> None:
         """Publish ``payload``; with ``wait``, block until the broker acknowledged it (QoS 1), and raise
         :class:`TransportError` if the broker refused it (MQTT v5 PUBACK reason, e.g. "Not authorized")."""
-        if len(payload) > self.config.max_message_bytes:
+        limit, broker_packet = self.max_message_bytes, self._broker_max_packet
+        packet = publish_packet_bytes(topic, len(payload), qos)
+        problem = None
+        if len(payload) > limit:
+            source = (
+                "the configured max_message_bytes"
+                if limit == self.config.max_message_bytes
+                else f"the broker at {self.host}:{self.port} takes packets of at most {broker_packet} bytes"
+            )
+            problem = f"exceeds the limit of {limit} bytes ({source})"
+        elif broker_packet is not None and packet > broker_packet:
+            problem = f"makes a packet of {packet} bytes, over the {broker_packet} bytes the broker takes"
+        if problem is not None:
             raise TransportError(
-                f"message of {len(payload)} bytes for {topic} exceeds the limit of {self.config.max_message_bytes} "
-                "bytes; use a smaller codec level (int8) or fewer blocks per task"
+                f"message of {len(payload)} bytes for {topic} {problem}; send fewer blocks per task or use a "
+                "smaller codec level (int8), or raise the limit: the broker's (fedbe-coordinator broker-config "
+                "--max-message-mb) and the run config's broker.max_message_bytes"
             )
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):

@@ -6,8 +6,8 @@ import queue
 
 import pytest
 
-from fedbe.broker import MosquittoBroker
-from fedbe.transport import BrokerConfig, Connection, TransportError
+from fedbe.broker import MosquittoBroker, find_mosquitto
+from fedbe.transport import PUBLISH_HEADROOM, BrokerConfig, Connection, TransportError, publish_packet_bytes
 
 
 def test_a_message_published_while_a_client_was_away_is_delivered_when_it_returns(
@@ -46,6 +46,39 @@ def test_oversized_messages_are_refused_before_publishing(broker: MosquittoBroke
     finally:
         conn.close()
         listener.close()
+
+
+def test_the_limit_follows_the_brokers_maximum_packet_size_and_never_exceeds_it() -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (scripts/setup.sh installs it)")
+    packet = 5000
+    with MosquittoBroker(extra_config=f"max_packet_size {packet}\n") as broker:  # announced in CONNACK
+        sender = Connection(BrokerConfig(url=broker.url, client_id="sender"))  # its own limit: 256 MiB
+        reader = Connection(BrokerConfig(url=broker.url, client_id="reader"))
+        sender.start()
+        reader.start()
+        reader.subscribe("t/#")
+        try:
+            limit = packet - PUBLISH_HEADROOM
+            assert sender.max_message_bytes == limit
+            with pytest.raises(
+                TransportError, match=rf"exceeds the limit of {limit} bytes \(the broker .* {packet} bytes"
+            ):
+                sender.publish("t/a", b"x" * (limit + 1))
+            # Under a long topic the whole packet counts: one of exactly the broker's size is taken
+            # (so the size computed is never less than the real one), a byte more is refused here.
+            topic = "t/" + "y" * 2000
+            fits = next(n for n in range(packet, 0, -1) if publish_packet_bytes(topic, n) <= packet)
+            assert publish_packet_bytes(topic, fits) == packet
+            with pytest.raises(
+                TransportError, match=f"packet of {packet + 1} bytes, over the {packet} bytes"
+            ):
+                sender.publish(topic, b"x" * (fits + 1))
+            sender.publish(topic, b"x" * fits, wait=5)
+            assert reader.inbox.get(timeout=5) == (topic, b"x" * fits)
+        finally:
+            sender.close()
+            reader.close()
 
 
 def test_an_unreachable_broker_and_a_plain_url_under_require_tls_are_clear_errors(
