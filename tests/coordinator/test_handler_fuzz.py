@@ -23,6 +23,7 @@ from edge_client.fake import FakeFleet
 from fedbe import protocol
 from fedbe.compression import Level, compress_state
 from fedbe.protocol import ClientTopic, Topics
+from fedbe.recipe import Recipe
 
 LAYOUT = {0: {"w": (4, 8)}, 1: {"w": (4, 8)}}
 MAX_BYTES = 64 * 1024
@@ -38,8 +39,9 @@ def _update(round_: int = 3, client: str = "a") -> bytes:
 
 def _task() -> bytes:
     compressed, _ = compress_state({0: {"w": torch.randn(4, 8)}}, Level.FP32)
-    return protocol.encode(protocol.TaskMessage(3, "t", "a", (0,), Level.FP32, compressed, Level.INT8, 2, 1e-3, 4,
-                                                32, 10.0, 1, 0.0, False))  # fmt: skip
+    recipe = Recipe(steps=2, lr=1e-3, batch_size=4, max_tokens=32, distill_lambda=0.0)
+    return protocol.encode(protocol.TaskMessage(3, "t", "a", (0,), Level.FP32, compressed, Level.INT8, recipe,
+                                                10.0, 1, False))  # fmt: skip
 
 
 SEEDS = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from edge_client.agent import Capacity, TaskRunner, build_client_model
@@ -12,6 +13,7 @@ from fedbe.compression import Level, compress_state
 from fedbe.datasets import Example
 from fedbe.expansion import expand_model, plan_expansion
 from fedbe.fingerprint import base_fingerprint
+from fedbe.recipe import Recipe
 
 
 def _runner() -> tuple[TaskRunner, dict]:
@@ -40,13 +42,17 @@ def _runner() -> tuple[TaskRunner, dict]:
 def _task(
     round_: int, blocks: tuple[int, ...], weights: dict, level: Level = Level.FP32, **overrides: Any
 ) -> protocol.TaskMessage:
-    """A training task sending ``weights`` at ``level``, passed through the wire codec as a client gets it."""
+    """A training task sending ``weights`` at ``level``, passed through the wire codec as a client gets it;
+    ``overrides`` set task fields or recipe fields."""
+    knobs = {f.name for f in dataclasses.fields(Recipe)}
+    recipe = Recipe(**{"steps": 1, "lr": 1e-3, "batch_size": 4, "max_tokens": 32, "distill_lambda": 0.0,
+                       **{k: v for k, v in overrides.items() if k in knobs}})  # fmt: skip
     fields: dict[str, Any] = dict(
-        round=round_, task_id=f"t{round_}", client_id="c1", block_ids=blocks, weights_level=level,
-        weights=compress_state(weights, level)[0], reply_level=Level.INT8, steps=1, lr=1e-3, batch_size=4,
-        max_tokens=32, deadline_seconds=0.0, seed=round_, distill_lambda=0.0, evaluate=False,
+        round=round_, task_id=f"t{round_}", client_id="c1", block_ids=blocks, download_level=level,
+        weights=compress_state(weights, level)[0], upload_level=Level.INT8, recipe=recipe,
+        deadline_seconds=0.0, seed=round_, evaluate=False,
     )  # fmt: skip
-    fields.update(overrides)
+    fields.update({k: v for k, v in overrides.items() if k not in knobs})
     return protocol.decode(protocol.encode(protocol.TaskMessage(**fields)))
 
 
@@ -59,33 +65,9 @@ def test_a_block_assigned_for_the_first_time_after_int8_rounds_of_another_block_
     assert sorted(runner.residual) == [0, 1]
 
 
-def test_a_task_with_rehearsal_rows_samples_the_pool_once_per_client() -> None:
-    """rehearsal_rows and distill_sample travel in the task (through the codec); the client keeps its
-    rehearsal pool across rounds."""
-    runner, weights = _runner()
-    pools = []
-    for round_ in (1, 2):
-        task = _task(
-            round_,
-            (0, 1),
-            weights,
-            steps=2,
-            distill_lambda=1.0,
-            distill_top_k=8,
-            rehearsal_rows=2,
-            distill_sample=3,
-        )
-        assert task.rehearsal_rows == 2 and task.distill_sample == 3
-        (reply,) = runner.run(task, lambda: False)
-        assert isinstance(reply, protocol.UpdateMessage), reply
-        assert runner.base_cache is not None and runner.base_cache.rehearsal is not None
-        pools.append(runner.base_cache.rehearsal)
-    assert pools[0] is pools[1]
-
-
 def test_a_block_sent_but_not_assigned_runs_frozen_and_changes_what_the_assigned_block_learns() -> None:
-    """training.context_blocks: the task carries every block's weights and assigns one; the client
-    trains only that one, inside the model with the other block in place (not bypassed)."""
+    """The task carries every block's weights and assigns one; the client trains only that one, inside
+    the model with the other block in place (a block whose weights a task does not carry is bypassed)."""
     import torch
 
     from fedbe.compression import decompress_state
@@ -98,7 +80,7 @@ def test_a_block_sent_but_not_assigned_runs_frozen_and_changes_what_the_assigned
     deltas = []
     for sent in ((0, 1), (1,)):  # block 0 in place (context), then bypassed
         runner, _ = _runner()
-        task = _task(1, (1,), {b: weights[b] for b in sent}, reply_level=Level.FP32, steps=2)
+        task = _task(1, (1,), {b: weights[b] for b in sent}, upload_level=Level.FP32, steps=2)
         (reply,) = runner.run(task, lambda: False)
         assert isinstance(reply, protocol.UpdateMessage), reply
         assert sorted(reply.blocks) == [1]  # the context block is not trained and not sent back
@@ -107,7 +89,7 @@ def test_a_block_sent_but_not_assigned_runs_frozen_and_changes_what_the_assigned
 
 
 def test_weights_sent_as_int8_train_and_the_update_is_the_change_from_what_arrived() -> None:
-    """training.task_weights_level int8: the client runs the dequantized weights it was sent, and its
+    """download_level int8: the client runs the dequantized weights it was sent, and its
     update added to those weights gives exactly the block it trained (the server's fp32 copy never
     reaches the client, so the update can not be measured from it)."""
     import torch
@@ -120,7 +102,7 @@ def test_weights_sent_as_int8_train_and_the_update_is_the_change_from_what_arriv
     weights = {
         b: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in p.items()} for b, p in weights.items()
     }
-    task = _task(1, (1,), weights, Level.INT8, reply_level=Level.FP32, steps=2)
+    task = _task(1, (1,), weights, Level.INT8, upload_level=Level.FP32, steps=2)
     arrived = decompress_state(task.weights)
     (reply,) = runner.run(task, lambda: False)
     assert isinstance(reply, protocol.UpdateMessage), reply
@@ -138,7 +120,7 @@ def test_distill_rows_travels_in_the_task_and_limits_what_the_cache_fills() -> N
     for rows, cached in ((1, 2), (0, 8)):
         runner, weights = _runner()
         task = _task(1, (0, 1), weights, steps=2, distill_lambda=1.0, distill_top_k=8, distill_rows=rows)
-        assert task.distill_rows == rows
+        assert task.recipe.distill_rows == rows
         (reply,) = runner.run(task, lambda: False)
         assert isinstance(reply, protocol.UpdateMessage), reply
         assert runner.base_cache is not None and len(runner.base_cache) == cached
@@ -164,7 +146,7 @@ def test_the_label_prior_is_the_clients_own_counts_on_the_labels_first_tokens(ca
 def test_a_task_with_balance_labels_trains_the_label_balanced_loss() -> None:
     """The task's labels reach the trainer through the runner's prior factory; without labels in the
     task, or without a prior, the loss is plain cross-entropy."""
-    from edge_client.trainer import LabelPrior
+    from edge_client.loss import LabelPrior
 
     seen: list[tuple[str, ...]] = []
 
@@ -176,17 +158,14 @@ def test_a_task_with_balance_labels_trains_the_label_balanced_loss() -> None:
 
     losses = {}
     abc = ("a", "b", "c")
-    for name, task_labels, prior, form in (("plain", (), factory, "vocab"), ("balanced", abc, factory, "vocab"),
-                                           ("no prior", abc, None, "vocab"),
-                                           ("factored", abc, factory, "factored")):  # fmt: skip
+    for name, task_labels, prior, balance in (("plain", (), factory, True), ("balanced", abc, factory, True),
+                                              ("no prior", abc, None, True), ("off", abc, factory, False)):  # fmt: skip
         runner, weights = _runner()
         runner.label_prior = prior
-        task = _task(1, (0, 1), weights, balance_labels=task_labels, balance_form=form)
+        task = _task(1, (0, 1), weights, balance_labels=task_labels, label_balance=balance)
         (reply,) = runner.run(task, lambda: False)
         assert isinstance(reply, protocol.UpdateMessage), reply
         losses[name] = reply.mean_loss
-    assert seen == [abc, abc]
-    assert losses["no prior"] == losses["plain"]
+    assert seen == [abc]  # a recipe without the balanced loss does not even ask for a prior
+    assert losses["no prior"] == losses["plain"] == losses["off"]
     assert abs(losses["balanced"] - losses["plain"]) > 1e-4
-    # the task's balance_form reaches the trainer: the factored loss differs from both
-    assert min(abs(losses["factored"] - losses["balanced"]), abs(losses["factored"] - losses["plain"])) > 1e-4

@@ -14,6 +14,7 @@ import pytest
 
 from coordinator.config import parse_run_config
 from fedbe.errors import ConfigError
+from fedbe.recipe import RecipeError
 from fedbe_sim import simulate
 from fedbe_sim.cli import build_parser
 
@@ -33,19 +34,20 @@ def test_defaults_give_heterogeneous_clients_and_a_valid_coordinator_config(tmp_
     assert cfg.rounds == settings.rounds and cfg.clients_per_round == cfg.min_clients == settings.clients
     assert cfg.server_eval is not None and cfg.server_eval.baseline and cfg.server_eval.probe_questions > 0
     # FedBE's default: clients self-distil against the base (cached top-K), so every client is protected
-    assert cfg.training.distill_lambda == settings.distill_lambda > 0 and cfg.training.distill_top_k > 0
-    assert cfg.training.labels == ()  # no labels given: the clients' announced labels
+    assert cfg.training.distill_lambda == settings.distill_lambda and min(settings.distill_lambda) > 0
+    assert cfg.training.distill_top_k > 0
+    assert cfg.labels == ()  # no labels given: the clients' announced labels
     labelled = simulate.run_config(
         settings, "mqtt://127.0.0.1:1999", tmp_path / "state", ["tech", "business"]
     )
-    assert parse_run_config(labelled, "simulate", tmp_path).training.labels == ("business", "tech")
+    assert parse_run_config(labelled, "simulate", tmp_path).labels == ("business", "tech")
     assert cfg.training.lr_decay == 1.0  # a constant lr unless --lr-decay says otherwise
     decayed = simulate.run_config(
         simulate.settings_from_args(_args(tmp_path, "--lr-decay", "0.5")),
         "mqtt://127.0.0.1:1999",
         tmp_path / "s",
     )
-    assert parse_run_config(decayed, "simulate", tmp_path).training.round_lr(3) == pytest.approx(
+    assert parse_run_config(decayed, "simulate", tmp_path).training.lr_in_round(3) == pytest.approx(
         settings.lr / 4
     )
     scheduled = simulate.run_config(
@@ -54,7 +56,7 @@ def test_defaults_give_heterogeneous_clients_and_a_valid_coordinator_config(tmp_
         tmp_path,
     )
     training = parse_run_config(scheduled, "simulate", tmp_path).training
-    assert [training.round_distill_lambda(r) for r in (1, 2, 3)] == [6.0, 3.0, 3.0]
+    assert [training.distill_lambda_in_round(r) for r in (1, 2, 3)] == [6.0, 3.0, 3.0]
     command = simulate.edge_command(settings, specs[0], "mqtt://127.0.0.1:1999")
     assert "--emulate" in command and str(specs[0].profile) in command
     assert simulate.child_environment()["OMP_NUM_THREADS"] == "1"
@@ -80,9 +82,6 @@ def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
         (("--profiles", "no-such-device"), "no profile 'no-such-device'"),
         (("--blocks", "many"), "--blocks must be a whole number or auto"),
         (("--probe-questions", "0"), "must both be 0 or both be at least 1"),
-        (("--distill-lambda", "-1"), "--distill-lambda must be a number >= 0"),
-        (("--distill-lambda", "6,x"), "--distill-lambda must be a number >= 0"),
-        (("--distill-lambda", "6,,3"), "--distill-lambda must be a number >= 0"),
         (("--lr-decay", "0"), r"--lr-decay must be a number in \(0, 1\]"),
         (("--lr-decay", "1.5"), r"--lr-decay must be a number in \(0, 1\]"),
         (("--lr-decay", "nan"), r"--lr-decay must be a number in \(0, 1\]"),
@@ -91,6 +90,16 @@ def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
 def test_bad_settings_are_clear_errors(tmp_path: Path, extra: tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         simulate.settings_from_args(_args(tmp_path, *extra))
+
+
+@pytest.mark.parametrize("bad", ["-1", "6,x", "6,,3"])
+def test_a_bad_distill_lambda_schedule_is_a_clear_error(tmp_path: Path, bad: str) -> None:
+    """The schedule is read by :func:`fedbe.recipe.parse_schedule`: a :class:`RecipeError` naming the flag."""
+    with pytest.raises(
+        RecipeError, match="--distill-lambda must be a number >= 0 or comma-separated ones"
+    ) as exc:
+        simulate.settings_from_args(_args(tmp_path, "--distill-lambda", bad))
+    assert exc.value.name == "--distill-lambda"
 
 
 def test_a_non_empty_output_folder_is_refused(tmp_path: Path) -> None:

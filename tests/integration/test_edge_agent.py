@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from fedbe.compression import Level, compress_state, decompress_state
 from fedbe.expansion import expand_model, plan_expansion
 from fedbe.fingerprint import base_fingerprint
 from fedbe.protocol import ClientTopic, Topics
+from fedbe.recipe import PLAIN
 from fedbe.sources import build_tiny_model
 from fedbe.transport import BrokerConfig, Connection
 from tests.integration.conftest import spawn, tiny_client_data
@@ -90,23 +92,29 @@ def test_edge_agent_trains_its_task_and_its_will_fires_when_killed(
                               expected_type=protocol.TaskErrorMessage)  # fmt: skip
         assert err.code == "invalid_task" and "frame" in err.reason
         unknown = protocol.TaskMessage(
-            round=1, task_id="bad", client_id="dev1", block_ids=(7,), weights_level=Level.FP32, weights={},
-            reply_level=Level.FP32, steps=1, lr=1e-3, batch_size=4, max_tokens=64, deadline_seconds=60.0,
-            seed=0, distill_lambda=0.0, evaluate=False,
+            round=1, task_id="bad", client_id="dev1", block_ids=(7,), download_level=Level.FP32, weights={},
+            upload_level=Level.FP32, recipe=replace(PLAIN, steps=1, lr=1e-3, batch_size=4, max_tokens=64),
+            deadline_seconds=60.0, seed=0, evaluate=False,
         )  # fmt: skip
         conn.publish(topics.client("dev1", ClientTopic.TASK), protocol.encode(unknown), wait=10)
         err = protocol.decode(_wait_for(conn, topics.client("dev1", ClientTopic.ERROR), 60, proc),
                               expected_type=protocol.TaskErrorMessage)  # fmt: skip
         assert (err.code, err.task_id) == ("invalid_task", "bad") and "unknown blocks [7]" in err.reason
+        idle = replace(unknown, task_id="idle", block_ids=())  # no block to train and no evaluation
+        conn.publish(topics.client("dev1", ClientTopic.TASK), protocol.encode(idle), wait=10)
+        err = protocol.decode(_wait_for(conn, topics.client("dev1", ClientTopic.ERROR), 60, proc),
+                              expected_type=protocol.TaskErrorMessage)  # fmt: skip
+        assert (err.code, err.task_id) == ("invalid_task", "idle") and "nothing to do" in err.reason
 
         weights = get_block_state(base, registry, [1])
         for p in weights[1].values():  # the federation's current weights differ from the initial copy
             p.add_(0.01)
         compressed, _ = compress_state(weights, Level.FP32)
         task = protocol.TaskMessage(
-            round=1, task_id="t1", client_id="dev1", block_ids=(1,), weights_level=Level.FP32,
-            weights=compressed, reply_level=Level.FP32, steps=3, lr=1e-3, batch_size=4, max_tokens=64,
-            deadline_seconds=120.0, seed=0, distill_lambda=0.0, evaluate=False,
+            round=1, task_id="t1", client_id="dev1", block_ids=(1,), download_level=Level.FP32,
+            weights=compressed, upload_level=Level.FP32,
+            recipe=replace(PLAIN, steps=3, lr=1e-3, batch_size=4, max_tokens=64),
+            deadline_seconds=120.0, seed=0, evaluate=False,
         )  # fmt: skip
         conn.publish(topics.client("dev1", ClientTopic.TASK), protocol.encode(task), wait=10)
         layout = block_layout(base, registry, [1])
@@ -124,9 +132,9 @@ def test_edge_agent_trains_its_task_and_its_will_fires_when_killed(
         conn.subscribe(topics.client("dev1", ClientTopic.EVAL))
         everything, _ = compress_state(get_block_state(base, registry), Level.FP32)
         evaluate = protocol.TaskMessage(
-            round=1, task_id="e1", client_id="dev1", block_ids=(), weights_level=Level.FP32, weights=everything,
-            reply_level=Level.FP32, steps=0, lr=1e-3, batch_size=4, max_tokens=64, deadline_seconds=60.0, seed=0,
-            distill_lambda=0.0, evaluate=True,
+            round=1, task_id="e1", client_id="dev1", block_ids=(), download_level=Level.FP32, weights=everything,
+            upload_level=Level.FP32, recipe=replace(PLAIN, lr=1e-3, batch_size=4, max_tokens=64),
+            deadline_seconds=60.0, seed=0, evaluate=True,
         )  # fmt: skip
         conn.publish(topics.client("dev1", ClientTopic.TASK), protocol.encode(evaluate), wait=10)
         result = protocol.decode(_wait_for(conn, topics.client("dev1", ClientTopic.EVAL), 120, proc),
@@ -159,9 +167,10 @@ def test_sigterm_mid_task_reports_the_round_abandoned_and_goes_offline(
         _wait_for(conn, topics.client("dev2", ClientTopic.ANNOUNCE), 180, proc)
         compressed, _ = compress_state(get_block_state(base, registry, [0]), Level.FP32)
         task = protocol.TaskMessage(
-            round=4, task_id="long", client_id="dev2", block_ids=(0,), weights_level=Level.FP32,
-            weights=compressed, reply_level=Level.FP32, steps=100000, lr=1e-3, batch_size=2, max_tokens=32,
-            deadline_seconds=0.0, seed=0, distill_lambda=0.0, evaluate=False,
+            round=4, task_id="long", client_id="dev2", block_ids=(0,), download_level=Level.FP32,
+            weights=compressed, upload_level=Level.FP32,
+            recipe=replace(PLAIN, steps=100000, lr=1e-3, batch_size=2, max_tokens=32),
+            deadline_seconds=0.0, seed=0, evaluate=False,
         )  # fmt: skip
         conn.publish(topics.client("dev2", ClientTopic.TASK), protocol.encode(task), wait=10)
         deadline = time.monotonic() + 60

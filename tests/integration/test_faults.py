@@ -30,6 +30,7 @@ from fedbe import protocol
 from fedbe.broker import MosquittoBroker, find_mosquitto
 from fedbe.errors import CodecError
 from fedbe.protocol import ClientTopic, Topics
+from fedbe.recipe import Recipe
 from fedbe.transport import BrokerConfig, Connection
 from tests.integration.conftest import spawn, tiny_client_data
 
@@ -50,7 +51,7 @@ rounds: {rounds}
 clients_per_round: {per_round}
 min_clients: {min_clients}
 round_deadline_seconds: {deadline}
-update_level: fp32
+upload_level: fp32
 seed: 7
 training: {{steps: 2, lr: 0.001, lr_decay: 0.5, distill_lambda: [6, 3], batch_size: 4, max_tokens: 32}}
 broker: {{url: "{url}"}}
@@ -136,8 +137,9 @@ class Spy:
     tasks: list[tuple[int, str, tuple[int, ...]]] = field(default_factory=list)  # (round, client, blocks)
     updates: list[tuple[int, str]] = field(default_factory=list)  # (round, client)
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # (round, client, code)
-    lrs: dict[int, set[float]] = field(default_factory=dict)  # round -> the lrs its training tasks carried
-    lambdas: dict[int, set[float]] = field(default_factory=dict)  # round -> their distill_lambda values
+    recipes: set[Recipe] = field(default_factory=set)  # the recipes the training tasks carried
+    lrs: dict[int, set[float]] = field(default_factory=dict)  # round -> the lr its training tasks train at
+    lambdas: dict[int, set[float]] = field(default_factory=dict)  # round -> their distill_lambda then
 
     def drain(self) -> Spy:
         while not self.conn.inbox.empty():
@@ -150,8 +152,11 @@ class Spy:
                     task = protocol.decode(payload, expected_type=protocol.TaskMessage)
                     if not task.evaluate:
                         self.tasks.append((task.round, cid, tuple(task.block_ids)))
-                        self.lrs.setdefault(task.round, set()).add(task.lr)
-                        self.lambdas.setdefault(task.round, set()).add(task.distill_lambda)
+                        self.recipes.add(task.recipe)
+                        self.lrs.setdefault(task.round, set()).add(task.recipe.lr_in_round(task.round))
+                        self.lambdas.setdefault(task.round, set()).add(
+                            task.recipe.distill_lambda_in_round(task.round)
+                        )
                 elif kind is ClientTopic.UPDATE:
                     self.updates.append(
                         (protocol.decode(payload, expected_type=protocol.UpdateMessage).round, cid)
@@ -224,7 +229,11 @@ def test_client_killed_mid_round_is_left_out_then_rejoins_and_gets_work(
     third = metrics[2]
     assert third["assignments"]["victim"] and "victim" in third["updates"], third
     assert spy.task_rounds("victim") == [1, 2, 3]
-    # training.lr_decay 0.5: every task of round r carries lr x 0.5^(r-1)
+    # every task carries the run's training section as its recipe, unchanged from round to round
+    assert spy.recipes == {
+        Recipe(steps=2, lr=0.001, lr_decay=0.5, distill_lambda=(6.0, 3.0), batch_size=4, max_tokens=32)
+    }
+    # training.lr_decay 0.5: every task of round r trains at lr x 0.5^(r-1)
     assert spy.lrs == {1: {1e-3}, 2: {5e-4}, 3: {2.5e-4}}
     # training.distill_lambda [6, 3]: 6 in round 1, then the last value in every later round
     assert spy.lambdas == {1: {6.0}, 2: {3.0}, 3: {3.0}}

@@ -43,7 +43,7 @@ clients_per_round: 3
 min_clients: 3
 round_deadline_seconds: 90
 eval_every: 3
-update_level: fp32
+upload_level: fp32
 training: {{steps: 2, lr: 0.001, batch_size: 4, max_tokens: 48}}
 broker: {{url: "{broker.url}"}}
 """

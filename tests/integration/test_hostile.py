@@ -141,7 +141,7 @@ rounds: 2
 clients_per_round: 20
 min_clients: {len(HONEST + HOSTILE)}
 round_deadline_seconds: 2
-update_level: fp32
+upload_level: fp32
 allocation: {{strategy: all, max_unprotected_risk: 1.0}}
 training: {{steps: 2, lr: 0.001, batch_size: 4, max_tokens: 48}}
 broker: {{url: "{files.url}", username: {COORDINATOR_USER}, password_file: "{files.credentials[COORDINATOR_USER]}",
