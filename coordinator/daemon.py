@@ -1,28 +1,24 @@
-"""The coordinator daemon: rounds over MQTT, with deadlines, durable state and resume.
+"""The coordinator daemon: the run loop and its I/O (messages, timers, checkpoints, evaluation).
 
 One round:
 
 1. wait until at least ``min_clients`` eligible clients (online, announced, same base) are known;
-2. select up to ``clients_per_round`` of them (seeded RNG, restored on resume);
-3. allocate new blocks to them (:mod:`coordinator.allocation`, a pure function);
-4. send each client a task with the current weights of exactly its assigned blocks;
-5. collect updates until every assigned client answered (update or error) or went offline, or
-   the deadline passed with at least ``min_clients`` updates (a client counts as gone once it has
-   been offline for ``OFFLINE_GRACE_SECONDS``); each accepted update is written to
+2. plan it (:func:`coordinator.round.plan_round`, pure: selection with the seeded RNG restored on
+   resume, and the allocation of new blocks);
+3. send each assigned client a task: the current weights of every new block and the recipe;
+4. collect replies (:mod:`coordinator.inbox`) until every assigned client answered (update or error)
+   or went offline, or the deadline passed with at least ``min_clients`` updates (a client counts as
+   gone once it has been offline for ``OFFLINE_GRACE_SECONDS``); each accepted update is written to
    the state directory before it counts, so a crash mid-round loses none;
-6. screen the updates (unassigned blocks, shapes, non-finite values, norm outliers) and
-   aggregate each block over its trainers (:mod:`coordinator.aggregation`);
-7. optionally run federated evaluation; write the snapshot atomically; one metrics line.
-
-All I/O is here; the algorithms are pure functions elsewhere. Messages go through
-:mod:`fedbe.protocol`, topics through :class:`fedbe.protocol.Topics`.
+5. close it (:func:`coordinator.round.close_round`, pure: screening, weight caps, late updates,
+   aggregation, the server optimizer), the same function ``fedbe bench`` runs;
+6. optionally evaluate (federated, or on the coordinator: :mod:`coordinator.server_eval`); write the
+   snapshot atomically; one metrics line.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import random
 import threading
 import time
@@ -30,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from coordinator.allocation import AllocationPolicy
-from coordinator.registry import ClientRegistry, check_announce
+from coordinator.inbox import Inbox, MessagePump, RoundCollector, deltas_of, encode_weights, wait_for_clients
+from coordinator.registry import ClientRegistry
 from coordinator.round import (
     Candidate,
     Reply,
@@ -40,9 +37,9 @@ from coordinator.round import (
     plan_round,
     trained_blocks,
 )
+from coordinator.server_eval import ServerEvaluator
 from fedbe import protocol
-from fedbe.blocks import BlockState, block_layout, get_block_state
-from fedbe.compression import Level, compress_state, decompress_state
+from fedbe.blocks import block_layout, get_block_state
 from fedbe.errors import CodecError
 from fedbe.expansion import BlockRegistry
 from fedbe.protocol import ClientTopic, Topics
@@ -78,203 +75,6 @@ class RoundLog:
     closed_by: str = ""
 
 
-class Inbox:
-    """Decodes what arrives and routes it by topic; invalid messages are counted, never fatal."""
-
-    def __init__(self, conn: Connection, topics: Topics) -> None:
-        self.conn, self.topics = conn, topics
-        self.rejections: dict[str, int] = {}
-
-    def next(self, timeout: float) -> tuple[str, ClientTopic, bytes] | None:
-        try:
-            topic, payload = self.conn.inbox.get(timeout=max(timeout, 0.0))
-        except queue.Empty:
-            return None
-        parsed = self.topics.parse_client_topic(topic)
-        if parsed is None:
-            self.count("unexpected_topic")
-            return None
-        return parsed[0], parsed[1], payload
-
-    def count(self, reason: str) -> None:
-        self.rejections[reason] = self.rejections.get(reason, 0) + 1
-
-
-def encode_weights(
-    state: BlockState, block_ids: list[int] | tuple[int, ...], level: Level = Level.FP32
-) -> dict[int, Any]:
-    compressed, _ = compress_state({b: state[b] for b in block_ids}, level)
-    return compressed
-
-
-class MessagePump:
-    """Handles the client-lifecycle messages common to every phase (announce, status)."""
-
-    def __init__(self, inbox: Inbox, clients: ClientRegistry, conn: Connection, topics: Topics) -> None:
-        self.inbox, self.clients, self.conn, self.topics = inbox, clients, conn, topics
-        self.stashed_updates: list[tuple[str, bytes]] = []  # arrived between rounds: offered to the next
-
-    def handle_lifecycle(self, client_id: str, kind: ClientTopic, payload: bytes) -> bool:
-        """True if the message was a lifecycle message (and was handled)."""
-        if kind is ClientTopic.ANNOUNCE:
-            try:
-                msg = protocol.decode(payload, expected_type=protocol.AnnounceMessage)
-            except CodecError as exc:
-                log.warning("invalid announce from %s: %s", client_id, exc)
-                self.inbox.count(f"invalid_announce_{exc.reason}")
-                return True
-            if msg.client_id != client_id:
-                self.inbox.count("announce_for_other_client")
-                return True
-            problem = check_announce(msg)
-            if problem is not None:
-                log.warning("refusing the announce of %s: %s", client_id, problem)
-                self.inbox.count("malformed_profile")
-                self.clients.record(client_id).announce = None  # not eligible until it announces sensibly
-                notice = protocol.NoticeMessage(client_id, "refused", f"invalid announce: {problem}")
-            else:
-                notice = self.clients.on_announce(msg)
-            self.conn.publish(self.topics.client(client_id, ClientTopic.NOTICE), protocol.encode(notice))
-            return True
-        if kind is ClientTopic.STATUS:
-            try:
-                status = protocol.decode(payload, expected_type=protocol.StatusMessage)
-            except CodecError as exc:
-                self.inbox.count(f"invalid_status_{exc.reason}")
-                return True
-            if status.client_id != client_id:
-                self.inbox.count("status_for_other_client")
-                return True
-            self.clients.on_status(client_id, status.state)
-            return True
-        return False
-
-
-def wait_for_clients(
-    pump: MessagePump, minimum: int, stop: threading.Event, timeout: float | None = None
-) -> bool:
-    started, last_log = time.monotonic(), 0.0
-    while not stop.is_set():
-        if len(pump.clients.eligible()) >= minimum:
-            return True
-        now = time.monotonic()
-        if timeout is not None and now - started > timeout:
-            return False
-        if now - last_log > 10:
-            log.info("waiting for clients: %d of %d needed are ready", len(pump.clients.eligible()), minimum)
-            last_log = now
-        item = pump.inbox.next(0.5)
-        if item is None or pump.handle_lifecycle(*item):
-            continue
-        if item[1] is ClientTopic.UPDATE:  # a late update: the next round decides (drop or fold)
-            pump.stashed_updates.append((item[0], item[2]))
-        else:
-            pump.inbox.count(f"{item[1].value}_outside_round")
-    return False
-
-
-def layout_for(model: Any, registry: BlockRegistry) -> dict[int, dict[str, tuple[int, ...]]]:
-    return block_layout(model, registry)
-
-
-def initial_state(model: Any, registry: BlockRegistry) -> BlockState:
-    return get_block_state(model, registry)
-
-
-def decode_update(
-    payload: bytes, layout: Any, assigned: tuple[int, ...], max_bytes: int
-) -> protocol.UpdateMessage:
-    return protocol.decode(
-        payload, max_bytes=max_bytes, expected_type=protocol.UpdateMessage, expected_layout=layout,
-        allowed_blocks=assigned,
-    )  # fmt: skip
-
-
-def deltas_of(update: protocol.UpdateMessage) -> BlockState:
-    return decompress_state(update.blocks)
-
-
-class RoundCollector:
-    """Collects one round's replies until it can close (all answered, or deadline with enough updates)."""
-
-    def __init__(self, round_: int, assignments: dict[str, tuple[int, ...]], layout: Any, max_bytes: int,
-                 persist: Any, already: dict[str, bytes], count: Any = None) -> None:  # fmt: skip
-        self.round = round_
-        self.count = count  # reason -> None: every rejection is counted in the metrics by its reason
-        self.assignments = assignments
-        self.layout = layout
-        self.max_bytes = max_bytes
-        self.persist = persist  # (client_id, frame) -> None: durable before the update counts
-        self.updates: dict[str, protocol.UpdateMessage] = {}
-        self.frames_bytes: dict[str, int] = {}
-        self.errors: dict[str, protocol.TaskErrorMessage] = {}
-        self.rejected: list[dict[str, str]] = []
-        self.late: list[protocol.UpdateMessage] = []
-        for client_id, frame in already.items():  # accepted before a restart
-            self.offer_update(client_id, frame, persisted=True)
-
-    def pending(self, offline: set[str]) -> set[str]:
-        answered = set(self.updates) | set(self.errors)
-        return {c for c in self.assignments if c not in answered and c not in offline}
-
-    def reject(self, client_id: str, reason: str, detail: str) -> None:
-        self.rejected.append({"client": client_id, "reason": reason, "detail": detail[:300]})
-        if self.count is not None:
-            self.count(reason)
-        log.warning("round %d: rejected update from %s (%s): %s", self.round, client_id, reason, detail)
-
-    def offer_update(self, client_id: str, frame: bytes, persisted: bool = False) -> None:
-        assigned = self.assignments.get(client_id)
-        if assigned is None:
-            try:
-                msg = protocol.decode(frame, max_bytes=self.max_bytes, expected_type=protocol.UpdateMessage)
-            except CodecError as exc:
-                self.reject(client_id, exc.reason, str(exc))
-                return
-            if msg.round < self.round:
-                self.late.append(msg)
-                self.reject(client_id, "late", f"update for round {msg.round} arrived in round {self.round}")
-            else:
-                self.reject(client_id, "unassigned_client", f"{client_id} has no task in round {self.round}")
-            return
-        try:
-            msg = decode_update(frame, self.layout, assigned, self.max_bytes)
-        except CodecError as exc:
-            self.reject(client_id, exc.reason, str(exc))
-            return
-        if msg.client_id != client_id:
-            self.reject(client_id, "wrong_client", f"update names client {msg.client_id!r}")
-        elif msg.round != self.round:
-            if msg.round < self.round:
-                self.late.append(msg)
-            self.reject(client_id, "wrong_round", f"update for round {msg.round}, this is round {self.round}")
-        elif client_id in self.updates:
-            self.reject(client_id, "duplicate", "a second update for the same round (replay?)")
-        elif set(msg.blocks) != set(assigned):
-            self.reject(
-                client_id, "blocks_mismatch", f"sent blocks {sorted(msg.blocks)}, assigned {list(assigned)}"
-            )
-        else:
-            if not persisted:
-                self.persist(client_id, frame)
-            self.updates[client_id] = msg
-            self.frames_bytes[client_id] = len(frame)
-
-    def offer_error(self, client_id: str, frame: bytes) -> None:
-        try:
-            msg = protocol.decode(frame, max_bytes=self.max_bytes, expected_type=protocol.TaskErrorMessage)
-        except CodecError as exc:
-            self.reject(client_id, f"invalid_error_{exc.reason}", str(exc))
-            return
-        if msg.client_id != client_id:
-            self.reject(client_id, "wrong_client", f"task error names client {msg.client_id!r}")
-        elif msg.round == self.round and client_id in self.assignments:
-            self.errors[client_id] = msg
-            log.warning(
-                "round %d: %s could not do its task (%s): %s", self.round, client_id, msg.code, msg.reason
-            )
-
-
 class Coordinator:
     """Runs the federation described by a :class:`coordinator.config.RunConfig`."""
 
@@ -285,6 +85,9 @@ class Coordinator:
         self.topics = Topics(cfg.federation)
         self.inbox = Inbox(conn, self.topics)
         self._warned_labels = False  # too many labels for label_balance: warned once
+        self.evaluator = (
+            None if cfg.server_eval is None else ServerEvaluator(cfg.server_eval, cfg.model, cfg.training.max_tokens)
+        )
 
     # -- set-up and resume -------------------------------------------------------------------
     def setup(self) -> None:
@@ -342,7 +145,7 @@ class Coordinator:
             self.server_state = snapshot.server_optimizer_state
             log.info("resuming after round %d from %s", self.round, self.store.state_dir)
         else:
-            self.global_state = initial_state(model, self.registry)
+            self.global_state = get_block_state(model, self.registry)
             self.round = 0
         self.policy = round_policy(cfg)
         self.server_state = _optimizer_state_from_snapshot(self.server_state, aggregation)
@@ -358,7 +161,7 @@ class Coordinator:
         )
         expansion.expand_model(model, plan)
         self.model = model
-        self.layout = layout_for(model, self.registry)
+        self.layout = block_layout(model, self.registry)
 
     def decide_expansion(self) -> None:
         """``blocks: auto``: size the expansion from the announced capacities, once, before round 1.
@@ -386,7 +189,7 @@ class Coordinator:
             return
         self.registry = expansion.plan_expansion(layers, n, self.cfg.placement).registry()
         self._install_expansion(sources.load_model(self.cfg.model))
-        self.global_state = initial_state(self.model, self.registry)
+        self.global_state = get_block_state(self.model, self.registry)
         for rec in self.clients.clients.values():  # capacities were measured on the old expansion
             rec.announce = None
         self.publish_status("starting")
@@ -427,7 +230,7 @@ class Coordinator:
         old = self.registry
         self.registry = expansion.ExpansionPlan(layers, tuple(sorted([*after, new_after]))).registry()
         self._install_expansion(sources.load_model(self.cfg.model))
-        fresh = initial_state(self.model, self.registry)
+        fresh = get_block_state(self.model, self.registry)
         # Old blocks map to the new ones by (source layer, order among blocks copied from it).
         new_ids = [b.block_id for b in self.registry.blocks]
         keep = {}
@@ -661,70 +464,9 @@ class Coordinator:
         )  # fmt: skip
 
     def server_eval(self, base_model: bool = False) -> dict[str, Any]:
-        """Accuracy of the current global model on held-out BBC News test articles, on the coordinator;
-        with ``server_eval.probe_*`` also the general-ability probes, and their retention against the
-        baseline when there is one. ``base_model`` scores the base instead (every new block bypassed)."""
-        import random as _random  # noqa: PLC0415
-
-        from fedbe import datasets, sources  # noqa: PLC0415
-        from fedbe.blocks import set_block_state  # noqa: PLC0415
-        from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
-        from fedbe.expansion import bypassed  # noqa: PLC0415
-        from fedbe.probes import GeneralProbe, retention  # noqa: PLC0415
-
-        settings = self.cfg.server_eval
-        if not hasattr(self, "_server_test"):
-            _, test = datasets.split_train_test(datasets.load_bbc_news())
-            _random.Random(0).shuffle(test)
-            self._server_test = test[: settings.examples]
-            self._server_labels = datasets.label_names(test)
-            self._tokenizer = sources.load_tokenizer(self.cfg.model)
-            self._probe = (
-                GeneralProbe.build(settings.probe_questions, settings.probe_texts, split="test")
-                if settings.probe_questions
-                else None
-            )
-        if settings.precision != "fp32" and getattr(self, "_eval_frozen", None) is not self.model:
-            from fedbe.quantization import freeze_base  # noqa: PLC0415
-
-            freeze_base(self.model, self.registry, settings.precision)  # blocks stay fp32, the base not
-            self._eval_frozen = self.model  # a new expansion loads a new model: frozen again then
-        set_block_state(self.model, self.registry, self.global_state)
-        started = time.monotonic()
-        with bypassed(self.model, self.registry) if base_model else contextlib.nullcontext():
-            accuracy = classification_accuracy(
-                self.model,
-                self._tokenizer,
-                self._server_test,
-                self._server_labels,
-                self.cfg.training.max_tokens,
-            )
-            probe = self._probe
-            probes = None if probe is None else probe.score(self.model, self._tokenizer)
-        result: dict[str, Any] = {
-            "dataset": "bbc-news",
-            "examples": len(self._server_test),
-            "accuracy": accuracy,
-            "precision": settings.precision,
-        }
-        baseline = self.baseline
-        if baseline is not None and not base_model:
-            result["baseline_accuracy"] = baseline.get("accuracy")
-        if probe is not None and probes is not None:
-            result["probes"] = {**probes, "questions": len(probe.questions), "texts": len(probe.texts)}
-            before = (baseline or {}).get("probes")
-            if before is not None and not base_model:
-                result["retention"] = retention(before, probes)
-        result["seconds"] = time.monotonic() - started
-        log.info(
-            "server evaluation%s: accuracy %.3f on %d BBC News test articles%s (%.0f s)",
-            " of the base model" if base_model else "", accuracy, len(self._server_test),
-            "" if probes is None else
-            f"; definitions {probes['definition_accuracy']:.3f}, perplexity {probes['perplexity']:.2f}"
-            + ("".join(f", {k} {v:.3f}" for k, v in result.get("retention", {}).items())),
-            result["seconds"],
-        )  # fmt: skip
-        return result
+        """The coordinator's own evaluation of the global model (or, ``base_model``, of the base)."""
+        assert self.evaluator is not None
+        return self.evaluator.score(self.model, self.registry, self.global_state, self.baseline, base_model)
 
     def evaluate_baseline(self) -> None:
         """``server_eval.baseline``: score the base model once (round 0), the reference of retention.

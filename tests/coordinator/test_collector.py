@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.daemon import RoundCollector
+from coordinator.inbox import RoundCollector
 from fedbe import protocol
 from fedbe.compression import Level, compress_state
 

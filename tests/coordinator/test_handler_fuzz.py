@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.daemon import Inbox, MessagePump, RoundCollector
+from coordinator.inbox import Inbox, MessagePump, RoundCollector
 from coordinator.registry import ClientRegistry
 from edge_client.fake import FakeFleet
 from fedbe import protocol

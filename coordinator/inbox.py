@@ -1,0 +1,214 @@
+"""What reaches the coordinator: the inbox of client messages, the lifecycle handling common to every
+phase (announce, status), and the collector of one round's replies.
+
+A round's updates are decoded and checked against the task here (protocol errors, wrong client,
+wrong round, replays, blocks other than the assigned ones) and made durable before they count; what
+they are worth to the model (screening, weights, aggregation) is :func:`coordinator.round.close_round`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from coordinator.registry import ClientRegistry, check_announce
+from fedbe import protocol
+from fedbe.blocks import BlockState
+from fedbe.compression import Level, compress_state, decompress_state
+from fedbe.errors import CodecError
+from fedbe.protocol import ClientTopic, Topics
+from fedbe.transport import Connection
+
+log = logging.getLogger(__name__)
+
+
+class Inbox:
+    """Decodes what arrives and routes it by topic; invalid messages are counted, never fatal."""
+
+    def __init__(self, conn: Connection, topics: Topics) -> None:
+        self.conn, self.topics = conn, topics
+        self.rejections: dict[str, int] = {}
+
+    def next(self, timeout: float) -> tuple[str, ClientTopic, bytes] | None:
+        try:
+            topic, payload = self.conn.inbox.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return None
+        parsed = self.topics.parse_client_topic(topic)
+        if parsed is None:
+            self.count("unexpected_topic")
+            return None
+        return parsed[0], parsed[1], payload
+
+    def count(self, reason: str) -> None:
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+
+def encode_weights(
+    state: BlockState, block_ids: list[int] | tuple[int, ...], level: Level = Level.FP32
+) -> dict[int, Any]:
+    compressed, _ = compress_state({b: state[b] for b in block_ids}, level)
+    return compressed
+
+
+class MessagePump:
+    """Handles the client-lifecycle messages common to every phase (announce, status)."""
+
+    def __init__(self, inbox: Inbox, clients: ClientRegistry, conn: Connection, topics: Topics) -> None:
+        self.inbox, self.clients, self.conn, self.topics = inbox, clients, conn, topics
+        self.stashed_updates: list[tuple[str, bytes]] = []  # arrived between rounds: offered to the next
+
+    def handle_lifecycle(self, client_id: str, kind: ClientTopic, payload: bytes) -> bool:
+        """True if the message was a lifecycle message (and was handled)."""
+        if kind is ClientTopic.ANNOUNCE:
+            try:
+                msg = protocol.decode(payload, expected_type=protocol.AnnounceMessage)
+            except CodecError as exc:
+                log.warning("invalid announce from %s: %s", client_id, exc)
+                self.inbox.count(f"invalid_announce_{exc.reason}")
+                return True
+            if msg.client_id != client_id:
+                self.inbox.count("announce_for_other_client")
+                return True
+            problem = check_announce(msg)
+            if problem is not None:
+                log.warning("refusing the announce of %s: %s", client_id, problem)
+                self.inbox.count("malformed_profile")
+                self.clients.record(client_id).announce = None  # not eligible until it announces sensibly
+                notice = protocol.NoticeMessage(client_id, "refused", f"invalid announce: {problem}")
+            else:
+                notice = self.clients.on_announce(msg)
+            self.conn.publish(self.topics.client(client_id, ClientTopic.NOTICE), protocol.encode(notice))
+            return True
+        if kind is ClientTopic.STATUS:
+            try:
+                status = protocol.decode(payload, expected_type=protocol.StatusMessage)
+            except CodecError as exc:
+                self.inbox.count(f"invalid_status_{exc.reason}")
+                return True
+            if status.client_id != client_id:
+                self.inbox.count("status_for_other_client")
+                return True
+            self.clients.on_status(client_id, status.state)
+            return True
+        return False
+
+
+def wait_for_clients(
+    pump: MessagePump, minimum: int, stop: threading.Event, timeout: float | None = None
+) -> bool:
+    started, last_log = time.monotonic(), 0.0
+    while not stop.is_set():
+        if len(pump.clients.eligible()) >= minimum:
+            return True
+        now = time.monotonic()
+        if timeout is not None and now - started > timeout:
+            return False
+        if now - last_log > 10:
+            log.info("waiting for clients: %d of %d needed are ready", len(pump.clients.eligible()), minimum)
+            last_log = now
+        item = pump.inbox.next(0.5)
+        if item is None or pump.handle_lifecycle(*item):
+            continue
+        if item[1] is ClientTopic.UPDATE:  # a late update: the next round decides (drop or fold)
+            pump.stashed_updates.append((item[0], item[2]))
+        else:
+            pump.inbox.count(f"{item[1].value}_outside_round")
+    return False
+
+
+def decode_update(
+    payload: bytes, layout: Any, assigned: tuple[int, ...], max_bytes: int
+) -> protocol.UpdateMessage:
+    return protocol.decode(
+        payload, max_bytes=max_bytes, expected_type=protocol.UpdateMessage, expected_layout=layout,
+        allowed_blocks=assigned,
+    )  # fmt: skip
+
+
+def deltas_of(update: protocol.UpdateMessage) -> BlockState:
+    return decompress_state(update.blocks)
+
+
+class RoundCollector:
+    """Collects one round's replies until it can close (all answered, or deadline with enough updates)."""
+
+    def __init__(self, round_: int, assignments: dict[str, tuple[int, ...]], layout: Any, max_bytes: int,
+                 persist: Any, already: dict[str, bytes], count: Any = None) -> None:  # fmt: skip
+        self.round = round_
+        self.count = count  # reason -> None: every rejection is counted in the metrics by its reason
+        self.assignments = assignments
+        self.layout = layout
+        self.max_bytes = max_bytes
+        self.persist = persist  # (client_id, frame) -> None: durable before the update counts
+        self.updates: dict[str, protocol.UpdateMessage] = {}
+        self.frames_bytes: dict[str, int] = {}
+        self.errors: dict[str, protocol.TaskErrorMessage] = {}
+        self.rejected: list[dict[str, str]] = []
+        self.late: list[protocol.UpdateMessage] = []
+        for client_id, frame in already.items():  # accepted before a restart
+            self.offer_update(client_id, frame, persisted=True)
+
+    def pending(self, offline: set[str]) -> set[str]:
+        answered = set(self.updates) | set(self.errors)
+        return {c for c in self.assignments if c not in answered and c not in offline}
+
+    def reject(self, client_id: str, reason: str, detail: str) -> None:
+        self.rejected.append({"client": client_id, "reason": reason, "detail": detail[:300]})
+        if self.count is not None:
+            self.count(reason)
+        log.warning("round %d: rejected update from %s (%s): %s", self.round, client_id, reason, detail)
+
+    def offer_update(self, client_id: str, frame: bytes, persisted: bool = False) -> None:
+        assigned = self.assignments.get(client_id)
+        if assigned is None:
+            try:
+                msg = protocol.decode(frame, max_bytes=self.max_bytes, expected_type=protocol.UpdateMessage)
+            except CodecError as exc:
+                self.reject(client_id, exc.reason, str(exc))
+                return
+            if msg.round < self.round:
+                self.late.append(msg)
+                self.reject(client_id, "late", f"update for round {msg.round} arrived in round {self.round}")
+            else:
+                self.reject(client_id, "unassigned_client", f"{client_id} has no task in round {self.round}")
+            return
+        try:
+            msg = decode_update(frame, self.layout, assigned, self.max_bytes)
+        except CodecError as exc:
+            self.reject(client_id, exc.reason, str(exc))
+            return
+        if msg.client_id != client_id:
+            self.reject(client_id, "wrong_client", f"update names client {msg.client_id!r}")
+        elif msg.round != self.round:
+            if msg.round < self.round:
+                self.late.append(msg)
+            self.reject(client_id, "wrong_round", f"update for round {msg.round}, this is round {self.round}")
+        elif client_id in self.updates:
+            self.reject(client_id, "duplicate", "a second update for the same round (replay?)")
+        elif set(msg.blocks) != set(assigned):
+            self.reject(
+                client_id, "blocks_mismatch", f"sent blocks {sorted(msg.blocks)}, assigned {list(assigned)}"
+            )
+        else:
+            if not persisted:
+                self.persist(client_id, frame)
+            self.updates[client_id] = msg
+            self.frames_bytes[client_id] = len(frame)
+
+    def offer_error(self, client_id: str, frame: bytes) -> None:
+        try:
+            msg = protocol.decode(frame, max_bytes=self.max_bytes, expected_type=protocol.TaskErrorMessage)
+        except CodecError as exc:
+            self.reject(client_id, f"invalid_error_{exc.reason}", str(exc))
+            return
+        if msg.client_id != client_id:
+            self.reject(client_id, "wrong_client", f"task error names client {msg.client_id!r}")
+        elif msg.round == self.round and client_id in self.assignments:
+            self.errors[client_id] = msg
+            log.warning(
+                "round %d: %s could not do its task (%s): %s", self.round, client_id, msg.code, msg.reason
+            )
