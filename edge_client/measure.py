@@ -72,7 +72,7 @@ class ActivationMeasurement:
 
 
 # Bumped when the measured step changes for the same key (an entry of another version never matches):
-# 2 = 16-bit bases multiplied in fp32 on CPUs without native 16-bit matmuls (session 18).
+# 2 = 16-bit bases multiplied in fp32 on CPUs without native 16-bit matmuls.
 CACHE_VERSION = 2
 
 

@@ -222,7 +222,7 @@ def test_busy_means_more_load_than_cores(monkeypatch: pytest.MonkeyPatch, load: 
 
 
 def test_a_timing_of_another_matmul_path_is_not_reused(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
-    # session 18 made 16-bit bases multiply in fp32 on CPUs without native 16-bit matmuls (14-47x
+    # 16-bit bases multiply in fp32 on CPUs without native 16-bit matmuls (14-47x
     # faster there); timings cached before must not plan a run of the new path
     model, registry = tiny
     monkeypatch.setenv("FEDBE_HALF_MATMUL", "native")
