@@ -31,8 +31,8 @@ An update carries its blocks as ``[{"id": int, "tensors": {name: tensor}}, ...]`
 are checked before anything is allocated and decompression stops at ``max_bytes``, so decoding
 holds a few copies of at most ``max_bytes`` (frame, body, tensors) and never more.
 
-A new message type is a frozen dataclass, a :class:`MessageType` member and a
-:class:`MessageCodec` entry in :data:`MESSAGE_CODECS` (payload to and from the dataclass).
+A new message type is a frozen dataclass whose fields declare their wire kinds, a :class:`MessageType`
+member and its derived :class:`MessageCodec` in :data:`MESSAGE_CODECS` (see :mod:`fedbe.protocol.messages`).
 """
 
 from __future__ import annotations

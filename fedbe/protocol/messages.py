@@ -1,17 +1,22 @@
 """Message dataclasses, their msgpack schemas, and ``encode`` / ``decode`` of whole messages.
 
-Each message type is a frozen dataclass, a :class:`MessageType` member and a
-:class:`MessageCodec` entry in :data:`MESSAGE_CODECS`; ``encode`` and ``decode`` dispatch
-through that table only. Frame layout, tensors and field checks live in
-:mod:`fedbe.protocol.frames`.
+Each message type is a frozen dataclass and a :class:`MessageType` member. Every field declares
+its wire kind once, in its metadata (``field(metadata=_COUNT)``, ``field(metadata=_choice(NOTICE_CODES))``):
+the payload is the map of the fields, each written and checked by its kind, so the schema, the
+encoder and the decoder are one declaration and can not disagree. :data:`MESSAGE_CODECS` holds the
+codec derived for each type byte; ``encode`` and ``decode`` dispatch through that table only.
+Frame layout, tensors and field checks live in :mod:`fedbe.protocol.frames`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
+from functools import partial
+from operator import attrgetter
 from typing import Any, Generic, TypeVar, overload
 
 import msgpack
@@ -40,6 +45,8 @@ from fedbe.recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
 
+MAX_LABELS = 1024
+
 
 class MessageType(IntEnum):
     """The type byte of a frame."""
@@ -54,214 +61,40 @@ class MessageType(IntEnum):
     COORDINATOR_STATUS = 8
 
 
-@dataclass(frozen=True)
-class UpdateMessage:
-    """What a client returns after a round: its compressed block update and how it was made."""
-
-    round: int
-    client_id: str
-    task_id: str
-    level: Level
-    blocks: CompressedState
-    num_samples: int
-    num_steps: int
-    mean_loss: float
-    wall_seconds: float
-    peak_memory_bytes: int
+# ---------------------------------------------------------------------------------------------
+# Wire kinds: each message field declares one in its metadata (``field(metadata=_COUNT)``)
 
 
 @dataclass(frozen=True)
-class AnnounceMessage:
-    """A client introduces itself: what it can do (measured), what data it holds, which base it runs.
+class _Wire:
+    """How one field travels: ``encode(value, name, message)`` checks and writes it, ``decode(raw,
+    name, where, fields read so far)`` checks and reads it; blocks name the field of their level."""
 
-    Capacity fields are what the allocation needs: memory for the frozen base, per trainable block
-    (weights, gradients, AdamW state) and activations per layer above the lowest trainable block;
-    seconds per training step of one block and per forward of one frozen layer, at the announced
-    batch size and sequence length, already multiplied by any emulated slowdown.
-    """
-
-    client_id: str
-    profile_name: str
-    device_kind: str
-    device_name: str
-    precision: str
-    memory_budget_bytes: int
-    base_memory_bytes: int
-    block_memory_bytes: int
-    activation_bytes_per_layer: int
-    max_trainable_blocks: int
-    block_step_seconds: float
-    layer_forward_seconds: float
-    link_bandwidth_bps: float
-    batch_size: int
-    max_tokens: int
-    num_examples: int
-    label_histogram: dict[str, float]
-    base_fingerprint: str
+    encode: Callable[[Any, str, Any], object]
+    decode: Callable[[Any, str, str, Mapping[str, Any]], Any]
+    level_field: str | None = None
 
 
-CLIENT_STATES = ("online", "offline", "training", "stopping")
+def _wire(check: Callable[[Any, str], Any], *, qualified: bool = False, sequence: bool = False
+          ) -> dict[str, _Wire]:  # fmt: skip
+    """The metadata of a field that ``check(value, what)`` checks both ways. ``qualified``: a decode
+    error names the message too (``update field 'round'``), as it always has for numbers and ids;
+    ``sequence``: a tuple in Python, a list on the wire."""
+
+    def encode(value: Any, name: str, msg: object) -> object:
+        return list(check(list(value), name)) if sequence else check(value, name)
+
+    def decode(raw: object, name: str, where: str, earlier: Mapping[str, Any]) -> Any:
+        return check(raw, f"{where} field {name!r}" if qualified else name)
+
+    return {"wire": _Wire(encode, decode)}
 
 
-@dataclass(frozen=True)
-class StatusMessage:
-    """A client's state (retained on the broker; the last will publishes ``offline``)."""
-
-    client_id: str
-    state: str
-    round: int
-    detail: str
-
-
-@dataclass(frozen=True)
-class TaskMessage:
-    """A round's work for one client: train ``block_ids`` from ``weights`` (sent at ``download_level``)
-    with ``recipe`` in round ``round``, and send the change back at ``upload_level``.
-
-    No ``block_ids`` with ``evaluate`` set asks only for a federated evaluation of ``weights``.
-    ``balance_labels`` are the federation's labels: with ``recipe.label_balance`` the client trains the
-    label-balanced loss over them with its own counts (a label it lacks counts 0); empty = plain CE.
-    """
-
-    round: int
-    task_id: str
-    client_id: str
-    block_ids: tuple[int, ...]
-    download_level: Level
-    weights: CompressedState
-    upload_level: Level
-    recipe: Recipe
-    deadline_seconds: float
-    seed: int
-    evaluate: bool
-    balance_labels: tuple[str, ...] = ()
-
-
-TASK_ERROR_CODES = ("refused_memory", "invalid_task", "failed", "abandoned", "busy")
-
-
-@dataclass(frozen=True)
-class TaskErrorMessage:
-    """A client could not do (or finish) a task; ``code`` says which way, ``reason`` says why."""
-
-    round: int
-    task_id: str
-    client_id: str
-    code: str
-    reason: str
-
-
-NOTICE_CODES = ("refused", "accepted")
-
-
-@dataclass(frozen=True)
-class NoticeMessage:
-    """The coordinator tells one client something it must act on (e.g. its base model differs)."""
-
-    client_id: str
-    code: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class EvalResultMessage:
-    """Federated evaluation on the client's held-out split."""
-
-    round: int
-    task_id: str
-    client_id: str
-    num_examples: int
-    loss: float
-    accuracy: float
-
-
-COORDINATOR_STATES = ("starting", "running", "finished", "stopped")
-
-
-@dataclass(frozen=True)
-class CoordinatorStatusMessage:
-    """Retained: the federation's model structure and progress. A client expands its base from it."""
-
-    state: str
-    round: int
-    base_fingerprint: str
-    base_num_layers: int
-    new_layer_indices: tuple[int, ...]
-    source_layers: tuple[int, ...]
-
-
-Message = (
-    UpdateMessage
-    | AnnounceMessage
-    | StatusMessage
-    | TaskMessage
-    | TaskErrorMessage
-    | NoticeMessage
-    | EvalResultMessage
-    | CoordinatorStatusMessage
-)
-M = TypeVar("M")
-
-
-@dataclass(frozen=True)
-class MessageCodec(Generic[M]):
-    """How one message dataclass maps to and from its msgpack payload."""
-
-    cls: type[M]
-    to_payload: Callable[[M], dict[str, object]]
-    from_payload: Callable[[object], M]
-    blocks_of: Callable[[M], CompressedState] | None = None
-
-
-_UPDATE_FIELDS = (
-    "round", "client_id", "task_id", "level", "blocks",
-    "num_samples", "num_steps", "mean_loss", "wall_seconds", "peak_memory_bytes",
-)  # fmt: skip
-
-
-def _update_to_payload(m: UpdateMessage) -> dict[str, object]:
-    if not isinstance(m.level, Level):
-        raise CodecError(f"level must be a Level, got {m.level!r}")
-    return {
-        "round": _as_count(m.round, "round"),
-        "client_id": _as_text(m.client_id, "client_id"),
-        "task_id": _as_text(m.task_id, "task_id"),
-        "level": m.level.value,
-        "blocks": _encode_blocks(m.blocks, m.level),
-        "num_samples": _as_count(m.num_samples, "num_samples"),
-        "num_steps": _as_count(m.num_steps, "num_steps"),
-        "mean_loss": _as_real(m.mean_loss, "mean_loss"),
-        "wall_seconds": _as_real(m.wall_seconds, "wall_seconds", 0.0),
-        "peak_memory_bytes": _as_count(m.peak_memory_bytes, "peak_memory_bytes"),
-    }
-
-
-def _update_from_payload(payload: object) -> UpdateMessage:
-    f = _Fields(payload, "update", _UPDATE_FIELDS)
-    level = _as_level(f.raw("level"))
-    return UpdateMessage(
-        round=f.count("round"),
-        client_id=f.text("client_id"),
-        task_id=f.text("task_id"),
-        level=level,
-        blocks=_decode_blocks(f.raw("blocks"), level),
-        num_samples=f.count("num_samples"),
-        num_steps=f.count("num_steps"),
-        mean_loss=f.real("mean_loss"),
-        wall_seconds=f.real("wall_seconds", 0.0),
-        peak_memory_bytes=f.count("peak_memory_bytes"),
-    )
-
-
-def _update_blocks(m: UpdateMessage) -> CompressedState:
-    return m.blocks
-
-
-def _choice(value: object, what: str, choices: tuple[str, ...]) -> str:
-    text = _as_text(value, what)
-    if text not in choices:
-        raise CodecError(f"{what} must be one of {', '.join(choices)}, got {text!r}")
-    return text
+def _fraction(value: object, what: str) -> float:
+    number = _as_real(value, what, 0.0)
+    if number > 1.0:
+        raise CodecError(f"{what} must be in [0, 1], got {number}")
+    return number
 
 
 def _free_text(value: object, what: str, limit: int = 4096) -> str:
@@ -279,130 +112,29 @@ def _flag(value: object, what: str) -> bool:
     return value
 
 
-MAX_LABELS = 1024
-
-
-def _histogram(value: object) -> dict[str, float]:
+def _histogram(value: object, what: str) -> dict[str, float]:
     if not isinstance(value, dict):
-        raise CodecError(f"label_histogram must be a map of label to count, got {_kind(value)}")
+        raise CodecError(f"{what} must be a map of label to count, got {_kind(value)}")
     if len(value) > MAX_LABELS:
-        raise CodecError(f"label_histogram has {len(value)} labels; at most {MAX_LABELS}")
+        raise CodecError(f"{what} has {len(value)} labels; at most {MAX_LABELS}")
     return {
-        _as_text(k, "label_histogram label"): _as_real(v, f"label_histogram count of {k!r}", 0.0)
-        for k, v in value.items()
+        _as_text(k, f"{what} label"): _as_real(v, f"{what} count of {k!r}", 0.0) for k, v in value.items()
     }
 
 
-def _block_ids(value: object) -> tuple[int, ...]:
+def _block_ids(value: object, what: str) -> tuple[int, ...]:
     if not isinstance(value, list | tuple):
-        raise CodecError(f"block_ids must be a list, got {_kind(value)}")
+        raise CodecError(f"{what} must be a list, got {_kind(value)}")
     ids = tuple(_as_count(b, "block id", 1 << 20) for b in value)
     if len(set(ids)) != len(ids):
-        raise CodecError(f"block_ids {list(ids)} repeats a block")
+        raise CodecError(f"{what} {list(ids)} repeats a block")
     return ids
 
 
-_ANNOUNCE_INTS = (
-    "memory_budget_bytes", "base_memory_bytes", "block_memory_bytes", "activation_bytes_per_layer",
-    "max_trainable_blocks", "batch_size", "max_tokens", "num_examples",
-)  # fmt: skip
-_ANNOUNCE_REALS = ("block_step_seconds", "layer_forward_seconds", "link_bandwidth_bps")
-_ANNOUNCE_TEXTS = ("client_id", "profile_name", "device_kind", "device_name", "precision", "base_fingerprint")
-_ANNOUNCE_FIELDS = _ANNOUNCE_TEXTS + _ANNOUNCE_INTS + _ANNOUNCE_REALS + ("label_histogram",)
-
-
-def _announce_to_payload(m: AnnounceMessage) -> dict[str, object]:
-    payload: dict[str, object] = {n: _as_text(getattr(m, n), n) for n in _ANNOUNCE_TEXTS}
-    payload.update({n: _as_count(getattr(m, n), n) for n in _ANNOUNCE_INTS})
-    payload.update({n: _as_real(getattr(m, n), n, 0.0) for n in _ANNOUNCE_REALS})
-    payload["label_histogram"] = _histogram(m.label_histogram)
-    return payload
-
-
-def _announce_from_payload(payload: object) -> AnnounceMessage:
-    f = _Fields(payload, "announce", _ANNOUNCE_FIELDS)
-    values: dict[str, Any] = {n: f.text(n) for n in _ANNOUNCE_TEXTS}
-    values.update({n: f.count(n) for n in _ANNOUNCE_INTS})
-    values.update({n: f.real(n, 0.0) for n in _ANNOUNCE_REALS})
-    values["label_histogram"] = _histogram(f.raw("label_histogram"))
-    return AnnounceMessage(**values)
-
-
-_STATUS_FIELDS = ("client_id", "state", "round", "detail")
-
-
-def _status_to_payload(m: StatusMessage) -> dict[str, object]:
-    return {
-        "client_id": _as_text(m.client_id, "client_id"),
-        "state": _choice(m.state, "state", CLIENT_STATES),
-        "round": _as_count(m.round, "round"),
-        "detail": _free_text(m.detail, "detail"),
-    }
-
-
-def _status_from_payload(payload: object) -> StatusMessage:
-    f = _Fields(payload, "status", _STATUS_FIELDS)
-    return StatusMessage(
-        client_id=f.text("client_id"),
-        state=_choice(f.raw("state"), "state", CLIENT_STATES),
-        round=f.count("round"),
-        detail=_free_text(f.raw("detail"), "detail"),
-    )
-
-
-_TASK_FIELDS = (
-    "round", "task_id", "client_id", "block_ids", "download_level", "weights", "upload_level", "recipe",
-    "deadline_seconds", "seed", "evaluate", "balance_labels",
-)  # fmt: skip
-
-
-def _task_to_payload(m: TaskMessage) -> dict[str, object]:
-    if not isinstance(m.download_level, Level) or not isinstance(m.upload_level, Level):
-        raise CodecError("download_level and upload_level must be Levels")
-    if not isinstance(m.recipe, Recipe):
-        raise CodecError(f"recipe must be a Recipe, got {_kind(m.recipe)}")
-    return {
-        "round": _as_count(m.round, "round"),
-        "task_id": _as_text(m.task_id, "task_id"),
-        "client_id": _as_text(m.client_id, "client_id"),
-        "block_ids": list(_block_ids(list(m.block_ids))),
-        "download_level": m.download_level.value,
-        "weights": _encode_blocks(m.weights, m.download_level),
-        "upload_level": m.upload_level.value,
-        "recipe": m.recipe.to_payload(),
-        "deadline_seconds": _as_real(m.deadline_seconds, "deadline_seconds", 0.0),
-        "seed": _as_count(m.seed, "seed"),
-        "evaluate": _flag(m.evaluate, "evaluate"),
-        "balance_labels": list(check_labels(list(m.balance_labels))),
-    }
-
-
-def _recipe(value: object) -> Recipe:
-    if not isinstance(value, dict):
-        raise CodecError(f"task recipe must be a map of its fields, got {_kind(value)}")
-    try:
-        return Recipe.from_mapping({str(k): v for k, v in value.items()}, versioned=True)
-    except RecipeError as exc:
-        raise CodecError(f"task recipe: {exc}") from None
-
-
-def _task_from_payload(payload: object) -> TaskMessage:
-    f = _Fields(payload, "task", _TASK_FIELDS)
-    download_level = _as_level(f.raw("download_level"))
-    return TaskMessage(
-        round=f.count("round"),
-        task_id=f.text("task_id"),
-        client_id=f.text("client_id"),
-        block_ids=_block_ids(f.raw("block_ids")),
-        download_level=download_level,
-        weights=_decode_blocks(f.raw("weights"), download_level),
-        upload_level=_as_level(f.raw("upload_level")),
-        recipe=_recipe(f.raw("recipe")),
-        deadline_seconds=f.real("deadline_seconds", 0.0),
-        seed=f.count("seed"),
-        evaluate=_flag(f.raw("evaluate"), "evaluate"),
-        balance_labels=check_labels(f.raw("balance_labels")),
-    )
+def _layer_indices(value: object, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or len(value) > 4096:
+        raise CodecError(f"{what} must be a list of at most 4096 layer indices")
+    return tuple(_as_count(v, what, 1 << 20) for v in value)
 
 
 def check_labels(value: object, what: str = "balance_labels") -> tuple[str, ...]:
@@ -420,136 +152,266 @@ def check_labels(value: object, what: str = "balance_labels") -> tuple[str, ...]
     return labels
 
 
-_TASK_ERROR_FIELDS = ("round", "task_id", "client_id", "code", "reason")
+def _level_to_wire(value: object, name: str, msg: object) -> str:
+    if not isinstance(value, Level):
+        raise CodecError(f"{name} must be a Level, got {value!r}")
+    return value.value
 
 
-def _task_error_to_payload(m: TaskErrorMessage) -> dict[str, object]:
-    return {
-        "round": _as_count(m.round, "round"),
-        "task_id": _as_text(m.task_id, "task_id"),
-        "client_id": _as_text(m.client_id, "client_id"),
-        "code": _choice(m.code, "code", TASK_ERROR_CODES),
-        "reason": _free_text(m.reason, "reason"),
-    }
+def _recipe_to_wire(value: object, name: str, msg: object) -> object:
+    if not isinstance(value, Recipe):
+        raise CodecError(f"{name} must be a Recipe, got {_kind(value)}")
+    return value.to_payload()
 
 
-def _task_error_from_payload(payload: object) -> TaskErrorMessage:
-    f = _Fields(payload, "task error", _TASK_ERROR_FIELDS)
-    return TaskErrorMessage(
-        round=f.count("round"),
-        task_id=f.text("task_id"),
-        client_id=f.text("client_id"),
-        code=_choice(f.raw("code"), "code", TASK_ERROR_CODES),
-        reason=_free_text(f.raw("reason"), "reason"),
-    )
+def _recipe_from_wire(raw: object, name: str, where: str, earlier: Mapping[str, Any]) -> Recipe:
+    """The nested, versioned recipe map; the recipe checks its own fields."""
+    if not isinstance(raw, dict):
+        raise CodecError(f"{where} {name} must be a map of its fields, got {_kind(raw)}")
+    try:
+        return Recipe.from_mapping({str(k): v for k, v in raw.items()}, versioned=True)
+    except RecipeError as exc:
+        raise CodecError(f"{where} {name}: {exc}") from None
 
 
-_NOTICE_FIELDS = ("client_id", "code", "reason")
+def _choice(choices: tuple[str, ...]) -> dict[str, _Wire]:
+    def one_of(value: object, what: str) -> str:
+        text = _as_text(value, what)
+        if text not in choices:
+            raise CodecError(f"{what} must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return _wire(one_of)
 
 
-def _notice_to_payload(m: NoticeMessage) -> dict[str, object]:
-    return {
-        "client_id": _as_text(m.client_id, "client_id"),
-        "code": _choice(m.code, "code", NOTICE_CODES),
-        "reason": _free_text(m.reason, "reason"),
-    }
+def _blocks(level_field: str) -> dict[str, _Wire]:
+    """Compressed blocks, at the level held by the (earlier) field ``level_field``."""
+    return {"wire": _Wire(lambda value, _, msg: _encode_blocks(value, getattr(msg, level_field)),
+                          lambda raw, _, __, earlier: _decode_blocks(raw, earlier[level_field]),
+                          level_field)}  # fmt: skip
 
 
-def _notice_from_payload(payload: object) -> NoticeMessage:
-    f = _Fields(payload, "notice", _NOTICE_FIELDS)
-    return NoticeMessage(
-        client_id=f.text("client_id"),
-        code=_choice(f.raw("code"), "code", NOTICE_CODES),
-        reason=_free_text(f.raw("reason"), "reason"),
-    )
+_COUNT = _wire(_as_count, qualified=True)
+_TEXT = _wire(_as_text, qualified=True)
+_REAL = _wire(_as_real, qualified=True)
+_NON_NEGATIVE = _wire(partial(_as_real, minimum=0.0), qualified=True)
+_FRACTION = _wire(_fraction, qualified=True)
+_FREE_TEXT = _wire(_free_text)
+_FLAG = _wire(_flag)
+_HISTOGRAM = _wire(_histogram)
+_BLOCK_IDS = _wire(_block_ids, sequence=True)
+_LABELS = _wire(check_labels, sequence=True)
+_LAYER_INDICES = _wire(_layer_indices, sequence=True)
+_LEVEL = {"wire": _Wire(_level_to_wire, lambda raw, *_: _as_level(raw))}
+_RECIPE = {"wire": _Wire(_recipe_to_wire, _recipe_from_wire)}
+
+# ---------------------------------------------------------------------------------------------
+# Messages
 
 
-_EVAL_FIELDS = ("round", "task_id", "client_id", "num_examples", "loss", "accuracy")
+@dataclass(frozen=True)
+class UpdateMessage:
+    """What a client returns after a round: its compressed block update and how it was made."""
+
+    round: int = field(metadata=_COUNT)
+    client_id: str = field(metadata=_TEXT)
+    task_id: str = field(metadata=_TEXT)
+    level: Level = field(metadata=_LEVEL)
+    blocks: CompressedState = field(metadata=_blocks("level"))
+    num_samples: int = field(metadata=_COUNT)
+    num_steps: int = field(metadata=_COUNT)
+    mean_loss: float = field(metadata=_REAL)
+    wall_seconds: float = field(metadata=_NON_NEGATIVE)
+    peak_memory_bytes: int = field(metadata=_COUNT)
 
 
-def _eval_to_payload(m: EvalResultMessage) -> dict[str, object]:
-    accuracy = _as_real(m.accuracy, "accuracy", 0.0)
-    if accuracy > 1.0:
-        raise CodecError(f"accuracy must be in [0, 1], got {accuracy}")
-    return {
-        "round": _as_count(m.round, "round"),
-        "task_id": _as_text(m.task_id, "task_id"),
-        "client_id": _as_text(m.client_id, "client_id"),
-        "num_examples": _as_count(m.num_examples, "num_examples"),
-        "loss": _as_real(m.loss, "loss", 0.0),
-        "accuracy": accuracy,
-    }
+@dataclass(frozen=True)
+class AnnounceMessage:
+    """A client introduces itself: what it can do (measured), what data it holds, which base it runs.
+
+    Capacity fields are what the allocation needs: memory for the frozen base, per trainable block
+    (weights, gradients, AdamW state) and activations per layer above the lowest trainable block;
+    seconds per training step of one block and per forward of one frozen layer, at the announced
+    batch size and sequence length, already multiplied by any emulated slowdown.
+    """
+
+    client_id: str = field(metadata=_TEXT)
+    profile_name: str = field(metadata=_TEXT)
+    device_kind: str = field(metadata=_TEXT)
+    device_name: str = field(metadata=_TEXT)
+    precision: str = field(metadata=_TEXT)
+    memory_budget_bytes: int = field(metadata=_COUNT)
+    base_memory_bytes: int = field(metadata=_COUNT)
+    block_memory_bytes: int = field(metadata=_COUNT)
+    activation_bytes_per_layer: int = field(metadata=_COUNT)
+    max_trainable_blocks: int = field(metadata=_COUNT)
+    block_step_seconds: float = field(metadata=_NON_NEGATIVE)
+    layer_forward_seconds: float = field(metadata=_NON_NEGATIVE)
+    link_bandwidth_bps: float = field(metadata=_NON_NEGATIVE)
+    batch_size: int = field(metadata=_COUNT)
+    max_tokens: int = field(metadata=_COUNT)
+    num_examples: int = field(metadata=_COUNT)
+    label_histogram: dict[str, float] = field(metadata=_HISTOGRAM)
+    base_fingerprint: str = field(metadata=_TEXT)
 
 
-def _eval_from_payload(payload: object) -> EvalResultMessage:
-    f = _Fields(payload, "eval result", _EVAL_FIELDS)
-    accuracy = f.real("accuracy", 0.0)
-    if accuracy > 1.0:
-        raise CodecError(f"accuracy must be in [0, 1], got {accuracy}")
-    return EvalResultMessage(
-        round=f.count("round"),
-        task_id=f.text("task_id"),
-        client_id=f.text("client_id"),
-        num_examples=f.count("num_examples"),
-        loss=f.real("loss", 0.0),
-        accuracy=accuracy,
-    )
+# The announce payload groups its keys by kind (texts, counts, reals, histogram), not in field
+# order; the wire keeps that order so its bytes do not change. MessageCodec.derive checks that it
+# names every field exactly once.
+_ANNOUNCE_KEYS = (
+    "client_id", "profile_name", "device_kind", "device_name", "precision", "base_fingerprint",
+    "memory_budget_bytes", "base_memory_bytes", "block_memory_bytes", "activation_bytes_per_layer",
+    "max_trainable_blocks", "batch_size", "max_tokens", "num_examples",
+    "block_step_seconds", "layer_forward_seconds", "link_bandwidth_bps", "label_histogram",
+)  # fmt: skip
+
+CLIENT_STATES = ("online", "offline", "training", "stopping")
 
 
-_COORD_FIELDS = (
-    "state",
-    "round",
-    "base_fingerprint",
-    "base_num_layers",
-    "new_layer_indices",
-    "source_layers",
-)
+@dataclass(frozen=True)
+class StatusMessage:
+    """A client's state (retained on the broker; the last will publishes ``offline``)."""
+
+    client_id: str = field(metadata=_TEXT)
+    state: str = field(metadata=_choice(CLIENT_STATES))
+    round: int = field(metadata=_COUNT)
+    detail: str = field(metadata=_FREE_TEXT)
 
 
-def _index_list(value: object, what: str) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple) or len(value) > 4096:
-        raise CodecError(f"{what} must be a list of at most 4096 layer indices")
-    return tuple(_as_count(v, what, 1 << 20) for v in value)
+@dataclass(frozen=True)
+class TaskMessage:
+    """A round's work for one client: train ``block_ids`` from ``weights`` (sent at ``download_level``)
+    with ``recipe`` in round ``round``, and send the change back at ``upload_level``.
+
+    No ``block_ids`` with ``evaluate`` set asks only for a federated evaluation of ``weights``.
+    ``balance_labels`` are the federation's labels: with ``recipe.label_balance`` the client trains the
+    label-balanced loss over them with its own counts (a label it lacks counts 0); empty = plain CE.
+    """
+
+    round: int = field(metadata=_COUNT)
+    task_id: str = field(metadata=_TEXT)
+    client_id: str = field(metadata=_TEXT)
+    block_ids: tuple[int, ...] = field(metadata=_BLOCK_IDS)
+    download_level: Level = field(metadata=_LEVEL)
+    weights: CompressedState = field(metadata=_blocks("download_level"))
+    upload_level: Level = field(metadata=_LEVEL)
+    recipe: Recipe = field(metadata=_RECIPE)
+    deadline_seconds: float = field(metadata=_NON_NEGATIVE)
+    seed: int = field(metadata=_COUNT)
+    evaluate: bool = field(metadata=_FLAG)
+    balance_labels: tuple[str, ...] = field(default=(), metadata=_LABELS)
 
 
-def _coord_to_payload(m: CoordinatorStatusMessage) -> dict[str, object]:
-    return {
-        "state": _choice(m.state, "state", COORDINATOR_STATES),
-        "round": _as_count(m.round, "round"),
-        "base_fingerprint": _as_text(m.base_fingerprint, "base_fingerprint"),
-        "base_num_layers": _as_count(m.base_num_layers, "base_num_layers"),
-        "new_layer_indices": list(_index_list(list(m.new_layer_indices), "new_layer_indices")),
-        "source_layers": list(_index_list(list(m.source_layers), "source_layers")),
-    }
+TASK_ERROR_CODES = ("refused_memory", "invalid_task", "failed", "abandoned", "busy")
 
 
-def _coord_from_payload(payload: object) -> CoordinatorStatusMessage:
-    f = _Fields(payload, "coordinator status", _COORD_FIELDS)
-    return CoordinatorStatusMessage(
-        state=_choice(f.raw("state"), "state", COORDINATOR_STATES),
-        round=f.count("round"),
-        base_fingerprint=f.text("base_fingerprint"),
-        base_num_layers=f.count("base_num_layers"),
-        new_layer_indices=_index_list(f.raw("new_layer_indices"), "new_layer_indices"),
-        source_layers=_index_list(f.raw("source_layers"), "source_layers"),
-    )
+@dataclass(frozen=True)
+class TaskErrorMessage:
+    """A client could not do (or finish) a task; ``code`` says which way, ``reason`` says why."""
+
+    round: int = field(metadata=_COUNT)
+    task_id: str = field(metadata=_TEXT)
+    client_id: str = field(metadata=_TEXT)
+    code: str = field(metadata=_choice(TASK_ERROR_CODES))
+    reason: str = field(metadata=_FREE_TEXT)
 
 
-def _task_blocks(m: TaskMessage) -> CompressedState:
-    return m.weights
+NOTICE_CODES = ("refused", "accepted")
+
+
+@dataclass(frozen=True)
+class NoticeMessage:
+    """The coordinator tells one client something it must act on (e.g. its base model differs)."""
+
+    client_id: str = field(metadata=_TEXT)
+    code: str = field(metadata=_choice(NOTICE_CODES))
+    reason: str = field(metadata=_FREE_TEXT)
+
+
+@dataclass(frozen=True)
+class EvalResultMessage:
+    """Federated evaluation on the client's held-out split."""
+
+    round: int = field(metadata=_COUNT)
+    task_id: str = field(metadata=_TEXT)
+    client_id: str = field(metadata=_TEXT)
+    num_examples: int = field(metadata=_COUNT)
+    loss: float = field(metadata=_NON_NEGATIVE)
+    accuracy: float = field(metadata=_FRACTION)
+
+
+COORDINATOR_STATES = ("starting", "running", "finished", "stopped")
+
+
+@dataclass(frozen=True)
+class CoordinatorStatusMessage:
+    """Retained: the federation's model structure and progress. A client expands its base from it."""
+
+    state: str = field(metadata=_choice(COORDINATOR_STATES))
+    round: int = field(metadata=_COUNT)
+    base_fingerprint: str = field(metadata=_TEXT)
+    base_num_layers: int = field(metadata=_COUNT)
+    new_layer_indices: tuple[int, ...] = field(metadata=_LAYER_INDICES)
+    source_layers: tuple[int, ...] = field(metadata=_LAYER_INDICES)
+
+
+Message = (UpdateMessage | AnnounceMessage | StatusMessage | TaskMessage | TaskErrorMessage | NoticeMessage
+           | EvalResultMessage | CoordinatorStatusMessage)  # fmt: skip
+M = TypeVar("M")
+
+# ---------------------------------------------------------------------------------------------
+# Codecs
+
+
+@dataclass(frozen=True)
+class MessageCodec(Generic[M]):
+    """How one message dataclass maps to and from its msgpack payload."""
+
+    cls: type[M]
+    to_payload: Callable[[M], dict[str, object]]
+    from_payload: Callable[[object], M]
+    blocks_of: Callable[[M], CompressedState] | None = None
+
+    @classmethod
+    def derive(cls, message: type[M], keys: tuple[str, ...] | None = None) -> MessageCodec[M]:
+        """The codec of a dataclass whose fields declare their wire kinds: its payload is the map of
+        its fields (in field order, or in ``keys`` order: the bytes of a map depend on it), exactly."""
+        declared = fields(message)  # type: ignore[arg-type]
+        if undeclared := [f.name for f in declared if not isinstance(f.metadata.get("wire"), _Wire)]:
+            raise TypeError(f"{message.__name__} fields {undeclared} declare no wire kind")
+        wires: dict[str, _Wire] = {f.name: f.metadata["wire"] for f in declared}
+        keys = tuple(wires) if keys is None else keys
+        if sorted(keys) != sorted(wires):
+            raise TypeError(f"{message.__name__} wire keys {keys} are not its fields {tuple(wires)}")
+        levels = {name: w.level_field for name, w in wires.items() if w.level_field is not None}
+        for name, level in levels.items():  # the decoder reads a level before the blocks at that level
+            if len(levels) > 1 or level not in keys or keys.index(level) > keys.index(name):
+                raise TypeError(f"{message.__name__}.{name}: one blocks field, after its level field")
+        # how decode errors name the message: "task error" for TaskErrorMessage
+        where = " ".join(re.findall("[A-Z][a-z]*", message.__name__.removesuffix("Message"))).lower()
+
+        def to_payload(msg: M) -> dict[str, object]:
+            return {name: wires[name].encode(getattr(msg, name), name, msg) for name in keys}
+
+        def from_payload(payload: object) -> M:
+            raw = _Fields(payload, where, keys)
+            values: dict[str, Any] = {}
+            for name in keys:
+                values[name] = wires[name].decode(raw.raw(name), name, where, values)
+            return message(**values)
+
+        return cls(message, to_payload, from_payload, attrgetter(next(iter(levels))) if levels else None)
 
 
 MESSAGE_CODECS: dict[int, MessageCodec[Any]] = {
-    MessageType.UPDATE: MessageCodec(UpdateMessage, _update_to_payload, _update_from_payload, _update_blocks),
-    MessageType.ANNOUNCE: MessageCodec(AnnounceMessage, _announce_to_payload, _announce_from_payload),
-    MessageType.STATUS: MessageCodec(StatusMessage, _status_to_payload, _status_from_payload),
-    MessageType.TASK: MessageCodec(TaskMessage, _task_to_payload, _task_from_payload, _task_blocks),
-    MessageType.TASK_ERROR: MessageCodec(TaskErrorMessage, _task_error_to_payload, _task_error_from_payload),
-    MessageType.NOTICE: MessageCodec(NoticeMessage, _notice_to_payload, _notice_from_payload),
-    MessageType.EVAL_RESULT: MessageCodec(EvalResultMessage, _eval_to_payload, _eval_from_payload),
-    MessageType.COORDINATOR_STATUS: MessageCodec(
-        CoordinatorStatusMessage, _coord_to_payload, _coord_from_payload
-    ),
+    MessageType.UPDATE: MessageCodec.derive(UpdateMessage),
+    MessageType.ANNOUNCE: MessageCodec.derive(AnnounceMessage, _ANNOUNCE_KEYS),
+    MessageType.STATUS: MessageCodec.derive(StatusMessage),
+    MessageType.TASK: MessageCodec.derive(TaskMessage),
+    MessageType.TASK_ERROR: MessageCodec.derive(TaskErrorMessage),
+    MessageType.NOTICE: MessageCodec.derive(NoticeMessage),
+    MessageType.EVAL_RESULT: MessageCodec.derive(EvalResultMessage),
+    MessageType.COORDINATOR_STATUS: MessageCodec.derive(CoordinatorStatusMessage),
 }
 """Type byte -> codec. ``encode`` and ``decode`` dispatch through this table only."""
 

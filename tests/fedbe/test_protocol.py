@@ -31,9 +31,15 @@ from fedbe.protocol import (
     HEADER_SIZE,
     MAGIC,
     MESSAGE_CODECS,
+    AnnounceMessage,
     BodyCompression,
+    CoordinatorStatusMessage,
+    EvalResultMessage,
     MessageCodec,
     MessageType,
+    NoticeMessage,
+    StatusMessage,
+    TaskErrorMessage,
     TaskMessage,
     UpdateMessage,
     decode,
@@ -149,6 +155,119 @@ def test_decode_accepts_bytearray_and_memoryview_and_rejects_other_types() -> No
     _assert_same_blocks(decode(memoryview(frame)).blocks, decode(bytearray(frame)).blocks)
     with pytest.raises(CodecError, match="must be bytes"):
         decode(frame.hex())  # type: ignore[call-overload]
+
+
+def _one_of_each() -> dict[str, Any]:
+    """One message of every type, with values that use every wire kind (int8 scales, bf16, a recipe)."""
+    values = torch.tensor([[1, -2, 3], [4, 5, -6]], dtype=torch.int8)
+    int8 = CompressedTensor(Level.INT8, (2, 3), values, torch.tensor([0.5, 0.25]))
+    bias = CompressedTensor(Level.INT8, (2,), torch.tensor([7, -8], dtype=torch.int8), torch.tensor([0.125]))
+    bf16 = CompressedTensor(Level.BF16, (2,), torch.tensor([1.5, -2.0]).to(torch.bfloat16))
+    return {
+        "update": UpdateMessage(
+            round=3, client_id="edge-7", task_id="task-3-edge-7", level=Level.INT8,
+            blocks={2: {"w": int8, "b": bias}}, num_samples=120, num_steps=4, mean_loss=2.25,
+            wall_seconds=41.5, peak_memory_bytes=1 << 30,
+        ),
+        "announce": AnnounceMessage(
+            client_id="edge-7", profile_name="jetson", device_kind="cuda", device_name="Orin", precision="nf4",
+            memory_budget_bytes=8 << 30, base_memory_bytes=1 << 30, block_memory_bytes=1 << 24,
+            activation_bytes_per_layer=1 << 20, max_trainable_blocks=3, block_step_seconds=0.5,
+            layer_forward_seconds=0.01, link_bandwidth_bps=1e7, batch_size=4, max_tokens=128,
+            num_examples=240, label_histogram={"sport": 120.0, "tech": 119.5}, base_fingerprint="llama-6L",
+        ),
+        "status": StatusMessage(client_id="edge-7", state="training", round=3, detail="round 3"),
+        "task": TaskMessage(
+            round=3, task_id="task-3-edge-7", client_id="edge-7", block_ids=(2, 5), download_level=Level.BF16,
+            weights={5: {"norm": bf16}}, upload_level=Level.INT8,
+            recipe=Recipe(steps=4, lr=1e-3, distill_lambda=(3.0, 12.0)), deadline_seconds=60.0, seed=11,
+            evaluate=True, balance_labels=("sport", "tech"),
+        ),
+        "task_error": TaskErrorMessage(
+            round=3, task_id="task-3-edge-7", client_id="edge-7", code="refused_memory", reason="needs 9 GiB"
+        ),
+        "notice": NoticeMessage(client_id="edge-7", code="refused", reason="base differs"),
+        "eval_result": EvalResultMessage(
+            round=3, task_id="eval-3-edge-7", client_id="edge-7", num_examples=60, loss=0.75, accuracy=0.875
+        ),
+        "coordinator_status": CoordinatorStatusMessage(
+            state="running", round=3, base_fingerprint="llama-6L", base_num_layers=6,
+            new_layer_indices=(2, 5), source_layers=(1, 4),
+        ),
+    }  # fmt: skip
+
+
+# The frames of _one_of_each(), uncompressed, as the hand-written codecs encoded them.
+GOLDEN_FRAMES = {
+    "update": (
+        "46424557040100000901000033ef8d348aa5726f756e6403a9636c69656e745f6964a6656467652d37a77461736b5f69"
+        "64ad7461736b2d332d656467652d37a56c6576656ca4696e7438a6626c6f636b739182a2696402a774656e736f727382"
+        "a17784a56474797065a4696e7438a57368617065920203a464617461c40601fe030405faa67363616c6573c408000000"
+        "3f0000803ea16284a56474797065a4696e7438a573686170659102a464617461c40207f8a67363616c6573c404000000"
+        "3eab6e756d5f73616d706c657378a96e756d5f737465707304a96d65616e5f6c6f7373cb4002000000000000ac77616c"
+        "6c5f7365636f6e6473cb4044c00000000000b17065616b5f6d656d6f72795f6279746573ce40000000"
+    ),
+    "announce": (
+        "4642455704020000a10100006adf296dde0012a9636c69656e745f6964a6656467652d37ac70726f66696c655f6e616d"
+        "65a66a6574736f6eab6465766963655f6b696e64a463756461ab6465766963655f6e616d65a44f72696ea97072656369"
+        "73696f6ea36e6634b0626173655f66696e6765727072696e74a86c6c616d612d364cb36d656d6f72795f627564676574"
+        "5f6279746573cf0000000200000000b1626173655f6d656d6f72795f6279746573ce40000000b2626c6f636b5f6d656d"
+        "6f72795f6279746573ce01000000ba61637469766174696f6e5f62797465735f7065725f6c61796572ce00100000b46d"
+        "61785f747261696e61626c655f626c6f636b7303aa62617463685f73697a6504aa6d61785f746f6b656e73cc80ac6e75"
+        "6d5f6578616d706c6573ccf0b2626c6f636b5f737465705f7365636f6e6473cb3fe0000000000000b56c617965725f66"
+        "6f72776172645f7365636f6e6473cb3f847ae147ae147bb26c696e6b5f62616e6477696474685f627073cb416312d000"
+        "000000af6c6162656c5f686973746f6772616d82a573706f7274cb405e000000000000a474656368cb405de000000000"
+        "00"
+    ),
+    "status": (
+        "464245570403000037000000d92c52e284a9636c69656e745f6964a6656467652d37a57374617465a8747261696e696e"
+        "67a5726f756e6403a664657461696ca7726f756e642033"
+    ),
+    "task": (
+        "4642455704040000c9010000d978adbe8ca5726f756e6403a77461736b5f6964ad7461736b2d332d656467652d37a963"
+        "6c69656e745f6964a6656467652d37a9626c6f636b5f696473920205ae646f776e6c6f61645f6c6576656ca462663136"
+        "a7776569676874739182a2696405a774656e736f727381a46e6f726d84a56474797065a862666c6f61743136a5736861"
+        "70659102a464617461c404c03f00c0a67363616c6573c0ac75706c6f61645f6c6576656ca4696e7438a6726563697065"
+        "8da776657273696f6e01a5737465707304a26c72cb3f50624dd2f1a9fca86c725f6465636179cb3ff0000000000000aa"
+        "62617463685f73697a6504aa6d61785f746f6b656e73cc80ac7765696768745f6465636179cb0000000000000000ad6d"
+        "61785f677261645f6e6f726dcb3ff0000000000000ae64697374696c6c5f6c616d62646192cb4008000000000000cb40"
+        "28000000000000ad64697374696c6c5f746f705f6b20ae64697374696c6c5f73616d706c65cc80ac64697374696c6c5f"
+        "726f777301ad6c6162656c5f62616c616e6365c3b0646561646c696e655f7365636f6e6473cb404e000000000000a473"
+        "6565640ba86576616c75617465c3ae62616c616e63655f6c6162656c7392a573706f7274a474656368"
+    ),
+    "task_error": (
+        "464245570405000056000000764bc99885a5726f756e6403a77461736b5f6964ad7461736b2d332d656467652d37a963"
+        "6c69656e745f6964a6656467652d37a4636f6465ae726566757365645f6d656d6f7279a6726561736f6eab6e65656473"
+        "203920476942"
+    ),
+    "notice": (
+        "464245570406000033000000bc9397a083a9636c69656e745f6964a6656467652d37a4636f6465a772656675736564a6"
+        "726561736f6eac626173652064696666657273"
+    ),
+    "eval_result": (
+        "46424557040700005d00000069df6e9f86a5726f756e6403a77461736b5f6964ad6576616c2d332d656467652d37a963"
+        "6c69656e745f6964a6656467652d37ac6e756d5f6578616d706c65733ca46c6f7373cb3fe8000000000000a861636375"
+        "72616379cb3fec000000000000"
+    ),
+    "coordinator_status": (
+        "4642455704080000670000008d025d8f86a57374617465a772756e6e696e67a5726f756e6403b0626173655f66696e67"
+        "65727072696e74a86c6c616d612d364caf626173655f6e756d5f6c617965727306b16e65775f6c617965725f696e6469"
+        "636573920205ad736f757263655f6c6179657273920104"
+    ),
+}
+
+
+def test_every_message_type_keeps_its_wire_bytes() -> None:
+    """A change here changes the wire (it needs a new protocol or recipe version), never a refactoring."""
+    messages = _one_of_each()
+    assert [type(m) for m in messages.values()] == [c.cls for c in MESSAGE_CODECS.values()]
+    for name, msg in messages.items():
+        frame = encode(msg)
+        assert frame.hex() == GOLDEN_FRAMES[name], name
+        back = decode(frame, expected_type=type(msg))
+        assert encode(back) == frame, name
+        if not isinstance(msg, UpdateMessage | TaskMessage):  # tensors do not compare with ==
+            assert back == msg, name
 
 
 # ------------------------------------------------------------------------------- frame integrity
