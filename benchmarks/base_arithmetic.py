@@ -6,7 +6,7 @@ whose outputs join a float32 residual stream, new blocks adding exact zeros); th
 is the plain 16-bit model with PEFT adapters whose B is 0. Both hold the same pretrained weights.
 This script scores four untrained models on the same probe questions and quotations, built exactly
 as the bench builds them: the plain 16-bit model, the LoRA methods' on each ``--lora-base`` (the
-plain model, as before session 28, or FedBE's frozen base, the default since) and FedBE's, and
+plain model, as in earlier runs, or FedBE's frozen base, the default) and FedBE's, and
 prints how many definition answers differ between each pair and the largest difference in any
 token's log-probability. ``docs/test-seeds.md`` ("The definition probe's floor") uses it to say how
 large a difference between two methods the definition probe can resolve at all.
