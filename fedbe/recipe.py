@@ -21,12 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fedbe.errors import FedbeError
+from fedbe.errors import ConfigError
 
 RECIPE_VERSION = 1  # the nested ``recipe`` field of a task; bumped when a field changes meaning
 
 
-class RecipeError(FedbeError, ValueError):
+class RecipeError(ConfigError):
     """A recipe field is missing, of the wrong type or out of its range; ``name`` says which."""
 
     def __init__(self, name: str, message: str) -> None:
