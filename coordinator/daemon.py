@@ -297,9 +297,8 @@ class Coordinator:
 
         self.config_digest = config_digest(cfg)
         if cfg.auto_expansion.plateau_rounds:
-            log.warning(
-                "auto_expansion.plateau_rounds is not implemented yet: no block will be added on a plateau"
-            )
+            log.info("auto_expansion: a block is added after %d rounds without an accuracy gain of %g",
+                     cfg.auto_expansion.plateau_rounds, cfg.auto_expansion.plateau_min_delta)  # fmt: skip
         snapshot = self.store.load_latest()
         if snapshot is not None and snapshot.config_digest != self.config_digest:
             log.warning("the config changed since the state directory was written; resuming with the new one")
