@@ -391,10 +391,6 @@ def _int8_scales(module: nn.Module) -> torch.Tensor:
     return scb
 
 
-def is_quantized_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes")
-
-
 def module_bytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers as stored (packed 4-bit counted correctly)."""
     total = sum(p.numel() * p.element_size() for p in module.parameters())
