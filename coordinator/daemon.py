@@ -33,7 +33,7 @@ from coordinator.registry import ClientRegistry, check_announce
 from fedbe import protocol
 from fedbe.blocks import BlockState, block_layout, get_block_state
 from fedbe.compression import Level, compress_state, decompress_state
-from fedbe.errors import CodecError
+from fedbe.errors import BaseModelMismatchError, CodecError
 from fedbe.expansion import BlockRegistry
 from fedbe.protocol import ClientTopic, Topics
 from fedbe.protocol.messages import MAX_LABELS
@@ -304,9 +304,11 @@ class Coordinator:
             log.warning("the config changed since the state directory was written; resuming with the new one")
         if snapshot is not None:
             if snapshot.base_fingerprint != self.fingerprint:
-                raise CodecError(
-                    f"the state directory was written for base {snapshot.base_fingerprint}, but {cfg.model} is "
-                    f"{self.fingerprint}; use a fresh state_dir or the original model"
+                raise BaseModelMismatchError(
+                    f"the state directory {cfg.state_dir} was written for base model {snapshot.base_fingerprint}, "
+                    f"but model {cfg.model} has fingerprint {self.fingerprint}; set model to the base the run "
+                    "started with, or use a fresh state_dir to start a new run",
+                    found=self.fingerprint, expected=snapshot.base_fingerprint,
                 )
             self.registry = BlockRegistry.from_dict(snapshot.expansion)
         else:

@@ -37,7 +37,7 @@ from edge_client.trainer import BaseCache, LabelPrior, TrainConfig, evaluate_los
 from fedbe import protocol
 from fedbe.blocks import block_delta, block_layout, get_block_state, set_block_state
 from fedbe.compression import BlockState, compress_state, decompress_state
-from fedbe.errors import CodecError, FedbeError
+from fedbe.errors import BaseModelMismatchError, CodecError, FedbeError
 from fedbe.expansion import BlockRegistry, ExpansionPlan, NewBlock, bypassed, expand_model
 from fedbe.protocol import ClientTopic, Topics
 from fedbe.quantization import freeze_base
@@ -84,9 +84,10 @@ def build_client_model(
 ) -> ClientModel:
     """Expand ``base`` (in place) exactly as the coordinator did and freeze it in ``precision``."""
     if fingerprint != status.base_fingerprint:
-        raise FedbeError(
+        raise BaseModelMismatchError(
             f"this device's base model ({fingerprint}) differs from the federation's ({status.base_fingerprint}); "
-            "blocks trained on different bases can not be averaged. Install the same model and pass it with --model."
+            "blocks trained on different bases can not be averaged. Install the same model and pass it with --model.",
+            found=fingerprint, expected=status.base_fingerprint,
         )
     registry = registry_from_status(status)
     if base.config.num_hidden_layers != registry.base_num_layers:

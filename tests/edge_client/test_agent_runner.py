@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from edge_client.agent import Capacity, TaskRunner, build_client_model
 from edge_client.data import make_local_batches
 from fedbe import protocol, sources
 from fedbe.blocks import get_block_state
 from fedbe.compression import Level, compress_state
 from fedbe.datasets import Example
+from fedbe.errors import BaseModelMismatchError
 from fedbe.expansion import expand_model, plan_expansion
 from fedbe.fingerprint import base_fingerprint
 
@@ -190,3 +193,15 @@ def test_a_task_with_balance_labels_trains_the_label_balanced_loss() -> None:
     assert abs(losses["balanced"] - losses["plain"]) > 1e-4
     # the task's balance_form reaches the trainer: the factored loss differs from both
     assert min(abs(losses["factored"] - losses["balanced"]), abs(losses["factored"] - losses["plain"])) > 1e-4
+
+
+def test_a_base_model_other_than_the_federations_is_refused() -> None:
+    base = sources.build_tiny_model("llama")
+    registry = plan_expansion(4, 2, "interleave").registry()
+    status = protocol.CoordinatorStatusMessage(
+        "running", 0, "llama-4L-00000000deadbeef", 4, registry.new_layer_indices,
+        tuple(b.source_layer for b in registry.blocks),
+    )  # fmt: skip
+    with pytest.raises(BaseModelMismatchError, match="differs from the federation's") as info:
+        build_client_model(base, base_fingerprint(base), status, "fp32")
+    assert (info.value.found, info.value.expected) == (base_fingerprint(base), "llama-4L-00000000deadbeef")
