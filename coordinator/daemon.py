@@ -746,7 +746,7 @@ class Coordinator:
         from fedbe.blocks import set_block_state  # noqa: PLC0415
         from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
         from fedbe.expansion import bypassed  # noqa: PLC0415
-        from fedbe.probes import GeneralProbe, retention  # noqa: PLC0415
+        from fedbe.general_ability import GeneralProbe, retention  # noqa: PLC0415
 
         settings = self.cfg.server_eval
         if not hasattr(self, "_server_test"):
