@@ -111,9 +111,9 @@ from typing import Literal, NoReturn, TypeGuard, TypeVar
 import yaml
 
 from fedbe.compression import Level
+from fedbe.device_profile import PRECISIONS
 from fedbe.errors import CodecError, ConfigError, ExpansionError
 from fedbe.expansion import PLACEMENTS, parse_placement
-from fedbe.profiles import PRECISIONS
 from fedbe.protocol import BALANCE_FORMS, DEFAULT_MAX_MESSAGE_BYTES, check_labels, check_name
 from fedbe.sources import SMOLLM2, TINY_PREFIX
 from fedbe.transport import BrokerConfig

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedbe.console import dispatch, positive_int, setup_logging
-from fedbe.profiles import DEFAULT_PROFILE, PRECISIONS, format_bytes, load_profile
+from fedbe.device_profile import DEFAULT_PROFILE, PRECISIONS, format_bytes, load_profile
 
 log = logging.getLogger("edge_client")
 

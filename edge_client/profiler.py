@@ -8,7 +8,7 @@ The pieces, I/O at the edges and pure arithmetic in the middle:
   memory and step/forward times at the training shape, cached;
 * :func:`memory_model`, :class:`CostModel` (:mod:`edge_client.capacity`) — what fits and how long
   a step takes, as formulas over those numbers;
-* :func:`build_report` — all of it for one :class:`~fedbe.profiles.DeviceProfile`, as a
+* :func:`build_report` — all of it for one :class:`~fedbe.device_profile.DeviceProfile`, as a
   :class:`DeviceReport` whose :meth:`~DeviceReport.to_announce_fields` are the capacity fields of
   :class:`fedbe.protocol.AnnounceMessage`.
 
@@ -35,7 +35,7 @@ from edge_client.measure import (
 )
 from edge_client.probe import DeviceInfo, probe_device
 from fedbe import expansion, quantization, sources
-from fedbe.profiles import DeviceProfile, combine_budget
+from fedbe.device_profile import DeviceProfile, combine_budget
 
 __all__ = [
     "ActivationMeasurement",

@@ -72,9 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge_client.agent import Capacity, EdgeAgent, TaskRunner, build_client_model, make_evaluator  # noqa: PLC0415
     from edge_client.profiler import build_report  # noqa: PLC0415
     from fedbe import protocol, sources  # noqa: PLC0415
+    from fedbe.device_profile import DEFAULT_PROFILE, DeviceProfile, load_profile  # noqa: PLC0415
     from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
     from fedbe.fingerprint import base_fingerprint  # noqa: PLC0415
-    from fedbe.profiles import DEFAULT_PROFILE, DeviceProfile, load_profile  # noqa: PLC0415
     from fedbe.protocol import Topics, check_name  # noqa: PLC0415
     from fedbe.transport import BrokerConfig, Connection  # noqa: PLC0415
 

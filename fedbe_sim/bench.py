@@ -362,7 +362,7 @@ def resolve_profile(name: str) -> Path:
 def build_world(settings: BenchSettings, seed: int, say: Callable[[str], None]) -> World:
     from edge_client.data import dirichlet_split, label_histogram  # noqa: PLC0415
     from fedbe import datasets, general_ability, sources  # noqa: PLC0415
-    from fedbe.profiles import load_profile  # noqa: PLC0415
+    from fedbe.device_profile import load_profile  # noqa: PLC0415
 
     source = sources.resolve_source(settings.model)
     tokenizer = sources.load_tokenizer(source)

@@ -18,8 +18,8 @@ from edge_client.capacity import BACKWARD_PER_FORWARD, EXTRA_PER_TRAINED_BLOCK, 
 from edge_client.probe import DeviceInfo, probe_device, read_sysfs_text
 from fedbe import expansion, quantization, sources
 from fedbe.blocks import get_block_state
+from fedbe.device_profile import DeviceProfile, EmulationSettings
 from fedbe.errors import FedbeError
-from fedbe.profiles import DeviceProfile, EmulationSettings
 from fedbe.protocol import AnnounceMessage, decode, encode
 
 JETSON = Path(__file__).resolve().parents[1] / "fixtures" / "jetson"

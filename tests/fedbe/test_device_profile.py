@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedbe import profiles
+from fedbe import device_profile
+from fedbe.device_profile import DeviceProfile, EmulationSettings, combine_budget, load_profile, parse_size
 from fedbe.errors import ConfigError
-from fedbe.profiles import DeviceProfile, EmulationSettings, combine_budget, load_profile, parse_size
 from fedbe.quantization import Precision
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def test_every_shipped_profile_loads(path: Path) -> None:
     profile = load_profile(path)
     assert profile.name == path.stem and profile.source == str(path)
     assert profile.description and "not measurements" in profile.notes
-    assert profile.device_kind in profiles.DEVICE_KINDS
+    assert profile.device_kind in device_profile.DEVICE_KINDS
     assert profile.emulate is not None and profile.emulate.memory_cap_bytes is not None
     assert profile.emulate.compute_slowdown >= 1.0
     assert (profile.memory_budget_bytes is None) != (profile.memory_reserve_bytes is None)
@@ -54,7 +54,7 @@ def test_shipped_profiles_emulate_a_heterogeneous_fleet() -> None:
 
 
 def test_precisions_match_the_quantization_module() -> None:
-    assert set(profiles.PRECISIONS) == {p.value for p in Precision}
+    assert set(device_profile.PRECISIONS) == {p.value for p in Precision}
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -147,7 +147,7 @@ def test_defaults_and_sizes(tmp_path: Path) -> None:
 
 def test_profiles_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
-        profiles.DEFAULT_PROFILE.name = "x"  # type: ignore[misc]
+        device_profile.DEFAULT_PROFILE.name = "x"  # type: ignore[misc]
 
 
 def _profile(**fields: object) -> DeviceProfile:
@@ -209,7 +209,7 @@ def test_emulated_link_and_slowdown_apply_only_when_emulating() -> None:
 
 def test_every_field_is_documented() -> None:
     doc = (ROOT / "docs" / "profiles.md").read_text()
-    module_doc = profiles.__doc__ or ""
+    module_doc = device_profile.__doc__ or ""
     names = [f.name for f in dataclasses.fields(DeviceProfile) if f.name != "source"]
     names += [f"emulate.{f.name}" for f in dataclasses.fields(EmulationSettings)]
     for name in names:
