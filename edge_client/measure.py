@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from edge_client.probe import cpu_description
+from edge_client.hardware import cpu_description
 from edge_client.trainer import TrainConfig, train_blocks
 from fedbe import expansion, sources
 from fedbe.blocks import get_block_state, set_block_state, set_trainable

@@ -2,7 +2,7 @@
 
 The pieces, I/O at the edges and pure arithmetic in the middle:
 
-* :func:`probe_device` (:mod:`edge_client.probe`) — kind, name, memory, 16-bit support, which
+* :func:`probe_device` (:mod:`edge_client.hardware`) — kind, name, memory, 16-bit support, which
   quantizations run;
 * :func:`measure_activations`, :func:`measure_compute` (:mod:`edge_client.measure`) — activation
   memory and step/forward times at the training shape, cached;
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_client.capacity import ALLOCATOR_SLACK, CostModel, MemoryModel, memory_model
+from edge_client.hardware import DeviceInfo, probe_device
 from edge_client.measure import (
     ActivationMeasurement,
     ComputeMeasurement,
@@ -33,7 +34,6 @@ from edge_client.measure import (
     measure_compute,
     profile_cache_dir,
 )
-from edge_client.probe import DeviceInfo, probe_device
 from fedbe import expansion, quantization, sources
 from fedbe.device_profile import DeviceProfile, combine_budget
 

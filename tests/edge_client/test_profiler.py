@@ -15,7 +15,7 @@ import torch
 
 from edge_client import cli, measure, profiler
 from edge_client.capacity import BACKWARD_PER_FORWARD, EXTRA_PER_TRAINED_BLOCK, CostModel, memory_model
-from edge_client.probe import DeviceInfo, probe_device, read_sysfs_text
+from edge_client.hardware import DeviceInfo, probe_device, read_sysfs_text
 from fedbe import expansion, quantization, sources
 from fedbe.blocks import get_block_state
 from fedbe.device_profile import DeviceProfile, EmulationSettings
