@@ -482,8 +482,8 @@ def measure_capacities(world: World, say: Callable[[str], None]) -> None:
     with the costs the round then has. Measuring each profile in its own precision here would plan
     with this CPU's speed for that precision (fp16 matmuls on this CPU ran 14 times slower than bf16),
     not the device's, and would let the load at the moment of each measurement reorder the clients."""
-    from edge_client.capacity import CostModel  # noqa: PLC0415
     from edge_client.profiler import build_report  # noqa: PLC0415
+    from edge_client.step_cost import StepTimeModel  # noqa: PLC0415
 
     s = world.settings
 
@@ -499,8 +499,8 @@ def measure_capacities(world: World, say: Callable[[str], None]) -> None:
         c.max_blocks = own.max_trainable_blocks
         if shared is None:
             measured = report_for(c, s.precision).measured
-            shared = CostModel(measured.block_step_seconds, measured.layer_forward_seconds,
-                               own.cost.top_layer_index)  # fmt: skip
+            shared = StepTimeModel(measured.block_step_seconds, measured.layer_forward_seconds,
+                                   own.cost.top_layer_index)  # fmt: skip
         cost = shared.slowed(c.slowdown)
         forward = cost.layer_forward_seconds * own.memory.num_layers
         c.forward_seconds = forward

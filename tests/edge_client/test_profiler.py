@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from edge_client import cli, measure, profiler
-from edge_client.capacity import BACKWARD_PER_FORWARD, EXTRA_PER_TRAINED_BLOCK, CostModel, memory_model
 from edge_client.hardware import DeviceInfo, probe_device, read_sysfs_text
+from edge_client.step_cost import BACKWARD_PER_FORWARD, EXTRA_PER_TRAINED_BLOCK, StepTimeModel, memory_model
 from fedbe import expansion, quantization, sources
 from fedbe.blocks import get_block_state
 from fedbe.device_profile import DeviceProfile, EmulationSettings
@@ -151,7 +151,7 @@ def test_memory_model_by_hand() -> None:
 
 
 def test_cost_model_by_hand() -> None:
-    cost = CostModel(block_step_seconds=2.0, layer_forward_seconds=0.1, top_layer_index=7)
+    cost = StepTimeModel(block_step_seconds=2.0, layer_forward_seconds=0.1, top_layer_index=7)
     assert cost.step_seconds(7, 1) == 2.0
     expected = 2.0 + 5 * BACKWARD_PER_FORWARD * 0.1 + 2 * EXTRA_PER_TRAINED_BLOCK * 0.1
     assert cost.step_seconds(2, 3) == pytest.approx(expected)
