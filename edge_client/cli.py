@@ -99,7 +99,7 @@ def _progress(message: str) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from edge_client.profiler import build_report  # noqa: PLC0415 - torch import only when run
+    from edge_client.device_report import build_report  # noqa: PLC0415 - torch import only when run
 
     profile = load_profile(args.profile) if args.profile is not None else DEFAULT_PROFILE
     report = build_report(

@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from edge_client import data as local_data  # noqa: PLC0415
     from edge_client.agent import Capacity, EdgeAgent, TaskRunner, build_client_model, make_evaluator  # noqa: PLC0415
-    from edge_client.profiler import build_report  # noqa: PLC0415
+    from edge_client.device_report import build_report  # noqa: PLC0415
     from fedbe import protocol, sources  # noqa: PLC0415
     from fedbe.device_profile import DEFAULT_PROFILE, DeviceProfile, load_profile  # noqa: PLC0415
     from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def setup(status: protocol.CoordinatorStatusMessage) -> tuple[TaskRunner, protocol.AnnounceMessage]:
         tokenizer = sources.load_tokenizer(args.model)
-        # the profiler measures on its own expanded, quantized copy and drops it before the base is
+        # build_report measures on its own expanded, quantized copy and drops it before the base is
         # loaded for training, so the device never holds both
         report = build_report(
             profile, args.model, n_blocks=len(status.new_layer_indices), emulating=args.emulate,

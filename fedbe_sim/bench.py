@@ -482,7 +482,7 @@ def measure_capacities(world: World, say: Callable[[str], None]) -> None:
     with the costs the round then has. Measuring each profile in its own precision here would plan
     with this CPU's speed for that precision (fp16 matmuls on this CPU ran 14 times slower than bf16),
     not the device's, and would let the load at the moment of each measurement reorder the clients."""
-    from edge_client.profiler import build_report  # noqa: PLC0415
+    from edge_client.device_report import build_report  # noqa: PLC0415
     from edge_client.step_cost import StepTimeModel  # noqa: PLC0415
 
     s = world.settings

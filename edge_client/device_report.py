@@ -1,4 +1,5 @@
-"""Device profiling: what this device can train, measured on the real expanded model.
+"""The device report (``fedbe-edge profile``): what this device can train, measured on the real
+expanded model.
 
 The pieces, I/O at the edges and pure arithmetic in the middle:
 
