@@ -32,7 +32,7 @@ from edge_client.measure import (
     benchmark_compute,
     measure_activations,
     measure_compute,
-    profile_cache_dir,
+    measurement_cache_dir,
 )
 from edge_client.step_cost import ALLOCATOR_SLACK, MemoryModel, StepTimeModel, memory_model
 from fedbe import expansion, quantization, sources
@@ -41,17 +41,17 @@ from fedbe.device_profile import DeviceProfile, combine_budget
 __all__ = [
     "ActivationMeasurement",
     "ComputeMeasurement",
-    "StepTimeModel",
     "DeviceInfo",
     "DeviceReport",
     "MemoryModel",
+    "StepTimeModel",
     "benchmark_compute",
     "build_report",
     "measure_activations",
     "measure_compute",
+    "measurement_cache_dir",
     "memory_model",
     "probe_device",
-    "profile_cache_dir",
 ]
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ REAL_BUSY_REASON = measure.busy_reason  # the autouse fixture below replaces it 
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Single-threaded torch (tiny ops on a shared 2-core box) and a private profile cache."""
-    monkeypatch.setattr(measure, "profile_cache_dir", lambda: tmp_path / "profile-cache")
+    """Single-threaded torch (tiny ops on a shared 2-core box) and a private measurement cache."""
+    monkeypatch.setattr(measure, "measurement_cache_dir", lambda: tmp_path / "measurement-cache")
     monkeypatch.setattr(measure, "busy_reason", lambda: None)  # the machine's own load: its own test
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
