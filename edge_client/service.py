@@ -29,7 +29,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="local data: JSONL or CSV of {text,label} or {prompt,response}",
     )
     run.add_argument(
-        "--profile", type=Path, help="device profile YAML (profiles/*.yaml); default: measured only"
+        "--profile", help="device profile: a shipped name (fedbe-edge --help lists them) or a YAML file"
     )
     run.add_argument("--model", default="smollm2-135m", help="local copy of the federation's base model")
     run.add_argument("--federation", default="default", help="federation name (topic namespace)")

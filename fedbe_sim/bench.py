@@ -87,6 +87,7 @@ from coordinator.config import (
     round_value,
     schedule_values,
 )
+from fedbe.device_profile import resolve_profile
 from fedbe.errors import ConfigError, ExpansionError, FedbeError
 from fedbe.protocol import BALANCE_FORMS
 
@@ -345,18 +346,6 @@ class World:
     base_scores: dict[str, float] = field(default_factory=dict)
     # the final probe's extra definition questions (settings.final_probe_questions, none asked by probe)
     final_questions: tuple[Any, ...] = ()
-
-
-def resolve_profile(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    candidate = Path(__file__).resolve().parent.parent / "profiles" / f"{name}.yaml"
-    if candidate.is_file():
-        return candidate
-    raise ConfigError(
-        f"no device profile {name!r}: give a YAML file or a name from profiles/ (e.g. cpu-laptop)"
-    )
 
 
 def build_world(settings: BenchSettings, seed: int, say: Callable[[str], None]) -> World:

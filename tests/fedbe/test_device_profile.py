@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from fedbe import device_profile
-from fedbe.device_profile import DeviceProfile, EmulationSettings, combine_budget, load_profile, parse_size
+from fedbe.device_profile import (
+    DeviceProfile,
+    EmulationSettings,
+    combine_budget,
+    load_profile,
+    parse_size,
+    resolve_profile,
+    shipped_profile_folder,
+    shipped_profile_names,
+)
 from fedbe.errors import ConfigError
 from fedbe.quantization import Precision
 
@@ -128,6 +137,39 @@ def test_malformed_files_are_explained(tmp_path: Path, text: str, expected: str)
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_profile(tmp_path / "nope.yaml")
+
+
+def test_the_resolver_lists_exactly_the_repositorys_profiles() -> None:
+    assert shipped_profile_names() == tuple(p.stem for p in SHIPPED)
+    assert shipped_profile_folder().resolve() == (ROOT / "profiles").resolve()
+
+
+def test_a_name_is_the_shipped_profile_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no profiles/ here
+    shipped = ROOT / "profiles" / "jetson-orin-nano-8gb.yaml"
+    for given in ("jetson-orin-nano-8gb", "jetson-orin-nano-8gb.yaml", Path("jetson-orin-nano-8gb")):
+        assert resolve_profile(given).resolve() == shipped.resolve()
+    assert load_profile("jetson-orin-nano-8gb").name == "jetson-orin-nano-8gb"
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("cpu-laptop.yaml").write_text("name: my-laptop\n")
+    assert resolve_profile("cpu-laptop.yaml") == Path("cpu-laptop.yaml")
+    assert load_profile("cpu-laptop.yaml").name == "my-laptop"
+    assert load_profile("cpu-laptop").name == "cpu-laptop"  # a bare name is still the shipped one
+
+
+@pytest.mark.parametrize("given", ["toaster-9000", "profiles/jetson-orin-nano-8gb.yaml", "nowhere/cpu-laptop"])
+def test_an_unknown_profile_lists_the_shipped_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="profile file not found") as info:
+        resolve_profile(given)
+    assert given in str(info.value) and ", ".join(shipped_profile_names()) in str(info.value)
 
 
 def test_defaults_and_sizes(tmp_path: Path) -> None:
