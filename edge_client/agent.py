@@ -57,7 +57,7 @@ class ClientModel:
 
 
 @dataclass(frozen=True)
-class Capacity:
+class AnnouncedCapacity:
     """What the agent announces about its device (see AnnounceMessage)."""
 
     fields: dict[str, Any]
@@ -116,7 +116,7 @@ class TaskRunner:
         client_id: str,
         train_batches: Callable[[int, int, int], list[Any]],
         evaluate: Callable[[PreTrainedModel, int], tuple[int, float, float]],
-        capacity: Capacity,
+        capacity: AnnouncedCapacity,
         slowdown: float = 1.0,
         label_prior: Callable[[tuple[str, ...]], LabelPrior | None] | None = None,
     ) -> None:

@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from transformers import PreTrainedModel  # noqa: PLC0415
 
     from edge_client import data as local_data  # noqa: PLC0415
-    from edge_client.agent import Capacity, EdgeAgent, TaskRunner, build_client_model, make_evaluator  # noqa: PLC0415
+    from edge_client.agent import AnnouncedCapacity, EdgeAgent, TaskRunner, build_client_model, make_evaluator  # noqa: PLC0415
     from edge_client.device_report import build_report  # noqa: PLC0415
     from fedbe import protocol, sources  # noqa: PLC0415
     from fedbe.device_profile import DEFAULT_PROFILE, DeviceProfile, load_profile  # noqa: PLC0415
@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             lambda max_tokens: local_data.make_local_batches(tokenizer, held_out or train[:1], 8, max_tokens),
             accuracy, len(held_out),
         )  # fmt: skip
-        runner = TaskRunner(client, client_id, batches, evaluator, Capacity(report.to_announce_fields(), fits),
+        runner = TaskRunner(client, client_id, batches, evaluator, AnnouncedCapacity(report.to_announce_fields(), fits),
                             slowdown=slowdown,
                             label_prior=label_prior_for(tokenizer, train if labels else []))  # fmt: skip
         announce = protocol.AnnounceMessage(

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from edge_client.agent import Capacity, TaskRunner, build_client_model
+from edge_client.agent import AnnouncedCapacity, TaskRunner, build_client_model
 from edge_client.data import make_local_batches
 from fedbe import protocol, sources
 from fedbe.blocks import get_block_state
@@ -35,7 +35,7 @@ def _runner() -> tuple[TaskRunner, dict]:
         return make_local_batches(tokenizer, examples, batch_size, max_tokens)
 
     runner = TaskRunner(
-        client, "c1", batches, lambda model, n: (0, 0.0, 0.0), Capacity({}, lambda layers: True)
+        client, "c1", batches, lambda model, n: (0, 0.0, 0.0), AnnouncedCapacity({}, lambda layers: True)
     )
     return runner, weights
 
