@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedbe import probes, sources
+from fedbe import general_ability, sources
 from fedbe.console import positive_int
 from fedbe_sim import bench
 
@@ -34,27 +34,27 @@ def main(argv: list[str] | None = None) -> None:
         "--questions", type=positive_int, default=400, help="definition questions (default 400)"
     )
     parser.add_argument("--texts", type=positive_int, default=24, help="quotations for the log-probabilities")
-    parser.add_argument("--split", default="test", choices=probes.SPLITS, help="probe split (default test)")
+    parser.add_argument("--split", default="test", choices=general_ability.SPLITS, help="probe split (default test)")
     parser.add_argument("--seed", type=int, default=0, help="which questions (the bench seed; default 0)")
     args = parser.parse_args(argv)
     settings = bench.BenchSettings(split=args.split, seeds=(args.seed,), methods=("fedbe", "fedit"))
     world = bench.build_world(settings, args.seed, print)
     bench.measure_capacities(world, print)
     tokenizer = world.tokenizer
-    questions = probes.definition_questions(args.questions, args.split, seed=args.seed)
-    texts = probes.general_texts(args.texts, args.split)
+    questions = general_ability.definition_questions(args.questions, args.split, seed=args.seed)
+    texts = general_ability.general_texts(args.texts, args.split)
 
     def score(name: str, model: Any) -> tuple[list[bool], torch.Tensor]:
         model.eval()
         with torch.no_grad():
-            answers = probes.definition_answers(model, tokenizer, questions)
+            answers = general_ability.definition_answers(model, tokenizer, questions)
             ids = tokenizer(texts, return_tensors="pt", padding=True)
             logits = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
         logp = torch.log_softmax(logits.float(), dim=-1).masked_fill(
             ~ids["attention_mask"].bool()[..., None], 0.0
         )
         print(f"{name}: {sum(answers)} of {len(answers)} definitions right, perplexity "
-              f"{probes.perplexity(model, tokenizer, texts):.3f}", flush=True)  # fmt: skip
+              f"{general_ability.perplexity(model, tokenizer, texts):.3f}", flush=True)  # fmt: skip
         return answers, logp
 
     plain = sources.load_model(world.source)

@@ -61,7 +61,7 @@ Fields (``name: type = default``):
 * ``server_eval: null``, or ``dataset: "bbc-news"`` and ``examples: int >= 1 = 40`` -- the coordinator
   evaluates the global model itself on held-out examples; ``probe_questions: int >= 0 = 0`` and
   ``probe_texts: int >= 0 = 0`` (both 0, or both >= 1) -- also score the general-ability probes of
-  :mod:`fedbe.probes` (WordNet definition choice, perplexity on quotations) and their retention;
+  :mod:`fedbe.general_ability` (WordNet definition choice, perplexity on quotations) and their retention;
   ``baseline: bool = false`` -- score the base model once before round 1 (a ``round: 0`` metrics line
   and ``state_dir/baseline.json``), the reference of the retention figures; ``precision:
   nf4|int8|bf16|fp16|fp32 = fp32`` -- the frozen base the coordinator evaluates on (new blocks fp32).
@@ -90,9 +90,9 @@ import yaml
 
 from coordinator.aggregation import BLOCK_AVERAGES
 from fedbe.compression import Level
+from fedbe.device_profile import PRECISIONS
 from fedbe.errors import CodecError, ConfigError, ExpansionError
 from fedbe.expansion import PLACEMENTS, parse_placement
-from fedbe.profiles import PRECISIONS
 from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES, check_labels, check_name
 from fedbe.recipe import Recipe, RecipeError
 from fedbe.sources import SMOLLM2, TINY_PREFIX

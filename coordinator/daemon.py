@@ -40,7 +40,7 @@ from coordinator.round import (
 from coordinator.server_eval import ServerEvaluator
 from fedbe import protocol
 from fedbe.blocks import block_layout, get_block_state
-from fedbe.errors import CodecError
+from fedbe.errors import BaseModelMismatchError, CodecError
 from fedbe.expansion import BlockRegistry
 from fedbe.protocol import ClientTopic, Topics
 from fedbe.protocol.messages import MAX_LABELS
@@ -104,17 +104,18 @@ class Coordinator:
 
         self.config_digest = config_digest(cfg)
         if cfg.auto_expansion.plateau_rounds:
-            log.warning(
-                "auto_expansion.plateau_rounds is not implemented yet: no block will be added on a plateau"
-            )
+            log.info("auto_expansion: a block is added after %d rounds without an accuracy gain of %g",
+                     cfg.auto_expansion.plateau_rounds, cfg.auto_expansion.plateau_min_delta)  # fmt: skip
         snapshot = self.store.load_latest()
         if snapshot is not None and snapshot.config_digest != self.config_digest:
             log.warning("the config changed since the state directory was written; resuming with the new one")
         if snapshot is not None:
             if snapshot.base_fingerprint != self.fingerprint:
-                raise CodecError(
-                    f"the state directory was written for base {snapshot.base_fingerprint}, but {cfg.model} is "
-                    f"{self.fingerprint}; use a fresh state_dir or the original model"
+                raise BaseModelMismatchError(
+                    f"the state directory {cfg.state_dir} was written for base model {snapshot.base_fingerprint}, "
+                    f"but model {cfg.model} has fingerprint {self.fingerprint}; set model to the base the run "
+                    "started with, or use a fresh state_dir to start a new run",
+                    found=self.fingerprint, expected=snapshot.base_fingerprint,
                 )
             self.registry = BlockRegistry.from_dict(snapshot.expansion)
         else:

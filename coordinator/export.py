@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from coordinator.checkpoint import CheckpointStore, Snapshot
 from fedbe.blocks import set_block_state
-from fedbe.errors import FedbeError
+from fedbe.errors import BaseModelMismatchError, FedbeError
 from fedbe.expansion import BlockRegistry, ExpansionPlan, expand_model
 from fedbe.fingerprint import base_fingerprint
 from fedbe.sources import load_model, load_tokenizer, resolve_source
@@ -56,9 +56,10 @@ def export_model(state_dir: str | Path, out_dir: str | Path, model_source: str |
     model = load_model(source)
     fingerprint = base_fingerprint(model)
     if fingerprint != snapshot.base_fingerprint:
-        raise ExportError(
+        raise BaseModelMismatchError(
             f"the base model {source.describe()} has fingerprint {fingerprint}, but the run in {state_dir} was "
-            f"trained on {snapshot.base_fingerprint}. Pass the base model the run used (model_source / --model)."
+            f"trained on {snapshot.base_fingerprint}. Pass the base model the run used (model_source / --model).",
+            found=fingerprint, expected=snapshot.base_fingerprint,
         )
     registry = _expand(model, snapshot)
     set_block_state(model, registry, snapshot.global_state)

@@ -27,7 +27,7 @@ class ServerEvaluator:
 
     def _prepare(self) -> None:
         from fedbe import datasets, sources  # noqa: PLC0415
-        from fedbe.probes import GeneralProbe  # noqa: PLC0415
+        from fedbe.general_ability import GeneralProbe  # noqa: PLC0415
 
         _, test = datasets.split_train_test(datasets.load_bbc_news())
         random.Random(0).shuffle(test)
@@ -45,7 +45,7 @@ class ServerEvaluator:
         from fedbe.blocks import set_block_state  # noqa: PLC0415
         from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
         from fedbe.expansion import bypassed  # noqa: PLC0415
-        from fedbe.probes import retention  # noqa: PLC0415
+        from fedbe.general_ability import retention  # noqa: PLC0415
 
         if not self._ready:
             self._prepare()

@@ -38,7 +38,7 @@ from edge_client.trainer import evaluate_loss, train_blocks
 from fedbe import protocol
 from fedbe.blocks import block_delta, block_layout, get_block_state, set_block_state
 from fedbe.compression import BlockState, compress_state, decompress_state
-from fedbe.errors import CodecError, FedbeError
+from fedbe.errors import BaseModelMismatchError, CodecError, FedbeError
 from fedbe.expansion import BlockRegistry, ExpansionPlan, NewBlock, bypassed, expand_model
 from fedbe.protocol import ClientTopic, Topics
 from fedbe.quantization import freeze_base
@@ -58,7 +58,7 @@ class ClientModel:
 
 
 @dataclass(frozen=True)
-class Capacity:
+class AnnouncedCapacity:
     """What the agent announces about its device (see AnnounceMessage)."""
 
     fields: dict[str, Any]
@@ -85,9 +85,10 @@ def build_client_model(
 ) -> ClientModel:
     """Expand ``base`` (in place) exactly as the coordinator did and freeze it in ``precision``."""
     if fingerprint != status.base_fingerprint:
-        raise FedbeError(
+        raise BaseModelMismatchError(
             f"this device's base model ({fingerprint}) differs from the federation's ({status.base_fingerprint}); "
-            "blocks trained on different bases can not be averaged. Install the same model and pass it with --model."
+            "blocks trained on different bases can not be averaged. Install the same model and pass it with --model.",
+            found=fingerprint, expected=status.base_fingerprint,
         )
     registry = registry_from_status(status)
     if base.config.num_hidden_layers != registry.base_num_layers:
@@ -116,7 +117,7 @@ class TaskRunner:
         client_id: str,
         train_batches: Callable[[int, int, int], list[Any]],
         evaluate: Callable[[PreTrainedModel, int], tuple[int, float, float]],
-        capacity: Capacity,
+        capacity: AnnouncedCapacity,
         slowdown: float = 1.0,
         label_prior: Callable[[tuple[str, ...]], LabelPrior | None] | None = None,
     ) -> None:

@@ -15,10 +15,16 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from fedbe.console import dispatch, positive_int, setup_logging
-from fedbe.profiles import DEFAULT_PROFILE, PRECISIONS, format_bytes, load_profile
+from fedbe.device_profile import (
+    DEFAULT_PROFILE,
+    PRECISIONS,
+    format_bytes,
+    load_profile,
+    shipped_profile_names,
+)
+from fedbe.errors import ConfigError
 
 log = logging.getLogger("edge_client")
 
@@ -32,7 +38,18 @@ EPILOG = """model sources (--model):
   DIR              a local Hugging Face model folder (config.json + weights)
   FILE.gguf        a GGUF file
   tiny:ARCH        a tiny random model (llama, qwen2, mistral, gemma3, gpt2) for tests
-device profiles (--profile): YAML files such as profiles/jetson-orin-nano-8gb.yaml; see docs/profiles.md."""
+device profiles (--profile NAME|FILE): a YAML file, or the name of one that ships with fedbe:
+  {names}
+see docs/profiles.md."""
+
+
+def epilog() -> str:
+    """:data:`EPILOG` with the names of the shipped device profiles."""
+    try:
+        names = ", ".join(shipped_profile_names())
+    except ConfigError as exc:  # the help still shows, with what is wrong
+        names = str(exc)
+    return EPILOG.format(names=names)
 
 
 def add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,9 +63,11 @@ def add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             "cached per model shape, precision, batch, tokens and device; --no-cache measures again."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EPILOG,
+        epilog=epilog(),
     )
-    p.add_argument("--profile", type=Path, help="device profile YAML (default: measured values only)")
+    p.add_argument(
+        "--profile", help="device profile: a shipped name or a YAML file (default: measured values only)"
+    )
     p.add_argument("--model", default="smollm2-135m", help="model source (default: smollm2-135m)")
     p.add_argument("--blocks", type=positive_int, help="new blocks, interleaved (default: min(6, layers))")
     p.add_argument("--batch-size", type=positive_int, help="examples per step (default: the profile's)")
@@ -85,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedbe-edge",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EPILOG,
+        epilog=epilog(),
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -99,7 +118,7 @@ def _progress(message: str) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from edge_client.profiler import build_report  # noqa: PLC0415 - torch import only when run
+    from edge_client.device_report import build_report  # noqa: PLC0415 - torch import only when run
 
     profile = load_profile(args.profile) if args.profile is not None else DEFAULT_PROFILE
     report = build_report(

@@ -1,7 +1,7 @@
 """Measure the expanded model on this device: activation memory and compute time.
 
 Both run the real model at the training shape and are cached under
-``<fedbe cache>/profiles/`` (JSON, one file per measurement) keyed by the model's shape
+``<fedbe cache>/measurements/`` (JSON, one file per measurement) keyed by the model's shape
 (type, layers, new-block positions, hidden/intermediate/vocabulary sizes), the base precision,
 batch size, tokens, the device, torch's thread count, the torch version, whether 16-bit matmuls run
 natively or in fp32 and :data:`CACHE_VERSION` (bumped when the measured step changes), so a second
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from edge_client.probe import cpu_description
+from edge_client.hardware import cpu_description
 from edge_client.trainer import train_blocks
 from fedbe import expansion, sources
 from fedbe.blocks import get_block_state, set_block_state, set_trainable
@@ -76,8 +76,8 @@ class ActivationMeasurement:
 CACHE_VERSION = 2
 
 
-def profile_cache_dir() -> Path:
-    return sources.cache_dir() / "profiles"
+def measurement_cache_dir() -> Path:
+    return sources.cache_dir() / "measurements"
 
 
 def _device_of(model: PreTrainedModel) -> torch.device:
@@ -129,7 +129,7 @@ def _half_matmul_mode(device: torch.device) -> str:
 
 def _cache_path(key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return profile_cache_dir() / f"{key['what']}-{digest}.json"
+    return measurement_cache_dir() / f"{key['what']}-{digest}.json"
 
 
 def _cache_read(key: dict[str, Any]) -> dict[str, Any] | None:
@@ -139,12 +139,12 @@ def _cache_read(key: dict[str, Any]) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable profile cache %s: %s", path, exc)
+        log.warning("ignoring unreadable measurement cache %s: %s", path, exc)
         return None
     if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("value"), dict):
-        log.warning("ignoring profile cache %s: it does not match this model and device", path)
+        log.warning("ignoring measurement cache %s: it does not match this model and device", path)
         return None
-    log.debug("profile cache hit: %s", path)
+    log.debug("measurement cache hit: %s", path)
     return record["value"]
 
 
@@ -157,7 +157,7 @@ def _cache_write(key: dict[str, Any], value: dict[str, Any]) -> None:
             json.dump({"key": key, "value": value}, handle, indent=2)
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache only costs the next run its speed-up
-        log.warning("could not write profile cache %s: %s", path, exc)
+        log.warning("could not write measurement cache %s: %s", path, exc)
 
 
 def _random_batch(model: PreTrainedModel, batch_size: int, max_tokens: int) -> Batch:
@@ -274,7 +274,7 @@ def measure_compute(
         try:
             return ComputeMeasurement(**{name: float(hit[name]) for name in names}, cached=True)
         except (KeyError, TypeError, ValueError):
-            log.warning("ignoring malformed profile cache entry %s", _cache_path(key))
+            log.warning("ignoring malformed measurement cache entry %s", _cache_path(key))
     busy = busy_reason()
     measured = benchmark_compute(model, registry, batch_size, max_tokens, steps)
     busy = busy or busy_reason()
@@ -353,7 +353,7 @@ def measure_activations(
     ):
         return ActivationMeasurement(hit["activation_bytes_per_layer"], hit["fixed_bytes"], cached=True)
     if hit is not None:
-        log.warning("ignoring malformed profile cache entry %s", _cache_path(key))
+        log.warning("ignoring malformed measurement cache entry %s", _cache_path(key))
     batch = _random_batch(model, batch_size, max_tokens)
     bottom, top = registry.blocks[0], registry.blocks[-1]
     top_saved, logits = saved_tensor_bytes(model, registry, top.block_id, batch)

@@ -29,7 +29,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="local data: JSONL or CSV of {text,label} or {prompt,response}",
     )
     run.add_argument(
-        "--profile", type=Path, help="device profile YAML (profiles/*.yaml); default: measured only"
+        "--profile", help="device profile: a shipped name (fedbe-edge --help lists them) or a YAML file"
     )
     run.add_argument("--model", default="smollm2-135m", help="local copy of the federation's base model")
     run.add_argument("--federation", default="default", help="federation name (topic namespace)")
@@ -69,12 +69,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from transformers import PreTrainedModel  # noqa: PLC0415
 
     from edge_client import data as local_data  # noqa: PLC0415
-    from edge_client.agent import Capacity, EdgeAgent, TaskRunner, build_client_model, make_evaluator  # noqa: PLC0415
-    from edge_client.profiler import build_report  # noqa: PLC0415
+    from edge_client.agent import AnnouncedCapacity, EdgeAgent, TaskRunner, build_client_model, make_evaluator  # noqa: PLC0415
+    from edge_client.device_report import build_report  # noqa: PLC0415
     from fedbe import protocol, sources  # noqa: PLC0415
+    from fedbe.device_profile import DEFAULT_PROFILE, DeviceProfile, load_profile  # noqa: PLC0415
     from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
     from fedbe.fingerprint import base_fingerprint  # noqa: PLC0415
-    from fedbe.profiles import DEFAULT_PROFILE, DeviceProfile, load_profile  # noqa: PLC0415
     from fedbe.protocol import Topics, check_name  # noqa: PLC0415
     from fedbe.transport import BrokerConfig, Connection  # noqa: PLC0415
 
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def setup(status: protocol.CoordinatorStatusMessage) -> tuple[TaskRunner, protocol.AnnounceMessage]:
         tokenizer = sources.load_tokenizer(args.model)
-        # the profiler measures on its own expanded, quantized copy and drops it before the base is
+        # build_report measures on its own expanded, quantized copy and drops it before the base is
         # loaded for training, so the device never holds both
         report = build_report(
             profile, args.model, n_blocks=len(status.new_layer_indices), emulating=args.emulate,
@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             lambda max_tokens: local_data.make_local_batches(tokenizer, held_out or train[:1], 8, max_tokens),
             accuracy, len(held_out),
         )  # fmt: skip
-        runner = TaskRunner(client, client_id, batches, evaluator, Capacity(report.to_announce_fields(), fits),
+        runner = TaskRunner(client, client_id, batches, evaluator, AnnouncedCapacity(report.to_announce_fields(), fits),
                             slowdown=slowdown,
                             label_prior=label_prior_for(tokenizer, train if labels else []))  # fmt: skip
         announce = protocol.AnnounceMessage(

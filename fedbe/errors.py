@@ -31,6 +31,21 @@ class QuantizationError(FedbeError):
     """The requested base precision can not run on this device."""
 
 
+class BaseModelMismatchError(FedbeError):
+    """A base model is not the one the federation, state directory or snapshot was built on.
+
+    New blocks are trained on top of one exact frozen base, identified by
+    :func:`fedbe.fingerprint.base_fingerprint`; blocks trained on another base can not be averaged
+    with them or applied to it. ``found`` is the fingerprint of the model at hand, ``expected`` the
+    one it had to match.
+    """
+
+    def __init__(self, message: str, *, found: str, expected: str) -> None:
+        super().__init__(message)
+        self.found = found
+        self.expected = expected
+
+
 class BlockStateError(FedbeError, ValueError):
     """Block state does not match the expected block layout."""
 

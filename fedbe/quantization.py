@@ -16,7 +16,7 @@ multiplied with float32 accumulation and the product rounded back to 16 bits, wh
 native bf16 matmul does up to the order of the sums; bitsandbytes layers get a float32 compute
 dtype there for the same reason (:func:`default_compute_dtype`).
 
-Trap avoided (FACTS.md): on CPUs with AVX512-BF16, a bitsandbytes ``Linear4bit`` in eval mode that
+Trap avoided: on CPUs with AVX512-BF16, a bitsandbytes ``Linear4bit`` in eval mode that
 sees an input without grad repacks its weight in place for an inference path with no autograd,
 after which gradients through it are wrong. Every ``Linear4bit`` made here has that path disabled.
 """
@@ -250,8 +250,10 @@ def _quantized_linear(
         )
         if not hasattr(module, "support_avx512bf16_for_cpu"):
             raise QuantizationError(
-                "this bitsandbytes version changed Linear4bit's CPU repack switch; fedbe must re-check the "
-                "eval-mode repacking trap (FACTS.md) before using it"
+                "this bitsandbytes version has no Linear4bit.support_avx512bf16_for_cpu, the switch fedbe turns "
+                "off because the eval-mode CPU repack it guards computes wrong gradients; install the "
+                "bitsandbytes version of requirements.lock, or check that tests/fedbe/test_quantization.py's "
+                "gradient comparison passes with this one before adapting fedbe.quantization"
             )
         setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - repack has no autograd: never take it
     elif precision is Precision.INT8:
@@ -387,10 +389,6 @@ def _int8_scales(module: nn.Module) -> torch.Tensor:
     if scb is None:
         raise QuantizationError("int8 layer has no row scales (SCB); was it quantized with .to(device)?")
     return scb
-
-
-def is_quantized_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes")
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -118,7 +118,7 @@ class ModelSource:
 
 
 def cache_dir() -> Path:
-    """Where fedbe keeps derived files (the dequantized SmolLM2 copy, profiles' benchmarks)."""
+    """Where fedbe keeps derived files (the dequantized SmolLM2 copy, the device measurements of fedbe-edge profile)."""
     return Path(os.environ.get("FEDBE_CACHE", Path.home() / ".cache" / "fedbe"))
 
 

@@ -1,6 +1,7 @@
 """The MQTT connection both sides use: paho-mqtt 2.x, callback API v2, MQTT v5, behind one class.
 
-* Persistent session (``clean_start=False`` and a session expiry > 0, FACTS.md): a task published
+* Persistent session (``clean_start=False`` and a session expiry > 0: in MQTT v5 a session whose
+  expiry is 0 ends with the connection, whatever ``clean_start`` says): a task published
   while a client was briefly away is delivered when it comes back. Subscriptions are remembered
   and renewed on every (re)connect; paho reconnects with exponential backoff.
 * A message published while the broker is unreachable is queued by paho and sent after the

@@ -3,7 +3,7 @@
 Every method runs the same federation in one process: the same clients (device profiles, Dirichlet
 label shards of the BBC News train split), the same rounds, local steps, batch size and learning
 rate, and the same evaluation after every round (BBC test accuracy and the general-ability probes
-of :mod:`fedbe.probes`). The algorithms are the production ones: :func:`coordinator.allocation.allocate`,
+of :mod:`fedbe.general_ability`). The algorithms are the production ones: :func:`coordinator.allocation.allocate`,
 :func:`edge_client.trainer.train_blocks` / :func:`~edge_client.trainer.train_parameters`,
 :func:`fedbe.compression.compress_state` (int8 updates) and :func:`coordinator.aggregation.aggregate`.
 Only the transport is left out (``fedbe simulate`` runs the real processes over MQTT).
@@ -44,8 +44,8 @@ import logging
 import math
 import random
 import signal
-import sys
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from coordinator.aggregation import BLOCK_AVERAGES
+from fedbe.device_profile import resolve_profile
 from fedbe.errors import ConfigError, ExpansionError, FedbeError
 from fedbe.recipe import Recipe, parse_schedule
 
@@ -281,22 +282,10 @@ class World:
     final_questions: tuple[Any, ...] = ()
 
 
-def resolve_profile(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    candidate = Path(__file__).resolve().parent.parent / "profiles" / f"{name}.yaml"
-    if candidate.is_file():
-        return candidate
-    raise ConfigError(
-        f"no device profile {name!r}: give a YAML file or a name from profiles/ (e.g. cpu-laptop)"
-    )
-
-
 def build_world(settings: BenchSettings, seed: int, say: Callable[[str], None]) -> World:
     from edge_client.data import dirichlet_split, label_histogram  # noqa: PLC0415
-    from fedbe import datasets, probes, sources  # noqa: PLC0415
-    from fedbe.profiles import load_profile  # noqa: PLC0415
+    from fedbe import datasets, general_ability, sources  # noqa: PLC0415
+    from fedbe.device_profile import load_profile  # noqa: PLC0415
 
     source = sources.resolve_source(settings.model)
     tokenizer = sources.load_tokenizer(source)
@@ -330,7 +319,7 @@ def build_world(settings: BenchSettings, seed: int, say: Callable[[str], None]) 
             histogram=label_histogram(local, labels), slowdown=profile.compute_slowdown(True),
             link_bps=profile.link_bandwidth_bps(True), round_batches=tuple(per_round),
         ))  # fmt: skip
-    probe = probes.GeneralProbe.build(
+    probe = general_ability.GeneralProbe.build(
         settings.probe_questions, settings.probe_texts, settings.split, seed, head=PROBE_HEAD
     )
     say(
@@ -339,7 +328,7 @@ def build_world(settings: BenchSettings, seed: int, say: Callable[[str], None]) 
         f"{len(eval_examples)} {settings.split} articles, {len(probe.questions)} definition questions, "
         f"{len(probe.texts)} quotations"
     )
-    final = probes.definition_questions(
+    final = general_ability.definition_questions(
         settings.final_probe_questions, settings.split, seed, exclude=probe.questions
     ) if settings.final_probe_questions else []  # fmt: skip
     layers = int(sources.load_model(source).config.num_hidden_layers)
@@ -351,7 +340,7 @@ def build_world(settings: BenchSettings, seed: int, say: Callable[[str], None]) 
 
 def evaluate(world: World, model: Any) -> dict[str, Any]:
     """Accuracy and the general probe's scores, with its per-question answers under
-    ``definition_answers`` (:func:`fedbe.probes.answer_string`)."""
+    ``definition_answers`` (:func:`fedbe.general_ability.answer_string`)."""
     from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
 
     scores: dict[str, Any] = {
@@ -369,7 +358,7 @@ def evaluate_against(world: World, model: Any, before: dict[str, Any]) -> dict[s
     """:func:`evaluate` with the retention against ``before`` (an :func:`evaluate` of the model before
     training) and the definition questions answered differently from it (``definitions_lost``,
     ``definitions_gained``)."""
-    from fedbe.probes import answer_changes, retention  # noqa: PLC0415
+    from fedbe.general_ability import answer_changes, retention  # noqa: PLC0415
 
     with torch.no_grad():
         scores = evaluate(world, model)
@@ -386,7 +375,7 @@ def final_probe(world: World, model: Any, scores: dict[str, Any], before: dict[s
     answers to the per-round questions (from ``scores``, an :func:`evaluate` of it) followed by the
     final questions', under ``final_definition_answers``, and their accuracy; with ``before`` (the same
     for the model before training), the retention and the questions lost and gained."""
-    from fedbe.probes import answer_changes, answer_string, definition_answers  # noqa: PLC0415
+    from fedbe.general_ability import answer_changes, answer_string, definition_answers  # noqa: PLC0415
 
     if not world.final_questions:
         return {}
@@ -416,8 +405,8 @@ def measure_capacities(world: World, say: Callable[[str], None]) -> None:
     with the costs the round then has. Measuring each profile in its own precision here would plan
     with this CPU's speed for that precision (fp16 matmuls on this CPU ran 14 times slower than bf16),
     not the device's, and would let the load at the moment of each measurement reorder the clients."""
-    from edge_client.capacity import CostModel  # noqa: PLC0415
-    from edge_client.profiler import build_report  # noqa: PLC0415
+    from edge_client.device_report import build_report  # noqa: PLC0415
+    from edge_client.step_cost import StepTimeModel  # noqa: PLC0415
 
     s = world.settings
 
@@ -433,8 +422,8 @@ def measure_capacities(world: World, say: Callable[[str], None]) -> None:
         c.max_blocks = own.max_trainable_blocks
         if shared is None:
             measured = report_for(c, s.precision).measured
-            shared = CostModel(measured.block_step_seconds, measured.layer_forward_seconds,
-                               own.cost.top_layer_index)  # fmt: skip
+            shared = StepTimeModel(measured.block_step_seconds, measured.layer_forward_seconds,
+                                   own.cost.top_layer_index)  # fmt: skip
         cost = shared.slowed(c.slowdown)
         forward = cost.layer_forward_seconds * own.memory.num_layers
         c.forward_seconds = forward
@@ -1044,7 +1033,7 @@ def paired_differences(records: list[dict[str, Any]], method: str = "fedbe") -> 
     below which a difference between two methods means nothing). Empty when ``method`` has no
     finished run.
     """
-    from fedbe.probes import answer_changes, mcnemar_p  # noqa: PLC0415
+    from fedbe.general_ability import answer_changes, mcnemar_p  # noqa: PLC0415
 
     groups = by_method(records)
     mine = {r["seed"]: r for r in groups.get(method, []) if r.get("rounds")}
@@ -1212,7 +1201,7 @@ def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], sett
             + ", ".join(f"{r['method']} {_pm(r['perplexity_head_retention'], '.3f')}" for r in heads)
             + ".",
         ]
-    from fedbe.probes import mcnemar_p  # noqa: PLC0415
+    from fedbe.general_ability import mcnemar_p  # noqa: PLC0415
 
     def changed(r: dict[str, Any], probe: str = "") -> str:
         """``lost / gained (p; by seed)`` of ``probe`` ("" the per-round one, "final_" the final one)."""

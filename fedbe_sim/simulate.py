@@ -2,10 +2,10 @@
 
 One command starts a private mosquitto on a free loopback port, the coordinator
 (``fedbe-coordinator run``) and N ``fedbe-edge run --emulate`` processes, each emulating a device
-profile from ``profiles/`` (its memory budget drives the allocation, its slowdown stretches each
-step) with its own Dirichlet(alpha) share of the BBC News training split. It prints one line per
-event while the federation runs and, at the end, writes ``metrics.jsonl``, ``report.md`` and the
-plots of :mod:`fedbe_sim.report` into ``--out``.
+profile, shipped with fedbe or given as a YAML file (its memory budget drives the allocation, its
+slowdown stretches each step), with its own Dirichlet(alpha) share of the BBC News training split.
+It prints one line per event while the federation runs and, at the end, writes ``metrics.jsonl``,
+``report.md`` and the plots of :mod:`fedbe_sim.report` into ``--out``.
 
 Broker: Debian's mosquitto only. The in-process amqtt broker is not a fallback: it speaks MQTT
 3.1.1 and fedbe's transport is MQTT v5 (persistent sessions with expiry, PUBACK reason codes), so
@@ -39,9 +39,9 @@ from types import FrameType
 from typing import IO, Any
 
 from fedbe.console import positive_float, positive_int
+from fedbe.device_profile import resolve_profile
 from fedbe.errors import ConfigError, FedbeError
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 DEFAULT_PROFILES = ("cpu-laptop", "jetson-orin-nano-8gb", "rtx-4090-24gb")
 FEDERATION = "sim"
 STOP_GRACE_SECONDS = 20.0
@@ -125,7 +125,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument(
         "--profiles",
         default=",".join(DEFAULT_PROFILES),
-        help="comma-separated device profiles (names in profiles/ or YAML paths), assigned to the clients "
+        help="comma-separated device profiles (names of shipped ones or YAML files), assigned to the clients "
         f"in turn (default {','.join(DEFAULT_PROFILES)})",
     )
     p.add_argument("--model", default="smollm2-135m", help="base model source (default smollm2-135m)")
@@ -194,21 +194,11 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
 
 
-def resolve_profile(text: str) -> Path:
-    """A profile given as a path, or as a name (with or without .yaml) of a file in ``profiles/``."""
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path.resolve()
-    name = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
-    bundled = PROFILE_DIR / name
-    if bundled.is_file():
-        return bundled
-    known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))) or "none found"
-    raise ConfigError(f"--profiles: no profile {text!r} (not a file, not in {PROFILE_DIR}: {known})")
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    profiles = tuple(resolve_profile(p.strip()) for p in str(args.profiles).split(",") if p.strip())
+    try:  # absolute: the edge processes get the files by path
+        profiles = tuple(resolve_profile(p.strip()).resolve() for p in str(args.profiles).split(",") if p.strip())
+    except ConfigError as exc:
+        raise ConfigError(f"--profiles: {exc}") from None
     if not profiles:
         raise ConfigError("--profiles names no profile")
     blocks: int | str = str(args.blocks).strip().lower()

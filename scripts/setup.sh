@@ -51,8 +51,9 @@ if ! $VPY -c "import torch" >/dev/null 2>&1; then
   else
     say "no NVIDIA GPU: installing torch 2.13.0 (CPU build)"
   fi
-  # Pin torch in the same command as everything that depends on it (see FACTS: an unpinned
-  # bitsandbytes pulls a several-GB CUDA torch). On a Jetson, install NVIDIA's torch wheel first.
+  # Pin torch in the same command as everything that depends on it: otherwise pip resolves
+  # bitsandbytes' torch requirement to PyPI's default torch, a several-GB CUDA build.
+  # On a Jetson, install NVIDIA's torch wheel first.
   $VPY -m pip install -q --disable-pip-version-check torch==2.13.0
 fi
 TORCH_VERSION=$($VPY -c "import torch; print(torch.__version__.split('+')[0])")

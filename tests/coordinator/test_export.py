@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from coordinator.checkpoint import CheckpointStore, Snapshot
 from coordinator.export import EXPORT_RECORD, ExportError, export_model
 from fedbe.blocks import BlockState, get_block_state, set_block_state
+from fedbe.errors import BaseModelMismatchError
 from fedbe.expansion import BlockRegistry, expand_model, plan_expansion
 from fedbe.fingerprint import base_fingerprint
 from fedbe.sources import build_tiny_model
@@ -83,16 +84,18 @@ def test_export_loads_with_plain_transformers_and_computes_the_trained_model(tmp
 def test_fingerprint_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     trained_run(tmp_path / "state", fingerprint="llama-4L-00000000deadbeef")
     with pytest.raises(
-        ExportError, match=r"fingerprint llama-4L-\w{16}, but .* trained on llama-4L-00000000deadbeef"
-    ):
+        BaseModelMismatchError, match=r"fingerprint llama-4L-\w{16}, but .* trained on llama-4L-00000000deadbeef"
+    ) as info:
         export_model(tmp_path / "state", tmp_path / "export")
+    assert info.value.expected == "llama-4L-00000000deadbeef"
+    assert info.value.found == base_fingerprint(build_tiny_model("llama"))
     assert not (tmp_path / "export").exists()
 
 
 def test_another_base_model_is_refused(tmp_path: Path) -> None:
     _, _, snapshot = trained_run(tmp_path / "state")
     with pytest.raises(
-        ExportError, match=rf"tiny:mistral .*trained on {snapshot.base_fingerprint}\. Pass the base"
+        BaseModelMismatchError, match=rf"tiny:mistral .*trained on {snapshot.base_fingerprint}\. Pass the base"
     ):
         export_model(tmp_path / "state", tmp_path / "export", model_source="tiny:mistral")
 

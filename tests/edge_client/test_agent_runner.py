@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from edge_client.agent import Capacity, TaskRunner, build_client_model
+import pytest
+
+from edge_client.agent import AnnouncedCapacity, TaskRunner, build_client_model
 from edge_client.data import make_local_batches
 from fedbe import protocol, sources
 from fedbe.blocks import get_block_state
 from fedbe.compression import Level, compress_state
 from fedbe.datasets import Example
+from fedbe.errors import BaseModelMismatchError
 from fedbe.expansion import expand_model, plan_expansion
 from fedbe.fingerprint import base_fingerprint
 from fedbe.recipe import Recipe
@@ -34,7 +37,7 @@ def _runner() -> tuple[TaskRunner, dict]:
         return make_local_batches(tokenizer, examples, batch_size, max_tokens)
 
     runner = TaskRunner(
-        client, "c1", batches, lambda model, n: (0, 0.0, 0.0), Capacity({}, lambda layers: True)
+        client, "c1", batches, lambda model, n: (0, 0.0, 0.0), AnnouncedCapacity({}, lambda layers: True)
     )
     return runner, weights
 
@@ -169,3 +172,15 @@ def test_a_task_with_balance_labels_trains_the_label_balanced_loss() -> None:
     assert seen == [abc]  # a recipe without the balanced loss does not even ask for a prior
     assert losses["no prior"] == losses["plain"] == losses["off"]
     assert abs(losses["balanced"] - losses["plain"]) > 1e-4
+
+
+def test_a_base_model_other_than_the_federations_is_refused() -> None:
+    base = sources.build_tiny_model("llama")
+    registry = plan_expansion(4, 2, "interleave").registry()
+    status = protocol.CoordinatorStatusMessage(
+        "running", 0, "llama-4L-00000000deadbeef", 4, registry.new_layer_indices,
+        tuple(b.source_layer for b in registry.blocks),
+    )  # fmt: skip
+    with pytest.raises(BaseModelMismatchError, match="differs from the federation's") as info:
+        build_client_model(base, base_fingerprint(base), status, "fp32")
+    assert (info.value.found, info.value.expected) == (base_fingerprint(base), "llama-4L-00000000deadbeef")

@@ -19,7 +19,7 @@ def bbc() -> list[Example]:
 def test_bbc_is_deduplicated_with_five_balanced_classes(bbc: list[Example]) -> None:
     texts = [e.text for e in bbc]
     assert len(texts) == len(set(texts))
-    # 2,225 articles minus at least the 98 exact duplicates FACTS.md lists
+    # 2,225 articles minus at least the 98 exact duplicates the corpus holds (load_bbc_news drops them)
     assert 2000 < len(bbc) <= 2225 - 98
     counts = Counter(e.label for e in bbc)
     assert sorted(counts) == ["business", "entertainment", "politics", "sports", "tech"]

@@ -157,7 +157,7 @@ def test_fresh_new_blocks_are_exactly_identity_on_a_quantized_base(arch: str, pr
     assert torch.equal(with_blocks, without_blocks)
 
 
-# --- the gradient trap (FACTS.md) ----------------------------------------------------------------
+# --- the gradient trap: bitsandbytes' CPU eval-mode repack computes wrong gradients -------------
 
 
 def _dequantized_reference(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedbe import probes
+from fedbe import general_ability
 from fedbe.errors import ConfigError
 from fedbe_sim import bench
 
@@ -85,7 +85,7 @@ def test_time_to_target_is_the_first_round_at_90_percent_of_the_best_final_accur
 def test_lost_and_gained_questions_are_summed_over_seeds_and_reported_with_mcnemar() -> None:
     def rec(seed: int, method: str, before: str, after: str) -> dict:
         r = _record(method, [0.9], [10]) | {"seed": seed, "round0": {"definition_answers": before}}
-        lost, gained = probes.answer_changes(before, after)
+        lost, gained = general_ability.answer_changes(before, after)
         r["rounds"][-1] |= {
             "definition_answers": after,
             "definitions_lost": lost,
@@ -104,7 +104,7 @@ def test_lost_and_gained_questions_are_summed_over_seeds_and_reported_with_mcnem
     assert rows["a"]["definition_questions"] == 8 and rows["b"]["definition_questions"] == 0
     base = {"accuracy": 0.3, "definition_accuracy": 0.6, "perplexity": 40.0}
     md = bench.results_markdown(list(rows.values()), base, bench.BenchSettings(), "fedbe bench")
-    p = probes.mcnemar_p(1, 5)
+    p = general_ability.mcnemar_p(1, 5)
     assert "over 8 question-seeds" in md and f"a 1 / 5 (p {p:.2f}; by seed 1/1, 0/4)" in md
     assert "; b " not in md  # a probe without questions has nothing to report
     # records without per-question answers: no line
@@ -198,7 +198,7 @@ def test_quick_bench_on_a_tiny_model_writes_consistent_results(tmp_path) -> None
         assert (
             rec["rounds"][-1]["final_definitions_lost"],
             rec["rounds"][-1]["final_definitions_gained"],
-        ) == (probes.answer_changes(first, last))
+        ) == (general_ability.answer_changes(first, last))
     fedbe_rec, fedit_rec, ffa_rec = results["records"]
     # FFA-LoRA trains and sends only B: half of FedIT's adapter
     assert ffa_rec["trainable_parameters"] * 2 == fedit_rec["trainable_parameters"]
@@ -659,7 +659,7 @@ def test_probe_texts_flag_reaches_the_settings_and_the_digest_of_every_method(tm
     """A larger perplexity probe is a different measurement: no record of the default probe may
     resume under it, whichever method it came from; a probe larger than the split is refused."""
     from fedbe.errors import DataError
-    from fedbe.probes import general_texts
+    from fedbe.general_ability import general_texts
     from fedbe_sim.cli import build_parser
 
     def settings(*extra: str) -> bench.BenchSettings:
@@ -728,7 +728,7 @@ def test_paired_differences_pair_seeds_and_give_a_t_interval() -> None:
 def test_the_final_probe_is_summed_over_seeds_and_compared_question_by_question() -> None:
     def rec(method: str, seed: int, before: str, after: str) -> dict:
         r = _final(method, seed, 0.9, 1.0) | {"round0": {"final_definition_answers": before}}
-        lost, gained = probes.answer_changes(before, after)
+        lost, gained = general_ability.answer_changes(before, after)
         right = before.count("1")
         r["rounds"][-1] |= {
             "final_definition_answers": after, "final_definitions_lost": lost, "final_definitions_gained": gained,
@@ -762,7 +762,7 @@ def test_the_final_probe_is_summed_over_seeds_and_compared_question_by_question(
     ] == [2, 0]
     floor = "\n".join(bench.paired_markdown(bench.paired_differences(moved)))
     assert "their untrained models, the same base weights, already answer 2 differently" in floor
-    assert split["p"] == pytest.approx(probes.mcnemar_p(2, 2))
+    assert split["p"] == pytest.approx(general_ability.mcnemar_p(2, 2))
     assert paired["fd"]["final_definition_retention"]["differences"] == pytest.approx([4 / 3 - 1, 3 / 4 - 1])
     assert (
         "final_definition_answers" not in paired["old"] and "final_definition_retention" not in paired["old"]

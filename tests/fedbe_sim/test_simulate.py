@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from coordinator.config import parse_run_config
+from fedbe.device_profile import shipped_profile_folder
 from fedbe.errors import ConfigError
 from fedbe.recipe import RecipeError
 from fedbe_sim import simulate
@@ -69,7 +70,7 @@ def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
             "--clients",
             "5",
             "--profiles",
-            f"cpu-laptop,{simulate.PROFILE_DIR / 'rtx-3060-12gb.yaml'}",
+            f"cpu-laptop,{shipped_profile_folder() / 'rtx-3060-12gb.yaml'}",
         )
     )
     specs = simulate.client_specs(settings, [tmp_path / f"{i}.jsonl" for i in range(5)])
@@ -79,7 +80,7 @@ def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (("--profiles", "no-such-device"), "no profile 'no-such-device'"),
+        (("--profiles", "no-such-device"), "--profiles: no-such-device: profile file not found.* cpu-laptop"),
         (("--blocks", "many"), "--blocks must be a whole number or auto"),
         (("--probe-questions", "0"), "must both be 0 or both be at least 1"),
         (("--lr-decay", "0"), r"--lr-decay must be a number in \(0, 1\]"),

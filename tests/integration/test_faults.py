@@ -319,8 +319,8 @@ def test_task_over_the_memory_budget_is_refused_and_the_client_gets_fewer_blocks
     round 2 gives it one block, which it trains. (The out-of-memory exception path of the agent
     can not be forced on a CPU; this is the check that runs first.)
     """
-    from edge_client.profiler import build_report  # noqa: PLC0415 - torch and a model: only here
-    from fedbe.profiles import load_profile  # noqa: PLC0415
+    from edge_client.device_report import build_report  # noqa: PLC0415 - torch and a model: only here
+    from fedbe.device_profile import load_profile  # noqa: PLC0415
 
     profile = tmp_path / "small.yaml"
     profile.write_text(SMALL_PROFILE.format(cap="1GiB"))

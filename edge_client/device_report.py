@@ -1,14 +1,15 @@
-"""Device profiling: what this device can train, measured on the real expanded model.
+"""The device report (``fedbe-edge profile``): what this device can train, measured on the real
+expanded model.
 
 The pieces, I/O at the edges and pure arithmetic in the middle:
 
-* :func:`probe_device` (:mod:`edge_client.probe`) — kind, name, memory, 16-bit support, which
+* :func:`probe_device` (:mod:`edge_client.hardware`) — kind, name, memory, 16-bit support, which
   quantizations run;
 * :func:`measure_activations`, :func:`measure_compute` (:mod:`edge_client.measure`) — activation
   memory and step/forward times at the training shape, cached;
-* :func:`memory_model`, :class:`CostModel` (:mod:`edge_client.capacity`) — what fits and how long
+* :func:`memory_model`, :class:`StepTimeModel` (:mod:`edge_client.step_cost`) — what fits and how long
   a step takes, as formulas over those numbers;
-* :func:`build_report` — all of it for one :class:`~fedbe.profiles.DeviceProfile`, as a
+* :func:`build_report` — all of it for one :class:`~fedbe.device_profile.DeviceProfile`, as a
   :class:`DeviceReport` whose :meth:`~DeviceReport.to_announce_fields` are the capacity fields of
   :class:`fedbe.protocol.AnnounceMessage`.
 
@@ -24,33 +25,33 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_client.capacity import ALLOCATOR_SLACK, CostModel, MemoryModel, memory_model
+from edge_client.hardware import DeviceInfo, probe_device
 from edge_client.measure import (
     ActivationMeasurement,
     ComputeMeasurement,
     benchmark_compute,
     measure_activations,
     measure_compute,
-    profile_cache_dir,
+    measurement_cache_dir,
 )
-from edge_client.probe import DeviceInfo, probe_device
+from edge_client.step_cost import ALLOCATOR_SLACK, MemoryModel, StepTimeModel, memory_model
 from fedbe import expansion, quantization, sources
-from fedbe.profiles import DeviceProfile, combine_budget
+from fedbe.device_profile import DeviceProfile, combine_budget
 
 __all__ = [
     "ActivationMeasurement",
     "ComputeMeasurement",
-    "CostModel",
     "DeviceInfo",
     "DeviceReport",
     "MemoryModel",
+    "StepTimeModel",
     "benchmark_compute",
     "build_report",
     "measure_activations",
     "measure_compute",
+    "measurement_cache_dir",
     "memory_model",
     "probe_device",
-    "profile_cache_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class DeviceReport:
     measured: ComputeMeasurement  # as measured here, before the slowdown
     activations: ActivationMeasurement
     compute_slowdown: float
-    cost: CostModel  # slowdown applied
+    cost: StepTimeModel  # slowdown applied
     link_bandwidth_bps: float
 
     @property
@@ -216,7 +217,7 @@ def build_report(
         allocator_slack=ALLOCATOR_SLACK.get(device.torch_device, 1.0),
     )
     slowdown = profile.compute_slowdown(emulating)
-    cost = CostModel(
+    cost = StepTimeModel(
         measured.block_step_seconds, measured.layer_forward_seconds, registry.blocks[-1].layer_index
     )
     return DeviceReport(

@@ -1,4 +1,4 @@
-"""Device profiling: the Jetson probe on a real file layout, the CPU probe here, the memory and cost
+"""The device report: the Jetson probe on a real file layout, the CPU probe here, the memory and cost
 models by hand, measurements on a tiny model (and their cache), and ``fedbe-edge profile``."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import psutil
 import pytest
 import torch
 
-from edge_client import cli, measure, profiler
-from edge_client.capacity import BACKWARD_PER_FORWARD, EXTRA_PER_TRAINED_BLOCK, CostModel, memory_model
-from edge_client.probe import DeviceInfo, probe_device, read_sysfs_text
+from edge_client import cli, device_report, measure
+from edge_client.hardware import DeviceInfo, probe_device, read_sysfs_text
+from edge_client.step_cost import BACKWARD_PER_FORWARD, EXTRA_PER_TRAINED_BLOCK, StepTimeModel, memory_model
 from fedbe import expansion, quantization, sources
 from fedbe.blocks import get_block_state
+from fedbe.device_profile import DeviceProfile, EmulationSettings
 from fedbe.errors import FedbeError
-from fedbe.profiles import DeviceProfile, EmulationSettings
 from fedbe.protocol import AnnounceMessage, decode, encode
 
 JETSON = Path(__file__).resolve().parents[1] / "fixtures" / "jetson"
@@ -28,8 +28,8 @@ REAL_BUSY_REASON = measure.busy_reason  # the autouse fixture below replaces it 
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Single-threaded torch (tiny ops on a shared 2-core box) and a private profile cache."""
-    monkeypatch.setattr(measure, "profile_cache_dir", lambda: tmp_path / "profile-cache")
+    """Single-threaded torch (tiny ops on a shared 2-core box) and a private measurement cache."""
+    monkeypatch.setattr(measure, "measurement_cache_dir", lambda: tmp_path / "measurement-cache")
     monkeypatch.setattr(measure, "busy_reason", lambda: None)  # the machine's own load: its own test
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -151,7 +151,7 @@ def test_memory_model_by_hand() -> None:
 
 
 def test_cost_model_by_hand() -> None:
-    cost = CostModel(block_step_seconds=2.0, layer_forward_seconds=0.1, top_layer_index=7)
+    cost = StepTimeModel(block_step_seconds=2.0, layer_forward_seconds=0.1, top_layer_index=7)
     assert cost.step_seconds(7, 1) == 2.0
     expected = 2.0 + 5 * BACKWARD_PER_FORWARD * 0.1 + 2 * EXTRA_PER_TRAINED_BLOCK * 0.1
     assert cost.step_seconds(2, 3) == pytest.approx(expected)
@@ -177,7 +177,7 @@ def tiny() -> tuple[torch.nn.Module, expansion.BlockRegistry]:
 def test_measure_compute_is_positive_and_cached(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     model, registry = tiny
     before = get_block_state(model, registry)
-    first = profiler.measure_compute(model, registry, 2, 16, "nf4")
+    first = device_report.measure_compute(model, registry, 2, 16, "nf4")
     assert not first.cached
     assert first.block_step_seconds > 0 and first.layer_forward_seconds > 0 and first.forward_seconds > 0
     after = get_block_state(model, registry)
@@ -188,12 +188,12 @@ def test_measure_compute_is_positive_and_cached(tiny, monkeypatch: pytest.Monkey
         raise AssertionError("the cached call ran the benchmark")
 
     monkeypatch.setattr(measure, "benchmark_compute", no_benchmark)
-    second = profiler.measure_compute(model, registry, 2, 16, "nf4")
+    second = device_report.measure_compute(model, registry, 2, 16, "nf4")
     assert second.cached and second.block_step_seconds == first.block_step_seconds
     with pytest.raises(AssertionError, match="ran the benchmark"):
-        profiler.measure_compute(model, registry, 2, 16, "nf4", use_cache=False)
+        device_report.measure_compute(model, registry, 2, 16, "nf4", use_cache=False)
     with pytest.raises(AssertionError, match="ran the benchmark"):  # another shape is another key
-        profiler.measure_compute(model, registry, 3, 16, "nf4")
+        device_report.measure_compute(model, registry, 3, 16, "nf4")
 
 
 def test_a_timing_taken_on_a_busy_machine_is_used_but_not_cached(
@@ -202,13 +202,13 @@ def test_a_timing_taken_on_a_busy_machine_is_used_but_not_cached(
     model, registry = tiny
     monkeypatch.setattr(measure, "busy_reason", lambda: "load average 9.0 on 2 cores")
     with caplog.at_level("WARNING", logger=measure.log.name):
-        first = profiler.measure_compute(model, registry, 2, 16, "nf4")
+        first = device_report.measure_compute(model, registry, 2, 16, "nf4")
     assert not first.cached and first.block_step_seconds > 0
     assert "not cached" in caplog.text and "load average 9.0 on 2 cores" in caplog.text
     monkeypatch.setattr(measure, "busy_reason", lambda: None)
-    second = profiler.measure_compute(model, registry, 2, 16, "nf4")
+    second = device_report.measure_compute(model, registry, 2, 16, "nf4")
     assert not second.cached  # nothing was kept from the busy run: measured again, and now kept
-    assert profiler.measure_compute(model, registry, 2, 16, "nf4").cached
+    assert device_report.measure_compute(model, registry, 2, 16, "nf4").cached
 
 
 @pytest.mark.parametrize(("load", "busy"), [(0.5, False), (2.0, False), (2.5, True)])
@@ -226,12 +226,12 @@ def test_a_timing_of_another_matmul_path_is_not_reused(tiny, monkeypatch: pytest
     # faster there); timings cached before must not plan a run of the new path
     model, registry = tiny
     monkeypatch.setenv("FEDBE_HALF_MATMUL", "native")
-    native = profiler.measure_compute(model, registry, 2, 16, "nf4")
+    native = device_report.measure_compute(model, registry, 2, 16, "nf4")
     monkeypatch.setenv("FEDBE_HALF_MATMUL", "fp32")
-    assert not profiler.measure_compute(model, registry, 2, 16, "nf4").cached  # another key
-    assert profiler.measure_compute(model, registry, 2, 16, "nf4").cached
+    assert not device_report.measure_compute(model, registry, 2, 16, "nf4").cached  # another key
+    assert device_report.measure_compute(model, registry, 2, 16, "nf4").cached
     monkeypatch.setenv("FEDBE_HALF_MATMUL", "native")
-    again = profiler.measure_compute(model, registry, 2, 16, "nf4")
+    again = device_report.measure_compute(model, registry, 2, 16, "nf4")
     assert again.cached and again.block_step_seconds == native.block_step_seconds
     key = measure._cache_key("compute", model, registry, "nf4", 2, 16)
     assert key["half_matmul"] == "native" and key["version"] == measure.CACHE_VERSION == 2
@@ -239,7 +239,7 @@ def test_a_timing_of_another_matmul_path_is_not_reused(tiny, monkeypatch: pytest
 
 def test_activation_memory_is_linear_in_depth_and_batch(tiny) -> None:
     model, registry = tiny
-    act = profiler.measure_activations(model, registry, 2, 16, "nf4", use_cache=False)
+    act = device_report.measure_activations(model, registry, 2, 16, "nf4", use_cache=False)
     assert act.activation_bytes_per_layer > 0 and act.fixed_bytes > 0
     # a third position, not used for the fit, lies on the same line
     batch = measure._random_batch(model, 2, 16)
@@ -249,7 +249,7 @@ def test_activation_memory_is_linear_in_depth_and_batch(tiny) -> None:
     predicted = fixed_saved + act.activation_bytes_per_layer * (registry.num_layers - 3)
     assert mid_saved == pytest.approx(predicted, rel=0.02)
     assert mid_saved - top_saved == pytest.approx(act.activation_bytes_per_layer * 4, rel=0.02)
-    double = profiler.measure_activations(model, registry, 4, 16, "nf4", use_cache=False)
+    double = device_report.measure_activations(model, registry, 4, 16, "nf4", use_cache=False)
     assert double.activation_bytes_per_layer == pytest.approx(2 * act.activation_bytes_per_layer, rel=0.1)
 
 
@@ -264,8 +264,8 @@ def test_build_report_applies_emulation(monkeypatch: pytest.MonkeyPatch) -> None
         ),
     )
     kwargs = {"n_blocks": 2, "batch_size": 2, "max_tokens": 16, "device": device}
-    real = profiler.build_report(profile, "tiny:llama", **kwargs)  # type: ignore[arg-type]
-    emulated = profiler.build_report(profile, "tiny:llama", emulating=True, **kwargs)  # type: ignore[arg-type]
+    real = device_report.build_report(profile, "tiny:llama", **kwargs)  # type: ignore[arg-type]
+    emulated = device_report.build_report(profile, "tiny:llama", emulating=True, **kwargs)  # type: ignore[arg-type]
     assert emulated.measured.cached  # same model and shape: measured once
     assert real.memory_budget_bytes == 7 * 2**30 and emulated.memory_budget_bytes == 40 * 2**20
     assert real.link_bandwidth_bps == 1e9 and emulated.link_bandwidth_bps == 2e7

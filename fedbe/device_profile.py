@@ -1,7 +1,7 @@
 """Device profiles: what an operator declares about a device, loaded from YAML and validated.
 
-A profile is read by the edge service (``fedbe-edge profile --profile FILE``) and by the
-coordinator (to simulate a fleet). It declares what can not be measured (the link, how much
+A profile is read by the edge service (``fedbe-edge profile --profile NAME|FILE``) and by the
+simulations (to emulate a fleet). It declares what can not be measured (the link, how much
 memory to leave to other work, the training shape) and what is expected (device kind, whether
 bitsandbytes kernels run); the edge measures the rest and the measurement wins where both exist.
 
@@ -33,6 +33,12 @@ Fields (all optional except ``name``; see ``docs/profiles.md`` for the long form
     ``compute_slowdown`` (number > 0, default 1): multiplies every measured time;
     ``link_bandwidth_mbps`` (number > 0): replaces ``link_bandwidth_mbps``.
 
+Where a profile comes from (:func:`resolve_profile`, the one place that turns a ``--profile`` value
+into a file): an existing YAML file is itself; otherwise a bare name such as ``jetson-orin-nano-8gb``
+is the profile of that name that ships with fedbe. The shipped profiles are the repository's
+``profiles/`` folder, installed as the data package ``fedbe_profiles`` (see pyproject.toml), so
+names work from any working directory, in a wheel install as in a checkout.
+
 The budget rule (:func:`combine_budget`): with ``memory_budget_bytes``, the smaller of it and the
 measured available memory; with ``memory_reserve_bytes``, measured available minus the reserve;
 with neither, the measured available memory; when emulating, also at most
@@ -42,6 +48,7 @@ with neither, the measured available memory; when emulating, also at most
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import logging
 import math
 import re
@@ -60,6 +67,8 @@ PRECISIONS = ("nf4", "int8", "bf16", "fp16", "fp32")  # = fedbe.quantization.Pre
 DEFAULT_LINK_MBPS = 100.0
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_TOKENS = 128
+PROFILE_PACKAGE = "fedbe_profiles"  # the repository's profiles/ folder, as installed (pyproject.toml)
+_SOURCE_TREE = Path(__file__).resolve().parents[1]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -132,15 +141,67 @@ def parse_size(value: object, file: str, field: str) -> int:
     return int(round(number))
 
 
-def load_profile(path: str | Path) -> DeviceProfile:
-    """Read and validate a YAML profile; every problem is a :class:`ConfigError` naming file and field."""
+def shipped_profile_folder() -> Path:
+    """The folder of the device profiles that ship with fedbe.
+
+    In a source tree (a checkout on ``PYTHONPATH``, or an editable install) it is the tree's own
+    ``profiles/``; installed from a wheel it is the package :data:`PROFILE_PACKAGE`, found with
+    :mod:`importlib.resources`.
+    """
+    if (_SOURCE_TREE / "pyproject.toml").is_file() and (_SOURCE_TREE / "profiles").is_dir():
+        return _SOURCE_TREE / "profiles"
+    try:
+        folder = importlib.resources.files(PROFILE_PACKAGE)
+    except ModuleNotFoundError:
+        raise ConfigError(
+            f"the device profiles that ship with fedbe (package {PROFILE_PACKAGE}) are not installed; "
+            "reinstall fedbe, or pass --profile a YAML file"
+        ) from None
+    if not isinstance(folder, Path):  # a zip import: no file to hand to load_profile or fedbe-edge
+        raise ConfigError(
+            f"the shipped device profiles are inside {folder}, not in a folder; install fedbe unpacked "
+            "(pip install), or pass --profile a YAML file"
+        )
+    return folder
+
+
+def shipped_profile_names() -> tuple[str, ...]:
+    """Names of the device profiles that ship with fedbe (``cpu-laptop``, ``jetson-orin-nano-8gb``, ...)."""
+    return tuple(sorted(p.stem for p in shipped_profile_folder().glob("*.yaml")))
+
+
+def resolve_profile(profile: str | Path) -> Path:
+    """The YAML file of a device profile given as a file or as the name of a shipped one.
+
+    An existing file is itself. Otherwise a bare name, with or without ``.yaml``
+    (``jetson-orin-nano-8gb``), is the shipped profile of that name, whatever the working
+    directory. Anything else is a :class:`ConfigError` that lists the shipped names.
+    """
+    text = str(profile)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and not text.endswith(("/", "\\")):
+        stem = path.stem if path.suffix in (".yaml", ".yml") else path.name
+        shipped = shipped_profile_folder() / f"{stem}.yaml"
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(shipped_profile_names()) or "none installed"
+    raise ConfigError(
+        f"{text}: profile file not found, and no device profile of that name ships with fedbe; "
+        f"pass an existing YAML file or one of the shipped names: {names}"
+    )
+
+
+def load_profile(profile: str | Path) -> DeviceProfile:
+    """Read and validate a device profile, given as a YAML file or a shipped name (:func:`resolve_profile`).
+
+    Every problem is a :class:`ConfigError` naming the file and the field.
+    """
+    path = resolve_profile(profile)
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{file}: profile file not found; pass an existing YAML file (see profiles/)"
-        ) from None
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: can not read the profile: {exc}") from exc
     try:

@@ -7,9 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from fedbe import profiles
+from fedbe import device_profile
+from fedbe.device_profile import (
+    DeviceProfile,
+    EmulationSettings,
+    combine_budget,
+    load_profile,
+    parse_size,
+    resolve_profile,
+    shipped_profile_folder,
+    shipped_profile_names,
+)
 from fedbe.errors import ConfigError
-from fedbe.profiles import DeviceProfile, EmulationSettings, combine_budget, load_profile, parse_size
 from fedbe.quantization import Precision
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +44,7 @@ def test_every_shipped_profile_loads(path: Path) -> None:
     profile = load_profile(path)
     assert profile.name == path.stem and profile.source == str(path)
     assert profile.description and "not measurements" in profile.notes
-    assert profile.device_kind in profiles.DEVICE_KINDS
+    assert profile.device_kind in device_profile.DEVICE_KINDS
     assert profile.emulate is not None and profile.emulate.memory_cap_bytes is not None
     assert profile.emulate.compute_slowdown >= 1.0
     assert (profile.memory_budget_bytes is None) != (profile.memory_reserve_bytes is None)
@@ -54,7 +63,7 @@ def test_shipped_profiles_emulate_a_heterogeneous_fleet() -> None:
 
 
 def test_precisions_match_the_quantization_module() -> None:
-    assert set(profiles.PRECISIONS) == {p.value for p in Precision}
+    assert set(device_profile.PRECISIONS) == {p.value for p in Precision}
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -130,6 +139,39 @@ def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
         load_profile(tmp_path / "nope.yaml")
 
 
+def test_the_resolver_lists_exactly_the_repositorys_profiles() -> None:
+    assert shipped_profile_names() == tuple(p.stem for p in SHIPPED)
+    assert shipped_profile_folder().resolve() == (ROOT / "profiles").resolve()
+
+
+def test_a_name_is_the_shipped_profile_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no profiles/ here
+    shipped = ROOT / "profiles" / "jetson-orin-nano-8gb.yaml"
+    for given in ("jetson-orin-nano-8gb", "jetson-orin-nano-8gb.yaml", Path("jetson-orin-nano-8gb")):
+        assert resolve_profile(given).resolve() == shipped.resolve()
+    assert load_profile("jetson-orin-nano-8gb").name == "jetson-orin-nano-8gb"
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("cpu-laptop.yaml").write_text("name: my-laptop\n")
+    assert resolve_profile("cpu-laptop.yaml") == Path("cpu-laptop.yaml")
+    assert load_profile("cpu-laptop.yaml").name == "my-laptop"
+    assert load_profile("cpu-laptop").name == "cpu-laptop"  # a bare name is still the shipped one
+
+
+@pytest.mark.parametrize("given", ["toaster-9000", "profiles/jetson-orin-nano-8gb.yaml", "nowhere/cpu-laptop"])
+def test_an_unknown_profile_lists_the_shipped_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="profile file not found") as info:
+        resolve_profile(given)
+    assert given in str(info.value) and ", ".join(shipped_profile_names()) in str(info.value)
+
+
 def test_defaults_and_sizes(tmp_path: Path) -> None:
     profile = load_profile(_write(tmp_path, "name: dev\nmemory_reserve_bytes: 512MiB\n"))
     assert profile == DeviceProfile(
@@ -147,7 +189,7 @@ def test_defaults_and_sizes(tmp_path: Path) -> None:
 
 def test_profiles_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
-        profiles.DEFAULT_PROFILE.name = "x"  # type: ignore[misc]
+        device_profile.DEFAULT_PROFILE.name = "x"  # type: ignore[misc]
 
 
 def _profile(**fields: object) -> DeviceProfile:
@@ -209,7 +251,7 @@ def test_emulated_link_and_slowdown_apply_only_when_emulating() -> None:
 
 def test_every_field_is_documented() -> None:
     doc = (ROOT / "docs" / "profiles.md").read_text()
-    module_doc = profiles.__doc__ or ""
+    module_doc = device_profile.__doc__ or ""
     names = [f.name for f in dataclasses.fields(DeviceProfile) if f.name != "source"]
     names += [f"emulate.{f.name}" for f in dataclasses.fields(EmulationSettings)]
     for name in names:

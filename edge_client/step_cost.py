@@ -1,4 +1,5 @@
-"""What a device can train, as pure arithmetic over a few measured numbers.
+"""What one training step costs on a device, in memory (:class:`MemoryModel`) and in time
+(:class:`StepTimeModel`): pure arithmetic over a few measured numbers, which tells what a device can train.
 
 Memory of one training step that trains the new blocks at layer indices ``S`` (``n = |S|``) of an
 ``L``-layer expanded model::
@@ -28,7 +29,7 @@ Memory of one training step that trains the new blocks at layer indices ``S`` (`
 The coordinator sees ``base_bytes + fixed_bytes`` as ``base_memory_bytes`` and evaluates the
 same formula, so edge and coordinator agree on what fits.
 
-Time of one step (:class:`CostModel`): the measured step that trains only the top new block,
+Time of one step (:class:`StepTimeModel`): the measured step that trains only the top new block,
 plus the backward through every layer between the lowest trainable block and the top one, plus
 the weight gradients and optimizer update of each further trainable block::
 
@@ -150,7 +151,7 @@ def memory_model(
 
 
 @dataclass(frozen=True)
-class CostModel:
+class StepTimeModel:
     """Seconds per training step, from the two announced measurements."""
 
     block_step_seconds: float  # training only the top new block
@@ -173,7 +174,7 @@ class CostModel:
             + (n_blocks - 1) * EXTRA_PER_TRAINED_BLOCK * self.layer_forward_seconds
         )
 
-    def slowed(self, factor: float) -> CostModel:
+    def slowed(self, factor: float) -> StepTimeModel:
         """The same device ``factor`` times slower (emulation)."""
         if not factor > 0:
             raise FedbeError(f"slowdown factor must be > 0, got {factor}")

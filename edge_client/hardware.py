@@ -1,4 +1,4 @@
-"""What device is this? Kind, name, memory, 16-bit support and which quantizations run.
+"""What hardware is this device? Kind, name, memory, 16-bit support and which quantizations run.
 
 Three paths, tried in this order:
 
