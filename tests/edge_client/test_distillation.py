@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
-from typing import Any
 
 import pytest
 import torch
 
 from edge_client.loss import (
     BaseCache,
-    Distillation,
-    LabelPrior,
     causal_lm_loss,
     distill_positions,
     forward_logits,
@@ -20,31 +16,12 @@ from edge_client.loss import (
     kl_top_k,
     sample_positions,
     sample_rows,
-    step_loss,
 )
 from edge_client.trainer import TrainResult, train_blocks
 from fedbe import expansion, quantization, sources
 from fedbe.datasets import Batch
 from fedbe.errors import FedbeError
-from fedbe.recipe import PLAIN, Recipe
-
-
-def plain_recipe(**changes: Any) -> Recipe:
-    """The plain cross-entropy recipe with ``changes``."""
-    return replace(PLAIN, **changes)
-
-
-def _distill_step_loss(model: Any, base: Any, batch: Batch, cfg: Recipe, cache: Any, result: TrainResult,
-                       prior: LabelPrior | None = None) -> torch.Tensor:  # fmt: skip
-    """One distilled step of ``cfg`` as the trainer takes it, its parts recorded in ``result``."""
-    top = cache if cfg.distill_top_k else None
-    loss = step_loss(model, batch, cfg.distill_lambda_in_round(1), prior,
-                     Distillation(base, cfg.distill_rows, cfg.distill_sample, top))  # fmt: skip
-    result.ce_losses.append(loss.ce)
-    if loss.kl is not None:
-        result.distill_losses.append(loss.kl)
-    result.base_forwards += loss.base_forwards
-    return loss.total
+from tests.edge_client.steps import distilled_step, plain_recipe
 
 
 def _batches(n: int = 2, seed: int = 0) -> list[Batch]:
@@ -167,7 +144,7 @@ def test_projecting_only_the_needed_positions_gives_the_full_logit_losses(top_k:
     cache = BaseCache(top_k) if top_k else None  # 512 = the whole vocabulary: the cached KL is exact
     result = TrainResult(block_ids=(0, 1))
     cfg = plain_recipe(steps=1, distill_lambda=0.5, distill_top_k=top_k)
-    loss = _distill_step_loss(model, lambda: expansion.bypassed(model, registry), batch, cfg, cache, result)
+    loss = distilled_step(model, lambda: expansion.bypassed(model, registry), batch, cfg, cache, result)
     assert result.ce_losses[0] == pytest.approx(want_ce, rel=1e-5)
     assert result.distill_losses[0] == pytest.approx(want_kl, rel=1e-4, abs=1e-6)
     assert float(loss) == pytest.approx(want_ce + 0.5 * want_kl, rel=1e-5)
@@ -207,7 +184,7 @@ def test_a_distillation_sample_is_the_kl_at_exactly_the_sampled_positions(top_k:
     result = TrainResult(block_ids=(0, 1))
     cfg = plain_recipe(steps=1, distill_lambda=0.5, distill_top_k=top_k, distill_sample=5)
     torch.manual_seed(11)
-    _distill_step_loss(model, lambda: expansion.bypassed(model, registry), batch, cfg, cache, result)
+    distilled_step(model, lambda: expansion.bypassed(model, registry), batch, cfg, cache, result)
     assert result.distill_losses[0] == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert result.ce_losses[0] == pytest.approx(want_ce, rel=1e-5)
     if cache is not None:
@@ -247,7 +224,7 @@ def test_distill_rows_distils_only_the_drawn_rows_and_runs_the_base_on_them_alon
     result = TrainResult(block_ids=(0, 1))
     cfg = plain_recipe(steps=1, distill_lambda=0.5, distill_top_k=top_k, distill_rows=2)
     torch.manual_seed(5)
-    _distill_step_loss(model, base, batch, cfg, cache, result)
+    distilled_step(model, base, batch, cfg, cache, result)
     assert result.distill_losses[0] == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert result.ce_losses[0] == pytest.approx(want_ce, rel=1e-5)
     assert calls == [2] and result.base_forwards == 1
@@ -255,7 +232,7 @@ def test_distill_rows_distils_only_the_drawn_rows_and_runs_the_base_on_them_alon
         assert len(cache) == 2 and cache.missing(batch) == [r for r in range(batch.size) if r not in drawn]
         # the next step's draw of cached rows needs no base forward
         torch.manual_seed(5)
-        _distill_step_loss(model, base, batch, cfg, cache, result)
+        distilled_step(model, base, batch, cfg, cache, result)
         assert calls == [2] and result.distill_losses[1] == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert sample_rows(4, 4) is None and sample_rows(4, 0) is None
     with pytest.raises(FedbeError, match="distill_rows"):

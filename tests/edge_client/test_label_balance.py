@@ -3,43 +3,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from typing import Any
 
 import pytest
 import torch
 
 from edge_client.loss import (
-    Distillation,
     LabelPrior,
     balanced_logits,
     causal_lm_loss,
     forward_logits,
-    step_loss,
 )
 from edge_client.trainer import TrainResult, train_blocks
 from fedbe import expansion, quantization, sources
 from fedbe.datasets import Batch
 from fedbe.errors import FedbeError
-from fedbe.recipe import PLAIN, Recipe
-
-
-def plain_recipe(**changes: Any) -> Recipe:
-    """The plain cross-entropy recipe with ``changes``."""
-    return replace(PLAIN, **changes)
-
-
-def _distill_step_loss(model: Any, base: Any, batch: Batch, cfg: Recipe, cache: Any, result: TrainResult,
-                       prior: LabelPrior | None = None) -> torch.Tensor:  # fmt: skip
-    """One distilled step of ``cfg`` as the trainer takes it, its parts recorded in ``result``."""
-    top = cache if cfg.distill_top_k else None
-    loss = step_loss(model, batch, cfg.distill_lambda_in_round(1), prior,
-                     Distillation(base, cfg.distill_rows, cfg.distill_sample, top))  # fmt: skip
-    result.ce_losses.append(loss.ce)
-    if loss.kl is not None:
-        result.distill_losses.append(loss.kl)
-    result.base_forwards += loss.base_forwards
-    return loss.total
+from tests.edge_client.steps import distilled_step, plain_recipe
 
 LABELS = (7, 9, 11)  # the label words' first tokens; the target is label token + end token 3
 
@@ -95,8 +73,8 @@ def test_balanced_cross_entropy_is_the_reference_on_full_logits() -> None:
     result, balanced = TrainResult(block_ids=(0, 1)), TrainResult(block_ids=(0, 1))
     base = lambda: expansion.bypassed(model, registry)  # noqa: E731
     cfg = plain_recipe(steps=1, distill_lambda=1.0)
-    _distill_step_loss(model, base, batch, cfg, None, result)
-    _distill_step_loss(model, base, batch, cfg, None, balanced, prior)
+    distilled_step(model, base, batch, cfg, None, result)
+    distilled_step(model, base, batch, cfg, None, balanced, prior)
     assert balanced.ce_losses[0] == pytest.approx(float(want), rel=1e-5)
     assert result.ce_losses[0] == pytest.approx(float(plain), rel=1e-5)
     assert balanced.distill_losses == result.distill_losses
