@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="which questions (the bench seed; default 0)")
     args = parser.parse_args(argv)
     settings = bench.BenchSettings(split=args.split, seeds=(args.seed,), methods=("fedbe", "fedit"))
-    world = bench.build_world(settings, args.seed, print)
-    bench.measure_capacities(world, print)
-    tokenizer = world.tokenizer
+    federation = bench.build_federation(settings, args.seed, print)
+    bench.measure_capacities(federation, print)
+    tokenizer = federation.tokenizer
     questions = general_ability.definition_questions(args.questions, args.split, seed=args.seed)
     texts = general_ability.general_texts(args.texts, args.split)
 
@@ -57,18 +57,20 @@ def main(argv: list[str] | None = None) -> None:
               f"{general_ability.perplexity(model, tokenizer, texts):.3f}", flush=True)  # fmt: skip
         return answers, logp
 
-    plain = sources.load_model(world.source)
+    plain = sources.load_model(federation.source)
     plain.requires_grad_(False)
-    bench.hold_plain(plain, settings.precision)
+    bench.cast_plain_base(plain, settings.precision)
     scored = {"plain": score(f"plain {settings.precision} model", plain)}
-    plain_lora = dataclasses.replace(world, settings=dataclasses.replace(settings, lora_base="plain"))
+    plain_lora = dataclasses.replace(federation, settings=dataclasses.replace(settings, lora_base="plain"))
     scored["fedit-plain"] = score(
         "fedit, --lora-base plain (PEFT, B = 0)", bench.make_method("fedit", plain_lora).eval_model()
     )
     scored["fedit"] = score(
-        "fedit, --lora-base frozen (PEFT, B = 0)", bench.make_method("fedit", world).eval_model()
+        "fedit, --lora-base frozen (PEFT, B = 0)", bench.make_method("fedit", federation).eval_model()
     )
-    scored["fedbe"] = score("fedbe (expanded, frozen base)", bench.make_method("fedbe", world).eval_model())
+    scored["fedbe"] = score(
+        "fedbe (expanded, frozen base)", bench.make_method("fedbe", federation).eval_model()
+    )
     for a, b in (("plain", "fedit-plain"), ("plain", "fedbe"), ("fedit-plain", "fedbe"), ("fedit", "fedbe")):
         differ = sum(x != y for x, y in zip(scored[a][0], scored[b][0], strict=True))
         gap = float((scored[a][1] - scored[b][1]).abs().max())

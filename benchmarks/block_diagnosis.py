@@ -1,6 +1,6 @@
 """Which new block costs general ability: a FedBE run's global model with each block bypassed, and scaled back.
 
-Runs one ``fedbe bench`` FedBE method for its rounds (same world, splits and defaults as the bench),
+Runs one ``fedbe bench`` FedBE method for its rounds (same federation, splits and defaults as the bench),
 then scores the final global model (BBC accuracy, definition choice, quotation perplexity and their
 retention against the untrained model, as the bench does) three ways:
 
@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                         "(default 0.9,0.8,0.7,0.5)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
-    settings, world, method = bench.diagnosis_run(args, **({"rounds": args.rounds} if args.rounds else {}))
+    overrides = {"rounds": args.rounds} if args.rounds else {}
+    settings, federation, method = bench.diagnosis_run(args, **overrides)
     initial = copy.deepcopy(method.global_state)
     with torch.no_grad():
-        before = bench.evaluate(world, method.eval_model())
+        before = bench.evaluate(federation, method.eval_model())
     for round_ in range(1, settings.rounds + 1):
         results = method.round(round_)
         print(f"round {round_}: " + ", ".join(f"{r.client_id} blocks {list(r.blocks)}" for r in results)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     scores: dict[str, dict[str, float]] = {}
 
     def score(label: str) -> None:
-        s = bench.evaluate_against(world, model, before)
+        s = bench.evaluate_against(federation, model, before)
         del s["definition_answers"]  # the counts against `before` stay
         scores[label] = s
         print(f"{label:>22}: accuracy {s['accuracy']:.2f}, definitions {s['definition_accuracy']:.2f} "

@@ -1,6 +1,6 @@
 """Which client decides the global model: every client's model right after its local training, and the average.
 
-Runs the first rounds of one ``fedbe bench`` method (same world, splits and defaults as the bench)
+Runs the first rounds of one ``fedbe bench`` method (same federation, splits and defaults as the bench)
 and, after each client's local training, scores that client's model on the evaluation articles;
 after the round's aggregation it scores the global model. For each it prints the accuracy and how
 often each label is predicted, so a global model dragged toward one client's labels shows up.
@@ -34,17 +34,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="override the bench's block averaging")  # fmt: skip
     args = parser.parse_args(argv)
     overrides = {"block_average": args.block_average} if args.block_average else {}
-    settings, world, method = bench.diagnosis_run(args, **overrides)
+    settings, federation, method = bench.diagnosis_run(args, **overrides)
 
     def score(model: Any) -> str:
         with torch.no_grad():
             scores = label_log_likelihoods(
-                model, world.tokenizer, world.eval_examples, world.labels, settings.max_tokens
+                model, federation.tokenizer, federation.eval_examples, federation.labels, settings.max_tokens
             )
         predicted = scores.argmax(1).tolist()
-        truth = [world.labels.index(e.label) for e in world.eval_examples]
+        truth = [federation.labels.index(e.label) for e in federation.eval_examples]
         accuracy = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
-        counts = collections.Counter(world.labels[p] for p in predicted)
+        counts = collections.Counter(federation.labels[p] for p in predicted)
         return f"accuracy {accuracy:.2f}, predicts {dict(counts.most_common())}"
 
     # the bench imports the trainer function at call time, so wrapping the module attribute reaches
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
 
     setattr(trainer, name, wrapped)
     try:
-        print("evaluation labels:", dict(collections.Counter(e.label for e in world.eval_examples)))
+        print("evaluation labels:", dict(collections.Counter(e.label for e in federation.eval_examples)))
         for round_ in range(1, args.rounds + 1):
             results = method.round(round_)
             print(f"round {round_}: " + ", ".join(f"{r.client_id} blocks {list(r.blocks)}" for r in results))

@@ -1,6 +1,6 @@
 """What one local training step costs, per mechanism: FedBE's block configurations against FedIT-LoRA.
 
-Builds the ``fedbe bench`` world (same model, seed, shards and defaults), takes one client's
+Builds the ``fedbe bench`` federation (same model, seed, shards and defaults), takes one client's
 round-1 batches and times ``steps`` optimiser steps of each configuration on this machine:
 
 - FedBE with the given new blocks trained: plain cross-entropy; self-distilled with every row
@@ -74,12 +74,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     settings = bench.BenchSettings(model=args.model, split="validation", seeds=(args.seed,),
                                    methods=("fedbe", "fedit"))  # fmt: skip
-    world = bench.build_world(settings, args.seed, print)
-    if not 0 <= args.client < len(world.clients):
+    federation = bench.build_federation(settings, args.seed, print)
+    if not 0 <= args.client < len(federation.clients):
         parser.error(
-            f"--client must be 0-{len(world.clients) - 1} (the bench has {len(world.clients)} clients)"
+            f"--client must be 0-{len(federation.clients) - 1} "
+            f"(the bench has {len(federation.clients)} clients)"
         )
-    batches = world.clients[args.client].batches_for(1)
+    batches = federation.clients[args.client].batches_for(1)
     rows: list[tuple[str, float]] = []
 
     def record(label: str, result: TrainResult) -> None:
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {label}: steps {[round(s, 2) for s in result.step_seconds]} s, "
               f"base forwards {result.base_forwards}", flush=True)  # fmt: skip
 
-    lora = bench.LoraMethod("fedit", world)
+    lora = bench.LoraMethod("fedit", federation)
     params = lora._params()
     config = replace(lora.config, steps=args.steps)
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         ))  # fmt: skip
     del lora, config, distilled  # free the LoRA model before the expanded one is built
 
-    blocks = bench.BlockMethod("fedbe", world)
+    blocks = bench.BlockMethod("fedbe", federation)
     known = blocks.registry.block_ids
     base_config: Recipe = replace(blocks.policy.recipe, steps=args.steps)
     for ids in args.blocks or [(4,)]:

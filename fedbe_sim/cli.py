@@ -5,7 +5,7 @@ Subcommands:
   demo    expand SmolLM2-135M, hold the base in 4-bit, train only the new blocks on a slice of
           BBC News and print the loss going down and the accuracy before and after
   bench     FedBE against federated LoRA (FedIT, FFA-LoRA) and full fine-tuning on one federation:
-          accuracy, general-ability retention, time to target, bytes and memory (fedbe_sim/bench.py)
+          accuracy, general-ability retention, time to target, bytes and memory (fedbe_sim/bench/)
   bench-merge  finished bench runs (seeds run in separate folders) as one run: table, paired
           comparison, plots
   simulate  a whole federation on this machine: a broker, the coordinator and N emulated edge
