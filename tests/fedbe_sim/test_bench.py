@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import fields, replace
@@ -263,7 +264,7 @@ def test_fedbe_only_settings_change_the_digest_of_the_block_methods_only() -> No
     changes = {"lr": 1.5e-3, "lr_decay": 0.7, "distill_lambda": 6.0, "deadline_factor": 0.4,
                "max_block_divergence": 0.3, "label_balance": False, "block_average": "trainers",
                "server_lr": 0.5}  # fmt: skip
-    assert set(changes) == set(bench.BLOCK_ONLY_PINNED)
+    assert set(changes) == set(bench.PINNED_FOR_BASELINES)
     digest = bench.settings_digest
     for field, value in changes.items():
         changed = replace(default, **{field: value})
@@ -304,7 +305,7 @@ FIXED_DIGESTS = {
 def test_the_records_of_a_fixed_run_keep_their_digests(method: str) -> None:
     """A run's records resume and merge under the settings in its results.json: a change of the
     digest's rules (which settings count, what they are pinned to, a new setting not in
-    ADDED_LATER) would orphan the records every published table was built from."""
+    DEFAULTS_BEFORE_ADDED) would orphan the records every published table was built from."""
     assert set(FIXED_DIGESTS) == set(bench.ALL_METHODS)
     assert set(FIXED_RUN) == {f.name for f in fields(bench.BenchSettings)}
     settings = bench.settings_from_dict(json.loads(json.dumps(FIXED_RUN)), "results.json")
@@ -321,7 +322,7 @@ def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path
     from dataclasses import asdict
 
     # the FedBE knobs at the values LoRA digests pin, so "before" is also a LoRA digest
-    pinned = replace(bench.BenchSettings(), **bench.BLOCK_ONLY_PINNED, lora_base="plain")
+    pinned = replace(bench.BenchSettings(), **bench.PINNED_FOR_BASELINES, lora_base="plain")
     data = asdict(pinned)
     del data["methods"], data["seeds"], data["placement"]
     del data["lora_base"]  # added later; "plain" (the LoRA base before) is not in the digest
@@ -451,7 +452,7 @@ def _plan(method: bench.BlockMethod, round_: int = 1) -> Any:
     from coordinator.round import plan_round
 
     return plan_round(method.policy, round_, method.candidates, method.registry, method.last_trained,
-                      method.world.seed, random.Random(method.world.seed))  # fmt: skip
+                      method.federation.seed, random.Random(method.federation.seed))  # fmt: skip
 
 
 def _with_candidates(world: Any, clients: list[tuple[str, float, dict[str, float]]], **overrides: Any) -> Any:
@@ -507,7 +508,7 @@ def _tiny_world(**overrides):
         probe_questions=4, final_probe_questions=0, probe_texts=2, max_tokens=32, blocks=2,
     )  # fmt: skip
     settings = bench.BenchSettings(**{**fields, **overrides})
-    world = bench.build_world(settings, 0, lambda _m: None)
+    world = bench.build_federation(settings, 0, lambda _m: None)
     bench.measure_capacities(world, lambda _m: None)
     return world
 
@@ -790,7 +791,7 @@ def test_the_final_probe_leaves_earlier_digests_and_results_alone() -> None:
     """Runs from before the final probe (no such setting in their results.json) read as 0 questions,
     and 0 keeps every earlier record's digest; any other number is a new digest for every method."""
     none = bench.BenchSettings(final_probe_questions=0)
-    data = bench.asdict(none)
+    data = dataclasses.asdict(none)
     del data["final_probe_questions"]
     assert bench.settings_from_dict(json.loads(json.dumps(data)), "x").final_probe_questions == 0
     assert "final_probe_questions" not in bench.digested_settings(none, "fedbe")
@@ -820,7 +821,7 @@ def _run_folder(folder: Path, settings: bench.BenchSettings, records: list[dict]
     for rec in records:
         rec["settings_digest"] = bench.settings_digest(settings, rec["method"])
         rec["round0"] = {"accuracy": 0.5, "definition_accuracy": 0.6, "perplexity": 40.0}
-    data = {"settings": json.loads(json.dumps(bench.asdict(settings))), "records": records}
+    data = {"settings": json.loads(json.dumps(dataclasses.asdict(settings))), "records": records}
     (folder / "results.json").write_text(json.dumps(data))
     return folder
 
@@ -1029,7 +1030,7 @@ def _a_later_setting(before: Any, after: Any, name: str, retrains: tuple, keeps:
         assert bench.settings_digest(before, method) != bench.settings_digest(after, method), method
     for method in keeps:
         assert bench.settings_digest(before, method) == bench.settings_digest(after, method), method
-    data = bench.asdict(after)
+    data = dataclasses.asdict(after)
     del data[name]
     assert getattr(bench.settings_from_dict(json.loads(json.dumps(data)), "x"), name) == getattr(before, name)
 
@@ -1048,11 +1049,11 @@ def _spy_on_block_training(monkeypatch: Any) -> list[tuple[Any, Any]]:
         return real(*args, **kwargs)
 
     def priors(self: Any) -> bool:
-        labels = self.world.labels
+        labels = self.federation.labels
         self.priors = {
             c.client_id: LabelPrior(tuple(range(65, 65 + len(labels))),
                                     tuple(float(c.histogram.get(k, 0)) for k in labels))
-            for c in self.world.clients
+            for c in self.federation.clients
         }  # fmt: skip
         return True
 
