@@ -8,7 +8,7 @@ This script scores four untrained models on the same probe questions and quotati
 as the bench builds them: the plain 16-bit model, the LoRA methods' on each ``--lora-base`` (the
 plain model, as in earlier runs, or FedBE's frozen base, the default) and FedBE's, and
 prints how many definition answers differ between each pair and the largest difference in any
-token's log-probability. ``docs/test-seeds.md`` ("The definition probe's floor") uses it to say how
+token's log-probability. ``docs/research.md`` uses it to say how
 large a difference between two methods the definition probe can resolve at all.
 
 Run: ``.venv/bin/python benchmarks/base_arithmetic.py [--questions 400] [--split test]`` (about

@@ -10,7 +10,7 @@ retention against the untrained model, as the bench does) three ways:
 * with every block interpolated toward the identity it started as, ``W0 + s (W - W0)`` for each
   ``--scales`` value (``s = 0`` is exactly the base; weight-space interpolation as in WiSE-FT).
 
-``docs/validation-sweep.md`` ("Where the last point of perplexity goes") used it to see whether the
+``docs/research.md`` used it to see whether the
 perplexity FedBE loses sits in one block or can be bought back by scaling the blocks down.
 
 Run: ``.venv/bin/python benchmarks/block_diagnosis.py --seed 0 [--split validation]

@@ -20,8 +20,8 @@ accuracy on held-out BBC articles, and general ability on text never used for tr
 definition choice, perplexity on fortunes quotations). Writes results.json, results.md,
 records.jsonl and plots (accuracy_retention.png, accuracy_vs_time.png) to --out and prints the table.
 
-On 2 CPU cores with SmolLM2-135M a method takes 10-20 minutes a seed (v12: FedBE, FedIT, FFA-LoRA and
-FedIT + distillation, 63 minutes a seed with three seeds side by side), so the default eight methods
+On 2 CPU cores with SmolLM2-135M a method takes 10-20 minutes a seed (FedBE, FedIT, FFA-LoRA and
+FedIT + distillation: 63 minutes a seed with three seeds side by side), so the default eight methods
 take well over an hour (not timed end to end); --jobs N and side-by-side seeds (bench-merge) shorten it.
 --quick is a smoke run (3 clients, 2 rounds x 3 steps, a few evaluation items)."""
 
@@ -136,7 +136,7 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         default=d.lora_base,
         help="how the LoRA methods hold the frozen base: 'frozen', as FedBE does (16-bit layers, a float32 "
         "residual stream), so every method starts from the same computation; 'plain', the 16-bit model as "
-        f"loaded (runs before session 28) (default {d.lora_base})",
+        f"loaded, whose untrained model rounds differently from FedBE's (default {d.lora_base})",
     )
     p.add_argument("--distill-top-k", type=int, default=d.distill_top_k, help=f"default {d.distill_top_k}")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help=f"default {d.eval_examples}")

@@ -115,7 +115,7 @@ def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], sett
         lines += [
             "",
             f"Perplexity retention on the first {PROBE_HEAD} of the {settings.probe_texts} quotations (the "
-            "probe of the runs before v10, the same texts): "
+            "smaller probe of earlier runs, the same texts): "
             + ", ".join(f"{r['method']} {_pm(r['perplexity_head_retention'], '.3f')}" for r in heads)
             + ".",
         ]

@@ -68,7 +68,7 @@ class BenchSettings:
     probe_texts: int = 192
     split: str = "test"  # "validation": choose settings here, never on test
     # FedBE's self-distillation weight; a tuple is a per-round schedule (rounds 1, 2, ...; its last
-    # value holds after it; coordinator.config.round_value). 3 while the blocks learn (rounds 1-2),
+    # value holds after it; fedbe.recipe.Recipe.distill_lambda_in_round). 3 while the blocks learn (rounds 1-2),
     # 12 after: strong distillation pays once the blocks have learned (docs/research.md)
     distill_lambda: float | tuple[float, ...] = (3.0, 3.0, 12.0)
     lora_distill_lambda: float = 3.0  # fedit-distill's own lambda, chosen on --split validation
