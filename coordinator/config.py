@@ -73,6 +73,9 @@ validation split; ``steps``, ``lr`` and ``lr_decay`` depend on the run's length 
 how it reaches the broker do not change what it trains), so a resume can check it is the same run.
 """
 
+# Why one module of ~580 lines: the field reference above and the loader that enforces it belong
+# together (a test checks every field is documented here and in docs/coordinator-config.md).
+
 from __future__ import annotations
 
 import dataclasses

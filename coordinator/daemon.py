@@ -14,6 +14,10 @@ One round:
    aggregation, the server optimizer), the same function ``fedbe bench`` runs;
 6. optionally evaluate (federated, or on the coordinator: :mod:`coordinator.server_eval`); write the
    snapshot atomically; one metrics line.
+
+Why one module of ~580 lines: it is one class whose state (model, registry, global state, RNG, clients)
+every step reads and checkpoints; the pure parts already live elsewhere (round, allocation,
+aggregation, inbox, server evaluation), and growing the model on a plateau is the next to move out.
 """
 
 from __future__ import annotations
