@@ -83,11 +83,10 @@ import difflib
 import enum
 import hashlib
 import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn, TypeGuard, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 import yaml
 
@@ -97,7 +96,7 @@ from fedbe.device_profile import PRECISIONS
 from fedbe.errors import CodecError, ConfigError, ExpansionError
 from fedbe.expansion import PLACEMENTS, parse_placement
 from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES, check_labels, check_name
-from fedbe.recipe import Recipe, RecipeError
+from fedbe.recipe import Recipe, RecipeError, in_interval, is_real
 from fedbe.sources import SMOLLM2, TINY_PREFIX
 from fedbe.transport import BrokerConfig
 
@@ -134,19 +133,6 @@ class ServerOptimizer(str, enum.Enum):
 
 STRATEGIES = tuple(s.value for s in Strategy)
 SERVER_OPTIMIZERS = tuple(o.value for o in ServerOptimizer)
-
-
-def _is_real(value: object) -> TypeGuard[float]:
-    """A finite int or float (not a bool)."""
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-
-
-def _in_interval(value: float, interval: str) -> bool:
-    """``value`` inside ``interval``, written like ``"(0, 1]"`` or ``"[0, inf)"``."""
-    low, high = (float(part) for part in interval[1:-1].split(","))
-    above = low < value or (interval[0] == "[" and value == low)
-    below = value < high or (interval[-1] == "]" and value == high)
-    return above and below
 
 
 @dataclass(frozen=True)
@@ -284,9 +270,9 @@ class _Fields:
     def real(self, name: str, default: object, interval: str) -> float:
         """A number inside ``interval``, written like ``"(0, 1]"`` or ``"[0, inf)"``."""
         value = self.raw(name, default)
-        if not _is_real(value):
+        if not is_real(value):
             self.fail(name, value, "must be a finite number", "Write a number such as 0.5 or 1e-4.")
-        if not _in_interval(value, interval):
+        if not in_interval(value, interval):
             self.fail(name, value, f"must lie in {interval}", f"Choose a value in {interval}.")
         return float(value)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeGuard
 
 from fedbe.errors import ConfigError
 
@@ -90,11 +90,6 @@ class Recipe:
         """Round ``round_``'s (1-based) distillation weight: its schedule entry, the last after the end."""
         return self.distill_lambda[min(max(round_, 1), len(self.distill_lambda)) - 1]
 
-    def distills(self) -> bool:
-        """Whether any round runs self-distillation (the allocation keeps non-distilling clients off
-        the blocks where forgetting is worst)."""
-        return any(v > 0 for v in self.distill_lambda)
-
     def to_payload(self) -> dict[str, object]:
         """The recipe as plain data (for msgpack, JSON and YAML), with its version."""
         data: dict[str, object] = {"version": RECIPE_VERSION}
@@ -131,11 +126,6 @@ class Recipe:
         return cls(**values)
 
 
-def recipe_fields() -> dict[str, str]:
-    """Field name -> what it means (for docs and ``--help``)."""
-    return {f.name: f.metadata["doc"] for f in fields(Recipe)}
-
-
 def parse_schedule(text: str, flag: str) -> tuple[float, ...]:
     """A command line's per-round schedule: ``"3"`` -> (3.0,), ``"3,3,12"`` -> (3.0, 3.0, 12.0), each value
     a finite number >= 0; :class:`RecipeError` naming ``flag`` otherwise."""
@@ -157,16 +147,17 @@ def _coerce(name: str, value: object, meta: Mapping[str, Any]) -> object:
     return value
 
 
-def _in_interval(value: float, interval: str) -> bool:
-    lo_text, hi_text = interval[1:-1].split(",")
-    lo, hi = float(lo_text), float(hi_text)
-    above = value > lo if interval[0] == "(" else value >= lo
-    below = value < hi if interval[-1] == ")" else value <= hi
+def in_interval(value: float, interval: str) -> bool:
+    """``value`` inside ``interval``, written like ``"(0, 1]"`` or ``"[0, inf)"``."""
+    low, high = (float(part) for part in interval[1:-1].split(","))
+    above = low < value or (interval[0] == "[" and value == low)
+    below = value < high or (interval[-1] == "]" and value == high)
     return above and below
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def is_real(value: object) -> TypeGuard[float]:
+    """A finite int or float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def _check(name: str, value: object, meta: Mapping[str, Any]) -> None:
@@ -178,12 +169,12 @@ def _check(name: str, value: object, meta: Mapping[str, Any]) -> None:
         if not isinstance(value, bool):
             raise RecipeError(name, f"{name} must be true or false, got {value!r}")
     elif kind == "real":
-        if not _is_real(value) or not _in_interval(float(value), meta["interval"]):  # type: ignore[arg-type]
+        if not is_real(value) or not in_interval(float(value), meta["interval"]):  # type: ignore[arg-type]
             raise RecipeError(name, f"{name} must be a number in {meta['interval']}, got {value!r}")
     elif kind == "schedule" and (
         not isinstance(value, tuple)
         or not value
-        or not all(_is_real(v) and _in_interval(float(v), meta["interval"]) for v in value)
+        or not all(is_real(v) and in_interval(float(v), meta["interval"]) for v in value)
     ):
         raise RecipeError(name, f"{name} must be a number in {meta['interval']} or a non-empty list of them "
                                 f"(one per round, the last holding after it), got {value!r}")  # fmt: skip
