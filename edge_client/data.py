@@ -18,9 +18,11 @@ and logs the bad ones as a WARNING. A file with no usable row is always a :class
 
 **Label histogram and privacy.** :func:`label_histogram` counts labels; :func:`noisy_histogram`
 adds Laplace(1/epsilon) noise to every count (adding or removing one example changes one count
-by one: sensitivity 1), clamped at zero — epsilon-differential privacy for the counts. The set of
-labels itself is not protected unless the histogram is built over a public label set
-(``label_histogram(examples, labels=...)``), which gives absent labels a (noised) zero.
+by one: sensitivity 1), clamped at zero — epsilon-differential privacy for the counts. The noise is
+drawn from operating-system entropy on every call and takes no seed: noise that a known seed (such
+as ``fedbe-edge run --seed``, default 0) regenerates would let anyone subtract it and read the true
+counts. The set of labels itself is not protected unless the histogram is built over a public label
+set (``label_histogram(examples, labels=...)``), which gives absent labels a (noised) zero.
 
 **Shards.** :func:`dirichlet_split` is the usual non-IID split: for each label, client shares
 drawn from Dirichlet(alpha); small alpha gives each client few labels, large alpha near-equal
@@ -35,6 +37,7 @@ import json
 import logging
 import math
 import random
+import secrets
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -262,10 +265,14 @@ def label_histogram(examples: Sequence[Example], labels: Sequence[str] | None = 
     return {k: float(counts.get(k, 0)) for k in keys}
 
 
-def noisy_histogram(hist: Mapping[str, float], epsilon: float, rng: np.random.Generator) -> dict[str, float]:
-    """Each count plus Laplace noise of scale 1/epsilon (sensitivity 1), clamped at 0."""
+def noisy_histogram(hist: Mapping[str, float], epsilon: float) -> dict[str, float]:
+    """Each count plus Laplace noise of scale 1/epsilon (sensitivity 1), clamped at 0.
+
+    The noise comes from a generator seeded with 128 bits from :mod:`secrets` on each call, never
+    from a caller's generator or seed: reproducible noise can be regenerated and subtracted."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not (0 < epsilon < math.inf):
         raise ConfigError(f"privacy epsilon must be a finite number > 0, got {epsilon!r}")
+    rng = np.random.Generator(np.random.PCG64(secrets.randbits(128)))
     noise = rng.laplace(0.0, 1.0 / epsilon, size=len(hist))
     return {k: max(0.0, float(v) + float(n)) for (k, v), n in zip(hist.items(), noise, strict=True)}
 

@@ -11,10 +11,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedbe.console import stop_on_signals
 from fedbe.errors import ConfigError, FedbeError
+
+if TYPE_CHECKING:
+    from edge_client.data import LocalData
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--label-dp-epsilon",
         type=float,
-        help="add Laplace noise of scale 1/epsilon to the announced label histogram",
+        help="add Laplace noise of scale 1/epsilon to the announced label histogram "
+        "(fresh operating-system randomness on every start, independent of --seed)",
     )
     run.add_argument(
         "--eval-fraction",
@@ -59,7 +63,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--require-tls", action="store_true", help="refuse to connect without TLS")
     run.add_argument("--username", help="broker user name")
     run.add_argument("--password-file", type=Path, help="file holding the broker password")
-    run.add_argument("--seed", type=int, default=0, help="seed for the local split and the noise")
+    run.add_argument("--seed", type=int, default=0, help="seed for the local split")
     run.add_argument("--max-tasks", type=int, help=argparse.SUPPRESS)  # tests: exit after N tasks
 
 
@@ -83,17 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     dataset = local_data.load_local_data(args.data)
     train, held_out = local_data.split_local(list(dataset.examples), args.eval_fraction, args.seed)
     held_out = held_out[: max(args.eval_examples, 0)]  # evaluation runs on-device: keep it bounded
-    histogram: dict[str, float] = {}
-    labels: list[str] = []
-    if dataset.kind == "classification":
-        histogram = local_data.label_histogram(dataset.examples)  # type: ignore[arg-type]
-        labels = sorted(histogram)
-        if args.label_dp_epsilon is not None:
-            histogram = local_data.noisy_histogram(
-                histogram, args.label_dp_epsilon, np.random.default_rng(args.seed)
-            )
-    elif args.label_dp_epsilon is not None:
-        raise ConfigError("--label-dp-epsilon applies to labelled data only")
+    histogram = announced_histogram(dataset, args.label_dp_epsilon)
+    labels = sorted(histogram)
     log.info("%s: %d training and %d held-out %s examples from %s", client_id, len(train), len(held_out),
              dataset.kind, args.data)  # fmt: skip
     password = args.password_file.read_text().strip() if args.password_file else None
@@ -154,6 +149,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     code = EdgeAgent(conn, topics, client_id, setup, stop).run(max_tasks=args.max_tasks)
     log.info("%s stopped after %.0f s", client_id, time.monotonic() - started)
     return code
+
+
+def announced_histogram(dataset: LocalData, label_dp_epsilon: float | None) -> dict[str, float]:
+    """The label histogram this client announces: {} for unlabelled data, the true counts without
+    ``label_dp_epsilon``, else Laplace-noised counts (:func:`edge_client.data.noisy_histogram`, whose
+    noise no seed reproduces)."""
+    from edge_client import data as local_data  # noqa: PLC0415
+
+    if dataset.kind != local_data.CLASSIFICATION:
+        if label_dp_epsilon is not None:
+            raise ConfigError("--label-dp-epsilon applies to labelled data only")
+        return {}
+    histogram = local_data.label_histogram(dataset.examples)  # type: ignore[arg-type]
+    if label_dp_epsilon is None:
+        return histogram
+    return local_data.noisy_histogram(histogram, label_dp_epsilon)
 
 
 def label_prior_for(tokenizer: Any, train: Sequence[Any]) -> Callable[[tuple[str, ...]], Any]:

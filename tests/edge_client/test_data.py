@@ -144,23 +144,22 @@ def test_label_histogram() -> None:
 
 @pytest.mark.parametrize("epsilon", [0.5, 2.0])
 def test_laplace_noise_is_unbiased_with_scale_one_over_epsilon(epsilon: float) -> None:
-    rng = np.random.default_rng(0)
     hist = {"a": 50.0, "b": 80.0}
-    draws = np.array([[v for v in noisy_histogram(hist, epsilon, rng).values()] for _ in range(20000)])
+    draws = np.array([[v for v in noisy_histogram(hist, epsilon).values()] for _ in range(20000)])
     scale = 1 / epsilon
     std_error = np.sqrt(2) * scale / np.sqrt(len(draws))
-    assert abs(draws[:, 0].mean() - 50) < 4 * std_error and abs(draws[:, 1].mean() - 80) < 4 * std_error
+    # the noise is unseeded by design: 5 standard errors keeps a false failure below one in a million
+    assert abs(draws[:, 0].mean() - 50) < 5 * std_error and abs(draws[:, 1].mean() - 80) < 5 * std_error
     mean_abs = np.abs(draws - np.array([50.0, 80.0])).mean()  # E|Laplace(b)| = b
     assert mean_abs == pytest.approx(scale, rel=0.05)
 
 
 def test_noisy_counts_are_clamped_and_epsilon_checked() -> None:
-    rng = np.random.default_rng(1)
-    values = [noisy_histogram({"a": 0.0}, 0.1, rng)["a"] for _ in range(200)]
+    values = [noisy_histogram({"a": 0.0}, 0.1)["a"] for _ in range(200)]
     assert min(values) == 0.0 and max(values) > 0
     for bad in (0, -1.0, float("nan"), float("inf"), True):
         with pytest.raises(ConfigError, match="epsilon"):
-            noisy_histogram({"a": 1.0}, bad, rng)  # type: ignore[arg-type]
+            noisy_histogram({"a": 1.0}, bad)  # type: ignore[arg-type]
 
 
 def test_split_local() -> None:
