@@ -11,6 +11,7 @@ Layout of ``state_dir``::
         global.safetensors  the global new-block state (fedbe.blocks.save_block_state)
         optimizer-<slot>.safetensors   one per server-optimizer tensor slot (e.g. momentum)
     pending/round-000013/<client id>.frame   raw frames of accepted updates of the open round
+    pending/round-000013/plan.json           the open round's plan (its clients and their blocks)
     metrics.jsonl           one JSON object per line
     baseline.json           the base model's server-side scores (server_eval.baseline), written once
 
@@ -28,6 +29,10 @@ What is guaranteed (on a POSIX file system that honours fsync and rename):
   After a crash mid-round the restarted coordinator reads :meth:`~CheckpointStore.pending_updates`
   for the round after the last snapshot and re-uses them; pending updates up to a round are
   removed only after that round's snapshot is committed.
+* **A resumed round keeps its plan**: :meth:`~CheckpointStore.save_round_plan` writes the open
+  round's plan before its tasks go out, and the restarted coordinator reads it back
+  (:meth:`~CheckpointStore.round_plan`) instead of planning the round again, so every client that
+  was given a task can still deliver it.
 * **A corrupt snapshot is detected** (sha256 of every tensor file, strict JSON and layout checks);
   :meth:`~CheckpointStore.load_latest` then falls back to the previous one with a WARNING.
 * Disk full, permission denied or a read-only file system raise :class:`CheckpointError` naming
@@ -63,6 +68,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LATEST_FILE, LOCK_FILE, METRICS_FILE, PENDING_DIR = "LATEST", "LOCK", "metrics.jsonl", "pending"
+PLAN_FILE = "plan.json"
 BASELINE_FILE = "baseline.json"
 SNAPSHOT_JSON, GLOBAL_FILE = "snapshot.json", "global.safetensors"
 _ROUND_DIR = re.compile(r"^round-(\d{6,})$")
@@ -265,6 +271,33 @@ class CheckpointStore:
             return {p.stem: p.read_bytes() for p in sorted(folder.glob("*.frame"))}
         except OSError as exc:
             raise _io_error(exc, "read pending updates in", folder, None) from exc
+
+    def save_round_plan(self, round: int, record: Mapping[str, object]) -> None:
+        """Persist the plan of the open ``round`` (atomic, fsynced); it goes with the round's pending
+        updates once the round's snapshot is committed."""
+        path = self._pending_dir(round) / PLAN_FILE
+        try:
+            data = json.dumps(record, sort_keys=True).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"the plan of round {round} is not JSON-serializable: {exc}") from exc
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, data)
+        except OSError as exc:
+            raise _io_error(exc, f"save the plan of round {round} to", path, None) from exc
+
+    def round_plan(self, round: int) -> dict[str, object] | None:
+        """The plan saved for ``round``; None when there is none or it is unreadable (with a WARNING:
+        the round is then planned again)."""
+        path = self._pending_dir(round) / PLAN_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the unreadable plan %s (%s); round %d is planned again", path, exc, round)
+            return None
+        return data if isinstance(data, dict) else None
 
     def clear_pending(self, up_to_round: int) -> None:
         """Remove the pending updates of every round <= ``up_to_round``."""

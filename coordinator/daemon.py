@@ -4,18 +4,20 @@ One round:
 
 1. wait until at least ``min_clients`` eligible clients (online, announced, same base) are known;
 2. plan it (:func:`coordinator.round.plan_round`, pure: selection with the seeded RNG restored on
-   resume, and the allocation of new blocks);
+   resume, and the allocation of new blocks) and save the plan in the state directory; a round
+   resumed after a crash keeps its saved plan;
 3. send each assigned client a task: the current weights of every new block and the recipe;
 4. collect replies (:mod:`coordinator.inbox`) until every assigned client answered (update or error)
    or went offline, or the deadline passed with at least ``min_clients`` updates (a client counts as
    gone once it has been offline for ``OFFLINE_GRACE_SECONDS``); each accepted update is written to
-   the state directory before it counts, so a crash mid-round loses none;
+   the state directory before it counts, so a crash mid-round loses none, and an update sent while
+   the coordinator was down waits in its persistent broker session for the resumed round;
 5. close it (:func:`coordinator.round.close_round`, pure: screening, weight caps, late updates,
    aggregation, the server optimizer), the same function ``fedbe bench`` runs;
 6. optionally evaluate (federated, or on the coordinator: :mod:`coordinator.server_eval`); write the
    snapshot atomically; one metrics line.
 
-Why one module of ~580 lines: it is one class whose state (model, registry, global state, RNG, clients)
+Why one module of ~600 lines: it is one class whose state (model, registry, global state, RNG, clients)
 every step reads and checkpoints; the pure parts already live elsewhere (round, allocation,
 aggregation, inbox, server evaluation), and growing the model on a plateau is the next to move out.
 """
@@ -38,7 +40,9 @@ from coordinator.round import (
     RoundPlan,
     RoundPolicy,
     close_round,
+    plan_from_json,
     plan_round,
+    plan_to_json,
     trained_blocks,
 )
 from coordinator.server_eval import ServerEvaluator
@@ -347,8 +351,7 @@ class Coordinator:
     def run_round(self, round_: int) -> None:
         started = time.monotonic()
         rlog = RoundLog(round_)
-        plan = plan_round(self.policy, round_, self.candidates(), self.registry, self.last_trained, self.cfg.seed,
-                          self.rng)  # fmt: skip
+        plan = self.plan(round_)
         alloc, assignments = plan.allocation, plan.assignments
         rlog.selected = list(plan.selected)
         rlog.assignments = {c: list(b) for c, b in alloc.assignments.items()}
@@ -391,14 +394,39 @@ class Coordinator:
         self.round = round_
         self.save(rlog)
 
+    def plan(self, round_: int) -> RoundPlan:
+        """The round's saved plan when it is resumed after a crash, else a new one, saved before any
+        task goes out. Planning a resumed round again would select among the clients back online
+        first, and refuse the update of an assigned client that is not (yet) back."""
+        from coordinator.checkpoint import rng_state_from_json, rng_state_to_json  # noqa: PLC0415
+
+        saved = self.store.round_plan(round_)
+        if saved is not None:
+            try:
+                plan = plan_from_json(saved["plan"], round_, self.policy.recipe, self.registry.block_ids)
+                self.rng.setstate(rng_state_from_json(saved["rng_state"]))  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("round %d: the saved plan can not be resumed (%s); planning the round again",
+                            round_, exc)  # fmt: skip
+            else:
+                log.info("round %d: resuming its saved plan (clients %s)", round_, list(plan.selected))
+                return plan
+        plan = plan_round(self.policy, round_, self.candidates(), self.registry, self.last_trained, self.cfg.seed,
+                          self.rng)  # fmt: skip
+        self.store.save_round_plan(round_, {"plan": plan_to_json(plan),
+                                            "rng_state": rng_state_to_json(self.rng.getstate())})  # fmt: skip
+        return plan
+
     def collect(self, collector: RoundCollector, started: float) -> str:
+        # A resumed round's deadline counts from the restart: its clients kept training meanwhile.
         deadline = started + self.cfg.round_deadline_seconds
         hard_limit = started + 3 * self.cfg.round_deadline_seconds
         offline_since: dict[str, float] = {}  # client -> when this round first saw it offline
         while not self.stop.is_set():
             now = time.monotonic()
-            for cid, rec in self.clients.clients.items():
-                if rec.online:
+            for cid in {*self.clients.clients, *collector.assignments}:
+                rec = self.clients.clients.get(cid)  # an assigned client unknown since a restart is offline
+                if rec is not None and rec.online:
                     offline_since.pop(cid, None)
                 else:
                     offline_since.setdefault(cid, now)
@@ -436,7 +464,7 @@ class Coordinator:
             collector.reject(cid, code, reason)
         for cid in outcome.accepted:
             msg = collector.updates[cid]
-            predicted = self.clients.clients[cid].predicted_step_seconds(
+            predicted = self.clients.record(cid).predicted_step_seconds(
                 self.registry.num_layers, min(self.registry.block(b).layer_index for b in msg.blocks)
             )
             self.clients.on_result(
@@ -492,7 +520,7 @@ class Coordinator:
         self.baseline = result
 
     def federated_eval(self, round_: int, rlog: RoundLog) -> dict[str, Any]:
-        clients = [c for c in rlog.selected if self.clients.clients[c].eligible]
+        clients = [c for c in rlog.selected if c in self.clients.clients and self.clients.clients[c].eligible]
         for cid in clients:
             self.send_task(cid, round_, (), rlog, evaluate=True)
         results: dict[str, protocol.EvalResultMessage] = {}

@@ -8,6 +8,10 @@ and collects replies, the bench trains its emulated clients in process; both han
 * :func:`plan_round` selects the round's clients, gives each the allocation's blocks
   (:func:`coordinator.allocation.allocate`) under the round's deadline, and fixes the recipe the
   tasks carry.
+* :func:`plan_to_json` / :func:`plan_from_json` write a plan down and read it back: the daemon
+  keeps the plan of the open round in its state directory, so a round resumed after a crash keeps
+  its clients and their blocks instead of being planned again among whoever is back online first
+  (an assigned client's update sent while the coordinator was down would otherwise be refused).
 * :func:`close_round` screens every update (:func:`coordinator.aggregation.screen_update`: only
   assigned blocks, the model's layout, finite values, a norm not far above the round's others), caps
   each client's weight at what its task allowed (a client can not buy a larger share of the average
@@ -112,6 +116,55 @@ def plan_round(
     )  # fmt: skip
     assignments = {cid: blocks for cid, blocks in result.assignments.items() if blocks}
     return RoundPlan(round_, tuple(selected), result, assignments, deadline, policy.recipe)
+
+
+def plan_to_json(plan: RoundPlan) -> dict[str, Any]:
+    """``plan`` as JSON values, without its recipe (the run's config holds that)."""
+    alloc = plan.allocation
+    return {
+        "round": plan.round, "selected": list(plan.selected),
+        "assignments": {cid: list(blocks) for cid, blocks in alloc.assignments.items()},
+        "unassigned_blocks": list(alloc.unassigned_blocks), "reasons": dict(alloc.reasons),
+        "block_divergence": {str(b): d for b, d in alloc.block_divergence.items()},
+        "withdrawn_blocks": list(alloc.withdrawn_blocks), "allocation_deadline": plan.allocation_deadline,
+    }  # fmt: skip
+
+
+def plan_from_json(
+    data: Mapping[str, Any], round_: int, recipe: Recipe, block_ids: Sequence[int]
+) -> RoundPlan:
+    """The inverse of :func:`plan_to_json`. Raises ValueError, naming the problem, when ``data`` is not
+    a plan of round ``round_`` over the blocks ``block_ids`` (the expansion changed, or the file is
+    damaged): such a plan can not be resumed."""
+    try:
+        if data["round"] != round_:
+            raise ValueError(f"it is the plan of round {data['round']!r}")
+        known = set(block_ids)
+        assignments: dict[str, tuple[int, ...]] = {}
+        for cid, blocks in dict(data["assignments"]).items():
+            if not isinstance(cid, str) or any(isinstance(b, bool) or not isinstance(b, int) for b in blocks):
+                raise ValueError(f"client {cid!r} has blocks {blocks!r}, not a list of block ids")
+            if set(blocks) - known:
+                raise ValueError(
+                    f"client {cid} trains blocks {sorted(set(blocks) - known)}, not in {sorted(known)}"
+                )
+            assignments[cid] = tuple(blocks)
+        selected = tuple(str(c) for c in data["selected"])
+        if set(assignments) - set(selected):
+            raise ValueError(
+                f"clients {sorted(set(assignments) - set(selected))} are assigned but not selected"
+            )
+        allocation = Allocation(
+            assignments=assignments, unassigned_blocks=tuple(int(b) for b in data["unassigned_blocks"]),
+            reasons={str(c): str(r) for c, r in dict(data["reasons"]).items()},
+            block_divergence={int(b): float(d) for b, d in dict(data["block_divergence"]).items()},
+            withdrawn_blocks=tuple(int(b) for b in data["withdrawn_blocks"]),
+        )  # fmt: skip
+        deadline = float(data["allocation_deadline"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a round plan: {type(exc).__name__}: {exc}") from exc
+    training = {cid: blocks for cid, blocks in assignments.items() if blocks}
+    return RoundPlan(round_, selected, allocation, training, deadline, recipe)
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,20 @@ def test_keeps_the_newest_snapshots(tmp_path: Path, keep: int) -> None:
     assert loaded is not None and loaded.round == 4
 
 
+def test_the_open_rounds_plan_is_kept_until_its_snapshot_is_committed(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "state")
+    assert store.round_plan(3) is None
+    store.save_round_plan(3, {"plan": {"round": 3}, "rng_state": [3, [1, 2], None]})
+    store.save_pending_update(3, "edge-1", b"frame")
+    restarted = CheckpointStore(tmp_path / "state")
+    assert restarted.round_plan(3) == {"plan": {"round": 3}, "rng_state": [3, [1, 2], None]}
+    assert restarted.pending_updates(3) == {"edge-1": b"frame"}  # the plan is not taken for an update
+    (tmp_path / "state" / "pending" / "round-000003" / "plan.json").write_text("{cut off")
+    assert restarted.round_plan(3) is None  # unreadable: the round is planned again
+    restarted.clear_pending(3)
+    assert restarted.round_plan(3) is None
+
+
 def test_pending_updates_are_persisted_and_cleared(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     store.save_pending_update(3, "edge-1", b"frame-1")

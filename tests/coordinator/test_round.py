@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -14,7 +15,9 @@ from coordinator.round import (
     Reply,
     RoundPolicy,
     close_round,
+    plan_from_json,
     plan_round,
+    plan_to_json,
     select_clients,
     trained_blocks,
 )
@@ -74,6 +77,20 @@ def test_clients_that_do_not_distill_are_kept_off_the_riskiest_block() -> None:
         recipe = policy(recipe=Recipe(steps=4, distill_lambda=distill_lambda))
         plan = plan_round(recipe, 2, fleet, REGISTRY, trained, seed=0, rng=random.Random(0))
         assert plan.assignments == {"a": want}, distill_lambda
+
+
+def test_a_saved_plan_reads_back_as_the_same_plan_and_a_plan_for_other_blocks_is_refused() -> None:
+    fleet = [candidate("fast"), candidate("mid", backward=3.0), candidate("slow", backward=10.0)]
+    plan = plan_round(policy(deadline_seconds=30.0), 2, fleet, REGISTRY, {}, seed=0, rng=random.Random(0))
+    assert "slow" in plan.allocation.assignments and "slow" not in plan.assignments  # selected, no blocks
+    saved = json.loads(json.dumps(plan_to_json(plan)))  # what the state directory holds
+    assert plan_from_json(saved, 2, RECIPE, REGISTRY.block_ids) == plan
+    with pytest.raises(ValueError, match="plan of round 2"):
+        plan_from_json(saved, 3, RECIPE, REGISTRY.block_ids)
+    with pytest.raises(ValueError, match=r"trains blocks \[1\], not in \[0\]"):
+        plan_from_json(saved, 2, RECIPE, (0,))  # the expansion changed since the plan was saved
+    with pytest.raises(ValueError, match="not a round plan"):
+        plan_from_json({k: v for k, v in saved.items() if k != "selected"}, 2, RECIPE, REGISTRY.block_ids)
 
 
 def _plan(assignments: dict[str, tuple[int, ...]]):  # type: ignore[no-untyped-def]
