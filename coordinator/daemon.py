@@ -48,7 +48,7 @@ from coordinator.round import (
 from coordinator.server_eval import ServerEvaluator
 from fedbe import protocol
 from fedbe.blocks import block_layout, get_block_state
-from fedbe.errors import BaseModelMismatchError, CodecError
+from fedbe.errors import BaseModelMismatchError
 from fedbe.expansion import BlockRegistry
 from fedbe.protocol import ClientTopic, Topics
 from fedbe.protocol.messages import MAX_LABELS
@@ -365,6 +365,7 @@ class Coordinator:
         collector = RoundCollector(
             round_, assignments, self.layout, self.cfg.broker.max_message_bytes,
             lambda cid, frame: self.store.save_pending_update(round_, cid, frame), already, self.inbox.count,
+            self.inbox.bad,
         )  # fmt: skip
         log.info("round %d/%d: %d clients, allocation %s%s", round_, self.cfg.rounds, len(assignments),
                  {c: list(b) for c, b in assignments.items()},
@@ -533,12 +534,8 @@ class Coordinator:
             if self.pump.handle_lifecycle(cid, kind, payload):
                 continue
             if kind is ClientTopic.EVAL:
-                try:
-                    msg = protocol.decode(payload, expected_type=protocol.EvalResultMessage)
-                except CodecError:
-                    self.inbox.count("invalid_eval")
-                    continue
-                if msg.round == round_ and cid in clients:
+                msg = self.pump.eval_result(cid, payload)
+                if msg is not None and msg.round == round_ and cid in clients:
                     results[cid] = msg
             else:
                 self.inbox.count(f"{kind.value}_during_eval")

@@ -4,6 +4,11 @@ phase (announce, status), and the collector of one round's replies.
 A round's updates are decoded and checked against the task here (protocol errors, wrong client,
 wrong round, replays, blocks other than the assigned ones) and made durable before they count; what
 they are worth to the model (screening, weights, aggregation) is :func:`coordinator.round.close_round`.
+
+A message that does not decode on any other topic (announce, status, evaluation, task error) is
+counted as ``invalid_<topic>_<reason>`` and logged at WARNING with the topic, the sender and the
+decoder's reason (:class:`BadMessages`, at most one line per sender and topic a minute), so garbage
+on a topic is visible where it arrives and is never reported as a rejected update.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from coordinator.registry import ClientRegistry, check_announce
@@ -24,13 +30,48 @@ from fedbe.transport import Connection
 
 log = logging.getLogger(__name__)
 
+BAD_MESSAGE_LOG_SECONDS = 60.0  # one WARNING per sender and topic in this time; the rest are tallied
+_MAX_TRACKED_SENDERS = 10_000  # bounds the tally when many client ids send garbage
+
+
+class BadMessages:
+    """Counts and logs the messages that do not decode, by topic kind and sender.
+
+    Every one is counted (``count("invalid_<topic>_<reason>")``); the WARNING names the topic, the
+    sender and the decoder's reason. A client sending garbage in a loop would flood the log, so per
+    (topic, sender) one line is logged every ``every`` seconds, the next one saying how many were
+    not logged in between."""
+
+    def __init__(self, count: Callable[[str], None] | None = None, every: float = BAD_MESSAGE_LOG_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.count, self.every, self.clock = count, every, clock
+        # (topic, sender) -> (when last logged, how many not logged since)
+        self._last: dict[tuple[ClientTopic, str], tuple[float, int]] = {}
+
+    def __call__(self, kind: ClientTopic, client_id: str, exc: CodecError) -> None:
+        if self.count is not None:
+            self.count(f"invalid_{kind.value}_{exc.reason}")
+        now, key = self.clock(), (kind, client_id)
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.every:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        if len(self._last) >= _MAX_TRACKED_SENDERS:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        more = f" ({last[1]} more since the last one, not logged)" if last is not None and last[1] else ""
+        log.warning("invalid message on the %s topic from %s (%s): %s%s", kind.value, client_id, exc.reason,
+                    exc, more)  # fmt: skip
+
 
 class Inbox:
-    """Decodes what arrives and routes it by topic; invalid messages are counted, never fatal."""
+    """Decodes what arrives and routes it by topic; invalid messages are counted and logged
+    (:class:`BadMessages`), never fatal."""
 
     def __init__(self, conn: Connection, topics: Topics) -> None:
         self.conn, self.topics = conn, topics
         self.rejections: dict[str, int] = {}
+        self.bad = BadMessages(self.count)
 
     def next(self, timeout: float) -> tuple[str, ClientTopic, bytes] | None:
         try:
@@ -67,8 +108,7 @@ class MessagePump:
             try:
                 msg = protocol.decode(payload, expected_type=protocol.AnnounceMessage)
             except CodecError as exc:
-                log.warning("invalid announce from %s: %s", client_id, exc)
-                self.inbox.count(f"invalid_announce_{exc.reason}")
+                self.inbox.bad(kind, client_id, exc)
                 return True
             if msg.client_id != client_id:
                 self.inbox.count("announce_for_other_client")
@@ -87,7 +127,7 @@ class MessagePump:
             try:
                 status = protocol.decode(payload, expected_type=protocol.StatusMessage)
             except CodecError as exc:
-                self.inbox.count(f"invalid_status_{exc.reason}")
+                self.inbox.bad(kind, client_id, exc)
                 return True
             if status.client_id != client_id:
                 self.inbox.count("status_for_other_client")
@@ -95,6 +135,14 @@ class MessagePump:
             self.clients.on_status(client_id, status.state)
             return True
         return False
+
+    def eval_result(self, client_id: str, payload: bytes) -> protocol.EvalResultMessage | None:
+        """A federated evaluation's result; None (counted and logged) when it does not decode."""
+        try:
+            return protocol.decode(payload, expected_type=protocol.EvalResultMessage)
+        except CodecError as exc:
+            self.inbox.bad(ClientTopic.EVAL, client_id, exc)
+            return None
 
 
 def wait_for_clients(
@@ -137,9 +185,11 @@ class RoundCollector:
     """Collects one round's replies until it can close (all answered, or deadline with enough updates)."""
 
     def __init__(self, round_: int, assignments: dict[str, tuple[int, ...]], layout: Any, max_bytes: int,
-                 persist: Any, already: dict[str, bytes], count: Any = None) -> None:  # fmt: skip
+                 persist: Any, already: dict[str, bytes], count: Any = None,
+                 bad: BadMessages | None = None) -> None:  # fmt: skip
         self.round = round_
         self.count = count  # reason -> None: every rejection is counted in the metrics by its reason
+        self.bad = bad or BadMessages(count)  # a task error that does not decode is not a rejected update
         self.assignments = assignments
         self.layout = layout
         self.max_bytes = max_bytes
@@ -203,10 +253,13 @@ class RoundCollector:
         try:
             msg = protocol.decode(frame, max_bytes=self.max_bytes, expected_type=protocol.TaskErrorMessage)
         except CodecError as exc:
-            self.reject(client_id, f"invalid_error_{exc.reason}", str(exc))
+            self.bad(ClientTopic.ERROR, client_id, exc)
             return
         if msg.client_id != client_id:
-            self.reject(client_id, "wrong_client", f"task error names client {msg.client_id!r}")
+            if self.count is not None:
+                self.count("error_for_other_client")
+            log.warning("round %d: ignoring a task error from %s that names client %r", self.round, client_id,
+                        msg.client_id)  # fmt: skip
         elif msg.round == self.round and client_id in self.assignments:
             self.errors[client_id] = msg
             log.warning(
