@@ -148,7 +148,7 @@ class Coordinator:
             self.auto_pending = False
             self.global_state = snapshot.global_state
             self.round = snapshot.round
-            self.clients = ClientRegistry.from_json(self.fingerprint, dict(snapshot.clients))
+            self.clients = ClientRegistry.from_json(self.fingerprint, dict(snapshot.clients), cfg.labels)
             self.rng.setstate(rng_state_from_json(snapshot.rng_state))  # type: ignore[arg-type]
             self.last_trained = {int(k): int(v) for k, v in snapshot.last_trained.items()}
             self.server_state = snapshot.server_optimizer_state

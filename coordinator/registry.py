@@ -174,8 +174,13 @@ class ClientRegistry:
         return out
 
     @classmethod
-    def from_json(cls, base_fingerprint: str, data: dict[str, Any]) -> ClientRegistry:
-        reg = cls(base_fingerprint)
+    def from_json(
+        cls, base_fingerprint: str, data: dict[str, Any], labels: tuple[str, ...] = ()
+    ) -> ClientRegistry:
+        """The registry :meth:`to_json` wrote, under the configured ``labels`` of this run: a stored
+        announce with a label outside them is dropped (that client is eligible again once it
+        announces the federation's labels), as :meth:`on_announce` would have refused it."""
+        reg = cls(base_fingerprint, labels)
         for cid, item in data.items():
             announce = item.get("announce")
             rec = ClientRecord(
@@ -185,5 +190,7 @@ class ClientRegistry:
             )  # fmt: skip
             if announce:
                 rec.announce = AnnounceMessage(**announce)
+                if reg.labels and set(rec.announce.label_histogram) - reg.labels:
+                    rec.announce = None
             reg.clients[cid] = rec
         return reg

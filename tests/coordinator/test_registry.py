@@ -85,3 +85,14 @@ def test_json_round_trip_keeps_history_and_marks_everyone_offline() -> None:
     rec = back.clients["c1"]
     assert rec.announce == reg.clients["c1"].announce and rec.memory_limit_blocks == 1
     assert not rec.online and back.eligible() == []
+
+
+def test_a_restored_registry_keeps_refusing_labels_outside_the_configured_ones() -> None:
+    saved = ClientRegistry("llama-6L-abc")  # announced while no labels were configured
+    saved.on_announce(announce("c1", label_histogram={"a": 3.0, "zz": 1.0}))
+    saved.on_announce(announce("c2", label_histogram={"a": 3.0}))
+    back = ClientRegistry.from_json("llama-6L-abc", saved.to_json(), labels=("a", "b"))
+    for cid in ("c1", "c2"):
+        back.on_status(cid, "online")
+    assert [r.client_id for r in back.eligible()] == ["c2"]
+    assert back.on_announce(announce("c3", label_histogram={"zz": 1.0})).code == "refused"
