@@ -181,4 +181,4 @@ def _check(name: str, value: object, meta: Mapping[str, Any]) -> None:
 
 
 # plain cross-entropy with the trainer's own defaults: the device profiler's timing runs and ``fedbe demo``
-PLAIN = Recipe(lr=2e-4, distill_lambda=0.0, distill_top_k=0, distill_sample=0, distill_rows=0, label_balance=False)
+PLAIN = Recipe(lr=2e-4, distill_lambda=(0.0,), distill_top_k=0, distill_sample=0, distill_rows=0, label_balance=False)

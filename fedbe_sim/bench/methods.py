@@ -76,9 +76,10 @@ class Method:
                label_balance: bool = False) -> Recipe:  # fmt: skip
         """This run's training recipe with a method's own lr schedule and distillation weight."""
         settings = self.settings
+        schedule = distill_lambda if isinstance(distill_lambda, tuple) else (distill_lambda,)
         return Recipe(
             steps=settings.steps, lr=lr, lr_decay=lr_decay, batch_size=settings.batch_size,
-            max_tokens=settings.max_tokens, distill_lambda=distill_lambda, distill_top_k=settings.distill_top_k,
+            max_tokens=settings.max_tokens, distill_lambda=schedule, distill_top_k=settings.distill_top_k,
             distill_sample=settings.distill_sample, distill_rows=settings.distill_rows, label_balance=label_balance,
         )  # fmt: skip
 
