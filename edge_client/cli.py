@@ -24,7 +24,7 @@ from fedbe.device_profile import (
     load_profile,
     shipped_profile_names,
 )
-from fedbe.errors import ConfigError
+from fedbe.errors import ConfigError, FedbeError
 
 log = logging.getLogger("edge_client")
 
@@ -211,6 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "run" and args.config is not None:
+        from edge_client.run_config import parse_with_file  # noqa: PLC0415
+
+        try:
+            args = parse_with_file(parser, argv, args.config)
+        except FedbeError as exc:
+            print(f"fedbe-edge run: error: {exc}", file=sys.stderr)
+            return 1
     verbosity = args.verbose + (1 if args.command == "run" else 0)  # the agent logs its progress
     setup_logging((logging.WARNING, logging.INFO)[verbosity] if verbosity < 2 else logging.DEBUG)
     return dispatch("fedbe-edge", args, COMMANDS)
