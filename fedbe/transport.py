@@ -176,7 +176,7 @@ class Connection:
         self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
     ) -> None:
         self.connected.clear()
-        if self.connects == 0:
+        if self.connects == 0 and self._refused is None:  # not after a CONNACK that said why
             # Closed before any CONNACK: under TLS 1.3 a broker that requires client certificates checks
             # ours after our handshake ended, and answers a missing or foreign one by closing.
             self._refused = (
