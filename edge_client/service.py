@@ -92,7 +92,7 @@ def read_password(path: Path | None) -> str | None:
 def broker_config(args: argparse.Namespace, client_id: str) -> Any:
     """The :class:`fedbe.transport.BrokerConfig` of these settings, checked (before torch is imported)."""
     for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
-                       ("--password-file", args.password_file), ("--data", args.data)):  # fmt: skip
+                       ("--password-file", args.password_file)):  # fmt: skip
         if path is not None and not path.is_file():
             raise ConfigError(f"{flag} {path}: no such file")
     from fedbe.transport import BrokerConfig  # noqa: PLC0415 - imports torch (via fedbe.protocol)

@@ -164,7 +164,10 @@ def test_the_coordinator_connects_with_its_certificate_from_its_run_config(
         coord.publish(TOPICS.coordinator_status(), b"running", wait=5)  # only the coordinator may
         coord.publish(TOPICS.client("c2", ClientTopic.TASK), b"task", wait=5)
         got = {c2.inbox.get(timeout=5), c2.inbox.get(timeout=5)}
-        assert got == {(TOPICS.coordinator_status(), b"running"), (TOPICS.client("c2", ClientTopic.TASK), b"task")}
+        assert got == {
+            (TOPICS.coordinator_status(), b"running"),
+            (TOPICS.client("c2", ClientTopic.TASK), b"task"),
+        }
         with pytest.raises(TransportError, match="Not authorized"):
             c2.publish(TOPICS.coordinator_status(), b"fake status", wait=5)
     finally:
