@@ -1,4 +1,5 @@
-"""deploy/fedbe-edge.service: systemd scores its sandbox, and it runs `fedbe-edge` from an enrolment bundle."""
+"""deploy/*.service: systemd scores their sandboxes, and they run fedbe from files passed as credentials:
+the edge agent from an enrolment bundle, the coordinator from its run config and certificate."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.cli import build_parser as coordinator_parser
 from coordinator.cli import main as coordinator_main
+from coordinator.config import load_run_config
 from edge_client.cli import build_parser
 from edge_client.run_config import check_required, parse_with_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGE_UNIT = ROOT / "deploy" / "fedbe-edge.service"
+COORDINATOR_UNIT = ROOT / "deploy" / "fedbe-coordinator.service"
 MAX_EXPOSURE = 3.0  # systemd-analyze: up to 3.9 is rated "OK", lower is better
 
 
@@ -48,11 +52,12 @@ def exposure(unit: Path) -> float:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_systemd_rates_the_edge_units_sandbox_at_most_3(tmp_path: Path) -> None:
-    assert exposure(EDGE_UNIT) <= MAX_EXPOSURE
+@pytest.mark.parametrize("unit", [EDGE_UNIT, COORDINATOR_UNIT], ids=lambda p: p.name)
+def test_systemd_rates_the_units_sandbox_at_most_3(unit: Path, tmp_path: Path) -> None:
+    assert exposure(unit) <= MAX_EXPOSURE
     # the measurement discriminates: the same unit without its sandbox is rated exposed
-    bare = tmp_path / "fedbe-edge.service"
-    bare.write_text("[Service]\nExecStart=" + unit_settings(EDGE_UNIT)["ExecStart"][0] + "\n")
+    bare = tmp_path / unit.name
+    bare.write_text("[Service]\nExecStart=" + unit_settings(unit)["ExecStart"][0] + "\n")
     assert exposure(bare) > 9.0
 
 
@@ -84,3 +89,30 @@ def test_the_units_command_line_parses_and_reads_a_bundle_passed_as_credentials(
     # The state and cache folders it writes are the ones systemd makes for it.
     assert service["StateDirectory"] == ["fedbe"] and service["CacheDirectory"] == ["fedbe"]
     assert service["DynamicUser"] == ["yes"] and service["ProtectSystem"] == ["strict"]
+
+
+def test_the_coordinator_units_command_line_parses_and_its_run_config_reads_the_credentials(
+    tmp_path: Path,
+) -> None:
+    service = unit_settings(COORDINATOR_UNIT)
+    credentials = dict(entry.split(":", 1) for entry in service["LoadCredential"])
+    folder = tmp_path / "credentials"  # what systemd makes of them: one folder, files by credential name
+    folder.mkdir()
+    for name in credentials:
+        (folder / name).write_text("x\n")
+    (folder / "run.yaml").write_text(
+        "model: tiny:llama\nstate_dir: /var/lib/fedbe-coordinator/state\n"
+        "broker: {url: 'mqtts://127.0.0.1:8883', tls_ca: ca.crt, require_tls: true, "
+        "tls_cert: fedbe-coordinator.crt, tls_key: fedbe-coordinator.key}\n"
+    )
+    [command] = service["ExecStart"]
+    words = shlex.split(command.replace("%d", str(folder)))
+    args = coordinator_parser().parse_args(words[1:])
+    assert args.command == "run" and args.config == folder / "run.yaml"
+    broker = load_run_config(args.config).broker
+    assert (broker.tls_ca, broker.tls_cert, broker.tls_key) == (
+        folder / "ca.crt",
+        folder / "fedbe-coordinator.crt",
+        folder / "fedbe-coordinator.key",
+    )
+    assert service["StateDirectory"] == ["fedbe-coordinator"] and service["DynamicUser"] == ["yes"]
