@@ -5,7 +5,8 @@ Subcommands (one ``add_<name>_parser`` and one ``cmd_<name>`` each, dispatched t
 
   profile  measure this device on the expanded model: memory, 16-bit and 4/8-bit support, the
            memory one step needs, seconds per step, and how many new blocks fit
-  run      the MQTT agent that trains the blocks the coordinator assigns
+  run      the MQTT agent that trains the blocks the coordinator assigns (settings from flags, or
+           from ``--config FILE``: see :mod:`edge_client.run_config`)
 """
 
 from __future__ import annotations
@@ -93,7 +94,11 @@ def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             "last will), waits for the coordinator's status to learn the federation's block expansion, "
             "checks that the local base model is the federation's, measures this device, announces its "
             "capacity and label histogram, then trains the assigned blocks of every task and sends back "
-            "compact updates. Raw data never leaves the device. SIGTERM or Ctrl-C stops it cleanly."
+            "compact updates. Raw data never leaves the device. SIGTERM or Ctrl-C stops it cleanly. "
+            "The settings come from these flags or from --config FILE (the edge.yaml of an enrolment "
+            "bundle: `fedbe-coordinator enroll`); a flag wins over the file. --broker, --client-id and "
+            "--data are required, from one or the other. A broker made with `broker-config --client-certs` "
+            "takes this device's certificate (--tls-cert, --tls-key) instead of a password."
         ),
     )
     add_run_arguments(run)
