@@ -5,6 +5,8 @@ Subcommands:
   export   write the expanded, trained model of a state directory as a Hugging Face checkpoint
   example  print a commented example run config
   broker-config  write a TLS mosquitto configuration with one credential per client and ACLs
+           (a password each, or with --client-certs a certificate each: mutual TLS)
+  enroll   write one device's bundle (CA, its certificate and key or a new password, edge.yaml)
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         "broker drops messages over --max-message-mb (the coordinator and the clients learn that limit "
         "when they connect and refuse to send more). Start the broker with `mosquitto -c OUT/mosquitto.conf`; "
         "give each device ca.crt and its own OUT/credentials/ID.password (fedbe-edge run --broker "
-        "mqtts://HOST:PORT --tls-ca ca.crt --require-tls --username ID --password-file ID.password).",
+        "mqtts://HOST:PORT --tls-ca ca.crt --require-tls --username ID --password-file ID.password). "
+        "With --client-certs, clients prove who they are by a certificate of the CA instead (mutual TLS): "
+        "the broker takes no connection without one, its CN is the client's user name and id, and OUT/"
+        "credentials holds ID.crt and ID.key for each client and the coordinator. Add devices later "
+        "with `fedbe-coordinator enroll`.",
     )
     bc.add_argument("--clients", required=True, type=Path, help="text file: one client id per line")
     bc.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
@@ -90,14 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument(
         "--force", action="store_true", help="overwrite a non-empty --out (new CA, new passwords)"
     )
+    bc.add_argument(
+        "--client-certs",
+        action="store_true",
+        help="mutual TLS: clients connect with a certificate signed by the CA (CN = client id) instead of "
+        "a password; the coordinator's is credentials/fedbe-coordinator.crt and .key (broker.tls_cert, "
+        "broker.tls_key in its run config)",
+    )
+    add_enroll_parser(sub)
     return parser
+
+
+def add_enroll_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    en = sub.add_parser(
+        "enroll",
+        help="write one device's bundle: CA, certificate and key (or a new password), edge.yaml",
+        description="Write into --out (a new folder, mode 0700, files 0600) what device --device needs to join "
+        "the federation of the broker in --broker-dir (the folder broker-config wrote): ca.crt; a certificate "
+        "and key signed by that CA (a --client-certs broker) or a fresh password, whose hash is added to the "
+        "broker's passwd (reload the broker afterwards: SIGHUP or `systemctl reload mosquitto`); and "
+        "edge.yaml, the settings of `fedbe-edge run --config edge.yaml`. Copy the folder to the device as "
+        "it is, or pass its files with systemd's LoadCredential= (deploy/fedbe-edge.service).",
+    )
+    en.add_argument("--broker-dir", required=True, type=Path, help="the folder broker-config wrote")
+    en.add_argument("--device", required=True, help="the device's client id (letters, digits, _ . -)")
+    en.add_argument("--broker-url", required=True, help="the broker as devices reach it: mqtts://HOST:PORT")
+    en.add_argument("--out", required=True, type=Path, help="bundle folder to write (must be new or empty)")
+    en.add_argument("--federation", help="federation name; must be the broker's (default: the broker's)")
+    en.add_argument("--data", type=Path, help="the device's data file, as a path on the device (edge.yaml)")
+    en.add_argument("--model", help="the base model on the device (edge.yaml; default: fedbe-edge's)")
+    en.add_argument("--profile", help="the device profile (edge.yaml; default: fedbe-edge's)")
+    en.add_argument("--days", type=int, default=825, help="certificate validity in days (default 825)")
+    en.add_argument(
+        "--force", action="store_true", help="replace an existing bundle in --out and the device's password"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from coordinator.checkpoint import CheckpointStore  # noqa: PLC0415
     from coordinator.config import load_run_config  # noqa: PLC0415
     from coordinator.daemon import Coordinator  # noqa: PLC0415
-    from fedbe.transport import BrokerConfig, Connection  # noqa: PLC0415
+    from fedbe.transport import Connection  # noqa: PLC0415
 
     cfg = load_run_config(args.config)
     b = cfg.broker
@@ -105,11 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = CheckpointStore(cfg.state_dir)
     store.lock()
     stop = stop_on_signals(log, "stopping after the current message")
-    conn = Connection(BrokerConfig(
-        url=b.url, client_id=f"fedbe-coordinator-{cfg.federation}", username=b.username, password=password,
-        tls_ca=str(b.tls_ca) if b.tls_ca else None, require_tls=b.require_tls,
-        max_message_bytes=b.max_message_bytes,
-    ))  # fmt: skip
+    # a broker made by broker-config names it by its user name or certificate instead (fedbe-coordinator)
+    conn = Connection(b.transport(f"fedbe-coordinator-{cfg.federation}", password))
     conn.start()
     try:
         return Coordinator(cfg, conn, store, stop).run()
@@ -138,14 +174,40 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     files = generate(
         read_clients(args.clients), args.out, federation=args.federation, host=args.host, port=args.port,
         extra_hosts=args.san, days=args.days, max_message_bytes=args.max_message_mb * MIB, force=args.force,
+        client_certs=args.client_certs,
     )  # fmt: skip
     print(f"wrote {files.conf} (TLS listener {files.host}:{files.port}, messages up to "
-          f"{files.max_message_bytes} bytes), {files.acl}, {files.passwd}")  # fmt: skip
+          f"{files.max_message_bytes} bytes), {files.acl}" + (f", {files.passwd}" if files.passwd else ""))  # fmt: skip
     print(f"CA certificate for every device: {files.ca_cert}")
-    print(
-        f"passwords: {files.out_dir / 'credentials'}/ID.password (coordinator: {COORDINATOR_USER}.password)"
-    )
+    credentials = files.out_dir / "credentials"
+    if files.client_certs:
+        print(
+            f"client certificates: {credentials}/ID.crt and ID.key (coordinator: {COORDINATOR_USER}.crt, .key)"
+        )
+    else:
+        print(f"passwords: {credentials}/ID.password (coordinator: {COORDINATOR_USER}.password)")
     print(f"start the broker: mosquitto -c {files.conf}")
+    print(f"add a device: fedbe-coordinator enroll --broker-dir {files.out_dir} --device ID "
+          f"--broker-url {files.url} --out BUNDLE")  # fmt: skip
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from coordinator.enrolment import enroll  # noqa: PLC0415
+
+    bundle = enroll(
+        args.broker_dir, args.device, args.broker_url, args.out, federation=args.federation, data=args.data,
+        model=args.model, profile=args.profile, days=args.days, force=args.force,
+    )  # fmt: skip
+    how = "certificate device.crt and key device.key" if bundle.client_certs else "password in password"
+    print(f"wrote the bundle of {bundle.device} to {bundle.out_dir}: ca.crt, {how}, edge.yaml "
+          f"(federation {bundle.federation!r}, broker {bundle.broker_url})")  # fmt: skip
+    if not bundle.client_certs:
+        print(f"added {bundle.device} to {args.broker_dir.resolve() / 'passwd'}: reload the broker so that it "
+              "reads it (systemctl reload mosquitto, or kill -HUP the mosquitto process)")  # fmt: skip
+    print(
+        f"on the device: fedbe-edge run --config {bundle.edge_config}" + ("" if args.data else " --data FILE")
+    )
     return 0
 
 
@@ -158,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     return dispatch("fedbe-coordinator", args, {
         "run": cmd_run, "export": cmd_export, "example": cmd_example, "broker-config": cmd_broker_config,
+        "enroll": cmd_enroll,
     })  # fmt: skip
 
 

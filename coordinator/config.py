@@ -3,10 +3,10 @@
 :func:`load_run_config` reads the file, :func:`parse_run_config` validates a mapping. Any problem
 raises :class:`~fedbe.errors.ConfigError` naming the file, the dotted field path and the value, and
 saying what to do; nothing past this module sees a dict. Relative paths (``state_dir``,
-``broker.password_file``, ``broker.tls_ca``, and ``model`` when it names a file or folder that
-exists there) are resolved against the config file's folder. The table with every field's type,
-default and meaning is ``docs/coordinator-config.md``; an annotated example is
-:func:`example_config_yaml` (shipped as ``coordinator/example-run.yaml``).
+``broker.password_file``, ``broker.tls_ca``, ``broker.tls_cert``, ``broker.tls_key``, and ``model``
+when it names a file or folder that exists there) are resolved against the config file's folder.
+The table with every field's type, default and meaning is ``docs/coordinator-config.md``; an
+annotated example is :func:`example_config_yaml` (shipped as ``coordinator/example-run.yaml``).
 
 Fields (``name: type = default``):
 
@@ -57,7 +57,9 @@ Fields (``name: type = default``):
   float >= 0 = 0.001`` (smallest accuracy gain that counts as improvement).
 * ``broker``: ``url: str = "mqtt://127.0.0.1:1883"`` (mqtt:// or mqtts://), ``username: str | null``,
   ``password_file: path | null`` (must exist; first line is the password), ``tls_ca: path | null``,
-  ``require_tls: bool = false``, ``max_message_bytes: int >= 65536 = 268435456``.
+  ``require_tls: bool = false``, ``max_message_bytes: int >= 65536 = 268435456``, ``tls_cert: path | null``
+  and ``tls_key: path | null`` (both or neither: the coordinator's client certificate and key, for a
+  broker made with ``broker-config --client-certs``).
 * ``server_eval: null``, or ``dataset: "bbc-news"`` and ``examples: int >= 1 = 40`` -- the coordinator
   evaluates the global model itself on held-out examples; ``probe_questions: int >= 0 = 0`` and
   ``probe_texts: int >= 0 = 0`` (both 0, or both >= 1) -- also score the general-ability probes of
@@ -175,6 +177,8 @@ class BrokerSettings:
     tls_ca: Path | None = None
     require_tls: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def read_password(self) -> str | None:
         """The password: the first line of ``password_file`` (None without one)."""
@@ -185,6 +189,14 @@ class BrokerSettings:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"can not read broker password file {self.password_file}: {exc}") from exc
         return text.splitlines()[0] if text else ""
+
+    def transport(self, client_id: str, password: str | None = None) -> BrokerConfig:
+        """The :class:`~fedbe.transport.BrokerConfig` that connects ``client_id`` with these settings."""
+        return BrokerConfig(
+            url=self.url, client_id=client_id, username=self.username, password=password,
+            tls_ca=_str(self.tls_ca), require_tls=self.require_tls, tls_cert=_str(self.tls_cert),
+            tls_key=_str(self.tls_key), max_message_bytes=self.max_message_bytes,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -528,17 +540,25 @@ def _broker(f: _Fields) -> BrokerSettings:
         tls_ca=f.file_path("tls_ca", None, must_exist=True),
         require_tls=f.boolean("require_tls", False),
         max_message_bytes=f.integer("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, 65536),
+        tls_cert=f.file_path("tls_cert", None, must_exist=True),
+        tls_key=f.file_path("tls_key", None, must_exist=True),
     )
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        name = "tls_key" if cfg.tls_key is None else "tls_cert"
+        f.fail(name, None, "is needed with the other of tls_cert and tls_key", "Set both or neither.")
     if cfg.password_file is not None and cfg.username is None:
         f.fail("username", None, "is needed with a password_file", "Add the broker user name.")
     if cfg.require_tls and cfg.tls_ca is None and not cfg.url.startswith("mqtts://"):
         f.fail("require_tls", True, f"needs TLS but url {cfg.url!r} is plain", "Use mqtts:// and set tls_ca.")
-    tls_ca = None if cfg.tls_ca is None else str(cfg.tls_ca)
     try:
-        BrokerConfig(cfg.url, "coordinator", tls_ca=tls_ca, require_tls=cfg.require_tls).endpoint()
+        cfg.transport("coordinator").endpoint()
     except ConfigError as exc:
         f.fail("url", cfg.url, "is not usable", str(exc))
     return cfg
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _server_eval(f: _Fields) -> ServerEvalConfig:

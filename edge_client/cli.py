@@ -5,7 +5,8 @@ Subcommands (one ``add_<name>_parser`` and one ``cmd_<name>`` each, dispatched t
 
   profile  measure this device on the expanded model: memory, 16-bit and 4/8-bit support, the
            memory one step needs, seconds per step, and how many new blocks fit
-  run      the MQTT agent that trains the blocks the coordinator assigns
+  run      the MQTT agent that trains the blocks the coordinator assigns (settings from flags, or
+           from ``--config FILE``: see :mod:`edge_client.run_config`)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fedbe.device_profile import (
     load_profile,
     shipped_profile_names,
 )
-from fedbe.errors import ConfigError
+from fedbe.errors import ConfigError, FedbeError
 
 log = logging.getLogger("edge_client")
 
@@ -93,7 +94,11 @@ def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             "last will), waits for the coordinator's status to learn the federation's block expansion, "
             "checks that the local base model is the federation's, measures this device, announces its "
             "capacity and label histogram, then trains the assigned blocks of every task and sends back "
-            "compact updates. Raw data never leaves the device. SIGTERM or Ctrl-C stops it cleanly."
+            "compact updates. Raw data never leaves the device. SIGTERM or Ctrl-C stops it cleanly. "
+            "The settings come from these flags or from --config FILE (the edge.yaml of an enrolment "
+            "bundle: `fedbe-coordinator enroll`); a flag wins over the file. --broker, --client-id and "
+            "--data are required, from one or the other. A broker made with `broker-config --client-certs` "
+            "takes this device's certificate (--tls-cert, --tls-key) instead of a password."
         ),
     )
     add_run_arguments(run)
@@ -211,6 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "run" and args.config is not None:
+        from edge_client.run_config import parse_with_file  # noqa: PLC0415
+
+        try:
+            args = parse_with_file(parser, argv, args.config)
+        except FedbeError as exc:
+            print(f"fedbe-edge run: error: {exc}", file=sys.stderr)
+            return 1
     verbosity = args.verbose + (1 if args.command == "run" else 0)  # the agent logs its progress
     setup_logging((logging.WARNING, logging.INFO)[verbosity] if verbosity < 2 else logging.DEBUG)
     return dispatch("fedbe-edge", args, COMMANDS)

@@ -1,7 +1,9 @@
 """``fedbe-edge run``: build the agent from command-line settings and run it until stopped.
 
-Reads and validates the local data and the device profile first (so a bad file fails before any
-network traffic), connects, and sets up the model when the coordinator's status arrives.
+The settings come from the flags, and from ``--config FILE`` (see :mod:`edge_client.run_config`;
+``fedbe-coordinator enroll`` writes one) under them. Reads and validates the local data and the
+device profile first (so a bad file fails before any network traffic), connects, and sets up the
+model when the coordinator's status arrives.
 """
 
 from __future__ import annotations
@@ -23,13 +25,20 @@ log = logging.getLogger(__name__)
 
 
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
-    run.add_argument("--broker", required=True, help="broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT")
-    run.add_argument("--client-id", required=True, help="this device's id (letters, digits, _ . -)")
+    run.add_argument(
+        "--config",
+        type=Path,
+        help="YAML file of settings, keys named like these flags (broker, client_id, tls_cert, ...; "
+        "`fedbe-coordinator enroll` writes one: edge.yaml); relative paths are from its folder, and a flag "
+        "given here wins over its value",
+    )
+    # broker, client id and data are required, from the flags or the --config file (checked in cmd_run)
+    run.add_argument("--broker", help="broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT (required)")
+    run.add_argument("--client-id", help="this device's id (letters, digits, _ . -) (required)")
     run.add_argument(
         "--data",
-        required=True,
         type=Path,
-        help="local data: JSONL or CSV of {text,label} or {prompt,response}",
+        help="local data: JSONL or CSV of {text,label} or {prompt,response} (required)",
     )
     run.add_argument(
         "--profile", help="device profile: a shipped name (fedbe-edge --help lists them) or a YAML file"
@@ -61,13 +70,55 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--tls-ca", type=Path, help="CA certificate: connect with TLS and verify the broker")
     run.add_argument("--require-tls", action="store_true", help="refuse to connect without TLS")
+    run.add_argument(
+        "--tls-cert",
+        type=Path,
+        help="this device's certificate, for a broker that requires one (with --tls-key)",
+    )
+    run.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
     run.add_argument("--username", help="broker user name")
     run.add_argument("--password-file", type=Path, help="file holding the broker password")
     run.add_argument("--seed", type=int, default=0, help="seed for the local split")
     run.add_argument("--max-tasks", type=int, help=argparse.SUPPRESS)  # tests: exit after N tasks
 
 
+def read_password(path: Path | None) -> str | None:
+    """The first line of ``path`` (None without a path), or :class:`ConfigError` saying why not."""
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"can not read the broker password file {path}: {exc}") from exc
+    return lines[0].strip() if lines else ""
+
+
+def broker_config(args: argparse.Namespace, client_id: str) -> Any:
+    """The :class:`fedbe.transport.BrokerConfig` of these settings, checked (before torch is imported)."""
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                       ("--password-file", args.password_file)):  # fmt: skip
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    from fedbe.transport import BrokerConfig  # noqa: PLC0415 - imports torch (via fedbe.protocol)
+
+    def text(path: Path | None) -> str | None:
+        return None if path is None else str(path)
+
+    config = BrokerConfig(
+        url=args.broker, client_id=client_id, username=args.username, password=read_password(args.password_file),
+        tls_ca=text(args.tls_ca), require_tls=args.require_tls, tls_cert=text(args.tls_cert),
+        tls_key=text(args.tls_key),
+    )  # fmt: skip
+    config.endpoint()  # a bad URL or a certificate without TLS fails here, before the data is read
+    return config
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from edge_client.run_config import check_required  # noqa: PLC0415
+    from fedbe.protocol.topics import check_name as check_id  # noqa: PLC0415
+
+    check_required(args)
+    settings = broker_config(args, check_id(args.client_id))
     # Heavy imports here, so that `fedbe-edge --help` stays instant.
     import numpy as np  # noqa: PLC0415
     from transformers import PreTrainedModel  # noqa: PLC0415
@@ -80,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedbe.evaluation import classification_accuracy  # noqa: PLC0415
     from fedbe.fingerprint import base_fingerprint  # noqa: PLC0415
     from fedbe.protocol import Topics, check_name  # noqa: PLC0415
-    from fedbe.transport import BrokerConfig, Connection  # noqa: PLC0415
+    from fedbe.transport import Connection  # noqa: PLC0415
 
     client_id = check_name(args.client_id)
     profile: DeviceProfile = load_profile(args.profile) if args.profile else DEFAULT_PROFILE
@@ -91,17 +142,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     labels = sorted(histogram)
     log.info("%s: %d training and %d held-out %s examples from %s", client_id, len(train), len(held_out),
              dataset.kind, args.data)  # fmt: skip
-    password = args.password_file.read_text().strip() if args.password_file else None
     topics = Topics(args.federation)
     will = (topics.client(client_id, protocol.ClientTopic.STATUS),
             protocol.encode(protocol.StatusMessage(client_id, "offline", 0, "connection lost")), True)  # fmt: skip
     # after a reconnect: "online" again (a broker restart fires the will of every client)
     birth = (topics.client(client_id, protocol.ClientTopic.STATUS),
              protocol.encode(protocol.StatusMessage(client_id, "online", 0, "reconnected")), True)  # fmt: skip
-    conn = Connection(BrokerConfig(
-        url=args.broker, client_id=client_id, username=args.username, password=password,
-        tls_ca=str(args.tls_ca) if args.tls_ca else None, require_tls=args.require_tls,
-    ), will=will, birth=birth)  # fmt: skip
+    conn = Connection(settings, will=will, birth=birth)
     stop = stop_on_signals(log, "finishing up")
 
     def setup(status: protocol.CoordinatorStatusMessage) -> tuple[TaskRunner, protocol.AnnounceMessage]:

@@ -18,6 +18,8 @@
   CONNACK, and a message may use that less :data:`PUBLISH_HEADROOM` (``fedbe-coordinator
   broker-config`` sets the broker's packet size to its message limit plus this headroom, so clients
   and coordinator learn the broker's message limit at every connect).
+* TLS: ``tls_ca`` verifies the broker; ``tls_cert`` and ``tls_key`` (together) present this client's
+  own certificate, for a broker that requires one (``fedbe-coordinator broker-config --client-certs``).
 * paho's errors become :class:`TransportError`; no other module imports paho.
 """
 
@@ -67,6 +69,8 @@ class BrokerConfig:
     password: str | None = None
     tls_ca: str | None = None
     require_tls: bool = False
+    tls_cert: str | None = None  # this client's certificate (mutual TLS), with tls_key
+    tls_key: str | None = None
     keepalive: int = 30
     session_expiry_seconds: int = 3600
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -77,6 +81,12 @@ class BrokerConfig:
         if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
             raise ConfigError(f"broker URL {self.url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
         tls = parsed.scheme == "mqtts" or self.tls_ca is not None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("a client certificate needs both --tls-cert and --tls-key (or neither)")
+        if self.tls_cert is not None and not tls:
+            raise ConfigError(
+                f"a client certificate is sent over TLS only, but {self.url!r} is plain; use mqtts://"
+            )
         if self.require_tls and not tls:
             raise ConfigError(
                 f"TLS is required but {self.url!r} is a plain connection; use mqtts:// and --tls-ca CA_FILE"
@@ -106,6 +116,8 @@ class Connection:
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._refused: str | None = None
+        # paho's latest error log line: only there does it say why a TLS session ended
+        self._last_error = ""
         self._broker_max_packet: int | None = None  # the broker's Maximum Packet Size, if CONNACK had one
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=mqtt.MQTTv5
@@ -113,7 +125,15 @@ class Connection:
         if config.username is not None:
             self._client.username_pw_set(config.username, config.password)
         if tls:
-            self._client.tls_set(ca_certs=config.tls_ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            try:
+                self._client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert, keyfile=config.tls_key,
+                                     tls_version=ssl.PROTOCOL_TLS_CLIENT)  # fmt: skip
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                files = ", ".join(f for f in (config.tls_ca, config.tls_cert, config.tls_key) if f)
+                raise ConfigError(
+                    f"can not load the TLS files ({files or 'the system CAs'}): {exc}; check the paths, and "
+                    "that the certificate and key are a PEM pair"
+                ) from exc
         if will is not None:
             topic, payload, retain = will
             self._client.will_set(topic, payload, qos=1, retain=retain)
@@ -123,6 +143,7 @@ class Connection:
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._client.on_publish = self._on_publish
+        self._client.on_log = self._on_log
         self._refused_publishes: dict[int, str] = {}  # mid -> the broker's PUBACK reason (e.g. ACL)
         self._subacks: dict[int, threading.Event] = {}
         self._early_acks: set[int] = set()  # SUBACKs that arrived before subscribe() registered them
@@ -155,7 +176,19 @@ class Connection:
         self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
     ) -> None:
         self.connected.clear()
+        if self.connects == 0 and self._refused is None:  # not after a CONNACK that said why
+            # Closed before any CONNACK: under TLS 1.3 a broker that requires client certificates checks
+            # ours after our handshake ended, and answers a missing or foreign one by closing.
+            self._refused = (
+                f"the broker closed the connection before accepting it ({self._last_error or reason}); a broker "
+                "that requires client certificates does so without a valid one (--tls-cert, --tls-key)"
+            )
+            return
         log.info("disconnected from %s:%d (%s); reconnecting", self.host, self.port, reason)
+
+    def _on_log(self, client: mqtt.Client, userdata: object, level: int, message: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            self._last_error = message
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: object, mid: int, reasons: object, props: object
