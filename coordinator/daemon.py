@@ -19,7 +19,7 @@ With ``privacy`` configured, a round that would take epsilon past ``epsilon_budg
 (checked before step 2, from the sampling rate it would have): the run finishes there as it does after
 its last round. The noise comes from the operating system's entropy, never from the config's seed.
 
-Why one module of ~580 lines: it is one class whose state (model, registry, global state, RNG, clients)
+Why one module of ~640 lines: it is one class whose state (model, registry, global state, RNG, clients)
 every step reads and checkpoints; the pure parts already live elsewhere (round, allocation,
 aggregation, inbox, server evaluation), and growing the model on a plateau is the next to move out.
 """

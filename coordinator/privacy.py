@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from coordinator.aggregation import update_norm
 from fedbe.blocks import BlockState
 from fedbe.errors import FedbeError
 
@@ -107,7 +108,7 @@ def sample_rate(selected: int, eligible: int) -> float:
 def clip_update(delta: BlockState, clip_norm: float) -> tuple[BlockState, float]:
     """``delta`` scaled to L2 norm at most ``clip_norm`` over all its blocks together, and its norm
     before. An update already within the bound is returned as it is (the same tensors)."""
-    norm = math.sqrt(math.fsum(float(t.double().pow(2).sum()) for p in delta.values() for t in p.values()))
+    norm = update_norm(delta)
     if norm <= clip_norm:
         return delta, norm
     scale = clip_norm / norm
