@@ -263,6 +263,28 @@ def aggregate(
     if unknown:
         raise AggregationError(f"updates hold block(s) {unknown} that the global state does not have")
     avg = weighted_average([u.delta for u in updates], weights, absent_as_zero=block_average == "round")
+    members = {
+        block_id: [
+            (u.client_id, w) for u, w in zip(updates, weights, strict=True) if block_id in u.delta and w > 0
+        ]
+        for block_id in avg
+    }
+    return apply_average(global_state, avg, members, server_optimizer, optimizer_state)
+
+
+def apply_average(
+    global_state: BlockState,
+    avg: BlockState,
+    members: Mapping[int, Sequence[tuple[str, float]]],
+    server_optimizer: ServerOptimizer | None = None,
+    optimizer_state: OptimizerState | None = None,
+) -> AggregationResult:
+    """Apply an averaged delta (FedAvg: add it; else ``server_optimizer.step``) and report each block.
+
+    ``members`` gives, per block of ``avg``, its trainers and their weights (the report's
+    ``trainers`` and ``weight_total``). :func:`aggregate` and the private average of
+    :mod:`coordinator.privacy` share it, so a DP round steps the server exactly as any other.
+    """
     if server_optimizer is None:
         new_state = apply_delta(global_state, avg)
         new_opt_state: OptimizerState | None = optimizer_state
@@ -270,14 +292,10 @@ def aggregate(
         new_state, new_opt_state = server_optimizer.step(optimizer_state, global_state, avg)
     per_block = {}
     for block_id in sorted(global_state):
-        members = [
-            (u.client_id, w) for u, w in zip(updates, weights, strict=True) if block_id in u.delta and w > 0
-        ]
-        if block_id not in avg:
-            members = []
+        block_members = members.get(block_id, []) if block_id in avg else []
         per_block[block_id] = BlockReport(
-            trainers=tuple(c for c, _ in members),
-            weight_total=math.fsum(w for _, w in members),
+            trainers=tuple(c for c, _ in block_members),
+            weight_total=math.fsum(w for _, w in block_members),
             update_norm=update_norm({block_id: avg[block_id]}) if block_id in avg else 0.0,
         )
     return AggregationResult(new_state, per_block, new_opt_state)

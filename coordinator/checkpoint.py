@@ -7,7 +7,8 @@ Layout of ``state_dir``::
     round-000011/           older snapshots, pruned down to ``keep``
     round-000012/
         snapshot.json       round, expansion, fingerprint, model source, config digest, clients,
-                            rng state, last_trained, optimizer scalars, sha256 of every tensor file
+                            rng state, last_trained, optimizer scalars, the privacy history,
+                            sha256 of every tensor file
         global.safetensors  the global new-block state (fedbe.blocks.save_block_state)
         optimizer-<slot>.safetensors   one per server-optimizer tensor slot (e.g. momentum)
     pending/round-000013/<client id>.frame   raw frames of accepted updates of the open round
@@ -58,6 +59,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.privacy import RoundPrivacy, history_from_json, history_to_json
 from fedbe.blocks import load_block_state, save_block_state
 from fedbe.compression import BlockState
 from fedbe.errors import ConfigError, FedbeError
@@ -101,7 +103,9 @@ class Snapshot:
 
     ``expansion`` is :meth:`BlockRegistry.to_dict`; ``clients`` and ``rng_state`` are JSON values
     the coordinator owns (see :func:`rng_state_to_json`); ``last_trained`` maps block id -> the
-    last round in which the block was updated.
+    last round in which the block was updated; ``privacy_history`` is each differentially private
+    round's sampling rate and noise multiplier, what the accountant composes, so epsilon after a
+    resume is what it would have been without one.
     """
 
     round: int
@@ -114,6 +118,7 @@ class Snapshot:
     rng_state: object = None
     server_optimizer_state: ServerOptimizerState = field(default_factory=ServerOptimizerState)
     last_trained: dict[int, int] = field(default_factory=dict)
+    privacy_history: tuple[RoundPrivacy, ...] = ()
 
     @property
     def registry(self) -> BlockRegistry:
@@ -404,6 +409,7 @@ def _write_snapshot_files(folder: Path, snapshot: Snapshot) -> None:
         "last_trained": {str(b): r for b, r in snapshot.last_trained.items()},
         "optimizer_slots": sorted(snapshot.server_optimizer_state.tensors),
         "optimizer_scalars": snapshot.server_optimizer_state.scalars,
+        "privacy_history": history_to_json(snapshot.privacy_history),
     }
     try:
         json.dumps(record, allow_nan=False)
@@ -443,6 +449,8 @@ def _read_snapshot(folder: Path, round: int) -> Snapshot:
             scalars=dict(record["optimizer_scalars"]),
         ),
         last_trained={int(b): _whole(r, "last_trained") for b, r in record["last_trained"].items()},
+        # a snapshot written before privacy existed ran no private round
+        privacy_history=history_from_json(record.get("privacy_history", [])),
     )
     _check_snapshot(snapshot)
     return snapshot

@@ -67,6 +67,10 @@ Fields (``name: type = default``):
   ``baseline: bool = false`` -- score the base model once before round 1 (a ``round: 0`` metrics line
   and ``state_dir/baseline.json``), the reference of the retention figures; ``precision:
   nf4|int8|bf16|fp16|fp32 = fp32`` -- the frozen base the coordinator evaluates on (new blocks fp32).
+* ``privacy: null``, or client-level differential privacy of the updates (DP-FedAvg,
+  :mod:`coordinator.privacy`): ``noise_multiplier: float >= 0`` and ``clip_norm: float > 0`` (both
+  required), ``delta: (0, 1) = 1e-5``, ``epsilon_budget: float > 0 | null = null`` -- the run stops,
+  as at its last round, before a round that would take epsilon past it. Needs ``late_updates: drop``.
 
 The retention and aggregation defaults are the FedBE configuration ``fedbe bench`` chose on its
 validation split; ``steps``, ``lr`` and ``lr_decay`` depend on the run's length and are not the bench's.
@@ -93,6 +97,7 @@ from typing import Literal, NoReturn, TypeVar
 import yaml
 
 from coordinator.aggregation import BLOCK_AVERAGES
+from coordinator.privacy import PrivacyPolicy
 from fedbe.compression import Level
 from fedbe.device_profile import PRECISIONS
 from fedbe.errors import CodecError, ConfigError, ExpansionError
@@ -233,6 +238,7 @@ class RunConfig:
     auto_expansion: AutoExpansionConfig = AutoExpansionConfig()
     broker: BrokerSettings = BrokerSettings()
     server_eval: ServerEvalConfig | None = None
+    privacy: PrivacyPolicy | None = None
 
 
 class _Fields:
@@ -404,8 +410,13 @@ def parse_run_config(mapping: object, source_name: str, base_dir: Path | None = 
         server_eval=None
         if top.raw("server_eval", None) is None
         else top.section("server_eval", _server_eval),
+        privacy=None if top.raw("privacy", None) is None else top.section("privacy", _privacy),
     )
     top.finish()
+    if config.privacy is not None and config.late_updates == "fold":
+        top.fail("late_updates", "fold", "can not be combined with privacy (a folded late update counts its "
+                 "client in a round it was not sampled for, which the privacy accounting does not cover)",
+                 "Use late_updates: drop, or remove the privacy section")  # fmt: skip
     plateau, field = config.auto_expansion.plateau_rounds, "auto_expansion.plateau_rounds"
     if plateau and not isinstance(config.placement, str):
         why = f"adds blocks, so placement must be named ({', '.join(PLACEMENTS)}), not a list"
@@ -501,7 +512,8 @@ def _allocation(f: _Fields) -> AllocationConfig:
         cost_weight=f.real("cost_weight", d.cost_weight, "[0, inf)"),
         risk_weight=f.real("risk_weight", d.risk_weight, "[0, inf)"),
         max_block_divergence=f.real("max_block_divergence", d.max_block_divergence, "[0, 1]"),
-        deadline_factor=None if f.raw("deadline_factor", None) is None
+        deadline_factor=None
+        if f.raw("deadline_factor", None) is None
         else f.real("deadline_factor", None, "(0, inf)"),
     )
 
@@ -574,6 +586,17 @@ def _server_eval(f: _Fields) -> ServerEvalConfig:
         name = "probe_texts" if cfg.probe_texts == 0 else "probe_questions"
         f.fail(name, 0, "is 0 while the other probe count is not", "Set both (e.g. 60 and 48) or neither.")
     return cfg
+
+
+def _privacy(f: _Fields) -> PrivacyPolicy:
+    noise = f.real("noise_multiplier", _REQUIRED, "[0, inf)")
+    clip = f.real("clip_norm", _REQUIRED, "(0, inf)")
+    delta = f.real("delta", 1e-5, "(0, 1)")
+    budget = None if f.raw("epsilon_budget", None) is None else f.real("epsilon_budget", None, "(0, inf)")
+    if noise == 0 and budget is not None:
+        f.fail("noise_multiplier", noise, "gives no privacy (epsilon is infinite), so no round fits an "
+               "epsilon_budget", "Set it > 0 (e.g. 1.0), or epsilon_budget: null to clip only")  # fmt: skip
+    return PrivacyPolicy(noise_multiplier=noise, clip_norm=clip, delta=delta, epsilon_budget=budget)
 
 
 def config_digest(cfg: RunConfig) -> str:

@@ -13,11 +13,15 @@ One round:
    the state directory before it counts, so a crash mid-round loses none, and an update sent while
    the coordinator was down waits in its persistent broker session for the resumed round;
 5. close it (:func:`coordinator.round.close_round`, pure: screening, weight caps, late updates,
-   aggregation, the server optimizer), the same function ``fedbe bench`` runs;
+   aggregation or DP-FedAvg, the server optimizer), the same function ``fedbe bench`` runs;
 6. optionally evaluate (federated, or on the coordinator: :mod:`coordinator.server_eval`); write the
    snapshot atomically; one metrics line.
 
-Why one module of ~600 lines: it is one class whose state (model, registry, global state, RNG, clients)
+With ``privacy`` configured, a round that would take epsilon past ``epsilon_budget`` is not started
+(checked before step 2, from the sampling rate it would have): the run finishes there as it does after
+its last round. The noise comes from the operating system's entropy, never from the config's seed.
+
+Why one module of ~640 lines: it is one class whose state (model, registry, global state, RNG, clients)
 every step reads and checkpoints; the pure parts already live elsewhere (round, allocation,
 aggregation, inbox, server evaluation), and growing the model on a plateau is the next to move out.
 """
@@ -31,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from coordinator import privacy
 from coordinator.allocation import AllocationPolicy
 from coordinator.inbox import Inbox, MessagePump, RoundCollector, deltas_of, encode_weights, wait_for_clients
 from coordinator.registry import ClientRegistry
@@ -48,7 +53,7 @@ from coordinator.round import (
 from coordinator.server_eval import ServerEvaluator
 from fedbe import protocol
 from fedbe.blocks import block_layout, get_block_state
-from fedbe.errors import BaseModelMismatchError
+from fedbe.errors import BaseModelMismatchError, ConfigError
 from fedbe.expansion import BlockRegistry
 from fedbe.protocol import ClientTopic, Topics
 from fedbe.protocol.messages import MAX_LABELS
@@ -79,6 +84,7 @@ class RoundLog:
     evaluation: dict[str, Any] | None = None
     expansion: dict[str, Any] | None = None  # the blocks: auto decision, in round 1
     server_evaluation: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None  # with privacy on: epsilon spent so far and the round's terms
     seconds: float = 0.0
     closed_by: str = ""
 
@@ -94,7 +100,9 @@ class Coordinator:
         self.inbox = Inbox(conn, self.topics)
         self._warned_labels = False  # too many labels for label_balance: warned once
         self.evaluator = (
-            None if cfg.server_eval is None else ServerEvaluator(cfg.server_eval, cfg.model, cfg.training.max_tokens)
+            None
+            if cfg.server_eval is None
+            else ServerEvaluator(cfg.server_eval, cfg.model, cfg.training.max_tokens)
         )
 
     # -- set-up and resume -------------------------------------------------------------------
@@ -123,7 +131,8 @@ class Coordinator:
                     f"the state directory {cfg.state_dir} was written for base model {snapshot.base_fingerprint}, "
                     f"but model {cfg.model} has fingerprint {self.fingerprint}; set model to the base the run "
                     "started with, or use a fresh state_dir to start a new run",
-                    found=self.fingerprint, expected=snapshot.base_fingerprint,
+                    found=self.fingerprint,
+                    expected=snapshot.base_fingerprint,
                 )
             self.registry = BlockRegistry.from_dict(snapshot.expansion)
         else:
@@ -144,6 +153,8 @@ class Coordinator:
         self.last_trained: dict[int, int] = {}
         self.server_state: Any = None
         self.expansion_decision: dict[str, Any] | None = None
+        history: tuple[privacy.RoundPrivacy, ...] = ()
+        self.budget_spent = False
         if snapshot is not None:
             self.auto_pending = False
             self.global_state = snapshot.global_state
@@ -152,14 +163,33 @@ class Coordinator:
             self.rng.setstate(rng_state_from_json(snapshot.rng_state))  # type: ignore[arg-type]
             self.last_trained = {int(k): int(v) for k, v in snapshot.last_trained.items()}
             self.server_state = snapshot.server_optimizer_state
+            history = snapshot.privacy_history
             log.info("resuming after round %d from %s", self.round, self.store.state_dir)
         else:
             self.global_state = get_block_state(model, self.registry)
             self.round = 0
         self.policy = round_policy(cfg)
+        self._check_privacy_history(history)
+        self.earlier_privacy = history  # kept in the snapshot when a private run goes on without privacy
+        self.ledger = None if cfg.privacy is None else privacy.PrivacyLedger(cfg.privacy, list(history))
+        # unpredictable noise: a generator seeded from the config could be replayed by anyone holding it
+        self.noise = privacy.os_noise_generator() if cfg.privacy is not None else None
         self.server_state = _optimizer_state_from_snapshot(self.server_state, aggregation)
         self.pump = MessagePump(self.inbox, self.clients, self.conn, self.topics)
         self.publish_status("starting")
+
+    def _check_privacy_history(self, history: tuple[privacy.RoundPrivacy, ...]) -> None:
+        """Refuse to add privacy to a run whose earlier rounds ran without it (their updates are not
+        covered, so no epsilon would be true); warn when a private run goes on without it."""
+        if self.cfg.privacy is not None and self.round > len(history):
+            raise ConfigError(
+                f"{self.store.state_dir}: {self.round - len(history)} of its {self.round} rounds ran "
+                "without privacy, so no epsilon covers them; to train with privacy, start a fresh state_dir "
+                "(or remove the privacy section to continue this run without it)"
+            )
+        if self.cfg.privacy is None and history:
+            log.warning("this run's first %d rounds ran with privacy and the config has none now: the rounds "
+                        "from here on are not private", len(history))  # fmt: skip
 
     def _install_expansion(self, model: Any) -> None:
         """Expand ``model`` (an unexpanded base) as ``self.registry`` says and make it current."""
@@ -285,13 +315,18 @@ class Coordinator:
         self.setup()
         if self.cfg.server_eval is not None and self.cfg.server_eval.baseline:
             self.evaluate_baseline()
-        while self.round < self.cfg.rounds and not self.stop.is_set():
+        while self.round < self.cfg.rounds and not self.stop.is_set() and not self.budget_spent:
             if not wait_for_clients(self.pump, self.cfg.min_clients, self.stop):
                 break
             if self.auto_pending:
                 self.decide_expansion()
                 continue
             self.run_round(self.round + 1)
+        if self.budget_spent:
+            self.publish_status("finished")
+            log.info("federation finished after %d rounds (privacy budget spent); state in %s", self.round,
+                     self.store.state_dir)  # fmt: skip
+            return 0
         if self.round >= self.cfg.rounds:
             self.publish_status("finished")
             log.info("federation finished after %d rounds; state in %s", self.round, self.store.state_dir)
@@ -348,10 +383,23 @@ class Coordinator:
         self.conn.publish(self.topics.client(client_id, ClientTopic.TASK), frame, wait=30)
         rlog.bytes_down[client_id] = rlog.bytes_down.get(client_id, 0) + len(frame)
 
+    def privacy_allows(self, eligible: int) -> bool:
+        """Whether the next round, sampling ``min(clients_per_round, eligible)`` of ``eligible``
+        clients, keeps epsilon within ``privacy.epsilon_budget``; if not, the run is to finish."""
+        refusal = None if self.ledger is None else self.ledger.refusal(min(self.cfg.clients_per_round, eligible),
+                                                                       eligible)  # fmt: skip
+        if refusal is not None:
+            log.warning("%s, so the federation stops before round %d", refusal, self.round + 1)
+            self.budget_spent = True
+        return refusal is None
+
     def run_round(self, round_: int) -> None:
+        candidates = self.candidates()
+        if not self.privacy_allows(len(candidates)):
+            return
         started = time.monotonic()
         rlog = RoundLog(round_)
-        plan = self.plan(round_)
+        plan = self.plan(round_, candidates)
         alloc, assignments = plan.allocation, plan.assignments
         rlog.selected = list(plan.selected)
         rlog.assignments = {c: list(b) for c, b in alloc.assignments.items()}
@@ -379,7 +427,8 @@ class Coordinator:
             if cid not in collector.updates:
                 self.send_task(cid, round_, blocks, rlog, balance_labels=labels)
         rlog.closed_by = self.collect(collector, started)
-        self.close_round(plan, collector, rlog)
+        # a resumed round's clients were sampled before the restart, from at least those it selected
+        self.close_round(plan, collector, rlog, eligible=max(len(candidates), len(plan.selected)))
         if self.cfg.eval_every and round_ % self.cfg.eval_every == 0:
             rlog.evaluation = self.federated_eval(round_, rlog)
         if self.cfg.server_eval is not None and (
@@ -395,7 +444,7 @@ class Coordinator:
         self.round = round_
         self.save(rlog)
 
-    def plan(self, round_: int) -> RoundPlan:
+    def plan(self, round_: int, candidates: list[Candidate]) -> RoundPlan:
         """The round's saved plan when it is resumed after a crash, else a new one, saved before any
         task goes out. Planning a resumed round again would select among the clients back online
         first, and refuse the update of an assigned client that is not (yet) back."""
@@ -412,7 +461,7 @@ class Coordinator:
             else:
                 log.info("round %d: resuming its saved plan (clients %s)", round_, list(plan.selected))
                 return plan
-        plan = plan_round(self.policy, round_, self.candidates(), self.registry, self.last_trained, self.cfg.seed,
+        plan = plan_round(self.policy, round_, candidates, self.registry, self.last_trained, self.cfg.seed,
                           self.rng)  # fmt: skip
         self.store.save_round_plan(round_, {"plan": plan_to_json(plan),
                                             "rng_state": rng_state_to_json(self.rng.getstate())})  # fmt: skip
@@ -454,13 +503,22 @@ class Coordinator:
                 self.inbox.count(f"{kind.value}_during_training")
         return "stopped"
 
-    def close_round(self, plan: RoundPlan, collector: RoundCollector, rlog: RoundLog) -> None:
-        """Hand the collected updates to :func:`coordinator.round.close_round`; record what it decided."""
+    def close_round(self, plan: RoundPlan, collector: RoundCollector, rlog: RoundLog, eligible: int) -> None:
+        """Hand the collected updates to :func:`coordinator.round.close_round`; record what it decided
+        (with privacy on, also what the round cost: ``eligible`` clients were sampled from)."""
         round_ = plan.round
-        replies = [Reply(cid, deltas_of(msg), msg.num_samples, msg.round) for cid, msg in collector.updates.items()]
+        replies = [
+            Reply(cid, deltas_of(msg), msg.num_samples, msg.round) for cid, msg in collector.updates.items()
+        ]
         late = [Reply(m.client_id, deltas_of(m), m.num_samples, m.round) for m in collector.late
                 if m.client_id in self.clients.clients]  # fmt: skip
-        outcome = close_round(self.policy, plan, self.global_state, self.layout, replies, self.server_state, late)
+        outcome = close_round(self.policy, plan, self.global_state, self.layout, replies, self.server_state, late,
+                              noise=self.noise)  # fmt: skip
+        if self.ledger is not None:
+            rlog.privacy = self.ledger.record(len(plan.selected), eligible, outcome.clipped_fraction)
+            log.info("round %d privacy: epsilon %.4g at delta %g after %d rounds (%d of %d clients sampled)",
+                     round_, rlog.privacy["epsilon"], rlog.privacy["delta"], len(self.ledger.history),
+                     len(plan.selected), eligible)  # fmt: skip
         for cid, code, reason in outcome.rejected:
             collector.reject(cid, code, reason)
         for cid in outcome.accepted:
@@ -562,6 +620,7 @@ class Coordinator:
             rng_state=rng_state_to_json(self.rng.getstate()),
             server_optimizer_state=_optimizer_state_to_snapshot(self.server_state),
             last_trained=dict(self.last_trained), config_digest=self.config_digest,
+            privacy_history=self.earlier_privacy if self.ledger is None else tuple(self.ledger.history),
         ))  # fmt: skip
         self.store.clear_pending(self.round)
         self.publish_status("running")
@@ -585,7 +644,7 @@ def round_policy(cfg: Any) -> RoundPolicy:
                                     max_block_divergence=a.max_block_divergence),
         top_risk=a.top_risk, interleaved_risk=a.interleaved_risk, norm_bound_factor=g.norm_bound_factor,
         block_average=g.block_average, staleness_decay=cfg.staleness_decay, late_updates=cfg.late_updates,
-        server_optimizer=server,
+        server_optimizer=server, privacy=cfg.privacy,
     )  # fmt: skip
 
 

@@ -16,7 +16,10 @@ and collects replies, the bench trains its emulated clients in process; both han
   assigned blocks, the model's layout, finite values, a norm not far above the round's others), caps
   each client's weight at what its task allowed (a client can not buy a larger share of the average
   by inflating ``num_samples``), folds late updates when the policy says so, and aggregates each
-  block through the server optimizer.
+  block through the server optimizer. With a :class:`~coordinator.privacy.PrivacyPolicy` in the
+  round's policy it runs DP-FedAvg instead of the weighted average (:mod:`coordinator.privacy`):
+  every accepted update clipped to ``clip_norm``, equal weights, Gaussian noise on each trained
+  block's sum; the daemon and the bench get DP through this one function.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from coordinator import aggregation
+import torch
+
+from coordinator import aggregation, privacy
 from coordinator.aggregation import BlockReport, ClientUpdate, OptimizerState, ServerOptimizer
 from coordinator.allocation import Allocation, AllocationPolicy, ClientCapacity, allocate, slots_from_registry
+from coordinator.privacy import PrivacyError, PrivacyPolicy
 from fedbe.blocks import BlockState
 from fedbe.expansion import BlockRegistry
 from fedbe.recipe import Recipe
@@ -53,6 +59,17 @@ class RoundPolicy:
     staleness_decay: float = 0.5
     late_updates: Literal["drop", "fold"] = "drop"
     server_optimizer: ServerOptimizer | None = None
+    # DP-FedAvg (coordinator.privacy); None: off
+    privacy: PrivacyPolicy | None = None
+
+    def __post_init__(self) -> None:
+        if self.privacy is not None and self.late_updates == "fold":
+            # a late update enters a round its client was not sampled for, on top of the one it was
+            # sampled for: its data would move two rounds' models while the accountant counts one
+            raise PrivacyError(
+                "late_updates 'fold' can not be combined with differential privacy: a folded update "
+                "counts its client in a round it was not sampled for; use late_updates 'drop'"
+            )
 
 
 @dataclass(frozen=True)
@@ -187,6 +204,8 @@ class RoundOutcome:
     rejected: tuple[tuple[str, str, str], ...]  # (client, code, reason)
     norms: dict[str, float]  # each on-time update's norm
     per_block: dict[int, BlockReport]
+    # with DP on: the share of accepted updates that clipping scaled down (else None)
+    clipped_fraction: float | None = None
 
 
 def close_round(
@@ -197,20 +216,29 @@ def close_round(
     replies: Sequence[Reply],
     optimizer_state: OptimizerState | None = None,
     late: Sequence[Reply] = (),
+    noise: torch.Generator | None = None,
 ) -> RoundOutcome:
     """Screen, weigh and aggregate the round's ``replies`` (and, with ``late_updates: fold``, the
     ``late`` ones) into the new global block state.
 
     Replies are taken in client-id order, not arrival order: the float sums (and so the weights) do
     not depend on which update came first, so a resumed run aggregates exactly as an uninterrupted one.
+
+    With ``policy.privacy`` set, ``noise`` is the generator the DP noise is drawn from (required: the
+    caller decides whether it is unpredictable or seeded), and the norm outlier test is skipped: it
+    compares an update with the round's others, so one client could decide whether another's update
+    counts, an influence the sensitivity C does not bound; clipping bounds every update instead.
     """
+    dp = policy.privacy
+    if dp is not None and noise is None:
+        raise PrivacyError("close_round with differential privacy on needs a noise generator")
     ordered = sorted(replies, key=lambda r: r.client_id)
     norms = {r.client_id: aggregation.update_norm(r.delta) for r in ordered}
     allowed = policy.recipe.steps * policy.recipe.batch_size  # the most samples a task asks for
     accepted: list[ClientUpdate] = []
     rejected: list[tuple[str, str, str]] = []
     for r in ordered:
-        others = [n for other, n in norms.items() if other != r.client_id]
+        others = None if dp is not None else [n for other, n in norms.items() if other != r.client_id]
         verdict = aggregation.screen_update(
             r.delta, plan.assignments.get(r.client_id, ()), layout, others, policy.norm_bound_factor
         )
@@ -231,15 +259,43 @@ def close_round(
                 accepted.append(ClientUpdate(r.client_id, r.delta, min(r.num_samples, allowed),
                                              plan.round - r.round))  # fmt: skip
                 late_accepted.append(r.client_id)
-    result = aggregation.aggregate(
-        global_state, accepted, policy.server_optimizer, policy.staleness_decay, optimizer_state,
-        block_average=policy.block_average,
-    )  # fmt: skip
+    clipped_fraction = None
+    if dp is not None:
+        assert noise is not None
+        result, clipped_fraction = _private_aggregate(
+            policy, dp, global_state, accepted, optimizer_state, noise
+        )
+    else:
+        result = aggregation.aggregate(
+            global_state, accepted, policy.server_optimizer, policy.staleness_decay, optimizer_state,
+            block_average=policy.block_average,
+        )  # fmt: skip
     return RoundOutcome(
         new_state=result.new_state, optimizer_state=result.optimizer_state,
         accepted=tuple(u.client_id for u in accepted if u.client_id in on_time),
         late_accepted=tuple(late_accepted), rejected=tuple(rejected), norms=norms, per_block=result.per_block,
+        clipped_fraction=clipped_fraction,
     )  # fmt: skip
+
+
+def _private_aggregate(
+    policy: RoundPolicy,
+    dp: PrivacyPolicy,
+    global_state: BlockState,
+    accepted: Sequence[ClientUpdate],
+    optimizer_state: OptimizerState | None,
+    noise: torch.Generator,
+) -> tuple[aggregation.AggregationResult, float | None]:
+    """DP-FedAvg over the screened updates: clip, noisy equal-weight average, the server step."""
+    clipped: dict[str, BlockState] = {}
+    scaled = 0
+    for u in accepted:
+        clipped[u.client_id], norm = privacy.clip_update(u.delta, dp.clip_norm)
+        scaled += norm > dp.clip_norm
+    avg, trainers = privacy.noisy_average(global_state, clipped, dp, policy.block_average, noise)
+    members = {b: [(cid, 1.0) for cid in cids] for b, cids in trainers.items()}
+    result = aggregation.apply_average(global_state, avg, members, policy.server_optimizer, optimizer_state)
+    return result, scaled / len(accepted) if accepted else None
 
 
 def trained_blocks(outcome: RoundOutcome) -> list[int]:

@@ -254,6 +254,28 @@ def add_bench_parser(sub: Any, epilog: str) -> None:
         help="run the methods in this many worker processes that share the CPU cores (default 1); "
         "all workers use the same threads each, so emulated times stay comparable",
     )
+    p.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=d.dp_noise_multiplier,
+        help="client-level differential privacy of the new-block methods' updates (DP-FedAvg, the "
+        "coordinator's privacy: section): the Gaussian noise on each block's sum of clipped updates has "
+        "standard deviation this x --dp-clip-norm; epsilon is recorded each round and reported "
+        "(default: DP off)",
+    )
+    p.add_argument(
+        "--dp-clip-norm",
+        type=float,
+        default=d.dp_clip_norm,
+        help="with --dp-noise-multiplier: each client's update is clipped to this L2 norm over all its blocks "
+        f"(default {d.dp_clip_norm:g}: the median update norm of the default fedbe run)",
+    )
+    p.add_argument(
+        "--dp-delta",
+        type=float,
+        default=d.dp_delta,
+        help=f"the delta epsilon is reported at (default {d.dp_delta:g})",
+    )
     p.add_argument("--full-ft-budget", type=float, default=d.full_ft_budget_seconds,
                    help="skip full fine-tuning when its estimated training seconds exceed this (default "
                         f"{d.full_ft_budget_seconds:.0f})")  # fmt: skip
@@ -284,6 +306,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         eval_examples=args.eval_examples,
         probe_questions=args.probe_questions, final_probe_questions=args.final_probe_questions,
         probe_texts=args.probe_texts, full_ft_budget_seconds=args.full_ft_budget,
+        dp_noise_multiplier=args.dp_noise_multiplier, dp_clip_norm=args.dp_clip_norm, dp_delta=args.dp_delta,
     )  # fmt: skip
     if args.quick:
         settings = quick(settings, methods_given=bool(args.methods))

@@ -53,6 +53,9 @@ class Method:
         self.peak_memory = 0
         self.withdrawn: tuple[int, ...] = ()  # blocks the last allocation left out for label skew
         self.priors: dict[str, Any] = {}  # client id -> LabelPrior, for the label-balanced loss
+        # what the last round adds to its record: the clients' update norms (what a DP clip norm is
+        # chosen from) and, with DP on, the privacy spent so far
+        self.round_info: dict[str, Any] = {}
 
     def label_priors(self) -> bool:
         """Each client's label counts on the label words' first tokens (as the evaluation scores them);
@@ -163,7 +166,14 @@ class BlockMethod(Method):
             ),
             block_average=settings.block_average,
             server_optimizer=None if settings.server_lr == 1.0 else FedAvgM(lr=settings.server_lr, momentum=0.0),
+            privacy=settings.privacy(),
         )  # fmt: skip
+        from coordinator.privacy import PrivacyLedger  # noqa: PLC0415
+
+        dp = self.policy.privacy
+        self.ledger = None if dp is None else PrivacyLedger(dp, [])
+        # seeded from the seed: a simulation repeats its noise (the daemon's is unpredictable)
+        self.noise = torch.Generator().manual_seed(federation.seed) if dp is not None else None
         self.candidates = [Candidate(c.client_id, c.max_blocks, c.forward_seconds, c.backward_seconds,
                                      dict(c.histogram)) for c in federation.clients]  # fmt: skip
         self.layout = block_layout(model, self.registry)
@@ -187,6 +197,7 @@ class BlockMethod(Method):
         level = "bf16" if self.settings.download_level == "fp32" else self.settings.download_level
         as_context, context_bytes = self.download(self.global_state, level)
         results, replies = [], []
+        self.round_info = {}
         for c in self.federation.clients:
             blocks = assignments.get(c.client_id)
             if not blocks:
@@ -214,10 +225,15 @@ class BlockMethod(Method):
                 result.mean_loss, result.base_forwards, result.samples,
             ))  # fmt: skip
         if replies:
-            outcome = close_round(self.policy, plan, self.global_state, self.layout, replies)
+            state, layout = self.global_state, self.layout
+            outcome = close_round(self.policy, plan, state, layout, replies, noise=self.noise)
             for cid, code, reason in outcome.rejected:
                 log.warning("%s round %d: %s's update rejected (%s): %s", self.name, round_, cid, code, reason)
             self.global_state = outcome.new_state
+            self.round_info = {"update_norms": dict(outcome.norms)}
+            if self.ledger is not None:
+                selected, eligible = len(plan.selected), len(self.candidates)
+                self.round_info["privacy"] = self.ledger.record(selected, eligible, outcome.clipped_fraction)
             for block_id in trained_blocks(outcome):
                 self.last_trained[block_id] = round_
         return results

@@ -39,6 +39,7 @@ PINNED_FOR_BASELINES: dict[str, Any] = {
 READ_ONLY_BY: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(PINNED_FOR_BASELINES, NEW_BLOCK_METHODS),
     "lora_base": LORA_METHODS,
+    **dict.fromkeys(("dp_noise_multiplier", "dp_clip_norm", "dp_delta"), NEW_BLOCK_METHODS),
 }
 
 # Adding a setting must not orphan the records made before it: each setting added later, at the value
@@ -79,6 +80,10 @@ def digested_settings(settings: BenchSettings, method: str | None = None) -> dic
     for key, before in DEFAULTS_BEFORE_ADDED.items():
         if key in data and data[key] == before:
             del data[key]
+    # DP off (every run before it existed): its settings change nothing, so they stay out of the digest
+    if data.get("dp_noise_multiplier") is None:
+        for key in ("dp_noise_multiplier", "dp_clip_norm", "dp_delta"):
+            data.pop(key, None)
     return data
 
 

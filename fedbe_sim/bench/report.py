@@ -119,6 +119,16 @@ def results_markdown(summary: list[dict[str, Any]], base: dict[str, float], sett
             + ", ".join(f"{r['method']} {_pm(r['perplexity_head_retention'], '.3f')}" for r in heads)
             + ".",
         ]
+    private = [r for r in summary if "epsilon" in r]
+    if private:
+        lines += [
+            "",
+            f"Differential privacy (DP-FedAvg in the coordinator's close_round, the new-block methods): noise "
+            f"multiplier {settings.dp_noise_multiplier:g}, clip norm {settings.dp_clip_norm:g}; epsilon at delta "
+            f"{settings.dp_delta:g} after the last round (sampling rate 1: every client every round): "
+            + ", ".join(f"{r['method']} {r['epsilon']:.4g}" for r in private)
+            + ".",
+        ]
     from fedbe.general_ability import mcnemar_p  # noqa: PLC0415
 
     def changed(r: dict[str, Any], probe: str = "") -> str:

@@ -122,6 +122,7 @@ def run_method(federation: Federation, name: str, say: Callable[[str], None]) ->
             "withdrawn_blocks": list(method.withdrawn),
             "seconds_per_step": sum(x.train_seconds for x in results)
             / max(1, settings.steps * len(results)),
+            **method.round_info,
         }  # fmt: skip
         record["rounds"].append(row)
         say(

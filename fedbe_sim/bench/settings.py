@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from coordinator.aggregation import BLOCK_AVERAGES
 from fedbe.errors import ConfigError, ExpansionError
 from fedbe_sim.bench.method_table import METHODS
+
+if TYPE_CHECKING:
+    from coordinator.privacy import PrivacyPolicy
 
 DEFAULT_PROFILES = ("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb", "jetson-xavier-nx")
 # FedBE and its ablations: new blocks at BenchSettings.placement
@@ -111,6 +115,14 @@ class BenchSettings:
     # model is the same computation; "plain": the 16-bit model as loaded (the earlier runs; its
     # untrained model rounds differently from FedBE's: benchmarks/base_arithmetic.py)
     lora_base: str = "frozen"
+    # client-level DP of the new-block methods' updates (coordinator.privacy, through close_round):
+    # None = off. Each client's update is clipped to dp_clip_norm (L2 over all its blocks); 5.0 is the
+    # median update norm of the default fedbe run (--split test, seed 0: 16 updates, 1.1 to 16.7, the
+    # norms shrinking with the lr), so about half the updates are clipped. The noise is drawn from a
+    # generator seeded from the seed (a simulation: reproducible, not unpredictable as the daemon's is)
+    dp_noise_multiplier: float | None = None
+    dp_clip_norm: float = 5.0
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
@@ -175,6 +187,21 @@ class BenchSettings:
             raise ConfigError(f"max_block_divergence must be in [0, 1], got {self.max_block_divergence}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha}")
+        if self.dp_noise_multiplier is not None:
+            from coordinator.privacy import PrivacyError  # noqa: PLC0415
+
+            try:
+                self.privacy()
+            except PrivacyError as e:
+                raise ConfigError(f"--dp-*: {e}") from None
+
+    def privacy(self) -> PrivacyPolicy | None:
+        """The DP policy the new-block methods' rounds run under (None: DP off)."""
+        if self.dp_noise_multiplier is None:
+            return None
+        from coordinator.privacy import PrivacyPolicy  # noqa: PLC0415
+
+        return PrivacyPolicy(self.dp_noise_multiplier, self.dp_clip_norm, self.dp_delta)
 
 
 def quick(settings: BenchSettings, methods_given: bool = False) -> BenchSettings:

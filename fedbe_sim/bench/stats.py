@@ -76,6 +76,8 @@ def summarise(records: list[dict[str, Any]], base: dict[str, float]) -> list[dic
                 )
         if all("final_definition_retention" in r["rounds"][-1] for r in recs):
             rows[-1]["final_definition_retention"] = stat("final_definition_retention")
+        if all("privacy" in r["rounds"][-1] for r in recs):  # DP-FedAvg: the epsilon spent by the end
+            rows[-1]["epsilon"] = max(r["rounds"][-1]["privacy"]["epsilon"] for r in recs)
     return rows
 
 

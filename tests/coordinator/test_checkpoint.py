@@ -356,3 +356,17 @@ def test_lock_keeps_a_second_coordinator_out(tmp_path: Path) -> None:
         first.lock()  # re-entrant for the holder
     with second, pytest.raises(CheckpointError, match="in use"):  # released: now the second one has it
         CheckpointStore(tmp_path / "run").lock()
+
+
+def test_the_privacy_history_is_saved_and_gives_the_same_epsilon(tmp_path: Path) -> None:
+    from coordinator.privacy import RoundPrivacy, epsilon  # noqa: PLC0415
+
+    history = (RoundPrivacy(0.5, 1.1),) * 4 + (RoundPrivacy(0.25, 1.1),)
+    store = CheckpointStore(tmp_path / "state")
+    store.save(snapshot(5, privacy_history=history))
+    loaded = store.load_latest()
+    assert loaded is not None and loaded.privacy_history == history
+    assert epsilon(loaded.privacy_history, 1e-5) == epsilon(history, 1e-5)
+    store.save(snapshot(6))  # a run without privacy stores none
+    loaded = store.load_latest()
+    assert loaded is not None and loaded.privacy_history == ()

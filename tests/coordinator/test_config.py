@@ -24,6 +24,7 @@ from coordinator.config import (
     load_run_config,
     parse_run_config,
 )
+from coordinator.privacy import PrivacyPolicy
 from fedbe.compression import Level
 from fedbe.errors import ConfigError
 from fedbe.recipe import Recipe
@@ -426,8 +427,9 @@ def test_example_config_loads_and_lists_every_field(tmp_path: Path) -> None:
     for key, value in listed.items():
         found |= {f"{key}.{name}" for name in value} if isinstance(value, dict) else {key}
     expected = _dotted_fields(RunConfig)
-    # server_eval is null in the example (its fields are shown in the comment)
-    assert found == {f for f in expected if not f.startswith("server_eval.")} | {"server_eval"}
+    # server_eval and privacy are null in the example (their fields are shown in the comment)
+    optional = ("server_eval", "privacy")
+    assert found == {f for f in expected if f.split(".")[0] not in optional} | set(optional)
     # documented in the docstring and in the docs table, field by field
     docs = DOCS.read_text(encoding="utf-8")
     missing_docs = sorted(f for f in expected if f"`{f}`" not in docs)
@@ -446,6 +448,7 @@ def _dotted_fields(cls: type) -> set[str]:
         "auto_expansion": AutoExpansionConfig,
         "broker": BrokerSettings,
         "server_eval": ServerEvalConfig,
+        "privacy": PrivacyPolicy,
     }
     for f in dataclasses.fields(cls):
         if f.name in nested:
@@ -498,3 +501,61 @@ def test_a_removed_setting_says_so(tmp_path: Path) -> None:
 def test_the_round_lr_decays_from_the_configured_lr_and_is_constant_by_default() -> None:
     assert [Recipe(lr=2e-3, lr_decay=0.5).lr_in_round(r) for r in (1, 2, 3)] == [2e-3, 1e-3, 5e-4]
     assert {Recipe(lr=3e-4).lr_in_round(r) for r in (1, 5, 40)} == {3e-4}
+
+
+PRIVACY = {"noise_multiplier": 1.0, "clip_norm": 0.1}
+
+
+def test_the_privacy_section_is_read_with_its_defaults(tmp_path: Path) -> None:
+    assert load_run_config(write(tmp_path, BASE)).privacy is None
+    cfg = load_run_config(write(tmp_path, {**BASE, "privacy": PRIVACY}))
+    assert cfg.privacy == PrivacyPolicy(noise_multiplier=1.0, clip_norm=0.1, delta=1e-5, epsilon_budget=None)
+    given = {"noise_multiplier": 0.7, "clip_norm": 2, "delta": 1e-6, "epsilon_budget": 8}
+    cfg = load_run_config(write(tmp_path, {**BASE, "privacy": given}))
+    assert cfg.privacy == PrivacyPolicy(0.7, 2.0, 1e-6, 8.0)
+    assert config_digest(cfg) != config_digest(load_run_config(write(tmp_path, BASE)))
+
+
+BAD_PRIVACY = [
+    ("noise_multiplier", -0.5),
+    ("noise_multiplier", float("inf")),
+    ("noise_multiplier", True),
+    ("clip_norm", 0),
+    ("clip_norm", "small"),
+    ("delta", 0),
+    ("delta", 1),
+    ("epsilon_budget", 0),
+    ("epsilon_budget", -3),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_PRIVACY, ids=[f"{n}={v!r}" for n, v in BAD_PRIVACY])
+def test_a_bad_privacy_value_names_file_field_and_value(tmp_path: Path, name: str, value: object) -> None:
+    path = write(tmp_path, {**BASE, "privacy": {**PRIVACY, name: value}})
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path)
+    message = str(caught.value)
+    assert str(path) in message and f"privacy.{name}" in message and repr(value) in message
+
+
+@pytest.mark.parametrize(
+    ("privacy", "top", "field", "snippet"),
+    [
+        ({"noise_multiplier": 1.0}, {}, "privacy.clip_norm", "required field"),
+        ({"clip_norm": 1.0}, {}, "privacy.noise_multiplier", "required field"),
+        (PRIVACY, {"late_updates": "fold"}, "late_updates", "can not be combined with privacy"),
+        ({**PRIVACY, "noise_multiplier": 0, "epsilon_budget": 8}, {}, "noise_multiplier", "no privacy"),
+        ({**PRIVACY, "sigma": 1}, {}, "privacy.sigma", "unknown field"),
+    ],
+)
+def test_privacy_refuses_what_breaks_its_guarantee(
+    tmp_path: Path, privacy: dict[str, object], top: dict[str, object], field: str, snippet: str
+) -> None:
+    path = write(tmp_path, {**BASE, **top, "privacy": privacy})
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path)
+    message = str(caught.value)
+    assert str(path) in message and field in message and snippet in message
+    # clipping without noise is allowed when nothing is asked of epsilon
+    clip_only = load_run_config(write(tmp_path, {**BASE, "privacy": {**PRIVACY, "noise_multiplier": 0}}))
+    assert clip_only.privacy is not None and clip_only.privacy.noise_multiplier == 0

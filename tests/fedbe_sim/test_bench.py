@@ -289,7 +289,7 @@ FIXED_RUN: dict[str, Any] = {
     "distill_top_k": 32, "distill_sample": 128, "distill_rows": 1, "deadline_factor": 0.6,
     "max_block_divergence": 1.0, "label_balance": True, "block_average": "round", "server_lr": 1.0,
     "lr_decay": 0.5, "lora_lr_decay": 0.5, "download_level": "int8", "full_ft_budget_seconds": 600.0,
-    "precision": "bf16", "lora_base": "frozen",
+    "precision": "bf16", "lora_base": "frozen", "dp_noise_multiplier": None, "dp_clip_norm": 5.0, "dp_delta": 1e-5,
 }  # fmt: skip
 _BLOCKS, _ELSEWHERE, _LORA = "597fb984dbc43d2e", "a551f381e3237edd", "199f141880a06ccc"
 FIXED_DIGESTS = {
@@ -326,6 +326,8 @@ def test_a_placement_changes_the_digest_only_of_the_methods_that_use_it(tmp_path
     data = asdict(pinned)
     del data["methods"], data["seeds"], data["placement"]
     del data["lora_base"]  # added later; "plain" (the LoRA base before) is not in the digest
+    for key in ("dp_noise_multiplier", "dp_clip_norm", "dp_delta"):  # added later; DP off is not either
+        del data[key]
     before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     middle = replace(pinned, placement="middle")
     assert bench.settings_digest(replace(pinned, placement="interleave")) == before
@@ -1127,3 +1129,41 @@ def test_lora_on_a_quantized_frozen_base_is_qlora_from_fedbes_untrained_model(pr
     assert fedit.round(1)
     moved = [n for n, t in fedit.global_state[0].items() if "lora_B" in n and not torch.equal(t, before[n])]
     assert moved and all(torch.isfinite(t).all() for t in fedit.global_state[0].values())
+
+
+def test_dp_runs_through_the_coordinators_round_and_reports_epsilon(tmp_path) -> None:
+    from coordinator.privacy import RoundPrivacy, epsilon  # noqa: PLC0415
+
+    settings = bench.BenchSettings(
+        model="tiny:llama", methods=("fedbe",), clients=3, rounds=2, steps=2, examples_per_client=8,
+        eval_examples=6, probe_questions=4, final_probe_questions=0, probe_texts=4, max_tokens=48,
+        profiles=("rtx-4090-24gb", "cpu-laptop", "jetson-orin-nano-8gb"),
+        dp_noise_multiplier=0.5, dp_clip_norm=0.05,
+    )  # fmt: skip
+    results = bench.run_bench(settings, tmp_path, say=lambda _: None)
+    (rec,) = results["records"]
+    for row in rec["rounds"]:
+        privacy = row["privacy"]
+        # every client is sampled every round: q = 1
+        assert privacy["sample_rate"] == 1.0 and privacy["noise_multiplier"] == 0.5
+        assert privacy["epsilon"] == pytest.approx(epsilon([RoundPrivacy(1.0, 0.5)] * row["round"], 1e-5))
+        assert sorted(row["update_norms"]) == sorted(row["assignments"])
+        clipped = sum(n > 0.05 for n in row["update_norms"].values()) / len(row["update_norms"])
+        assert privacy["clipped_fraction"] == pytest.approx(clipped)
+    assert f"fedbe {rec['rounds'][-1]['privacy']['epsilon']:.4g}" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ConfigError, match="clip_norm"):
+        bench.BenchSettings(dp_noise_multiplier=1.0, dp_clip_norm=0.0)
+
+
+def test_dp_settings_change_only_the_new_block_methods_digest() -> None:
+    default = bench.BenchSettings()
+    private = replace(default, dp_noise_multiplier=1.0)
+    for method in ("fedbe", "pos-top"):
+        assert bench.settings_digest(private, method) != bench.settings_digest(default, method)
+        clip = replace(private, dp_clip_norm=1.0)
+        assert bench.settings_digest(clip, method) != bench.settings_digest(private, method)
+    for method in ("fedit", "full-ft"):
+        assert bench.settings_digest(private, method) == bench.settings_digest(default, method)
+    # with DP off its other settings change nothing, so they leave the digest alone
+    unused = replace(default, dp_clip_norm=1.0)
+    assert bench.settings_digest(unused, "fedbe") == bench.settings_digest(default, "fedbe")

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -221,3 +222,31 @@ def test_a_plateau_adds_an_identity_block_and_the_federation_carries_on(
     assert final is not None and len(final.registry.blocks) == 4
     added = metrics[2]["expansion"]["added_block"]  # added after the last round: still the identity
     assert added == 0 and not final.global_state[added]["self_attn.o_proj.weight"].any()
+
+
+def test_a_private_run_records_epsilon_and_stops_when_its_budget_is_spent(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    from coordinator.privacy import RoundPrivacy, epsilon  # noqa: PLC0415
+
+    # three clients, all selected every round: q = 1; two rounds fit the budget, a third would not
+    spent = [epsilon([RoundPrivacy(1.0, 1.0)] * n, 1e-5) for n in (1, 2, 3)]
+    budget = (spent[1] + spent[2]) / 2
+    extra = f"privacy: {{noise_multiplier: 1.0, clip_norm: 0.05, epsilon_budget: {budget!r}}}"
+    config = write_config(tmp_path, broker, rounds=4, extra=extra)
+    run_federation(tmp_path, broker, config)
+    metrics = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    for m, want in zip(metrics, spent, strict=False):
+        privacy = m["privacy"]
+        assert privacy["epsilon"] == pytest.approx(want, rel=1e-9)
+        assert (privacy["delta"], privacy["noise_multiplier"], privacy["clip_norm"]) == (1e-5, 1.0, 0.05)
+        assert privacy["sample_rate"] == 1.0 and m["updates"]
+        norms = [u["norm"] for u in m["updates"].values()]
+        assert privacy["clipped_fraction"] == pytest.approx(sum(n > 0.05 for n in norms) / len(norms))
+        for block in m["blocks"].values():  # every client weighs the same, whatever its samples
+            assert block["weight"] == len(block["trainers"])
+    log = (tmp_path / "coordinator.log").read_text()
+    assert f"privacy budget spent: epsilon {spent[1]:.4g} of {budget:g} after 2 rounds" in log
+    final = CheckpointStore(tmp_path / "state").load_latest()
+    assert final is not None and final.round == 2 and final.privacy_history == (RoundPrivacy(1.0, 1.0),) * 2
