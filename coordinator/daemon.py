@@ -173,7 +173,7 @@ class Coordinator:
         self.earlier_privacy = history  # kept in the snapshot when a private run goes on without privacy
         self.ledger = None if cfg.privacy is None else privacy.PrivacyLedger(cfg.privacy, list(history))
         # unpredictable noise: a generator seeded from the config could be replayed by anyone holding it
-        self.noise = privacy.os_noise_generator() if cfg.privacy is not None else None
+        self.noise = privacy.SystemNoise() if cfg.privacy is not None else None
         self.server_state = _optimizer_state_from_snapshot(self.server_state, aggregation)
         self.pump = MessagePump(self.inbox, self.clients, self.conn, self.topics)
         self.publish_status("starting")

@@ -32,19 +32,22 @@ What epsilon covers: the sequence of global models. The coordinator itself sees 
 (central DP: it is trusted), and what it writes to metrics.jsonl about single clients (their update
 norms, losses, sample counts, federated evaluation scores) is outside the guarantee.
 
-Noise: the daemon draws it from :func:`os_noise_generator`, seeded from the operating system's
-entropy so that nobody can predict it; ``torch.Generator`` is not a cryptographically secure
-generator, which a deployment that must resist an adversary reconstructing the noise would need.
-The bench passes a generator seeded from its seed, to be reproducible (a simulation only).
+Noise: the daemon draws it from :class:`SystemNoise`, normal deviates made from the operating
+system's cryptographic random bytes (``os.urandom``), so nobody can predict or replay it -- a
+generator seeded once, even from entropy, could be recovered from enough of its output. The bench
+passes :class:`SeededNoise`, seeded from its seed, to be reproducible (a simulation only). Like
+every floating-point Gaussian sampler, neither defends against attacks on the low-order bits of
+the noised values (Mironov 2012); what they protect is a model update, not a counting query.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import secrets
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -120,7 +123,7 @@ def noisy_average(
     clipped: Mapping[str, BlockState],
     policy: PrivacyPolicy,
     block_average: str,
-    generator: torch.Generator,
+    noise: NoiseSource,
 ) -> tuple[BlockState, dict[int, tuple[str, ...]]]:
     """Per block trained by some client in ``clipped`` (client id -> clipped delta): the sum of its
     trainers' deltas plus N(0, noise_std^2) per coordinate, divided by its trainer count
@@ -128,7 +131,7 @@ def noisy_average(
 
     The block's parameters are the global state's (a client that sent a subset of them adds zero to
     the rest, which are noised all the same). Blocks and parameters are visited in sorted order, so
-    the noise a seeded ``generator`` draws does not depend on the order the updates came in.
+    the noise a seeded ``noise`` source draws does not depend on the order the updates came in.
     """
     trainers: dict[int, tuple[str, ...]] = {}
     for cid in sorted(clipped):
@@ -144,16 +147,49 @@ def noisy_average(
                 part = clipped[cid][block_id].get(name)
                 if part is not None:
                     total = total + part.to(total.dtype)
-            noise = torch.randn(total.shape, generator=generator, dtype=total.dtype, device=total.device)
-            params[name] = (total + policy.noise_std * noise) / count
+            drawn = noise.normal(total.shape).to(dtype=total.dtype, device=total.device)
+            params[name] = (total + policy.noise_std * drawn) / count
         average[block_id] = params
     return average, trainers
 
 
-def os_noise_generator() -> torch.Generator:
-    """A CPU generator seeded from the operating system's entropy (63 bits): noise nobody can replay
-    from the config or the seed. Not a cryptographically secure generator (see the module docstring)."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+class NoiseSource(Protocol):
+    """Where the DP noise comes from: standard normal deviates of a shape, float32."""
+
+    def normal(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor: ...
+
+
+class SeededNoise:
+    """Reproducible noise from a seeded torch generator: simulations and tests only."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def normal(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator)
+
+
+class SystemNoise:
+    """Normal deviates from the operating system's cryptographic random bytes (Box-Muller over
+    53-bit uniforms), drawn in chunks so a block of 200M parameters needs no 200M-element temporary
+    beyond the result. Nothing to seed, so nothing to replay."""
+
+    CHUNK = 1 << 20  # pairs of deviates per os.urandom call
+
+    def normal(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        count = math.prod(shape)
+        out = torch.empty(count, dtype=torch.float32)
+        for start in range(0, count, 2 * self.CHUNK):
+            pairs = min(self.CHUNK, (count - start + 1) // 2)
+            words = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64)
+            # the top 53 bits of each word, as a uniform in (0, 1]: log() below never sees 0
+            uniform = ((words >> 11) & ((1 << 53) - 1)).to(torch.float64).add_(1.0).mul_(2.0**-53)
+            radius = torch.sqrt(-2.0 * torch.log(uniform[:pairs]))
+            angle = (2.0 * math.pi) * uniform[pairs:]
+            both = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+            take = min(2 * pairs, count - start)
+            out[start : start + take] = both[:take].to(torch.float32)
+        return out.reshape(shape)
 
 
 def epsilon(history: Sequence[RoundPrivacy], delta: float) -> float:

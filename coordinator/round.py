@@ -29,8 +29,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 from coordinator import aggregation, privacy
 from coordinator.aggregation import BlockReport, ClientUpdate, OptimizerState, ServerOptimizer
 from coordinator.allocation import Allocation, AllocationPolicy, ClientCapacity, allocate, slots_from_registry
@@ -216,7 +214,7 @@ def close_round(
     replies: Sequence[Reply],
     optimizer_state: OptimizerState | None = None,
     late: Sequence[Reply] = (),
-    noise: torch.Generator | None = None,
+    noise: privacy.NoiseSource | None = None,
 ) -> RoundOutcome:
     """Screen, weigh and aggregate the round's ``replies`` (and, with ``late_updates: fold``, the
     ``late`` ones) into the new global block state.
@@ -284,7 +282,7 @@ def _private_aggregate(
     global_state: BlockState,
     accepted: Sequence[ClientUpdate],
     optimizer_state: OptimizerState | None,
-    noise: torch.Generator,
+    noise: privacy.NoiseSource,
 ) -> tuple[aggregation.AggregationResult, float | None]:
     """DP-FedAvg over the screened updates: clip, noisy equal-weight average, the server step."""
     clipped: dict[str, BlockState] = {}

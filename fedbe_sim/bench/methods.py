@@ -168,12 +168,12 @@ class BlockMethod(Method):
             server_optimizer=None if settings.server_lr == 1.0 else FedAvgM(lr=settings.server_lr, momentum=0.0),
             privacy=settings.privacy(),
         )  # fmt: skip
-        from coordinator.privacy import PrivacyLedger  # noqa: PLC0415
+        from coordinator.privacy import PrivacyLedger, SeededNoise  # noqa: PLC0415
 
         dp = self.policy.privacy
         self.ledger = None if dp is None else PrivacyLedger(dp, [])
         # seeded from the seed: a simulation repeats its noise (the daemon's is unpredictable)
-        self.noise = torch.Generator().manual_seed(federation.seed) if dp is not None else None
+        self.noise = SeededNoise(federation.seed) if dp is not None else None
         self.candidates = [Candidate(c.client_id, c.max_blocks, c.forward_seconds, c.backward_seconds,
                                      dict(c.histogram)) for c in federation.clients]  # fmt: skip
         self.layout = block_layout(model, self.registry)

@@ -16,6 +16,8 @@ from coordinator.privacy import (
     PrivacyLedger,
     PrivacyPolicy,
     RoundPrivacy,
+    SeededNoise,
+    SystemNoise,
     budget_check,
     clip_update,
     epsilon,
@@ -58,8 +60,8 @@ def plan_for(assignments: dict[str, tuple[int, ...]]):  # type: ignore[no-untype
     return type(plan)(plan.round, plan.selected, plan.allocation, dict(assignments), 1000.0, plan.recipe)
 
 
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def seeded(seed: int = 0) -> SeededNoise:
+    return SeededNoise(seed)
 
 
 def test_clipping_bounds_the_norm_over_all_blocks_and_leaves_small_updates_alone() -> None:
@@ -202,3 +204,18 @@ def test_the_ledger_refuses_the_first_round_past_the_budget() -> None:
         PrivacyPolicy(sigma, 1.0, delta), ledger.history, RoundPrivacy(q, sigma)
     )
     assert fits and before == pytest.approx(spent[6]) and after == pytest.approx(spent[7])
+
+
+def test_system_noise_is_standard_normal_and_never_repeats() -> None:
+    source = SystemNoise()
+    source.CHUNK = 1000  # several chunks, and an odd count that ends inside one
+    draws = source.normal((301, 333)).flatten().double()
+    n = draws.numel()
+    assert torch.isfinite(draws).all()
+    # mean within 5 standard errors, variance within 5 of its own (Var of s^2 is 2/n for a normal)
+    assert abs(draws.mean().item()) < 5 / math.sqrt(n)
+    assert abs(draws.var().item() - 1.0) < 5 * math.sqrt(2 / n)
+    # a normal's tails: about 4.55% beyond 2 sigma (a uniform or a truncated source fails this)
+    beyond = (draws.abs() > 2).double().mean().item()
+    assert abs(beyond - 0.0455) < 5 * math.sqrt(0.0455 * 0.9545 / n)
+    assert not torch.equal(SystemNoise().normal((64,)), SystemNoise().normal((64,)))
