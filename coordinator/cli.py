@@ -7,6 +7,7 @@ Subcommands:
   broker-config  write a TLS mosquitto configuration with one credential per client and ACLs
            (a password each, or with --client-certs a certificate each: mutual TLS)
   enroll   write one device's bundle (CA, its certificate and key or a new password, edge.yaml)
+  revoke   cut a lost or compromised device off the broker (revoke its certificate, or drop its password)
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "With --client-certs, clients prove who they are by a certificate of the CA instead (mutual TLS): "
         "the broker takes no connection without one, its CN is the client's user name and id, and OUT/"
         "credentials holds ID.crt and ID.key for each client and the coordinator. Add devices later "
-        "with `fedbe-coordinator enroll`.",
+        "with `fedbe-coordinator enroll`; cut a lost one off with `fedbe-coordinator revoke`.",
     )
     bc.add_argument("--clients", required=True, type=Path, help="text file: one client id per line")
     bc.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "broker.tls_key in its run config)",
     )
     add_enroll_parser(sub)
+    add_revoke_parser(sub)
     return parser
 
 
@@ -130,6 +132,24 @@ def add_enroll_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     en.add_argument(
         "--force", action="store_true", help="replace an existing bundle in --out and the device's password"
     )
+
+
+def add_revoke_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rv = sub.add_parser(
+        "revoke",
+        help="cut a lost or compromised device off the broker",
+        description="Revoke device --device at the broker in --broker-dir (the folder broker-config wrote). "
+        "A --client-certs broker: every valid certificate of the device is revoked in the CA's record "
+        "(DIR/ca/) and put on DIR/crl.pem, the revocation list the broker checks; then RESTART the broker "
+        "(systemctl restart mosquitto): mosquitto re-reads crl.pem on a reload (SIGHUP) and refuses the "
+        "device's new connections, but keeps a connection the device already has open. A password broker: "
+        "the device's line leaves DIR/passwd; then RELOAD the broker (systemctl reload mosquitto): that "
+        "closes the device's connection and refuses it from then on. The device's files in DIR/credentials "
+        "are deleted. The command prints what to do next. To let the device in again (e.g. when it is "
+        "found, with a fresh key), enroll it again: fedbe-coordinator enroll --force.",
+    )
+    rv.add_argument("--broker-dir", required=True, type=Path, help="the folder broker-config wrote")
+    rv.add_argument("--device", required=True, help="the client id of the device to cut off")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -189,6 +209,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     print(f"start the broker: mosquitto -c {files.conf}")
     print(f"add a device: fedbe-coordinator enroll --broker-dir {files.out_dir} --device ID "
           f"--broker-url {files.url} --out BUNDLE")  # fmt: skip
+    print(f"cut a lost device off: fedbe-coordinator revoke --broker-dir {files.out_dir} --device ID")
     return 0
 
 
@@ -211,6 +232,22 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from coordinator.revocation import revoke  # noqa: PLC0415
+
+    done = revoke(args.broker_dir, args.device)
+    if done.client_certs:
+        print(
+            f"revoked the certificate(s) of {done.device} (serial {', '.join(done.serials)}); wrote {done.changed}"
+        )
+    else:
+        print(f"removed {done.device} from {done.changed}")
+    for path in done.removed:
+        print(f"deleted {path}")
+    print(f"next: {done.next_step}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -220,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     return dispatch("fedbe-coordinator", args, {
         "run": cmd_run, "export": cmd_export, "example": cmd_example, "broker-config": cmd_broker_config,
-        "enroll": cmd_enroll,
+        "enroll": cmd_enroll, "revoke": cmd_revoke,
     })  # fmt: skip
 
 

@@ -19,7 +19,8 @@ means certificates. The federation is the one DIR's ACL serves; ``--federation``
 
 An existing bundle, or an existing password of the device in DIR/passwd, is kept unless ``--force``
 (then the device's old password stops working at the broker's next reload; an old certificate stays
-valid until it expires: mosquitto checks no revocation list here).
+valid until it expires, unless ``fedbe-coordinator revoke`` revokes it first: revoke, then enroll again,
+to replace a lost device's certificate).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from coordinator.broker_config import COORDINATOR_USER, hash_passwords, issue_client_certificate
+from coordinator.broker_config import COORDINATOR_USER, hash_passwords
+from coordinator.certificate_authority import issue_client_certificate
 from fedbe.errors import ConfigError
 from fedbe.protocol import Topics, check_name
 from fedbe.transport import BrokerConfig
@@ -89,7 +91,7 @@ def edge_config_text(settings: dict[str, object], device: str) -> str:
     return head + yaml.safe_dump(settings, sort_keys=False)
 
 
-def _read(path: Path, what: str) -> str:
+def read_broker_file(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -102,7 +104,7 @@ def _read(path: Path, what: str) -> str:
 def set_password(passwd: Path, device: str, password: str, *, replace: bool) -> None:
     """Add ``device`` with ``password`` (hashed by ``mosquitto_passwd``) to ``passwd``, in place (so its
     owner and mode stay what the broker needs). An existing entry is an error unless ``replace``."""
-    lines = _read(passwd, "the password file").splitlines()
+    lines = read_broker_file(passwd, "the password file").splitlines()
     others = [line for line in lines if line.split(":", 1)[0] != device]
     if len(others) != len(lines) and not replace:
         raise ConfigError(
@@ -161,8 +163,8 @@ def enroll(
         raise ConfigError(f"{device!r} is the coordinator's user name; choose another device id")
     BrokerConfig(broker_url, device, require_tls=True).endpoint()  # mqtts://HOST:PORT, or a clear error
     broker_dir = broker_dir.resolve()
-    certs = uses_client_certs(_read(broker_dir / "mosquitto.conf", "the broker configuration"))
-    served = acl_federation(_read(broker_dir / "acl", "the broker's ACL"))
+    certs = uses_client_certs(read_broker_file(broker_dir / "mosquitto.conf", "the broker configuration"))
+    served = acl_federation(read_broker_file(broker_dir / "acl", "the broker's ACL"))
     if served is None:
         raise ConfigError(f"{broker_dir / 'acl'} names no federation; regenerate it with broker-config")
     if federation is not None and federation != served:
@@ -180,7 +182,7 @@ def enroll(
     settings: dict[str, object] = {
         "broker": broker_url, "client_id": device, "federation": served, "tls_ca": CA, "require_tls": True,
     }  # fmt: skip
-    _write(out_dir / CA, _read(broker_dir / CA, "the CA certificate"))
+    _write(out_dir / CA, read_broker_file(broker_dir / CA, "the CA certificate"))
     if certs:
         issue_client_certificate(broker_dir, device, out_dir / CERT, out_dir / KEY, days=days)
         settings |= {"tls_cert": CERT, "tls_key": KEY}
