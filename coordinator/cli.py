@@ -223,6 +223,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     how = "certificate device.crt and key device.key" if bundle.client_certs else "password in password"
     print(f"wrote the bundle of {bundle.device} to {bundle.out_dir}: ca.crt, {how}, edge.yaml "
           f"(federation {bundle.federation!r}, broker {bundle.broker_url})")  # fmt: skip
+    if bundle.superseded:
+        print(f"revoked {bundle.device}'s earlier certificate(s) (serial {', '.join(bundle.superseded)}): if the "
+              "device is connected with one, restart the broker (systemctl restart mosquitto) to cut that "
+              "connection; new connections with it are refused after a reload")  # fmt: skip
     if not bundle.client_certs:
         print(f"added {bundle.device} to {args.broker_dir.resolve() / 'passwd'}: reload the broker so that it "
               "reads it (systemctl reload mosquitto, or kill -HUP the mosquitto process)")  # fmt: skip

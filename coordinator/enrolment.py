@@ -18,9 +18,10 @@ its files to the agent with systemd's ``LoadCredential=`` (``deploy/fedbe-edge.s
 means certificates. The federation is the one DIR's ACL serves; ``--federation`` must match it.
 
 An existing bundle, or an existing password of the device in DIR/passwd, is kept unless ``--force``
-(then the device's old password stops working at the broker's next reload; an old certificate stays
-valid until it expires, unless ``fedbe-coordinator revoke`` revokes it first: revoke, then enroll again,
-to replace a lost device's certificate).
+(then the device's old password stops working at the broker's next reload). A device has one valid
+certificate: the one in its newest bundle. Issuing it revokes the device's earlier ones (the one
+broker-config put in DIR/credentials, or an earlier bundle's), effective for new connections after a
+broker reload and for an open connection after a restart (:mod:`coordinator.revocation`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from coordinator.broker_config import COORDINATOR_USER, hash_passwords
-from coordinator.certificate_authority import issue_client_certificate
+from coordinator.certificate_authority import issue_client_certificate, read_index, revoke_certificates
 from fedbe.errors import ConfigError
 from fedbe.protocol import Topics, check_name
 from fedbe.transport import BrokerConfig
@@ -57,6 +58,9 @@ class Bundle:
     client_certs: bool
     edge_config: Path
     files: tuple[Path, ...]
+    # mutual TLS: the device's earlier certificates, revoked when this one was issued (one valid
+    # certificate per device)
+    superseded: tuple[str, ...] = ()
 
 
 def uses_client_certs(conf_text: str) -> bool:
@@ -183,8 +187,15 @@ def enroll(
         "broker": broker_url, "client_id": device, "federation": served, "tls_ca": CA, "require_tls": True,
     }  # fmt: skip
     _write(out_dir / CA, read_broker_file(broker_dir / CA, "the CA certificate"))
+    superseded: tuple[str, ...] = ()
     if certs:
+        earlier = [i.serial for i in read_index(broker_dir) if i.common_name == device and not i.revoked]
         issue_client_certificate(broker_dir, device, out_dir / CERT, out_dir / KEY, days=days)
+        if earlier:  # a device has one valid certificate: the one in its newest bundle
+            revoke_certificates(broker_dir, earlier)
+            superseded = tuple(earlier)
+            for suffix in (".crt", ".key"):
+                (broker_dir / "credentials" / f"{device}{suffix}").unlink(missing_ok=True)
         settings |= {"tls_cert": CERT, "tls_key": KEY}
     else:
         password = secrets.token_urlsafe(24)
@@ -198,4 +209,4 @@ def enroll(
     for path in files:
         os.chmod(path, 0o600)
     log.info("enrolled %s (%s) into %s", device, "certificate" if certs else "password", out_dir)
-    return Bundle(out_dir, device, served, broker_url, certs, edge, files)
+    return Bundle(out_dir, device, served, broker_url, certs, edge, files, superseded)

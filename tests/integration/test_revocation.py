@@ -132,6 +132,27 @@ def test_a_revoked_certificate_is_refused_after_the_restart_the_command_prescrib
             _connect(url, ca, "c1", cert=c1_cert)
 
 
+def test_enrolling_a_device_revokes_its_earlier_certificate(base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broker_dir, url = _broker_dir(base, "--client-certs")
+    ca, creds = broker_dir / "ca.crt", broker_dir / "credentials"
+    old = base / "c2.crt"  # the certificate broker-config issued for c2, as if handed out
+    shutil.copy(creds / "c2.crt", old)
+    shutil.copy(creds / "c2.key", base / "c2.key")
+    with MosquittoBroker.from_config(broker_dir / "mosquitto.conf") as broker:
+        _connect(url, ca, "c2", cert=old).close()
+        capsys.readouterr()
+        argv = ["enroll", "--broker-dir", str(broker_dir), "--device", "c2", "--broker-url", url, "--out",
+                str(base / "bundle")]  # fmt: skip
+        assert coordinator_main(argv) == 0
+        assert "revoked c2's earlier certificate" in capsys.readouterr().out
+        assert not (creds / "c2.crt").exists()
+        _reload(broker)
+        with pytest.raises(TransportError, match=CERT_REFUSED):
+            _connect(url, ca, "c2", cert=old)
+        _connect(url, ca, "c2", cert=base / "bundle" / "device.crt").close()
+        _connect(url, ca, "c1", cert=creds / "c1.crt").close()  # another device's is untouched
+
+
 def test_a_revoked_password_is_refused_and_its_connection_closed_after_a_reload(
     base: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
