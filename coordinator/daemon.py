@@ -15,15 +15,16 @@ One round:
 5. close it (:func:`coordinator.round.close_round`, pure: screening, weight caps, late updates,
    aggregation or DP-FedAvg, the server optimizer), the same function ``fedbe bench`` runs;
 6. optionally evaluate (federated, or on the coordinator: :mod:`coordinator.server_eval`); write the
-   snapshot atomically; one metrics line.
+   snapshot atomically; one metrics line (:class:`coordinator.round_log.RoundLog`).
 
 With ``privacy`` configured, a round that would take epsilon past ``epsilon_budget`` is not started
 (checked before step 2, from the sampling rate it would have): the run finishes there as it does after
 its last round. The noise comes from the operating system's entropy, never from the config's seed.
 
-Why one module of ~640 lines: it is one class whose state (model, registry, global state, RNG, clients)
-every step reads and checkpoints; the pure parts already live elsewhere (round, allocation,
-aggregation, inbox, server evaluation), and growing the model on a plateau is the next to move out.
+The class holds the state every step reads and checkpoints (model, registry, global state, RNG,
+clients); the decisions are pure functions elsewhere (:mod:`coordinator.round`, and
+:mod:`coordinator.growth` for ``blocks: auto`` and growing the model on a plateau), and so is the
+metrics line (:mod:`coordinator.round_log`).
 """
 
 from __future__ import annotations
@@ -32,24 +33,32 @@ import logging
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from coordinator import privacy
-from coordinator.allocation import AllocationPolicy
-from coordinator.inbox import Inbox, MessagePump, RoundCollector, deltas_of, encode_weights, wait_for_clients
+from coordinator.growth import PROVISIONAL_BLOCKS, Best, auto_block_count, plan_growth, renumbering
+from coordinator.inbox import (
+    Inbox,
+    MessagePump,
+    RoundCollector,
+    collect_round,
+    deltas_of,
+    encode_weights,
+    wait_for_clients,
+)
+from coordinator.optimizer_snapshot import optimizer_state_from_snapshot, optimizer_state_to_snapshot
 from coordinator.registry import ClientRegistry
 from coordinator.round import (
     Candidate,
     Reply,
     RoundPlan,
-    RoundPolicy,
     close_round,
     plan_from_json,
     plan_round,
     plan_to_json,
     trained_blocks,
 )
+from coordinator.round_log import RoundLog, federated_summary
 from coordinator.server_eval import ServerEvaluator
 from fedbe import protocol
 from fedbe.blocks import block_layout, get_block_state
@@ -60,33 +69,6 @@ from fedbe.protocol.messages import MAX_LABELS
 from fedbe.transport import Connection
 
 log = logging.getLogger(__name__)
-
-PROVISIONAL_BLOCKS = 6  # blocks: auto measures clients on this many interleaved blocks first
-# A round stops waiting for an assigned client once it has been offline this long. Not at once: a
-# broker restart fires every client's last will (mosquitto does so even with a will delay), and
-# the clients come back within seconds with their updates (paho reconnects after 1, 2, 4 ... s).
-OFFLINE_GRACE_SECONDS = 10.0
-
-
-@dataclass
-class RoundLog:
-    """What happened in one round (becomes a metrics line)."""
-
-    round: int
-    selected: list[str] = field(default_factory=list)
-    assignments: dict[str, list[int]] = field(default_factory=dict)
-    updates: dict[str, dict[str, Any]] = field(default_factory=dict)
-    rejected: list[dict[str, str]] = field(default_factory=list)
-    errors: list[dict[str, str]] = field(default_factory=list)
-    bytes_down: dict[str, int] = field(default_factory=dict)
-    bytes_up: dict[str, int] = field(default_factory=dict)
-    blocks: dict[int, dict[str, Any]] = field(default_factory=dict)
-    evaluation: dict[str, Any] | None = None
-    expansion: dict[str, Any] | None = None  # the blocks: auto decision, in round 1
-    server_evaluation: dict[str, Any] | None = None
-    privacy: dict[str, Any] | None = None  # with privacy on: epsilon spent so far and the round's terms
-    seconds: float = 0.0
-    closed_by: str = ""
 
 
 class Coordinator:
@@ -99,6 +81,7 @@ class Coordinator:
         self.topics = Topics(cfg.federation)
         self.inbox = Inbox(conn, self.topics)
         self._warned_labels = False  # too many labels for label_balance: warned once
+        self._best: Best | None = None  # the best accuracy so far, for auto_expansion's plateau
         self.evaluator = (
             None
             if cfg.server_eval is None
@@ -107,7 +90,6 @@ class Coordinator:
 
     # -- set-up and resume -------------------------------------------------------------------
     def setup(self) -> None:
-        from coordinator import aggregation  # noqa: PLC0415
         from fedbe import expansion, sources  # noqa: PLC0415
         from fedbe.fingerprint import base_fingerprint  # noqa: PLC0415
 
@@ -116,7 +98,7 @@ class Coordinator:
         model = sources.load_model(cfg.model)
         self.fingerprint = base_fingerprint(model)
         from coordinator.checkpoint import rng_state_from_json  # noqa: PLC0415
-        from coordinator.config import config_digest  # noqa: PLC0415
+        from coordinator.config import config_digest, round_policy  # noqa: PLC0415
 
         self.config_digest = config_digest(cfg)
         if cfg.auto_expansion.plateau_rounds:
@@ -174,7 +156,7 @@ class Coordinator:
         self.ledger = None if cfg.privacy is None else privacy.PrivacyLedger(cfg.privacy, list(history))
         # unpredictable noise: a generator seeded from the config could be replayed by anyone holding it
         self.noise = privacy.SystemNoise() if cfg.privacy is not None else None
-        self.server_state = _optimizer_state_from_snapshot(self.server_state, aggregation)
+        self.server_state = optimizer_state_from_snapshot(self.server_state)
         self.pump = MessagePump(self.inbox, self.clients, self.conn, self.topics)
         self.publish_status("starting")
 
@@ -203,24 +185,13 @@ class Coordinator:
         self.layout = block_layout(model, self.registry)
 
     def decide_expansion(self) -> None:
-        """``blocks: auto``: size the expansion from the announced capacities, once, before round 1.
-
-        N = round(sum of the clients' max trainable blocks / trainers_per_block), clamped to
-        [1, min(base layers, auto_expansion.max_blocks)]: enough blocks that, at full capacity,
-        each is trained by about ``trainers_per_block`` clients per round.
-        """
+        """``blocks: auto``: size the expansion from the announced capacities, once, before round 1
+        (:func:`coordinator.growth.auto_block_count`)."""
         from fedbe import expansion, sources  # noqa: PLC0415
 
-        auto = self.cfg.auto_expansion
-        eligible = self.clients.eligible()
-        capacity = sum(r.max_blocks() for r in eligible)
         layers = self.registry.base_num_layers
-        limit = min(layers, auto.max_blocks or layers)
-        n = max(1, min(limit, round(capacity / auto.trainers_per_block)))
-        reason = (
-            f"{len(eligible)} clients can train {capacity} blocks per round in all; "
-            f"{capacity} / trainers_per_block {auto.trainers_per_block:g} -> {n} blocks (limit {limit})"
-        )
+        capacities = [r.max_blocks() for r in self.clients.eligible()]
+        n, reason = auto_block_count(capacities, layers, self.cfg.auto_expansion)
         self.expansion_decision = {"blocks": n, "reason": reason, "placement": self.cfg.placement}
         log.info("blocks: auto decided %d new blocks: %s", n, reason)
         self.auto_pending = False
@@ -234,70 +205,36 @@ class Coordinator:
         self.publish_status("starting")
 
     def maybe_grow(self, round_: int, rlog: RoundLog) -> dict[str, Any] | None:
-        """Add one identity-initialised block when the evaluation score has not improved by
-        ``plateau_min_delta`` for ``plateau_rounds`` rounds (``auto_expansion``).
+        """Add one identity-initialised block when the evaluation score has plateaued
+        (``auto_expansion``; :func:`coordinator.growth.plan_growth` decides when and where).
 
-        The score is the server-side accuracy when configured, else the federated accuracy. The new
-        block is a zeroed copy of a base layer, so the model's function does not change; existing
-        blocks keep their weights (renumbered by depth). With ``interleave`` the new block goes after
-        the base layer farthest from every existing new block, with ``top`` on top of the stack.
+        The score is the server-side accuracy when configured, else the federated accuracy. Existing
+        blocks keep their weights (renumbered by depth); the new one starts as the base model did.
         """
-        from fedbe import expansion, sources  # noqa: PLC0415
+        from fedbe import sources  # noqa: PLC0415
 
-        auto = self.cfg.auto_expansion
         source = rlog.server_evaluation or rlog.evaluation or {}
         score = source.get("accuracy")
-        if not auto.plateau_rounds or score is None:
+        if not self.cfg.auto_expansion.plateau_rounds or score is None:
             return None
-        best = getattr(self, "_best", None)
-        if best is None or score > best[0] + auto.plateau_min_delta:
-            self._best = (float(score), round_)
+        self._best, growth = plan_growth(self._best, score, round_, self.registry, self.cfg.auto_expansion,
+                                         self.cfg.placement)  # fmt: skip
+        if growth is None:
             return None
-        if round_ - best[1] < auto.plateau_rounds:
-            return None
-        layers = self.registry.base_num_layers
-        if len(self.registry.blocks) >= min(layers, auto.max_blocks or layers):
-            return None
-        after = [b.source_layer for b in self.registry.blocks]
-        if self.cfg.placement == "top":
-            new_after = layers - 1
-        else:
-            free = [i for i in range(layers) if i not in after]
-            if not free:
-                return None
-            new_after = max(free, key=lambda i: (min(abs(i - a) for a in after), i))
-        old = self.registry
-        self.registry = expansion.ExpansionPlan(layers, tuple(sorted([*after, new_after]))).registry()
+        old, self.registry = self.registry, growth.registry
         self._install_expansion(sources.load_model(self.cfg.model))
         fresh = get_block_state(self.model, self.registry)
-        # Old blocks map to the new ones by (source layer, order among blocks copied from it).
-        new_ids = [b.block_id for b in self.registry.blocks]
-        keep = {}
-        taken: set[int] = set()
-        for block in old.blocks:
-            match = next(
-                n
-                for n in new_ids
-                if n not in taken and self.registry.block(n).source_layer == block.source_layer
-            )
-            taken.add(match)
-            keep[block.block_id] = match
-        added = next(n for n in new_ids if n not in taken)
+        keep, added = renumbering(old, self.registry)
         self.global_state = {keep[o]: t for o, t in self.global_state.items()}
         self.global_state[added] = fresh[added]
         self.last_trained = {keep[o]: r for o, r in self.last_trained.items()}
         self.server_state = None  # optimizer buffers were keyed by the old block ids
         for rec in self.clients.clients.values():
             rec.announce = None  # capacities were measured on the old expansion
-        self._best = (float(score), round_)
-        reason = (
-            f"accuracy {score:.3f} has not improved by {auto.plateau_min_delta:g} on {best[0]:.3f} "
-            f"(round {best[1]}) for {round_ - best[1]} rounds"
-        )
-        log.info("adding new block %d after base layer %d: %s", added, new_after, reason)
+        log.info("adding new block %d after base layer %d: %s", added, growth.after_base_layer, growth.reason)
         self.publish_status("starting")
-        return {"blocks": len(self.registry.blocks), "added_block": added, "after_base_layer": new_after,
-                "reason": reason}  # fmt: skip
+        return {"blocks": len(self.registry.blocks), "added_block": added,
+                "after_base_layer": growth.after_base_layer, "reason": growth.reason}  # fmt: skip
 
     def publish_status(self, state: str) -> None:
         msg = protocol.CoordinatorStatusMessage(
@@ -426,7 +363,11 @@ class Coordinator:
         for cid, blocks in assignments.items():
             if cid not in collector.updates:
                 self.send_task(cid, round_, blocks, rlog, balance_labels=labels)
-        rlog.closed_by = self.collect(collector, started)
+        rlog.closed_by = collect_round(self.pump, collector, started, self.cfg.round_deadline_seconds,
+                                       self.cfg.min_clients, self.stop)  # fmt: skip
+        if rlog.closed_by == "hard limit":
+            log.warning("round %d: closing with %d updates, fewer than min_clients=%d, after 3x the deadline",
+                        round_, len(collector.updates), self.cfg.min_clients)  # fmt: skip
         # a resumed round's clients were sampled before the restart, from at least those it selected
         self.close_round(plan, collector, rlog, eligible=max(len(candidates), len(plan.selected)))
         if self.cfg.eval_every and round_ % self.cfg.eval_every == 0:
@@ -467,42 +408,6 @@ class Coordinator:
                                             "rng_state": rng_state_to_json(self.rng.getstate())})  # fmt: skip
         return plan
 
-    def collect(self, collector: RoundCollector, started: float) -> str:
-        # A resumed round's deadline counts from the restart: its clients kept training meanwhile.
-        deadline = started + self.cfg.round_deadline_seconds
-        hard_limit = started + 3 * self.cfg.round_deadline_seconds
-        offline_since: dict[str, float] = {}  # client -> when this round first saw it offline
-        while not self.stop.is_set():
-            now = time.monotonic()
-            for cid in {*self.clients.clients, *collector.assignments}:
-                rec = self.clients.clients.get(cid)  # an assigned client unknown since a restart is offline
-                if rec is not None and rec.online:
-                    offline_since.pop(cid, None)
-                else:
-                    offline_since.setdefault(cid, now)
-            gone = {c for c, t in offline_since.items() if now - t >= OFFLINE_GRACE_SECONDS}
-            if not collector.pending(gone):
-                return "all answered"
-            if now > deadline and len(collector.updates) >= self.cfg.min_clients:
-                return "deadline"
-            if now > hard_limit:
-                log.warning("round %d: closing with %d updates, fewer than min_clients=%d, after 3x the deadline",
-                            collector.round, len(collector.updates), self.cfg.min_clients)  # fmt: skip
-                return "hard limit"
-            item = self.inbox.next(min(0.5, max(deadline - now, 0.05)))
-            if item is None:
-                continue
-            cid, kind, payload = item
-            if self.pump.handle_lifecycle(cid, kind, payload):
-                continue
-            if kind is ClientTopic.UPDATE:
-                collector.offer_update(cid, payload)
-            elif kind is ClientTopic.ERROR:
-                collector.offer_error(cid, payload)
-            else:
-                self.inbox.count(f"{kind.value}_during_training")
-        return "stopped"
-
     def close_round(self, plan: RoundPlan, collector: RoundCollector, rlog: RoundLog, eligible: int) -> None:
         """Hand the collected updates to :func:`coordinator.round.close_round`; record what it decided
         (with privacy on, also what the round cost: ``eligible`` clients were sampled from)."""
@@ -529,24 +434,13 @@ class Coordinator:
             self.clients.on_result(
                 cid, round_, msg.num_steps, msg.wall_seconds, predicted, tuple(sorted(msg.blocks))
             )
-            rlog.updates[cid] = {
-                "blocks": sorted(msg.blocks), "samples": msg.num_samples, "steps": msg.num_steps,
-                "loss": msg.mean_loss, "seconds": msg.wall_seconds, "peak_memory_bytes": msg.peak_memory_bytes,
-                "norm": outcome.norms[cid],
-            }  # fmt: skip
-            rlog.bytes_up[cid] = collector.frames_bytes.get(cid, 0)
         for cid, err in collector.errors.items():
             self.clients.on_failure(cid, err.code, len(collector.assignments.get(cid, ())))
-            rlog.errors.append({"client": cid, "code": err.code, "reason": err.reason[:300]})
-        rlog.rejected = collector.rejected
+        rlog.record_close(outcome, collector)
         self.global_state = outcome.new_state
         self.server_state = outcome.optimizer_state
         for block_id in trained_blocks(outcome):
             self.last_trained[block_id] = round_
-        for block_id, report in outcome.per_block.items():
-            rlog.blocks[block_id] = {
-                "trainers": list(report.trainers), "weight": report.weight_total, "update_norm": report.update_norm,
-            }  # fmt: skip
         losses = [u["loss"] for u in rlog.updates.values() if u["steps"]]
         log.info(
             "round %d closed (%s): %d updates accepted, %d rejected, %d errors; mean loss %s; %.1f MB up, %.1f MB down",
@@ -571,10 +465,9 @@ class Coordinator:
             return
         started = time.monotonic()
         result = self.server_eval(base_model=True)
-        record = asdict(RoundLog(0, server_evaluation=result, seconds=time.monotonic() - started,
-                                 closed_by="baseline"))  # fmt: skip
-        record["rejections_by_reason"] = dict(self.inbox.rejections)
-        self.store.append_metrics(record)  # metrics first, as in save(): a crash repeats, never loses, it
+        rlog = RoundLog(0, server_evaluation=result, seconds=time.monotonic() - started, closed_by="baseline")
+        # metrics first, as in save(): a crash repeats, never loses, it
+        self.store.append_metrics(rlog.metrics_line(self.inbox.rejections))
         self.store.save_baseline(result)
         self.baseline = result
 
@@ -582,28 +475,11 @@ class Coordinator:
         clients = [c for c in rlog.selected if c in self.clients.clients and self.clients.clients[c].eligible]
         for cid in clients:
             self.send_task(cid, round_, (), rlog, evaluate=True)
-        results: dict[str, protocol.EvalResultMessage] = {}
-        deadline = time.monotonic() + self.cfg.round_deadline_seconds
-        while time.monotonic() < deadline and len(results) < len(clients) and not self.stop.is_set():
-            item = self.inbox.next(0.5)
-            if item is None:
-                continue
-            cid, kind, payload = item
-            if self.pump.handle_lifecycle(cid, kind, payload):
-                continue
-            if kind is ClientTopic.EVAL:
-                msg = self.pump.eval_result(cid, payload)
-                if msg is not None and msg.round == round_ and cid in clients:
-                    results[cid] = msg
-            else:
-                self.inbox.count(f"{kind.value}_during_eval")
-        total = sum(r.num_examples for r in results.values())
-        summary: dict[str, Any] = {"clients": len(results), "examples": total}
-        if total:
-            summary["loss"] = sum(r.loss * r.num_examples for r in results.values()) / total
-            summary["accuracy"] = sum(r.accuracy * r.num_examples for r in results.values()) / total
+        results = self.pump.eval_results(clients, round_, self.cfg.round_deadline_seconds, self.stop)
+        summary = federated_summary(results)
+        if summary["examples"]:
             log.info("round %d federated evaluation: accuracy %.3f, loss %.4f over %d examples on %d clients",
-                     round_, summary["accuracy"], summary["loss"], total, len(results))  # fmt: skip
+                     round_, summary["accuracy"], summary["loss"], summary["examples"], len(results))  # fmt: skip
         return summary
 
     def save(self, rlog: RoundLog) -> None:
@@ -611,57 +487,14 @@ class Coordinator:
 
         # Metrics first: if the snapshot write is interrupted the round is re-run and logged twice,
         # never missing from metrics.jsonl.
-        record = asdict(rlog)
-        record["rejections_by_reason"] = dict(self.inbox.rejections)
-        self.store.append_metrics(record)
+        self.store.append_metrics(rlog.metrics_line(self.inbox.rejections))
         self.store.save(Snapshot(
             round=self.round, global_state=self.global_state, expansion=self.registry.to_dict(),
             base_fingerprint=self.fingerprint, model_source=self.cfg.model, clients=self.clients.to_json(),
             rng_state=rng_state_to_json(self.rng.getstate()),
-            server_optimizer_state=_optimizer_state_to_snapshot(self.server_state),
+            server_optimizer_state=optimizer_state_to_snapshot(self.server_state),
             last_trained=dict(self.last_trained), config_digest=self.config_digest,
             privacy_history=self.earlier_privacy if self.ledger is None else tuple(self.ledger.history),
         ))  # fmt: skip
         self.store.clear_pending(self.round)
         self.publish_status("running")
-
-
-def round_policy(cfg: Any) -> RoundPolicy:
-    """The :class:`~coordinator.round.RoundPolicy` a run configuration describes."""
-    from coordinator.aggregation import FedAdam, FedAvgM  # noqa: PLC0415
-
-    a, g = cfg.allocation, cfg.aggregation
-    server: Any = None
-    if g.server_optimizer == "fedavgm":
-        server = FedAvgM(lr=g.server_lr, momentum=g.momentum)
-    elif g.server_optimizer == "fedadam":
-        server = FedAdam(lr=g.server_lr, beta1=g.beta1, beta2=g.beta2, tau=g.tau)
-    return RoundPolicy(
-        recipe=cfg.training, clients_per_round=cfg.clients_per_round, deadline_seconds=cfg.round_deadline_seconds,
-        deadline_factor=a.deadline_factor,
-        allocation=AllocationPolicy(strategy=a.strategy.value, max_unprotected_risk=a.max_unprotected_risk,
-                                    cost_weight=a.cost_weight, risk_weight=a.risk_weight,
-                                    max_block_divergence=a.max_block_divergence),
-        top_risk=a.top_risk, interleaved_risk=a.interleaved_risk, norm_bound_factor=g.norm_bound_factor,
-        block_average=g.block_average, staleness_decay=cfg.staleness_decay, late_updates=cfg.late_updates,
-        server_optimizer=server, privacy=cfg.privacy,
-    )  # fmt: skip
-
-
-_OPTIMIZER_KINDS = {1: "FedAvgMState", 2: "FedAdamState"}
-
-
-def _optimizer_state_to_snapshot(state: Any) -> Any:
-    from coordinator.checkpoint import ServerOptimizerState  # noqa: PLC0415
-
-    if state is None:
-        return ServerOptimizerState()
-    kind = {v: k for k, v in _OPTIMIZER_KINDS.items()}[type(state).__name__]
-    return ServerOptimizerState(tensors=dict(vars(state)), scalars={"kind": kind})
-
-
-def _optimizer_state_from_snapshot(data: Any, aggregation: Any) -> Any:
-    if data is None or not getattr(data, "scalars", None):
-        return None
-    cls = getattr(aggregation, _OPTIMIZER_KINDS[int(data.scalars["kind"])])
-    return cls(**data.tensors)

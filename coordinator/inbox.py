@@ -1,5 +1,6 @@
 """What reaches the coordinator: the inbox of client messages, the lifecycle handling common to every
-phase (announce, status), and the collector of one round's replies.
+phase (announce, status), the collector of one round's replies and the loops that wait for them
+(:func:`collect_round`, :meth:`MessagePump.eval_results`).
 
 A round's updates are decoded and checked against the task here (protocol errors, wrong client,
 wrong round, replays, blocks other than the assigned ones) and made durable before they count; what
@@ -17,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from coordinator.registry import ClientRegistry, check_announce
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 BAD_MESSAGE_LOG_SECONDS = 60.0  # one WARNING per sender and topic in this time; the rest are tallied
 _MAX_TRACKED_SENDERS = 10_000  # bounds the tally when many client ids send garbage
+# A round stops waiting for an assigned client once it has been offline this long. Not at once: a
+# broker restart fires every client's last will (mosquitto does so even with a will delay), and
+# the clients come back within seconds with their updates (paho reconnects after 1, 2, 4 ... s).
+OFFLINE_GRACE_SECONDS = 10.0
 
 
 class BadMessages:
@@ -136,6 +141,14 @@ class MessagePump:
             return True
         return False
 
+    def next_reply(self, timeout: float) -> tuple[str, ClientTopic, bytes] | None:
+        """The next message that is not a lifecycle one (those are handled here), or None when
+        ``timeout`` seconds pass first or the message was a lifecycle one."""
+        item = self.inbox.next(timeout)
+        if item is None or self.handle_lifecycle(*item):
+            return None
+        return item
+
     def eval_result(self, client_id: str, payload: bytes) -> protocol.EvalResultMessage | None:
         """A federated evaluation's result; None (counted and logged) when it does not decode."""
         try:
@@ -143,6 +156,26 @@ class MessagePump:
         except CodecError as exc:
             self.inbox.bad(ClientTopic.EVAL, client_id, exc)
             return None
+
+    def eval_results(
+        self, client_ids: Collection[str], round_: int, timeout: float, stop: threading.Event
+    ) -> dict[str, protocol.EvalResultMessage]:
+        """The results of ``round_``'s federated evaluation from ``client_ids``, collected until each
+        answered, ``timeout`` seconds passed or ``stop`` was set."""
+        results: dict[str, protocol.EvalResultMessage] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(results) < len(client_ids) and not stop.is_set():
+            item = self.next_reply(0.5)
+            if item is None:
+                continue
+            cid, kind, payload = item
+            if kind is ClientTopic.EVAL:
+                msg = self.eval_result(cid, payload)
+                if msg is not None and msg.round == round_ and cid in client_ids:
+                    results[cid] = msg
+            else:
+                self.inbox.count(f"{kind.value}_during_eval")
+        return results
 
 
 def wait_for_clients(
@@ -158,14 +191,60 @@ def wait_for_clients(
         if now - last_log > 10:
             log.info("waiting for clients: %d of %d needed are ready", len(pump.clients.eligible()), minimum)
             last_log = now
-        item = pump.inbox.next(0.5)
-        if item is None or pump.handle_lifecycle(*item):
+        item = pump.next_reply(0.5)
+        if item is None:
             continue
         if item[1] is ClientTopic.UPDATE:  # a late update: the next round decides (drop or fold)
             pump.stashed_updates.append((item[0], item[2]))
         else:
             pump.inbox.count(f"{item[1].value}_outside_round")
     return False
+
+
+def collect_round(
+    pump: MessagePump,
+    collector: RoundCollector,
+    started: float,
+    deadline_seconds: float,
+    min_clients: int,
+    stop: threading.Event,
+) -> str:
+    """Offer the round's replies to ``collector`` until the round can close; what closed it: "all
+    answered", "deadline" (passed, with ``min_clients`` updates), "hard limit" (3x the deadline,
+    with fewer) or "stopped".
+
+    A resumed round's deadline counts from the restart (``started``): its clients kept training
+    meanwhile. An assigned client counts as gone once offline for :data:`OFFLINE_GRACE_SECONDS`.
+    """
+    deadline = started + deadline_seconds
+    hard_limit = started + 3 * deadline_seconds
+    offline_since: dict[str, float] = {}  # client -> when this round first saw it offline
+    while not stop.is_set():
+        now = time.monotonic()
+        for cid in {*pump.clients.clients, *collector.assignments}:
+            rec = pump.clients.clients.get(cid)  # an assigned client unknown since a restart is offline
+            if rec is not None and rec.online:
+                offline_since.pop(cid, None)
+            else:
+                offline_since.setdefault(cid, now)
+        gone = {c for c, t in offline_since.items() if now - t >= OFFLINE_GRACE_SECONDS}
+        if not collector.pending(gone):
+            return "all answered"
+        if now > deadline and len(collector.updates) >= min_clients:
+            return "deadline"
+        if now > hard_limit:
+            return "hard limit"
+        item = pump.next_reply(min(0.5, max(deadline - now, 0.05)))
+        if item is None:
+            continue
+        cid, kind, payload = item
+        if kind is ClientTopic.UPDATE:
+            collector.offer_update(cid, payload)
+        elif kind is ClientTopic.ERROR:
+            collector.offer_error(cid, payload)
+        else:
+            pump.inbox.count(f"{kind.value}_during_training")
+    return "stopped"
 
 
 def decode_update(

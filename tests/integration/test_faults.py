@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from coordinator.checkpoint import CheckpointStore
-from coordinator.daemon import OFFLINE_GRACE_SECONDS
+from coordinator.inbox import OFFLINE_GRACE_SECONDS
 from fedbe import protocol
 from fedbe.broker import MosquittoBroker, find_mosquitto
 from fedbe.errors import CodecError
