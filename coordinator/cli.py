@@ -8,6 +8,7 @@ Subcommands:
            (a password each, or with --client-certs a certificate each: mutual TLS)
   enroll   write one device's bundle (CA, its certificate and key or a new password, edge.yaml)
   revoke   cut a lost or compromised device off the broker (revoke its certificate, or drop its password)
+  status   show the fleet (devices, the open round, recent rounds) from status.json or the HTTP endpoint
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from coordinator.status_cli import add_status_parser, cmd_status
 from fedbe.console import dispatch, setup_logging, stop_on_signals
 
 log = logging.getLogger("coordinator")
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_enroll_parser(sub)
     add_revoke_parser(sub)
+    add_status_parser(sub)
     return parser
 
 
@@ -261,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     return dispatch("fedbe-coordinator", args, {
         "run": cmd_run, "export": cmd_export, "example": cmd_example, "broker-config": cmd_broker_config,
-        "enroll": cmd_enroll, "revoke": cmd_revoke,
+        "enroll": cmd_enroll, "revoke": cmd_revoke, "status": cmd_status,
     })  # fmt: skip
 
 

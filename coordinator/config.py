@@ -60,6 +60,10 @@ Fields (``name: type = default``):
   ``require_tls: bool = false``, ``max_message_bytes: int >= 65536 = 268435456``, ``tls_cert: path | null``
   and ``tls_key: path | null`` (both or neither: the coordinator's client certificate and key, for a
   broker made with ``broker-config --client-certs``).
+* ``http``: the endpoint serving ``/metrics`` (Prometheus) and ``/status.json``
+  (:mod:`coordinator.http_endpoint`): ``host: str = "127.0.0.1"``, ``port: int in [1, 65535] | null =
+  null`` (null = off), ``token_file: path | null`` (must exist; its first line, 16 characters or more, is
+  the bearer token every request must carry). A host that is not loopback needs a ``token_file``.
 * ``server_eval: null``, or ``dataset: "bbc-news"`` and ``examples: int >= 1 = 40`` -- the coordinator
   evaluates the global model itself on held-out examples; ``probe_questions: int >= 0 = 0`` and
   ``probe_texts: int >= 0 = 0`` (both 0, or both >= 1) -- also score the general-ability probes of
@@ -79,8 +83,9 @@ The sections' dataclasses and their readers are :mod:`coordinator.config_section
 reader both use is :mod:`coordinator.config_fields`. :func:`round_policy` turns a configuration into
 the :class:`~coordinator.round.RoundPolicy` that plans and closes its rounds.
 
-:func:`config_digest` hashes everything but ``state_dir`` and ``broker`` (where the run is stored and
-how it reaches the broker do not change what it trains), so a resume can check it is the same run.
+:func:`config_digest` hashes everything but ``state_dir``, ``broker`` and ``http`` (where the run is
+stored, how it reaches the broker and how it is watched do not change what it trains), so a resume
+can check it is the same run.
 """
 
 from __future__ import annotations
@@ -105,6 +110,7 @@ from coordinator.config_sections import (
     AllocationConfig,
     AutoExpansionConfig,
     BrokerSettings,
+    HttpSettings,
     ServerEvalConfig,
     ServerOptimizer,
     Strategy,
@@ -112,6 +118,7 @@ from coordinator.config_sections import (
     read_allocation,
     read_auto_expansion,
     read_broker,
+    read_http,
     read_privacy,
     read_server_eval,
     read_training,
@@ -128,7 +135,7 @@ from fedbe.sources import SMOLLM2, TINY_PREFIX
 # the section types and choices live in coordinator.config_sections; importers name them from here
 __all__ = [
     "EVAL_DATASETS", "EXAMPLE_FILE", "LATE_UPDATES", "REMOVED_FIELDS", "SERVER_OPTIMIZERS", "STRATEGIES",
-    "AggregationConfig", "AllocationConfig", "AutoExpansionConfig", "BrokerSettings", "RunConfig",
+    "AggregationConfig", "AllocationConfig", "AutoExpansionConfig", "BrokerSettings", "HttpSettings", "RunConfig",
     "ServerEvalConfig", "ServerOptimizer", "Strategy", "config_digest", "example_config_yaml",
     "load_run_config", "parse_run_config", "round_policy",
 ]  # fmt: skip
@@ -160,6 +167,7 @@ class RunConfig:
     aggregation: AggregationConfig = AggregationConfig()
     auto_expansion: AutoExpansionConfig = AutoExpansionConfig()
     broker: BrokerSettings = BrokerSettings()
+    http: HttpSettings = HttpSettings()
     server_eval: ServerEvalConfig | None = None
     privacy: PrivacyPolicy | None = None
 
@@ -213,6 +221,7 @@ def parse_run_config(mapping: object, source_name: str, base_dir: Path | None = 
         aggregation=top.section("aggregation", read_aggregation),
         auto_expansion=top.section("auto_expansion", read_auto_expansion),
         broker=top.section("broker", read_broker),
+        http=top.section("http", read_http),
         server_eval=None
         if top.raw("server_eval", None) is None
         else top.section("server_eval", read_server_eval),
@@ -297,9 +306,10 @@ def _blocks(top: Fields, placement: str | tuple[int, ...]) -> int | Literal["aut
 
 
 def config_digest(cfg: RunConfig) -> str:
-    """A stable 16-hex-digit hash of what the run trains: every field except ``state_dir`` and ``broker``."""
+    """A stable 16-hex-digit hash of what the run trains: every field except ``state_dir``, ``broker``
+    and ``http``."""
     data = dataclasses.asdict(cfg)
-    del data["state_dir"], data["broker"]
+    del data["state_dir"], data["broker"], data["http"]
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

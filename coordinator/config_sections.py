@@ -1,5 +1,5 @@
 """The sections of the run configuration (``allocation``, ``aggregation``, ``auto_expansion``,
-``broker``, ``server_eval``, ``privacy`` and ``training``): their frozen dataclasses and the readers
+``broker``, ``http``, ``server_eval``, ``privacy`` and ``training``): their frozen dataclasses and the readers
 that validate each from its mapping.
 
 Every field is documented in :mod:`coordinator.config` and ``docs/coordinator-config.md``;
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,39 @@ class BrokerSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The coordinator's HTTP endpoint (``/metrics``, ``/status.json``); ``port`` None: off."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    token_file: Path | None = None
+
+    def read_token(self) -> str | None:
+        """The bearer token: the first line of ``token_file``, stripped (None without one)."""
+        if self.token_file is None:
+            return None
+        try:
+            lines = self.token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"can not read http.token_file {self.token_file}: {exc}") from exc
+        token = lines[0].strip() if lines else ""
+        if len(token) < 16:
+            raise ConfigError(f"http.token_file {self.token_file}: the token (its first line) is empty or shorter "
+                              "than 16 characters; write a random one, e.g. `openssl rand -hex 32 > FILE`")  # fmt: skip
+        return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) only listens on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class ServerEvalConfig:
     dataset: str = "bbc-news"
     examples: int = 40
@@ -189,6 +223,26 @@ def read_broker(f: Fields) -> BrokerSettings:
         cfg.transport("coordinator").endpoint()
     except ConfigError as exc:
         f.fail("url", cfg.url, "is not usable", str(exc))
+    return cfg
+
+
+def read_http(f: Fields) -> HttpSettings:
+    cfg = HttpSettings(
+        host=f.string("host", "127.0.0.1"),
+        port=f.optional_integer("port", None, 1),
+        token_file=f.file_path("token_file", None, must_exist=True),
+    )
+    if cfg.port is not None and cfg.port > 65535:
+        f.fail("port", cfg.port, "is not a TCP port", "Choose 1-65535, or null to turn the endpoint off.")
+    if not is_loopback(cfg.host) and cfg.token_file is None:
+        f.fail("host", cfg.host, "is not a loopback address, and without a token_file anyone who reaches it "
+               "could read the fleet's state", "Set token_file (requests then need 'Authorization: Bearer "
+               "TOKEN'), or bind 127.0.0.1 and scrape through a proxy")  # fmt: skip
+    if cfg.token_file is not None:
+        try:
+            cfg.read_token()
+        except ConfigError as exc:
+            f.fail("token_file", str(cfg.token_file), "holds no usable token", str(exc))
     return cfg
 
 

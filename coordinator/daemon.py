@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from coordinator import privacy
+from coordinator.fleet_monitor import FleetMonitor
 from coordinator.growth import PROVISIONAL_BLOCKS, Best, auto_block_count, plan_growth, renumbering
 from coordinator.inbox import (
     Inbox,
@@ -82,6 +83,7 @@ class Coordinator:
         self.inbox = Inbox(conn, self.topics)
         self._warned_labels = False  # too many labels for label_balance: warned once
         self._best: Best | None = None  # the best accuracy so far, for auto_expansion's plateau
+        self.monitor = FleetMonitor(cfg)  # status.json, the Prometheus metrics and their HTTP endpoint
         self.evaluator = (
             None
             if cfg.server_eval is None
@@ -158,6 +160,8 @@ class Coordinator:
         self.noise = privacy.SystemNoise() if cfg.privacy is not None else None
         self.server_state = optimizer_state_from_snapshot(self.server_state)
         self.pump = MessagePump(self.inbox, self.clients, self.conn, self.topics)
+        self.monitor.attach(self.clients, self.round)
+        self.pump.on_wait = self.monitor.tick
         self.publish_status("starting")
 
     def _check_privacy_history(self, history: tuple[privacy.RoundPrivacy, ...]) -> None:
@@ -243,9 +247,14 @@ class Coordinator:
             source_layers=tuple(b.source_layer for b in self.registry.blocks),
         )  # fmt: skip
         self.conn.publish(self.topics.coordinator_status(), protocol.encode(msg), retain=True, wait=30)
+        self.monitor.state(state)
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> int:
+        with self.monitor.running():
+            return self._run()
+
+    def _run(self) -> int:
         for kind in (ClientTopic.ANNOUNCE, ClientTopic.STATUS, ClientTopic.UPDATE, ClientTopic.EVAL,
                      ClientTopic.ERROR):  # fmt: skip
             self.conn.subscribe(self.topics.all_clients(kind))
@@ -363,11 +372,14 @@ class Coordinator:
         for cid, blocks in assignments.items():
             if cid not in collector.updates:
                 self.send_task(cid, round_, blocks, rlog, balance_labels=labels)
+        self.monitor.round_started(round_, plan.selected, assignments, collector,
+                                   started + self.cfg.round_deadline_seconds)  # fmt: skip
         rlog.closed_by = collect_round(self.pump, collector, started, self.cfg.round_deadline_seconds,
                                        self.cfg.min_clients, self.stop)  # fmt: skip
         if rlog.closed_by == "hard limit":
             log.warning("round %d: closing with %d updates, fewer than min_clients=%d, after 3x the deadline",
                         round_, len(collector.updates), self.cfg.min_clients)  # fmt: skip
+        self.monitor.phase("closing")
         # a resumed round's clients were sampled before the restart, from at least those it selected
         self.close_round(plan, collector, rlog, eligible=max(len(candidates), len(plan.selected)))
         if self.cfg.eval_every and round_ % self.cfg.eval_every == 0:
@@ -417,8 +429,10 @@ class Coordinator:
         ]
         late = [Reply(m.client_id, deltas_of(m), m.num_samples, m.round) for m in collector.late
                 if m.client_id in self.clients.clients]  # fmt: skip
+        closing = time.monotonic()
         outcome = close_round(self.policy, plan, self.global_state, self.layout, replies, self.server_state, late,
                               noise=self.noise)  # fmt: skip
+        rlog.aggregation_seconds = time.monotonic() - closing
         if self.ledger is not None:
             rlog.privacy = self.ledger.record(len(plan.selected), eligible, outcome.clipped_fraction)
             log.info("round %d privacy: epsilon %.4g at delta %g after %d rounds (%d of %d clients sampled)",
@@ -487,7 +501,9 @@ class Coordinator:
 
         # Metrics first: if the snapshot write is interrupted the round is re-run and logged twice,
         # never missing from metrics.jsonl.
-        self.store.append_metrics(rlog.metrics_line(self.inbox.rejections))
+        line = rlog.metrics_line(self.inbox.rejections)
+        self.store.append_metrics(line)
+        self.monitor.round_closed(line)
         self.store.save(Snapshot(
             round=self.round, global_state=self.global_state, expansion=self.registry.to_dict(),
             base_fingerprint=self.fingerprint, model_source=self.cfg.model, clients=self.clients.to_json(),

@@ -37,6 +37,10 @@ _MAX_TRACKED_SENDERS = 10_000  # bounds the tally when many client ids send garb
 # broker restart fires every client's last will (mosquitto does so even with a will delay), and
 # the clients come back within seconds with their updates (paho reconnects after 1, 2, 4 ... s).
 OFFLINE_GRACE_SECONDS = 10.0
+# the reasons RoundCollector rejects an update for, besides the decoder's (fedbe.errors.CODEC_REASONS)
+COLLECTOR_REASONS = (
+    "late", "unassigned_client", "wrong_client", "wrong_round", "duplicate", "blocks_mismatch",
+)  # fmt: skip
 
 
 class BadMessages:
@@ -106,6 +110,8 @@ class MessagePump:
     def __init__(self, inbox: Inbox, clients: ClientRegistry, conn: Connection, topics: Topics) -> None:
         self.inbox, self.clients, self.conn, self.topics = inbox, clients, conn, topics
         self.stashed_updates: list[tuple[str, bytes]] = []  # arrived between rounds: offered to the next
+        # called before each wait for a message, at least every half second while a loop waits
+        self.on_wait: Callable[[], None] = lambda: None
 
     def handle_lifecycle(self, client_id: str, kind: ClientTopic, payload: bytes) -> bool:
         """True if the message was a lifecycle message (and was handled)."""
@@ -144,6 +150,7 @@ class MessagePump:
     def next_reply(self, timeout: float) -> tuple[str, ClientTopic, bytes] | None:
         """The next message that is not a lifecycle one (those are handled here), or None when
         ``timeout`` seconds pass first or the message was a lifecycle one."""
+        self.on_wait()
         item = self.inbox.next(timeout)
         if item is None or self.handle_lifecycle(*item):
             return None

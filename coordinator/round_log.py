@@ -35,6 +35,7 @@ class RoundLog:
     server_evaluation: dict[str, Any] | None = None
     privacy: dict[str, Any] | None = None  # with privacy on: epsilon spent so far and the round's terms
     seconds: float = 0.0
+    aggregation_seconds: float | None = None  # screening, aggregation and the server step
     closed_by: str = ""
 
     def record_close(self, outcome: RoundOutcome, collector: RoundCollector) -> None:

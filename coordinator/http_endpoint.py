@@ -1,0 +1,113 @@
+"""The coordinator's HTTP endpoint: a small threaded server over a table of routes.
+
+Each route is a path and a function that returns a :class:`Response`; the coordinator serves
+``/metrics`` (Prometheus' text format) and ``/status.json`` (:mod:`coordinator.fleet_status`), and
+a dashboard page would be one more route. The server runs in daemon threads (one per request, the
+standard library's :class:`~http.server.ThreadingHTTPServer`), so a slow scraper never holds up a
+round; the handlers only read what the coordinator published, never its live state.
+
+With a token, every request must carry ``Authorization: Bearer TOKEN``, compared in constant time;
+any other request gets 401 before its path is even looked at.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+
+
+Routes = Mapping[str, Callable[[], Response]]
+
+
+def authorized(header: str | None, token: str | None) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` (always, without a token)."""
+    if token is None:
+        return True
+    given = (header or "").encode("utf-8", "replace")
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
+
+
+def respond(routes: Routes, path: str, header: str | None, token: str | None) -> Response:
+    """What a GET of ``path`` answers (the query string is ignored)."""
+    if not authorized(header, token):
+        return Response(401, "text/plain; charset=utf-8", b"401: send Authorization: Bearer TOKEN\n")
+    route = routes.get(path.split("?", 1)[0])
+    if route is None:
+        known = ", ".join(sorted(routes))
+        return Response(404, "text/plain; charset=utf-8", f"404: no such path; try {known}\n".encode())
+    return route()
+
+
+class HttpEndpoint:
+    """Serves ``routes`` on ``host:port`` (port 0: any free one; :attr:`port` says which) until stopped."""
+
+    def __init__(self, host: str, port: int, routes: Routes, token: str | None = None) -> None:
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "fedbe-coordinator"
+
+            def do_GET(self) -> None:  # noqa: N802 -- the name http.server dispatches to
+                self._answer(send_body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._answer(send_body=False)
+
+            def _answer(self, send_body: bool) -> None:
+                try:
+                    res = respond(
+                        endpoint.routes, self.path, self.headers.get("Authorization"), endpoint.token
+                    )
+                except Exception:  # a route's bug must not kill the server thread silently
+                    log.exception("http: %s failed", self.path)
+                    res = Response(
+                        500, "text/plain; charset=utf-8", b"500: internal error, see the coordinator log\n"
+                    )
+                self.send_response(res.status)
+                self.send_header("Content-Type", res.content_type)
+                self.send_header("Content-Length", str(len(res.body)))
+                self.send_header("Cache-Control", "no-store")
+                if res.status == 401:
+                    self.send_header("WWW-Authenticate", 'Bearer realm="fedbe-coordinator"')
+                self.end_headers()
+                if send_body:
+                    self.wfile.write(res.body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 -- the base's name
+                log.debug("http %s: " + format, self.address_string(), *args)
+
+        self.routes, self.token = routes, token
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fedbe-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> HttpEndpoint:
+        self.thread.start()
+        host = self.server.server_address[0]
+        log.info("serving /metrics and /status.json on http://%s:%d%s", host, self.port,
+                 " (bearer token required)" if self.token else "")  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
