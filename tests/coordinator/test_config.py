@@ -15,6 +15,7 @@ from coordinator.config import (
     AllocationConfig,
     AutoExpansionConfig,
     BrokerSettings,
+    HttpSettings,
     RunConfig,
     ServerEvalConfig,
     ServerOptimizer,
@@ -447,6 +448,7 @@ def _dotted_fields(cls: type) -> set[str]:
     nested |= {
         "auto_expansion": AutoExpansionConfig,
         "broker": BrokerSettings,
+        "http": HttpSettings,
         "server_eval": ServerEvalConfig,
         "privacy": PrivacyPolicy,
     }
