@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ def respond(routes: Routes, path: str, header: str | None, token: str | None) ->
         known = ", ".join(sorted(routes))
         return Response(404, "text/plain; charset=utf-8", f"404: no such path; try {known}\n".encode())
     return route()
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 class HttpEndpoint:
@@ -93,7 +98,7 @@ class HttpEndpoint:
                 log.debug("http %s: " + format, self.address_string(), *args)
 
         self.routes, self.token = routes, token
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = (_IPv6Server if ":" in host else ThreadingHTTPServer)((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="fedbe-http", daemon=True)
 
