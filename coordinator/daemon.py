@@ -24,7 +24,8 @@ its last round. The noise comes from the operating system's entropy, never from 
 The class holds the state every step reads and checkpoints (model, registry, global state, RNG,
 clients); the decisions are pure functions elsewhere (:mod:`coordinator.round`, and
 :mod:`coordinator.growth` for ``blocks: auto`` and growing the model on a plateau), and so is the
-metrics line (:mod:`coordinator.round_log`).
+metrics line (:mod:`coordinator.round_log`). :class:`coordinator.fleet_monitor.FleetMonitor` is told
+each step (and ticks while messages are awaited): ``status.json``, the Prometheus metrics, the HTTP endpoint.
 """
 
 from __future__ import annotations

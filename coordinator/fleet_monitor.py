@@ -36,7 +36,7 @@ from coordinator.fleet_status import (
     status_document,
     track_presence,
 )
-from coordinator.http_endpoint import JSON, PROMETHEUS_TEXT, HttpEndpoint, Response
+from coordinator.http_endpoint import JSON, HttpEndpoint, Response
 from coordinator.inbox import RoundCollector
 from coordinator.prometheus_metrics import FleetMetrics
 from coordinator.registry import ClientRegistry
@@ -187,7 +187,7 @@ class FleetMonitor:
     def routes(self) -> dict[str, Callable[[], Response]]:
         """What the HTTP endpoint serves; another page is another entry."""
         return {
-            "/metrics": lambda: Response(200, PROMETHEUS_TEXT, self.metrics.exposition()),
+            "/metrics": lambda: Response(200, self.metrics.content_type, self.metrics.exposition()),
             "/status.json": lambda: Response(200, JSON, self._served),
         }
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from coordinator.aggregation import SCREEN_CODES
 from coordinator.fleet_status import clients_online, retention_of
@@ -37,6 +44,8 @@ def bounded(value: str, allowed: frozenset[str] | tuple[str, ...]) -> str:
 
 class FleetMetrics:
     """The metrics of one coordinator; ``privacy``: the run has DP on, so epsilon is exported."""
+
+    content_type = CONTENT_TYPE_LATEST  # of :meth:`exposition`
 
     def __init__(self, privacy: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
