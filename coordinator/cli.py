@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format hf (default): a folder that plain transformers loads (AutoModelForCausalLM.from_pretrained"
         "(OUT)). --format gguf: one file OUT.gguf that llama.cpp-style runtimes load (and transformers, with "
         "from_pretrained(FOLDER, gguf_file=NAME)): the expanded layer count, llama.cpp's tensor names, the "
-        "base's tokenizer, matrices in f16 or q8_0. GGUF needs a Llama base with a real tokenizer: "
+        "base's tokenizer, matrices in f16 or q8_0. GGUF needs a Llama or Qwen2 base with a real tokenizer: "
         "smollm2-135m, a .gguf file, or a Hugging Face folder with a byte-level BPE tokenizer.json.",
     )
     export.add_argument("--state", required=True, type=Path, help="the run's state directory")

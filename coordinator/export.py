@@ -21,7 +21,7 @@ the ``fedbe_expansion`` record, so fedbe can find the new blocks again.
 :func:`export_gguf` (``--format gguf``) writes one ``.gguf`` file instead (see
 :mod:`coordinator.gguf_export`): llama.cpp-style runtimes load it, and so does
 ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)``; the same record is in its
-``fedbe.export`` key. Llama bases only, and a real tokenizer is needed (not ``tiny:*``).
+``fedbe.export`` key. Llama and Qwen2 bases only, and a real tokenizer is needed (not ``tiny:*``).
 """
 
 from __future__ import annotations

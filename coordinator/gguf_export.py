@@ -1,13 +1,14 @@
 """Write a trained, expanded model as one GGUF file that llama.cpp-style runtimes load.
 
-The expanded model is an ordinary Llama with more layers, so the file is what llama.cpp's own
-``convert_hf_to_gguf.py`` would write for it:
+The expanded model is an ordinary Llama (or Qwen2) with more layers, so the file is what
+llama.cpp's own ``convert_hf_to_gguf.py`` would write for it:
 
 * architecture metadata from the model's config, ``block_count`` being the expanded layer count;
 * the tensors under llama.cpp's names, taken from the ``gguf`` package's
   :class:`gguf.TensorNameMap` (``model.layers.7.self_attn.q_proj.weight`` -> ``blk.7.attn_q.weight``);
-  the Q and K projections permuted the way llama.cpp's rotary embedding expects them (the
-  interleaved-pairs layout; transformers' GGUF loader permutes them back);
+  for Llama, the Q and K projections permuted the way llama.cpp's rotary embedding expects them
+  (the interleaved-pairs layout; transformers' GGUF loader permutes them back), while Qwen2 keeps
+  Hugging Face's layout (llama.cpp runs it with the NeoX rotary layout);
 * 1-D tensors (norms) in float32, the matrices in float16 (``f16``) or 8-bit blocks (``q8_0``;
   a matrix whose rows are not a whole number of 32-value blocks falls back to float16, as in
   llama.cpp's converter); a tied output head is not written (runtimes reuse ``token_embd``);
@@ -16,7 +17,9 @@ The expanded model is an ordinary Llama with more layers, so the file is what ll
   BPE ``tokenizer.json`` with the ``gguf`` package's own ``BpeVocab`` and ``SpecialVocab``;
 * ``fedbe.export``: the export record (round, base fingerprint, blocks) as a JSON string.
 
-Only the Llama architecture is written; anything else is refused with an error that says so.
+Llama and Qwen2 are written (:data:`ARCHITECTURES`); anything else, and any feature GGUF readers
+of those architectures would silently drop (biases on a Llama, rope scaling, Qwen2's sliding
+window), is refused with an error that says so.
 """
 
 from __future__ import annotations
@@ -42,7 +45,22 @@ GGUF_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {"llama": gguf.MODEL_ARCH.LLAMA}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one Hugging Face ``model_type`` is written: its llama.cpp architecture, whether its Q/K
+    rows are permuted for llama.cpp's rotary layout, whether q/k/v biases belong to it."""
+
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool
+    qkv_bias: bool
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True, qkv_bias=False),
+    "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2, permute_qk=False, qkv_bias=True),
+}
 EXPORT_KEY = "fedbe.export"
 TOKENIZER_PREFIX = "tokenizer."
 
@@ -70,15 +88,21 @@ class MetadataField:
 def check_supported(model: PreTrainedModel) -> None:
     """Raise :class:`GGUFExportError` unless :func:`write_gguf` can write ``model`` faithfully."""
     config = model.config
-    if config.model_type not in ARCHITECTURES:
+    spec = ARCHITECTURES.get(config.model_type)
+    if spec is None:
         raise GGUFExportError(
-            f"GGUF export supports the {', '.join(ARCHITECTURES)} architecture, not {config.model_type!r}; "
-            "export this model with --format hf"
+            f"GGUF export supports the {' and '.join(ARCHITECTURES)} architectures, not "
+            f"{config.model_type!r}; export this model with --format hf"
         )
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+    if not spec.qkv_bias and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
         raise GGUFExportError(
-            "this Llama has attention or MLP biases, which GGUF readers of the llama architecture do not "
-            "load; export it with --format hf"
+            f"this {config.model_type} model has attention or MLP biases, which GGUF readers of that "
+            "architecture do not load; export it with --format hf"
+        )
+    if getattr(config, "use_sliding_window", False):
+        raise GGUFExportError(
+            f"this {config.model_type} model uses sliding-window attention, which GGUF readers of that "
+            "architecture do not apply (they attend to the whole context); export it with --format hf"
         )
     rope_type = _rope_parameters(config).get("rope_type", "default")
     if rope_type != "default":
@@ -101,15 +125,15 @@ def write_gguf(
         raise GGUFExportError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     config = model.config
     _check_vocab(tokenizer, config.vocab_size)
-    arch = ARCHITECTURES[config.model_type]
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    spec = ARCHITECTURES[config.model_type]
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[spec.arch])
     try:
         for field in architecture_fields(config, writer.arch, gguf_type):
             writer.add_key_value(field.key, field.value, field.type, field.sub_type)
         for field in tokenizer:
             writer.add_key_value(field.key, field.value, field.type, field.sub_type)
         writer.add_string(EXPORT_KEY, json.dumps(record, sort_keys=True))
-        for name, data, raw_dtype in gguf_tensors(model, arch, gguf_type):
+        for name, data, raw_dtype in gguf_tensors(model, spec, gguf_type):
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -119,7 +143,7 @@ def write_gguf(
 
 
 def architecture_fields(config: PretrainedConfig, arch: str, gguf_type: str) -> list[MetadataField]:
-    """The ``general.*`` and ``<arch>.*`` keys llama.cpp reads for a Llama."""
+    """The ``general.*`` and ``<arch>.*`` keys llama.cpp reads for a Llama or Qwen2."""
     u32, f32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
     keys = gguf.Keys
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -153,11 +177,11 @@ def architecture_fields(config: PretrainedConfig, arch: str, gguf_type: str) -> 
 
 
 def gguf_tensors(
-    model: PreTrainedModel, arch: gguf.MODEL_ARCH, gguf_type: str
+    model: PreTrainedModel, spec: Architecture, gguf_type: str
 ) -> Iterator[tuple[str, np.ndarray, gguf.GGMLQuantizationType]]:
     """Each tensor of ``model`` as (llama.cpp name, data in its GGUF encoding, GGUF type)."""
     config = model.config
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     matrix_type = GGUF_TYPES[gguf_type][0]
     for hf_name, tensor in model.state_dict().items():
@@ -171,9 +195,9 @@ def gguf_tensors(
             )
         kind, name = found
         data = tensor.detach().to(torch.float32).cpu().numpy()
-        if kind == gguf.MODEL_TENSOR.ATTN_Q:
+        if spec.permute_qk and kind == gguf.MODEL_TENSOR.ATTN_Q:
             data = permute_for_rope(data, config.num_attention_heads)
-        elif kind == gguf.MODEL_TENSOR.ATTN_K:
+        elif spec.permute_qk and kind == gguf.MODEL_TENSOR.ATTN_K:
             data = permute_for_rope(data, kv_heads)
         yield name, *_encode(data, matrix_type)
 

@@ -120,6 +120,23 @@ def test_gguf_loads_with_transformers_and_computes_the_trained_model(run: Run, g
     assert again(text)["input_ids"] == run.tokenizer(text)["input_ids"]  # type: ignore[operator]
 
 
+def test_qwen2_keeps_its_layout_and_biases(run: Run, tmp_path: Path) -> None:
+    base = build_tiny_model("qwen2", vocab_size=len(run.tokenizer), use_sliding_window=False)  # type: ignore[arg-type]
+    base.save_pretrained(tmp_path / "base")
+    run.tokenizer.save_pretrained(tmp_path / "base")  # type: ignore[attr-defined]
+    _save_run(tmp_path / "state", load_model(str(tmp_path / "base")), str(tmp_path / "base"))
+    out = export_gguf(tmp_path / "state", tmp_path / "qwen2.gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=out.name, dtype=torch.float32
+    ).eval()
+    assert (loaded.config.model_type, loaded.config.num_hidden_layers) == ("qwen2", 6)
+    reference = AutoModelForCausalLM.from_pretrained(str(export_model(tmp_path / "state", tmp_path / "hf")))
+    input_ids = run.tokenizer(TEXTS, return_tensors="pt", padding=True)["input_ids"]  # type: ignore[operator]
+    want, got = _logits(reference.eval(), input_ids), _logits(loaded, input_ids)
+    assert (got - want).abs().max() <= TOLERANCE["f16"] * want.abs().max()
+    assert "blk.5.attn_q.bias" in {t.name for t in gguf.GGUFReader(out).tensors}
+
+
 def test_a_gguf_base_lends_its_tokenizer_keys_unchanged(run: Run, tmp_path: Path) -> None:
     base = load_model(str(run.root / "base"))
     write_gguf(base, tmp_path / "base.gguf", "f16", tokenizer_fields_from_hf(run.root / "base", 49152), {})
@@ -153,9 +170,11 @@ def test_a_tiny_source_has_no_tokenizer_for_gguf(tmp_path: Path, capsys: pytest.
 
 def test_unsupported_architecture_and_output_names_are_refused(tmp_path: Path) -> None:
     with pytest.raises(
-        GGUFExportError, match=r"supports the llama architecture, not 'qwen2'; .* --format hf"
+        GGUFExportError, match=r"supports the llama and qwen2 architectures, not 'gpt2'; .* hf"
     ):
-        check_supported(build_tiny_model("qwen2"))
+        check_supported(build_tiny_model("gpt2"))
+    with pytest.raises(GGUFExportError, match=r"qwen2 model uses sliding-window attention, .* --format hf"):
+        check_supported(build_tiny_model("qwen2"))  # tiny:qwen2 slides its window on some layers
     with pytest.raises(ExportError, match=r"one file; name it NAME\.gguf"):
         export_gguf(tmp_path / "state", tmp_path / "out")
     with pytest.raises(ExportError, match=r"unknown GGUF type 'q4_k'; choose one of f16, q8_0"):
