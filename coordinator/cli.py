@@ -3,6 +3,7 @@
 Subcommands:
   run      run the federation described by a run config (YAML); resumes from its state directory
   export   write the expanded, trained model of a state directory as a Hugging Face checkpoint
+           (or, with --format gguf, as one GGUF file for llama.cpp-style runtimes)
   example  print a commented example run config
   broker-config  write a TLS mosquitto configuration with one credential per client and ACLs
            (a password each, or with --client-certs a certificate each: mutual TLS)
@@ -50,13 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--password-file", type=Path, help="broker password file (overrides the config)")
     export = sub.add_parser(
         "export",
-        help="export the trained model as a Hugging Face checkpoint",
-        description="Write the expanded model with the latest aggregated new blocks from a state directory "
-        "as a folder that plain transformers loads (AutoModelForCausalLM.from_pretrained).",
+        help="export the trained model as a Hugging Face checkpoint or a GGUF file",
+        description="Write the expanded model with the latest aggregated new blocks from a state directory. "
+        "--format hf (default): a folder that plain transformers loads (AutoModelForCausalLM.from_pretrained"
+        "(OUT)). --format gguf: one file OUT.gguf that llama.cpp-style runtimes load (and transformers, with "
+        "from_pretrained(FOLDER, gguf_file=NAME)): the expanded layer count, llama.cpp's tensor names, the "
+        "base's tokenizer, matrices in f16 or q8_0. GGUF needs a Llama or Qwen2 base with a real tokenizer: "
+        "smollm2-135m, a .gguf file, or a Hugging Face folder with a byte-level BPE tokenizer.json.",
     )
     export.add_argument("--state", required=True, type=Path, help="the run's state directory")
-    export.add_argument("--out", required=True, type=Path, help="output folder")
+    export.add_argument(
+        "--out", required=True, type=Path, help="output folder (hf) or file NAME.gguf (gguf); must be new"
+    )
     export.add_argument("--model", help="base model source, if it moved since the run (default: the run's)")
+    export.add_argument(
+        "--format",
+        choices=("hf", "gguf"),
+        default="hf",
+        help="hf: Hugging Face folder (default); gguf: one file",
+    )
+    export.add_argument(
+        "--gguf-type",
+        choices=("f16", "q8_0"),  # gguf_export.GGUF_TYPES (not imported here: it loads torch)
+        help="with --format gguf: the matrices in f16 (default) or q8_0 (8-bit blocks, about half the "
+        "size); norms stay f32",
+    )
     sub.add_parser("example", help="print a commented example run config")
     bc = sub.add_parser(
         "broker-config",
@@ -177,9 +196,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from coordinator.export import export_model  # noqa: PLC0415
+    from coordinator.export import ExportError, export_gguf, export_model  # noqa: PLC0415
 
-    out = export_model(args.state, args.out, args.model)
+    if args.format == "gguf":
+        out = export_gguf(args.state, args.out, args.model, gguf_type=args.gguf_type or "f16")
+    elif args.gguf_type is not None:
+        raise ExportError("--gguf-type applies to --format gguf only; add --format gguf or drop --gguf-type")
+    else:
+        out = export_model(args.state, args.out, args.model)
     print(f"wrote {out}")
     return 0
 
