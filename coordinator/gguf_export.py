@@ -37,7 +37,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from fedbe.errors import FedbeError
-from fedbe.sources import ModelSource, _hub_cache_folder
+from fedbe.sources import ModelSource, hub_cache_folder
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def tokenizer_fields(source: ModelSource, vocab_size: int) -> list[MetadataField
             "needs a real tokenizer. Export with --format hf, or run on a real base (smollm2-135m, a "
             ".gguf file or a Hugging Face folder)"
         )
-    folder = source.path if source.kind == "folder" else _hub_cache_folder(source.spec)
+    folder = source.path if source.kind == "folder" else hub_cache_folder(source.spec)
     assert folder is not None
     return tokenizer_fields_from_hf(folder, vocab_size)
 

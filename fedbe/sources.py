@@ -285,14 +285,14 @@ def load_tokenizer(source: ModelSource | str) -> Any:
             return AutoTokenizer.from_pretrained(str(src.path), gguf_file=src.gguf_file)
         if src.kind == "folder":
             return AutoTokenizer.from_pretrained(str(src.path))
-        return AutoTokenizer.from_pretrained(str(_hub_cache_folder(src.spec)))
+        return AutoTokenizer.from_pretrained(str(hub_cache_folder(src.spec)))
     except ModelSourceError:
         raise
     except (OSError, ValueError, KeyError) as exc:
         raise ModelSourceError(f"could not load the tokenizer of {src.describe()}: {exc}") from exc
 
 
-def _hub_cache_folder(spec: str) -> Path:
+def hub_cache_folder(spec: str) -> Path:
     """The local snapshot of a hub id if it is already in the Hugging Face cache; never the network."""
     from huggingface_hub import snapshot_download  # noqa: PLC0415
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError  # noqa: PLC0415
@@ -314,4 +314,4 @@ def _hub_cache_folder(spec: str) -> Path:
 
 
 def _load_from_hub_cache(spec: str) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(str(_hub_cache_folder(spec)), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(hub_cache_folder(spec)), dtype=torch.float32).eval()
