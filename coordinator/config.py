@@ -60,10 +60,11 @@ Fields (``name: type = default``):
   ``require_tls: bool = false``, ``max_message_bytes: int >= 65536 = 268435456``, ``tls_cert: path | null``
   and ``tls_key: path | null`` (both or neither: the coordinator's client certificate and key, for a
   broker made with ``broker-config --client-certs``).
-* ``http``: the endpoint serving ``/metrics`` (Prometheus) and ``/status.json``
+* ``http``: the endpoint serving ``/metrics`` (Prometheus), ``/status.json`` and the dashboard ``/``
   (:mod:`coordinator.http_endpoint`): ``host: str = "127.0.0.1"``, ``port: int in [1, 65535] | null =
   null`` (null = off), ``token_file: path | null`` (must exist; its first line, 16 characters or more, is
-  the bearer token every request must carry). A host that is not loopback needs a ``token_file``.
+  the bearer token every request but the dashboard's files must carry). A host that is not loopback
+  needs a ``token_file``.
 * ``server_eval: null``, or ``dataset: "bbc-news"`` and ``examples: int >= 1 = 40`` -- the coordinator
   evaluates the global model itself on held-out examples; ``probe_questions: int >= 0 = 0`` and
   ``probe_texts: int >= 0 = 0`` (both 0, or both >= 1) -- also score the general-ability probes of

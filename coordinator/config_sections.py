@@ -106,7 +106,8 @@ class BrokerSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """The coordinator's HTTP endpoint (``/metrics``, ``/status.json``); ``port`` None: off."""
+    """The coordinator's HTTP endpoint (``/metrics``, ``/status.json``, the dashboard ``/``);
+    ``port`` None: off."""
 
     host: str = "127.0.0.1"
     port: int | None = None

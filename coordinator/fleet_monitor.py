@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from coordinator.dashboard import PUBLIC, dashboard_routes
 from coordinator.fleet_status import (
     Fate,
     Identity,
@@ -185,10 +186,11 @@ class FleetMonitor:
 
     # -- serving ---------------------------------------------------------------------------------
     def routes(self) -> dict[str, Callable[[], Response]]:
-        """What the HTTP endpoint serves; another page is another entry."""
+        """What the HTTP endpoint serves: the metrics, the document, and the dashboard that draws it."""
         return {
             "/metrics": lambda: Response(200, self.metrics.content_type, self.metrics.exposition()),
             "/status.json": lambda: Response(200, JSON, self._served),
+            **dashboard_routes(),
         }
 
     @contextmanager
@@ -197,7 +199,9 @@ class FleetMonitor:
         http = self.cfg.http
         if http.port is not None:
             try:
-                self._endpoint = HttpEndpoint(http.host, http.port, self.routes(), http.read_token()).start()
+                self._endpoint = HttpEndpoint(
+                    http.host, http.port, self.routes(), http.read_token(), public=PUBLIC
+                ).start()
             except OSError as exc:
                 raise ConfigError(f"http: can not listen on {http.host}:{http.port}: {exc}; choose another "
                                   "http.port, or stop what uses it") from exc  # fmt: skip

@@ -16,12 +16,15 @@ The document (``schema`` 1)::
     devices                   [{id, profile, device_kind, precision, state, since, last_round, blocks,
                                 last_update: {round, fate, code} | null}]
     recent_rounds             [{round, closed_by, seconds, accepted, rejected, errors, bytes_up,
-                                bytes_down, accuracy, accuracy_source, retention, epsilon}]
+                                bytes_down, accuracy, accuracy_source, retention, epsilon,
+                                assignments: {client: [block, ...]}}]
 
 A device's ``state`` is ``online``, ``offline`` or ``refused`` (its base or labels are not the
 federation's); ``blocks`` are the blocks it holds in the open round. An update's ``fate`` is
 ``received`` (arrived, not yet screened), ``accepted``, ``rejected`` (``code`` says why), ``late``
 (for an earlier round) or ``error`` (the client could not do its task; ``code`` is its error code).
+``recent_rounds`` holds the last :data:`RECENT_ROUNDS` closed rounds, enough for the dashboard's
+per-round charts and allocation map while the document stays a few kB per round.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 SCHEMA = 1
-RECENT_ROUNDS = 5
+RECENT_ROUNDS = 20
 FATES = ("received", "accepted", "rejected", "late", "error")
 
 
@@ -154,6 +157,7 @@ def round_summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "bytes_up": sum(record.get("bytes_up", {}).values()), "bytes_down": sum(record.get("bytes_down", {}).values()),
         "accuracy": accuracy, "accuracy_source": source, "retention": retention_of(record),
         "epsilon": privacy.get("epsilon"),
+        "assignments": {cid: sorted(blocks) for cid, blocks in sorted(record.get("assignments", {}).items())},
     }  # fmt: skip
 
 

@@ -27,6 +27,7 @@ from fedbe.errors import FedbeError
 
 STALE_AFTER_HEARTBEATS = 3  # a heartbeat older than this many periods: the coordinator is gone
 NOT_RUNNING = 3
+TABLE_ROUNDS = 5  # the document keeps more (the dashboard charts them); a terminal shows the last few
 
 
 class StatusUnavailable(FedbeError):
@@ -174,7 +175,7 @@ def render(doc: Mapping[str, Any], now: float, verdict: str) -> str:
          str(x.get("rejected")), str(x.get("errors")), _num(x.get("accuracy")) + (
              f" ({x['accuracy_source']})" if x.get("accuracy_source") else ""),
          " ".join(f"{k} {v:.3f}" for k, v in (x.get("retention") or {}).items()) or "-", _num(x.get("epsilon"))]
-        for x in doc.get("recent_rounds", [])
+        for x in doc.get("recent_rounds", [])[-TABLE_ROUNDS:]
     ]  # fmt: skip
     lines += ["", "RECENT ROUNDS"]
     lines += _table(["ROUND", "CLOSED BY", "SECONDS", "ACCEPTED", "REJECTED", "ERRORS", "ACCURACY", "RETENTION",

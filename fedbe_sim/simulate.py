@@ -99,6 +99,7 @@ class Settings:
     distill_lambda: float | tuple[float, ...] = 3.0  # a tuple: per round, the last value holding after it
     distill_top_k: int = 32
     lr_decay: float = 1.0
+    http_port: int | None = None  # the coordinator's HTTP endpoint on 127.0.0.1 (None: off)
 
 
 @dataclass(frozen=True)
@@ -192,11 +193,18 @@ def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument(
         "--timeout", type=positive_float, default=3600.0, help="give up after this many seconds (3600)"
     )
+    p.add_argument(
+        "--http-port", type=positive_int, default=None, metavar="PORT",
+        help="serve the coordinator's dashboard (/), /status.json and /metrics on 127.0.0.1:PORT while the "
+        "run goes on (default: off); `fedbe-coordinator status --url http://127.0.0.1:PORT` reads it too",
+    )  # fmt: skip
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     try:  # absolute: the edge processes get the files by path
-        profiles = tuple(resolve_profile(p.strip()).resolve() for p in str(args.profiles).split(",") if p.strip())
+        profiles = tuple(
+            resolve_profile(p.strip()).resolve() for p in str(args.profiles).split(",") if p.strip()
+        )
     except ConfigError as exc:
         raise ConfigError(f"--profiles: {exc}") from None
     if not profiles:
@@ -224,6 +232,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ConfigError(
             f"--lr-decay must be a number in (0, 1], got {args.lr_decay}; 1.0 keeps the lr constant"
         )
+    if args.http_port is not None and args.http_port > 65535:
+        raise ConfigError(f"--http-port must be a TCP port (1-65535), got {args.http_port}")
     out = Path(args.out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not an empty folder; choose a new one")
@@ -237,6 +247,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         distill_lambda=distill_lambda,
         distill_top_k=args.distill_top_k,
         lr_decay=args.lr_decay,
+        http_port=args.http_port,
     )  # fmt: skip
 
 
@@ -256,12 +267,13 @@ def run_config(
     settings: Settings, broker_url: str, state_dir: Path, labels: Sequence[str] = ()
 ) -> dict[str, Any]:
     """The coordinator's run config: every client every round, server-side evaluation with a baseline;
-    ``labels``, the dataset's, become the run's ``labels`` (a client announcing others is refused)."""
+    ``labels``, the dataset's, become the run's ``labels`` (a client announcing others is refused);
+    with an ``http_port``, the HTTP endpoint on loopback (so no token is needed)."""
     server_eval: dict[str, Any] = {"dataset": settings.dataset, "examples": settings.eval_examples,
                                    "baseline": True, "precision": settings.eval_precision}  # fmt: skip
     if settings.probe_questions:
         server_eval |= {"probe_questions": settings.probe_questions, "probe_texts": settings.probe_texts}
-    return {
+    config: dict[str, Any] = {
         "federation": FEDERATION,
         "model": settings.model,
         "state_dir": str(state_dir),
@@ -288,6 +300,9 @@ def run_config(
         "broker": {"url": broker_url},
         "server_eval": server_eval,
     }
+    if settings.http_port is not None:
+        config["http"] = {"host": "127.0.0.1", "port": settings.http_port}
+    return config
 
 
 def edge_command(settings: Settings, spec: ClientSpec, broker_url: str) -> list[str]:
@@ -451,6 +466,9 @@ class Simulation:
                     self.children.spawn(spec.client_id, edge_command(s, spec, broker.url),
                                         out / "logs" / f"{spec.client_id}.log", env)  # fmt: skip
                 self.say(f"started the coordinator and {len(specs)} edge processes; logs in {out / 'logs'}")
+                if s.http_port is not None:
+                    self.say(f"dashboard: http://127.0.0.1:{s.http_port}/ (while the coordinator runs; "
+                             f"fedbe-coordinator status --url http://127.0.0.1:{s.http_port})")  # fmt: skip
                 from fedbe_sim.progress import Observer  # noqa: PLC0415
 
                 observer = Observer(broker.url, FEDERATION, state_dir / "metrics.jsonl", s.rounds)

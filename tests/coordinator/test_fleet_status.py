@@ -33,6 +33,7 @@ def record(round_: int, **extra: Any) -> dict[str, Any]:
                      {"client": "d", "reason": "late", "detail": "y"}],
         "errors": [{"client": "e", "code": "refused_memory", "reason": "oom"}],
         "bytes_up": {"a": 100, "b": 50}, "bytes_down": {"a": 1000, "b": 1000, "c": 7},
+        "assignments": {"b": [1], "a": [2, 0], "c": [0]},
     }  # fmt: skip
     base.update(extra)
     return base
@@ -71,6 +72,7 @@ def test_round_summary_takes_server_accuracy_first_retention_by_probe_and_epsilo
     assert (s["accuracy"], s["accuracy_source"], s["epsilon"]) == (0.75, "server", 1.25)
     assert s["retention"] == {"definition": 0.98, "perplexity": 1.01}
     assert (s["bytes_up"], s["bytes_down"]) == (150, 2007)
+    assert s["assignments"] == {"a": [0, 2], "b": [1], "c": [0]}
     fed = round_summary(record(3, evaluation={"accuracy": 0.5}))
     assert (fed["accuracy"], fed["accuracy_source"], fed["epsilon"]) == (0.5, "federated", None)
 

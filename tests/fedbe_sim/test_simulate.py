@@ -61,6 +61,14 @@ def test_defaults_give_heterogeneous_clients_and_a_valid_coordinator_config(tmp_
     command = simulate.edge_command(settings, specs[0], "mqtt://127.0.0.1:1999")
     assert "--emulate" in command and str(specs[0].profile) in command
     assert simulate.child_environment()["OMP_NUM_THREADS"] == "1"
+    assert cfg.http.port is None  # no HTTP endpoint unless --http-port asks for one
+
+
+def test_http_port_serves_the_coordinator_on_loopback_without_a_token(tmp_path: Path) -> None:
+    settings = simulate.settings_from_args(_args(tmp_path, "--http-port", "18080"))
+    config = simulate.run_config(settings, "mqtt://127.0.0.1:1999", tmp_path / "state")
+    http = parse_run_config(config, "simulate", tmp_path).http
+    assert (http.host, http.port, http.token_file) == ("127.0.0.1", 18080, None)
 
 
 def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
@@ -86,6 +94,7 @@ def test_more_clients_than_profiles_cycle_through_them(tmp_path: Path) -> None:
         (("--lr-decay", "0"), r"--lr-decay must be a number in \(0, 1\]"),
         (("--lr-decay", "1.5"), r"--lr-decay must be a number in \(0, 1\]"),
         (("--lr-decay", "nan"), r"--lr-decay must be a number in \(0, 1\]"),
+        (("--http-port", "70000"), r"--http-port must be a TCP port \(1-65535\), got 70000"),
     ],
 )
 def test_bad_settings_are_clear_errors(tmp_path: Path, extra: tuple[str, ...], message: str) -> None:
