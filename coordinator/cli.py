@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from coordinator.status_cli import add_status_parser, cmd_status
+from fedbe import progress_bar
 from fedbe.console import dispatch, setup_logging, stop_on_signals
 
 log = logging.getLogger("coordinator")
@@ -180,6 +182,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from coordinator.daemon import Coordinator  # noqa: PLC0415
     from fedbe.transport import Connection  # noqa: PLC0415
 
+    # the daemon is a service: its server evaluation logs lines, never draws a bar between its log lines
+    os.environ.setdefault(progress_bar.ENV, "log")
     cfg = load_run_config(args.config)
     b = cfg.broker
     password = args.password_file.read_text().strip() if args.password_file else b.read_password()

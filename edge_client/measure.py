@@ -48,6 +48,7 @@ from fedbe import expansion, sources
 from fedbe.blocks import get_block_state, set_block_state, set_trainable
 from fedbe.datasets import Batch
 from fedbe.errors import FedbeError
+from fedbe.progress_bar import progress
 from fedbe.recipe import PLAIN
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def benchmark_compute(
     model.eval()
     try:
         with torch.no_grad():
-            for repeat in range(steps + 1):
+            for repeat in progress(range(steps + 1), "timing forwards", "forwards"):
                 spans.clear()
                 _sync(device)
                 t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fedbe.datasets import IGNORE_INDEX, Example, collate, encode_example, pad_id
+from fedbe.progress_bar import Progress
 
 
 def _target_logprobs(
@@ -52,24 +53,26 @@ def label_log_likelihoods(
     first = torch.tensor([ids[0] for ids in label_ids])
     multi = [j for j, ids in enumerate(label_ids) if len(ids) > 1]
     scores = torch.empty(len(examples), len(labels))
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        # The prompt of each example, encoded exactly as in training (the article cut to fit the
-        # longest label); the label's first token is predicted at the last prompt position.
-        rows = [encode_example(tokenizer, Example(e.text, labels[0]), max_tokens) for e in chunk]
-        prompts: list[tuple[list[int], list[int]]] = [
-            (ids[: len(ids) - len(label_ids[0])], []) for ids, _ in rows
-        ]
-        logprobs = _target_logprobs(model, prompts, pad)
-        last = torch.tensor([len(ids) - 1 for ids, _ in prompts])
-        scores[start : start + len(chunk)] = logprobs[torch.arange(len(chunk)), last][:, first]
-        for j in multi:
-            full = [encode_example(tokenizer, Example(e.text, labels[j]), max_tokens) for e in chunk]
-            lp = _target_logprobs(model, full, pad)[:, :-1]
-            targets = collate(full, pad).labels[:, 1:]
-            mask = targets != IGNORE_INDEX
-            picked = lp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores[start : start + len(chunk), j] = (picked * mask).sum(-1)
+    with Progress(len(examples), "scoring examples", "examples") as shown:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            # The prompt of each example, encoded exactly as in training (the article cut to fit the
+            # longest label); the label's first token is predicted at the last prompt position.
+            rows = [encode_example(tokenizer, Example(e.text, labels[0]), max_tokens) for e in chunk]
+            prompts: list[tuple[list[int], list[int]]] = [
+                (ids[: len(ids) - len(label_ids[0])], []) for ids, _ in rows
+            ]
+            logprobs = _target_logprobs(model, prompts, pad)
+            last = torch.tensor([len(ids) - 1 for ids, _ in prompts])
+            scores[start : start + len(chunk)] = logprobs[torch.arange(len(chunk)), last][:, first]
+            for j in multi:
+                full = [encode_example(tokenizer, Example(e.text, labels[j]), max_tokens) for e in chunk]
+                lp = _target_logprobs(model, full, pad)[:, :-1]
+                targets = collate(full, pad).labels[:, 1:]
+                mask = targets != IGNORE_INDEX
+                picked = lp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                scores[start : start + len(chunk), j] = (picked * mask).sum(-1)
+            shown.update(len(chunk))
     return scores
 
 

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 
 from fedbe.datasets import pad_id
 from fedbe.errors import DataError
+from fedbe.progress_bar import progress
 
 WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -175,7 +176,7 @@ def definition_answers(
             rows.append(prompt + _encode(tokenizer, " " + option + "."))
             starts.append(len(prompt))
     scores = torch.empty(len(rows))
-    for begin in range(0, len(rows), batch_size):
+    for begin in progress(range(0, len(rows), batch_size), "probing definitions", "batches"):
         chunk = rows[begin : begin + batch_size]
         picked, mask = _token_logprobs(model, chunk, pad)
         for i in range(len(chunk)):
@@ -258,7 +259,7 @@ def perplexities(
     nll = [0.0] * len(rows)  # summed next-token loss of each text (0 for a text under 2 tokens)
     counts = [max(len(r) - 1, 0) for r in rows]
     scored = [i for i, r in enumerate(rows) if len(r) >= 2]
-    for begin in range(0, len(scored), batch_size):
+    for begin in progress(range(0, len(scored), batch_size), "probing perplexity", "batches"):
         chunk = scored[begin : begin + batch_size]
         picked, mask = _token_logprobs(model, [rows[i] for i in chunk], pad)
         for j, i in enumerate(chunk):

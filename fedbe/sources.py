@@ -29,6 +29,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from fedbe.errors import ModelSourceError
+from fedbe.progress_bar import stage
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +216,10 @@ def _materialized_smollm2() -> Path:
     target = cache_dir() / "models" / f"{SMOLLM2}-{gguf.stat().st_size}"
     if (target / "config.json").is_file():
         return target
-    log.info("first use of %s: dequantizing %s into %s (once, ~15 s)", SMOLLM2, gguf, target)
-    model = _load_gguf(gguf.parent, gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with stage(f"first use of {SMOLLM2}: dequantizing {gguf} (once, ~15 s)"):
+        model = _load_gguf(gguf.parent, gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    log.info("saving the dequantized %s into %s", SMOLLM2, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
@@ -241,13 +243,16 @@ def load_model(source: ModelSource | str, *, seed: int = 0) -> PreTrainedModel:
             return build_tiny_model(src.spec[len(TINY_PREFIX) :], seed=seed)
         if src.spec == SMOLLM2:
             folder = _materialized_smollm2()
-            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-        if src.kind == "gguf":
-            assert src.path is not None
-            return _load_gguf(src.path, str(src.gguf_file))
-        if src.kind == "folder":
-            return AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch.float32).eval()
-        return _load_from_hub_cache(src.spec)
+        # one opaque call of transformers: a start and a done line instead of a bar
+        with stage(f"loading {src.describe()}"):
+            if src.spec == SMOLLM2:
+                return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+            if src.kind == "gguf":
+                assert src.path is not None
+                return _load_gguf(src.path, str(src.gguf_file))
+            if src.kind == "folder":
+                return AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch.float32).eval()
+            return _load_from_hub_cache(src.spec)
     except ModelSourceError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

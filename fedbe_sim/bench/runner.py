@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import statistics
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fedbe import progress_bar
 from fedbe.errors import ConfigError
 from fedbe_sim.bench.method_table import METHODS
 from fedbe_sim.bench.methods import FullMethod, Method, make_method
@@ -226,6 +228,8 @@ def _job(settings: BenchSettings, out: Path, command: str, job: int, threads: in
     """One worker of ``--jobs``: its share of the methods, with ``threads`` torch threads."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
+    # the workers share the parent's terminal: a bar each would draw over one another
+    os.environ[progress_bar.ENV] = "off"
     run_bench(settings, out, command, say=lambda text: print(f"[job {job}] {text}", flush=True))
 
 
@@ -240,7 +244,6 @@ def run_bench_jobs(settings: BenchSettings, out: Path, jobs: int, command: str =
     is rendered from them (an interrupted run resumes, per worker).
     """
     import multiprocessing  # noqa: PLC0415
-    import os  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
     previous = previous_records(out / "records.jsonl", settings)

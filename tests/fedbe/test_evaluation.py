@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
-from fedbe import sources
+from fedbe import progress_bar, sources
 from fedbe.datasets import IGNORE_INDEX, Example, encode_example
 from fedbe.evaluation import classification_accuracy, label_log_likelihoods
 
@@ -64,3 +66,14 @@ def test_accuracy_counts_argmax_of_the_scores() -> None:
         for i, e in enumerate(EXAMPLES)
     ]
     assert classification_accuracy(model, tok, relabelled, labels, 40) == pytest.approx(1 / 3)
+
+
+def test_scoring_logs_its_progress(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(progress_bar.ENV, "log")
+    monkeypatch.setattr(progress_bar, "MIN_GAP_SECONDS", 0.0)  # the tiny model is done in milliseconds
+    caplog.set_level(logging.INFO, logger=progress_bar.__name__)
+    model = sources.build_tiny_model("llama", seed=3)
+    label_log_likelihoods(model, _CharTokenizer(), EXAMPLES, ["a", "b", "c"], max_tokens=40, batch_size=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == progress_bar.__name__]
+    assert lines[0].startswith("scoring examples: 2/3 examples (66%)")
+    assert lines[-1].startswith("scoring examples: 3 examples in ")
