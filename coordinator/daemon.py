@@ -481,10 +481,12 @@ class Coordinator:
         started = time.monotonic()
         result = self.server_eval(base_model=True)
         rlog = RoundLog(0, server_evaluation=result, seconds=time.monotonic() - started, closed_by="baseline")
+        line = rlog.metrics_line(self.inbox.rejections)
         # metrics first, as in save(): a crash repeats, never loses, it
-        self.store.append_metrics(rlog.metrics_line(self.inbox.rejections))
+        self.store.append_metrics(line)
         self.store.save_baseline(result)
         self.baseline = result
+        self.monitor.baseline_scored(line)
 
     def federated_eval(self, round_: int, rlog: RoundLog) -> dict[str, Any]:
         clients = [c for c in rlog.selected if c in self.clients.clients and self.clients.clients[c].eligible]

@@ -121,6 +121,13 @@ class FleetMonitor:
         self.progress = Progress(int(record["round"]), self.cfg.rounds, "waiting")
         self.publish()
 
+    def baseline_scored(self, record: Mapping[str, Any]) -> None:
+        """The base model's evaluation (round 0) was written: the charts' starting point and the
+        accuracy gauge; no round is counted and the progress stays where it is."""
+        self.recent = remember_round(self.recent, record)
+        self.metrics.observe_round(record)
+        self.publish()
+
     # -- building and writing ---------------------------------------------------------------------
     def tick(self) -> None:
         """Rebuild the document if it is due (at most once a :data:`MIN_INTERVAL_SECONDS`)."""

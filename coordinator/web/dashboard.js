@@ -137,7 +137,9 @@
 
   // -- the allocation map: a column group per round, a column per block, a row per client --------
   function allocationRounds(doc) {
-    const rounds = (doc.recent_rounds || []).map((r) => ({ round: r.round, open: false, assignments: r.assignments || {} }));
+    // round 0 is the base model's evaluation: nothing was allocated
+    const rounds = (doc.recent_rounds || []).filter((r) => r.round > 0)
+      .map((r) => ({ round: r.round, open: false, assignments: r.assignments || {} }));
     const r = doc.round || {};
     const last = rounds.length ? rounds[rounds.length - 1].round : 0;
     if ((r.phase === "training" || r.phase === "closing") && r.number > last) {

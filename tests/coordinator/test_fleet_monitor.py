@@ -105,3 +105,16 @@ def test_a_resumed_run_shows_its_last_rounds_from_metrics_jsonl(tmp_path: Path) 
     monitor, _, _ = setup(tmp_path)
     assert [r["round"] for r in on_disk(tmp_path)["recent_rounds"]] == list(range(1, 9))
     assert monitor.routes()["/status.json"]().body == (state / "status.json").read_bytes()
+
+
+def test_the_baseline_evaluation_is_round_0_of_the_charts_and_counts_no_round(tmp_path: Path) -> None:
+    monitor, _, _ = setup(tmp_path)
+    baseline = {"round": 0, "closed_by": "baseline", "seconds": 3.0,
+                "server_evaluation": {"accuracy": 0.59}}  # fmt: skip
+    monitor.baseline_scored(baseline)
+    doc = on_disk(tmp_path)
+    assert [(r["round"], r["accuracy"]) for r in doc["recent_rounds"]] == [(0, 0.59)]
+    assert doc["round"]["number"] == 0 and doc["round"]["phase"] == "waiting"
+    samples = scrape(monitor.metrics)
+    assert samples[("fedbe_accuracy", (("source", "server"),))] == 0.59
+    assert samples[("fedbe_rounds_completed_total", ())] == 0
