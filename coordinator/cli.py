@@ -23,7 +23,7 @@ from pathlib import Path
 
 from coordinator.status_cli import add_status_parser, cmd_status
 from fedbe import progress_bar
-from fedbe.console import dispatch, setup_logging, stop_on_signals
+from fedbe.console import dispatch, read_secret, setup_logging, stop_on_signals
 
 log = logging.getLogger("coordinator")
 
@@ -186,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault(progress_bar.ENV, "log")
     cfg = load_run_config(args.config)
     b = cfg.broker
-    password = args.password_file.read_text().strip() if args.password_file else b.read_password()
+    password = read_secret(args.password_file, "--password-file") if args.password_file else b.read_password()
     store = CheckpointStore(cfg.state_dir)
     store.lock()
     stop = stop_on_signals(log, "stopping after the current message")

@@ -17,6 +17,7 @@ from pathlib import Path
 from coordinator.aggregation import BLOCK_AVERAGES
 from coordinator.config_fields import REQUIRED, Fields
 from coordinator.privacy import PrivacyPolicy
+from fedbe.console import read_secret
 from fedbe.device_profile import PRECISIONS
 from fedbe.errors import ConfigError
 from fedbe.protocol import DEFAULT_MAX_MESSAGE_BYTES
@@ -86,14 +87,8 @@ class BrokerSettings:
     tls_key: Path | None = None
 
     def read_password(self) -> str | None:
-        """The password: the first line of ``password_file`` (None without one)."""
-        if self.password_file is None:
-            return None
-        try:
-            text = self.password_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"can not read broker password file {self.password_file}: {exc}") from exc
-        return text.splitlines()[0] if text else ""
+        """The password: the first line of ``password_file``, stripped (None without one)."""
+        return None if self.password_file is None else read_secret(self.password_file, "broker password file")
 
     def transport(self, client_id: str, password: str | None = None) -> BrokerConfig:
         """The :class:`~fedbe.transport.BrokerConfig` that connects ``client_id`` with these settings."""
@@ -117,11 +112,7 @@ class HttpSettings:
         """The bearer token: the first line of ``token_file``, stripped (None without one)."""
         if self.token_file is None:
             return None
-        try:
-            lines = self.token_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"can not read http.token_file {self.token_file}: {exc}") from exc
-        token = lines[0].strip() if lines else ""
+        token = read_secret(self.token_file, "http.token_file")
         if len(token) < 16:
             raise ConfigError(f"http.token_file {self.token_file}: the token (its first line) is empty or shorter "
                               "than 16 characters; write a random one, e.g. `openssl rand -hex 32 > FILE`")  # fmt: skip

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fedbe.console import read_secret
 from fedbe.errors import FedbeError
 
 STALE_AFTER_HEARTBEATS = 3  # a heartbeat older than this many periods: the coordinator is gone
@@ -87,13 +88,7 @@ def _document(data: object, where: str) -> dict[str, Any]:
 
 
 def read_token(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StatusUnavailable(f"can not read --token-file {path}: {exc}") from exc
-    return lines[0].strip() if lines else ""
+    return None if path is None else read_secret(path, "--token-file")
 
 
 def seconds_since(stamp: str | None, now: float) -> float | None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedbe.console import stop_on_signals
+from fedbe.console import read_secret, stop_on_signals
 from fedbe.errors import ConfigError, FedbeError
 
 if TYPE_CHECKING:
@@ -84,13 +84,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 def read_password(path: Path | None) -> str | None:
     """The first line of ``path`` (None without a path), or :class:`ConfigError` saying why not."""
-    if path is None:
-        return None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"can not read the broker password file {path}: {exc}") from exc
-    return lines[0].strip() if lines else ""
+    return None if path is None else read_secret(path, "the broker password file")
 
 
 def broker_config(args: argparse.Namespace, client_id: str) -> Any:

@@ -11,9 +11,20 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import FrameType
 
-from fedbe.errors import FedbeError
+from fedbe.errors import ConfigError, FedbeError
+
+
+def read_secret(path: Path, what: str) -> str:
+    """The first line of a secret file (a password, a token), stripped; :class:`ConfigError` naming
+    ``what`` and the file when it can not be read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"can not read {what} {path}: {exc}") from exc
+    return lines[0].strip() if lines else ""
 
 
 def positive_int(text: str) -> int:
